@@ -1,0 +1,218 @@
+"""One exception hierarchy for the whole library, rooted at :class:`HsmAuthError`.
+
+Messages never contain a secret (no PIN, no key, no OTP). Errors that carry
+data (attempts remaining, retry delay) keep it as attributes so that the CLI
+can turn it into words and exit codes.
+"""
+
+from __future__ import annotations
+
+
+class HsmAuthError(Exception):
+    """Root of every error raised by hsm-auth."""
+
+    #: CLI exit code for this family (documented in ``hsm-auth --help``).
+    exit_code: int = 1
+
+
+# --- input ----------------------------------------------------------------
+
+
+class InvalidInput(HsmAuthError):
+    """Input that cannot be used: malformed, unknown, out of range."""
+
+    exit_code = 2
+
+
+class DecodeError(InvalidInput):
+    """Bytes or text that do not decode to a protocol message."""
+
+    exit_code = 3
+
+
+class UnsupportedVersion(DecodeError):
+    """A protocol message of a version this library does not speak."""
+
+    exit_code = 4
+
+
+class ExpiredMessage(InvalidInput):
+    """A protocol message (offer, verification data) past its expiry."""
+
+    exit_code = 5
+
+
+class UntrustedMessage(InvalidInput):
+    """A protocol message whose signature does not check or whose signer is unknown."""
+
+    exit_code = 6
+
+
+class UnknownMethod(InvalidInput):
+    """A method name that does not exist, is not enrolled, or is not allowed."""
+
+    exit_code = 7
+
+
+class ConfigError(InvalidInput):
+    """Configuration that is missing or inconsistent."""
+
+    exit_code = 8
+
+
+class AlreadyEnrolled(InvalidInput):
+    """The method is enrolled already; replacing it needs an explicit replace."""
+
+    exit_code = 9
+
+
+class StateError(HsmAuthError):
+    """Local state (credential file, database) missing, unreadable or unsafe."""
+
+    exit_code = 10
+
+
+# --- backends -------------------------------------------------------------
+
+
+class BackendError(HsmAuthError):
+    """A token or its library failed. ``native_code`` keeps the library's own code."""
+
+    exit_code = 20
+
+    def __init__(self, message: str, *, native_code: int | str | None = None) -> None:
+        super().__init__(message)
+        self.native_code = native_code
+
+
+class BackendUnavailable(BackendError):
+    """A backend cannot run here; ``reason`` says why (missing library, no device, ...)."""
+
+    exit_code = 21
+
+    def __init__(self, reason: str, *, native_code: int | str | None = None) -> None:
+        super().__init__(reason, native_code=native_code)
+        self.reason = reason
+
+
+class TokenNotFound(BackendUnavailable):
+    """The configured token, TPM or authenticator is absent."""
+
+    exit_code = 22
+
+
+class KeyNotFound(BackendError):
+    """A key, counter or credential named by a URI is not in the token."""
+
+    exit_code = 23
+
+
+class MechanismNotSupported(BackendError):
+    """The token lacks a mechanism that the method needs; ``mechanism`` names it."""
+
+    exit_code = 24
+
+    def __init__(self, mechanism: str, *, native_code: int | str | None = None) -> None:
+        super().__init__(
+            f"the token does not support {mechanism}, which this method needs",
+            native_code=native_code,
+        )
+        self.mechanism = mechanism
+
+
+class CounterError(BackendError):
+    """The application transaction counter cannot be read or advanced safely."""
+
+    exit_code = 25
+
+
+# --- authorization --------------------------------------------------------
+
+
+class AuthorizationError(HsmAuthError):
+    """The user could not be authorized by the token (PIN, user verification)."""
+
+    exit_code = 30
+
+
+class PinRequired(AuthorizationError):
+    """The operation needs a PIN and none was given."""
+
+    exit_code = 31
+
+
+class PinInvalid(AuthorizationError):
+    """Wrong PIN. ``attempts_remaining`` is ``None`` where the token does not say."""
+
+    exit_code = 32
+
+    def __init__(
+        self,
+        message: str = "wrong PIN",
+        *,
+        attempts_remaining: int | None = None,
+        final_try: bool = False,
+        native_code: int | str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.attempts_remaining = attempts_remaining
+        self.final_try = final_try
+        self.native_code = native_code
+
+
+class PinLocked(AuthorizationError):
+    """The PIN (or the TPM's dictionary-attack protection) is locked."""
+
+    exit_code = 33
+
+    def __init__(
+        self,
+        message: str = "PIN locked",
+        *,
+        retry_after: float | None = None,
+        native_code: int | str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.native_code = native_code
+
+
+class UserVerificationFailed(AuthorizationError):
+    """FIDO2 user verification (fingerprint, face) failed or was refused."""
+
+    exit_code = 34
+
+    def __init__(
+        self,
+        message: str = "user verification failed",
+        *,
+        retries_left: int | None = None,
+        native_code: int | str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retries_left = retries_left
+        self.native_code = native_code
+
+
+class Cancelled(AuthorizationError):
+    """The user cancelled, or the token timed out waiting for the user."""
+
+    exit_code = 35
+
+
+class LoginRequired(AuthorizationError):
+    """Offline use is exhausted: the user must log in online (sync) first."""
+
+    exit_code = 36
+
+
+# --- verification ---------------------------------------------------------
+
+
+class InvalidToken(HsmAuthError):
+    """Every verification failure. The precise reason goes to the log, never to the caller."""
+
+    exit_code = 40
+
+    def __init__(self, message: str = "verification failed") -> None:
+        super().__init__(message)

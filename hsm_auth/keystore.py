@@ -1,0 +1,253 @@
+"""The key-store interface that every hardware backend speaks.
+
+One small abstract class (``KeyStore``): a handful of abstract primitives and
+defaults built on them, so the interface can grow without breaking backends.
+Keys, counters and credentials are addressed by URI: RFC 7512 ``pkcs11:``,
+``tpm2:`` (with a TCTI) and ``fido2:`` (with a credential id).
+
+Backends register through the entry-point group ``hsm_auth.backends``; see
+:mod:`hsm_auth.registry`. A backend module must not fail to import when its
+native library is missing: it imports the binding inside :meth:`probe` /
+:meth:`open` and raises :class:`~hsm_auth.errors.BackendUnavailable` with a
+reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .errors import MechanismNotSupported
+from .methods import Method
+
+#: Settings for one backend instance, from the config file (``[methods.<m>]``).
+Settings = Mapping[str, Any]
+
+
+class Capability(enum.Enum):
+    SIGN = "sign"  # ECDSA P-256 inside the token
+    HMAC = "hmac"  # HMAC-SHA256 inside the token
+    ECDH_DERIVE = "ecdh-derive"  # ECDH to a non-extractable secret inside the token
+    COUNTER = "counter"  # a durable counter kept by the token
+    HARDWARE_COUNTER = "hardware-counter"  # ... that the hardware keeps monotonic
+    PIN = "pin"  # a PIN / auth value checked by the token
+    PIN_RETRY_LIMIT = "pin-retry-limit"  # ... with a retry counter / lockout
+    USER_VERIFICATION = "user-verification"  # built-in UV (fingerprint, face)
+
+
+class KeyKind(enum.Enum):
+    SIGNING = "signing"  # ECDSA P-256 key pair
+    AGREEMENT = "agreement"  # ECDH P-256 key pair
+    OTP = "otp"  # HMAC-SHA256 secret
+    COUNTER = "counter"  # the ATC
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """What the user gives to unlock the token for one operation.
+
+    ``pin`` is a secret: it is excluded from ``repr`` and never logged.
+    ``prompt`` is the text shown while waiting for user verification.
+    """
+
+    pin: str | None = field(default=None, repr=False)
+    prompt: str | None = None
+    timeout: float | None = None
+
+    @property
+    def has_pin(self) -> bool:
+        return self.pin is not None
+
+
+NO_AUTH = Authorization()
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    uri: str
+    kind: KeyKind
+    label: str
+
+
+@dataclass(frozen=True)
+class PinStatus:
+    """What the token says about its PIN. ``None`` means the token does not report it."""
+
+    enforced: bool  # the token itself limits retries
+    retries_left: int | None = None
+    final_try: bool = False
+    locked: bool = False
+    retry_after: float | None = None  # seconds until a locked PIN may be tried again
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """What a backend created for one method; the authenticator records the URIs.
+
+    Exactly one of ``agreement_public`` (the verifier derives the OTP key by
+    ECDH) and ``otp_key_for_verifier`` (a key the backend cannot keep, e.g.
+    FIDO2 hmac-secret output, already encrypted to the verifier) is set.
+    """
+
+    signing_key: str
+    signing_public: ec.EllipticCurvePublicKey
+    otp_key: str
+    counter: str
+    initial_atc: int
+    agreement_key: str | None = None
+    agreement_public: ec.EllipticCurvePublicKey | None = None
+    otp_key_for_verifier: bytes | None = field(default=None, repr=False)
+    attestation: bytes | None = None
+
+
+class KeyStore(ABC):
+    """A hardware token that holds keys and a counter for offline authentication."""
+
+    #: Entry-point name, e.g. ``"pkcs11"``.
+    name: ClassVar[str]
+    #: Higher wins when a method has no configured backend.
+    priority: ClassVar[float] = 0.0
+    #: Methods this backend can serve, in the order it prefers them.
+    methods: ClassVar[tuple[Method, ...]] = ()
+
+    # --- lifecycle --------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def probe(cls, settings: Settings) -> Mapping[str, str]:
+        """Cheap check that the backend can run. Returns details to show
+        (manufacturer, firmware, ...) or raises ``BackendUnavailable(reason)``."""
+
+    @classmethod
+    @abstractmethod
+    def open(cls, settings: Settings) -> KeyStore:
+        """Connect to the token named by ``settings``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the connection. Safe to call twice."""
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @abstractmethod
+    def capabilities(self) -> frozenset[Capability]: ...
+
+    # --- keys ---------------------------------------------------------------
+
+    @abstractmethod
+    def generate_key(self, label: str, kind: KeyKind, auth: Authorization) -> str:
+        """Create a non-extractable P-256 key pair (SIGNING or AGREEMENT); return its URI."""
+
+    @abstractmethod
+    def list_keys(self, auth: Authorization) -> list[KeyInfo]: ...
+
+    @abstractmethod
+    def delete_key(self, uri: str, auth: Authorization) -> None:
+        """Delete a key, OTP key or counter. Deleting what is absent is not an error."""
+
+    @abstractmethod
+    def public_key(self, uri: str, auth: Authorization) -> ec.EllipticCurvePublicKey: ...
+
+    @abstractmethod
+    def sign(self, uri: str, data: bytes, auth: Authorization) -> bytes:
+        """ECDSA P-256 over SHA-256(data), inside the token. Returns a DER signature."""
+
+    # --- OTP key ----------------------------------------------------------
+
+    @abstractmethod
+    def derive_otp_key(
+        self,
+        label: str,
+        agreement_key: str,
+        peer_public: ec.EllipticCurvePublicKey,
+        auth: Authorization,
+    ) -> str:
+        """ECDH between the token's agreement key and ``peer_public``; the shared
+        x-coordinate becomes a non-extractable HMAC-SHA256 key in the token."""
+
+    @abstractmethod
+    def hmac(self, uri: str, data: bytes, auth: Authorization) -> bytes:
+        """HMAC-SHA256 of ``data`` with the OTP key, inside the token."""
+
+    # --- counter ----------------------------------------------------------
+
+    @abstractmethod
+    def create_counter(self, label: str, auth: Authorization) -> str:
+        """Create the ATC for one enrollment; return its URI."""
+
+    @abstractmethod
+    def counter_value(self, uri: str, auth: Authorization) -> int: ...
+
+    @abstractmethod
+    def counter_increment(self, uri: str, auth: Authorization) -> int:
+        """Durably advance the counter and return the new value."""
+
+    def counted_hmac(
+        self,
+        otp_key: str,
+        counter: str,
+        message_for: Callable[[int], bytes],
+        auth: Authorization,
+    ) -> tuple[int, bytes]:
+        """Advance the counter, then HMAC the message built for the new value.
+
+        The counter is durable before the MAC exists, so a crash can skip a
+        value but never release two OTPs for one value.
+        """
+        value = self.counter_increment(counter, auth)
+        return value, self.hmac(otp_key, message_for(value), auth)
+
+    # --- PIN ----------------------------------------------------------------
+
+    @abstractmethod
+    def pin_status(self) -> PinStatus: ...
+
+    # --- enrollment (default built on the primitives) ----------------------
+
+    def enroll(
+        self,
+        method: Method,
+        label: str,
+        verifier_agreement_public: ec.EllipticCurvePublicKey,
+        auth: Authorization,
+    ) -> Enrollment:
+        """Create the signing key, the OTP key and the ATC for one method."""
+        missing = {Capability.SIGN, Capability.HMAC, Capability.ECDH_DERIVE, Capability.COUNTER}
+        missing -= self.capabilities()
+        if missing:
+            raise MechanismNotSupported(", ".join(sorted(c.value for c in missing)))
+        signing = self.generate_key(f"{label}/sign", KeyKind.SIGNING, auth)
+        agreement = self.generate_key(f"{label}/ecdh", KeyKind.AGREEMENT, auth)
+        otp_key = self.derive_otp_key(f"{label}/otp", agreement, verifier_agreement_public, auth)
+        counter = self.create_counter(f"{label}/atc", auth)
+        return Enrollment(
+            signing_key=signing,
+            signing_public=self.public_key(signing, auth),
+            otp_key=otp_key,
+            counter=counter,
+            initial_atc=self.counter_value(counter, auth),
+            agreement_key=agreement,
+            agreement_public=self.public_key(agreement, auth),
+        )
+
+    def unenroll(self, enrollment: Enrollment, auth: Authorization) -> None:
+        """Delete everything :meth:`enroll` created (used to roll back a failed enrollment)."""
+        uris = [enrollment.signing_key, enrollment.otp_key, enrollment.counter]
+        if enrollment.agreement_key:
+            uris.append(enrollment.agreement_key)
+        for uri in uris:
+            self.delete_key(uri, auth)
