@@ -1,0 +1,539 @@
+"""``hsm-auth``: a thin command line over the library.
+
+Prompts and progress go to stderr, results to stdout (``--json`` for
+machines). PINs come from a prompt, ``--pin-file`` or ``--pin-fd``, never from
+argv. Without ``--debug`` no traceback is shown: every error is one line and
+an exit code (listed in ``hsm-auth --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import config as configmod
+from . import errors, qr, registry
+from .authenticator import Authenticator, OfflineRequest
+from .config import Paths
+from .errors import HsmAuthError, InvalidInput, PinRequired
+from .methods import Method
+from .verifier import Verifier
+
+EXIT_CODES = """\
+exit codes:
+  0   success                          30  authorization failed
+  1   other error                      31  PIN required
+  2   invalid input                    32  wrong PIN
+  3   undecodable data                 33  PIN locked
+  4   unsupported message version      34  user verification failed
+  5   expired offer/verification data  35  cancelled / timed out
+  6   bad or unknown signature         36  login (sync) required
+  7   unknown or disallowed method     40  OTP refused (InvalidToken)
+  8   configuration error             130  interrupted
+  9   method enrolled already
+ 10   local state missing or unsafe
+ 20   token/backend error
+ 21   backend unavailable
+ 22   token not found
+ 23   key not found
+ 24   mechanism not supported
+ 25   counter error
+"""
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    out: TextIO
+    err: TextIO
+
+    @property
+    def paths(self) -> Paths:
+        return Paths.from_env(self.args.home)
+
+    def config(self) -> configmod.Config:
+        cfg = configmod.load(self.paths)
+        cfg.apply_environment()
+        return cfg
+
+    def authenticator(self) -> Authenticator:
+        return Authenticator(
+            self.paths.authenticator_dir, self.config(), warn=lambda m: print(m, file=self.err)
+        )
+
+    def verifier(self) -> Verifier:
+        return Verifier.open(self.paths.verifier_dir)
+
+    def emit(self, human: str, machine: dict[str, Any]) -> None:
+        if self.args.json:
+            print(json.dumps(machine, sort_keys=True), file=self.out)
+        elif human:
+            print(human, file=self.out)
+
+
+# --- input helpers ----------------------------------------------------------
+
+
+def read_text_arg(value: str | None, stdin: TextIO) -> str:
+    """A message given inline, as ``-`` (stdin), or as ``@FILE``."""
+    if value is None or value == "-":
+        if stdin.isatty():
+            raise InvalidInput("no data given (pass it as an argument, @FILE, or on stdin)")
+        return stdin.read().strip()
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_text().strip()
+        except OSError as e:
+            raise InvalidInput(f"cannot read {value[1:]}: {e.strerror}") from None
+    return value.strip()
+
+
+def read_pin(args: argparse.Namespace, err: TextIO, prompt: str = "Offline PIN: ") -> str:
+    if getattr(args, "pin_file", None):
+        try:
+            pin = Path(args.pin_file).read_text()
+        except OSError as e:
+            raise InvalidInput(f"cannot read the PIN file: {e.strerror}") from None
+    elif getattr(args, "pin_fd", None) is not None:
+        try:
+            with os.fdopen(args.pin_fd, "r", closefd=False) as f:
+                pin = f.readline()
+        except OSError as e:
+            raise InvalidInput(f"cannot read the PIN from fd {args.pin_fd}: {e.strerror}") from None
+    else:
+        try:
+            with open("/dev/tty") as _tty:
+                pass
+        except OSError:
+            raise PinRequired(
+                "no terminal to ask for the PIN; use --pin-file or --pin-fd"
+            ) from None
+        pin = getpass.getpass(prompt, stream=err)
+    pin = pin.rstrip("\r\n")
+    if not pin:
+        raise PinRequired("the PIN is empty")
+    return pin
+
+
+def parse_methods(text: str | None) -> list[Method] | None:
+    if not text:
+        return None
+    return [Method.parse(m) for m in text.split(",") if m.strip()]
+
+
+def parse_session_id(text: str) -> bytes:
+    try:
+        sid = bytes.fromhex(text.strip())
+    except ValueError:
+        raise InvalidInput("a session id is hex") from None
+    if not 8 <= len(sid) <= 32:
+        raise InvalidInput("a session id is 16 to 64 hex digits")
+    return sid
+
+
+# --- commands ---------------------------------------------------------------
+
+
+def cmd_backends(ctx: Context) -> int:
+    cfg = ctx.config()
+    statuses = []
+    for name in registry.backend_names():
+        settings: dict[str, Any] = {}
+        for method in Method:
+            mc = cfg.method(method)
+            if mc.backend == name:
+                settings = dict(mc.settings)
+                break
+        statuses.append(registry.probe_backend(name, settings))
+    lines = []
+    for s in statuses:
+        state = "available" if s.available else f"unavailable: {s.reason}"
+        details = ", ".join(f"{k}={v}" for k, v in s.details.items())
+        lines.append(f"{s.name:8} {state}" + (f" ({details})" if details else ""))
+    ctx.emit(
+        "\n".join(lines),
+        {"backends": [s.__dict__ for s in statuses]},
+    )
+    return 0
+
+
+def cmd_verifier_init(ctx: Context) -> int:
+    v = Verifier.init(ctx.paths.verifier_dir, ctx.args.name)
+    v.close()
+    ctx.emit(
+        f"verifier {v.identity.name!r} created in {ctx.paths.verifier_dir}",
+        {"verifier_id": v.identity.verifier_id.hex(), "name": v.identity.name},
+    )
+    return 0
+
+
+def cmd_verifier_offer(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        methods = parse_methods(ctx.args.methods) or list(Method)
+        offer, text = v.create_offer(ctx.args.user, methods=methods, replace=ctx.args.replace)
+    finally:
+        v.close()
+    ctx.emit(text, {"offer": text, "expires": offer.expires, "user": offer.user})
+    return 0
+
+
+def cmd_verifier_enroll(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        cred = v.accept_enrollment(read_text_arg(ctx.args.response, sys.stdin))
+    finally:
+        v.close()
+    ctx.emit(
+        f"enrolled {cred.method.value} for {cred.user} (backend {cred.backend}, ATC {cred.atc})",
+        {"user": cred.user, "method": cred.method.value, "backend": cred.backend, "atc": cred.atc},
+    )
+    return 0
+
+
+def cmd_verifier_session(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        session = v.start_session(
+            ctx.args.user, ctx.args.context, methods=parse_methods(ctx.args.methods)
+        )
+    finally:
+        v.close()
+    target = ctx.args.qr
+    if target == "terminal":
+        print(qr.terminal(session.text), file=ctx.err)
+    elif target:
+        path = qr.write_image(session.text, target)
+        print(f"QR code written to {path}", file=ctx.err)
+    ctx.emit(
+        f"session {session.session_id.hex()}\n{session.text}",
+        {
+            "session": session.session_id.hex(),
+            "data": session.text,
+            "expires": session.data.expires,
+            "methods": [m.value for m in session.data.methods],
+        },
+    )
+    return 0
+
+
+def cmd_verifier_verify(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        ok = v.verify(parse_session_id(ctx.args.session), ctx.args.otp)
+    finally:
+        v.close()
+    ctx.emit(
+        f"accepted: {ok.user} with {ok.method.value} (ATC {ok.atc})",
+        {"accepted": True, "user": ok.user, "method": ok.method.value, "atc": ok.atc},
+    )
+    return 0
+
+
+def cmd_verifier_resync(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        ok = v.resync(parse_session_id(ctx.args.session), ctx.args.otp, ctx.args.next_otp)
+    finally:
+        v.close()
+    ctx.emit(
+        f"resynchronized: {ok.user} with {ok.method.value} (ATC {ok.atc})",
+        {"accepted": True, "user": ok.user, "method": ok.method.value, "atc": ok.atc},
+    )
+    return 0
+
+
+def cmd_verifier_sync(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        text = v.sync_message(ctx.args.user, Method.parse(ctx.args.method))
+    finally:
+        v.close()
+    ctx.emit(text, {"sync": text})
+    return 0
+
+
+def cmd_verifier_unlock(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        v.unlock(ctx.args.user, Method.parse(ctx.args.method))
+    finally:
+        v.close()
+    ctx.emit(f"unlocked {ctx.args.method} for {ctx.args.user}", {"unlocked": True})
+    return 0
+
+
+def cmd_verifier_credentials(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        creds = v.store.credentials(ctx.args.user) if ctx.args.user else v.store.all_credentials()
+    finally:
+        v.close()
+    rows = [
+        {
+            "user": c.user,
+            "method": c.method.value,
+            "backend": c.backend,
+            "atc": c.atc,
+            "failures": c.failures,
+            "locked": c.locked,
+        }
+        for c in creds
+    ]
+    human = "\n".join(
+        f"{r['user']:16} {r['method']:10} {r['backend']:8} atc={r['atc']} failures={r['failures']}"
+        + (" LOCKED" if r["locked"] else "")
+        for r in rows
+    )
+    ctx.emit(human or "no credentials", {"credentials": rows})
+    return 0
+
+
+def cmd_enroll(ctx: Context) -> int:
+    method = Method.parse(ctx.args.method)
+    offer = read_text_arg(ctx.args.offer, sys.stdin)
+    pin = (
+        read_pin(ctx.args, ctx.err, "New offline PIN (the token's user PIN): ")
+        if method.needs_pin
+        else None
+    )
+    with ctx.authenticator() as a:
+        text = a.add_or_update(method, offer, pin=pin, replace=ctx.args.replace)
+    print(f"enrolled the {method.value} method; give this response to the verifier:", file=ctx.err)
+    ctx.emit(text, {"response": text, "method": method.value})
+    return 0
+
+
+def _show_request(ctx: Context, request: OfflineRequest) -> None:
+    print(f"Verifier: {request.verifier_name}", file=ctx.err)
+    print(f"Context:  {request.context}", file=ctx.err)
+
+
+def cmd_start(ctx: Context) -> int:
+    with ctx.authenticator() as a:
+        request = a.start_offline_authentication(read_text_arg(ctx.args.data, sys.stdin))
+    ctx.emit(
+        f"Verifier: {request.verifier_name}\nContext:  {request.context}\n"
+        f"Methods:  {', '.join(m.value for m in request.methods)}",
+        {
+            "verifier": request.verifier_name,
+            "context": request.context,
+            "methods": [m.value for m in request.methods],
+            "expires": request.expires,
+        },
+    )
+    return 0
+
+
+def cmd_finish(ctx: Context) -> int:
+    method = Method.parse(ctx.args.method)
+    with ctx.authenticator() as a:
+        request = a.start_offline_authentication(read_text_arg(ctx.args.data, sys.stdin))
+        _show_request(ctx, request)
+        pin = read_pin(ctx.args, ctx.err) if method.needs_pin else None
+        result = a.finish_offline_authentication(request, method, pin=pin)
+    ctx.emit(result.otp, {"otp": result.otp, "method": method.value, "atc": result.atc})
+    return 0
+
+
+def cmd_sync(ctx: Context) -> int:
+    with ctx.authenticator() as a:
+        updated = a.sync(read_text_arg(ctx.args.data, sys.stdin))
+    ctx.emit(
+        f"synced {updated.method.value}: offline uses count from ATC {updated.synced_atc}",
+        {"method": updated.method.value, "synced_atc": updated.synced_atc},
+    )
+    return 0
+
+
+def cmd_methods(ctx: Context) -> int:
+    a = ctx.authenticator()
+    rows = [
+        {"user": m.user, "method": m.method.value, "backend": m.backend, "synced_atc": m.synced_atc}
+        for m in a.enrolled
+    ]
+    ctx.emit(
+        "\n".join(f"{r['user']:16} {r['method']:10} {r['backend']}" for r in rows)
+        or "nothing enrolled",
+        {"methods": rows},
+    )
+    return 0
+
+
+def cmd_demo(ctx: Context) -> int:
+    from .demo import run_demo
+
+    return run_demo(ctx.paths, out=ctx.out, err=ctx.err, as_json=ctx.args.json)
+
+
+# --- parser -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--home", default=argparse.SUPPRESS, help="keep all state under DIR (or HSM_AUTH_HOME)"
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and logs"
+    )
+
+    pin = argparse.ArgumentParser(add_help=False)
+    pin.add_argument("--pin-file", metavar="PATH", help="read the PIN from this file")
+    pin.add_argument(
+        "--pin-fd", metavar="FD", type=int, help="read the PIN from this file descriptor"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="hsm-auth",
+        description="Hardware-backed offline authentication (PKCS#11, TPM2, FIDO2).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        parent: Any,
+        name: str,
+        func: Callable[[Context], int],
+        help_text: str,
+        parents: Sequence[Any] = (),
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[common, *parents],
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    add(sub, "demo", cmd_demo, "run the whole offline flow on embedded SoftHSM tokens")
+    add(sub, "backends", cmd_backends, "list backends and why any is unavailable")
+    add(sub, "methods", cmd_methods, "list the methods enrolled on this authenticator")
+
+    p = add(sub, "enroll", cmd_enroll, "enroll a method from a verifier's offer", [pin])
+    p.add_argument("--method", required=True, help="device, pin, biometric or face")
+    p.add_argument("--offer", help="the offer text, @FILE, or - for stdin (default)")
+    p.add_argument("--replace", action="store_true", help="replace an enrolled method")
+
+    p = add(sub, "start", cmd_start, "check verification data and show its context")
+    p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
+
+    p = add(sub, "finish", cmd_finish, "authenticate and print the OTP", [pin])
+    p.add_argument("--method", required=True)
+    p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
+
+    p = add(sub, "sync", cmd_sync, "apply a verifier's sync message after an online login")
+    p.add_argument("data", nargs="?", help="sync message, @FILE, or - for stdin")
+
+    vp = sub.add_parser("verifier", help="the verifier side", parents=[common])
+    vsub = vp.add_subparsers(dest="verifier_command", required=True, metavar="COMMAND")
+    p = add(vsub, "init", cmd_verifier_init, "create the verifier's identity, keys and database")
+    p.add_argument("--name", default="hsm-auth verifier")
+    p = add(vsub, "offer", cmd_verifier_offer, "print an enrollment offer for a user")
+    p.add_argument("--user", required=True)
+    p.add_argument("--methods", help="comma-separated methods the offer allows (default: all)")
+    p.add_argument("--replace", action="store_true", help="allow replacing an enrolled method")
+    p = add(vsub, "enroll", cmd_verifier_enroll, "record an enrollment response")
+    p.add_argument("response", nargs="?", help="the response text, @FILE, or - for stdin (default)")
+    p = add(
+        vsub,
+        "session",
+        cmd_verifier_session,
+        "start an offline session (prints the verification data)",
+    )
+    p.add_argument("--user", required=True)
+    p.add_argument(
+        "--context", required=True, help="what the user approves, shown on the authenticator"
+    )
+    p.add_argument("--methods", help="comma-separated allowed methods (default: all enrolled)")
+    p.add_argument("--qr", help="terminal, png:PATH or svg:PATH")
+    p = add(vsub, "verify", cmd_verifier_verify, "check an OTP for a session")
+    p.add_argument("--session", required=True)
+    p.add_argument("--otp", required=True)
+    p = add(
+        vsub,
+        "resync",
+        cmd_verifier_resync,
+        "resynchronize from two consecutive OTPs of one session",
+    )
+    p.add_argument("--session", required=True)
+    p.add_argument("--otp", required=True)
+    p.add_argument("--next-otp", required=True)
+    p = add(vsub, "sync", cmd_verifier_sync, "print a sync message for the authenticator")
+    p.add_argument("--user", required=True)
+    p.add_argument("--method", required=True)
+    p = add(vsub, "unlock", cmd_verifier_unlock, "unlock a locked credential")
+    p.add_argument("--user", required=True)
+    p.add_argument("--method", required=True)
+    p = add(
+        vsub,
+        "credentials",
+        cmd_verifier_credentials,
+        "list credentials, counters and lockout state",
+    )
+    p.add_argument("--user")
+    return parser
+
+
+def describe(error: HsmAuthError) -> str:
+    """The one line a user sees for an error."""
+    if isinstance(error, errors.PinInvalid) and error.attempts_remaining is not None:
+        return f"wrong PIN, {error.attempts_remaining} attempts remaining"
+    if isinstance(error, errors.PinLocked) and error.retry_after is not None:
+        return f"PIN locked, retry in {int(error.retry_after)} s"
+    if isinstance(error, errors.UserVerificationFailed) and error.retries_left is not None:
+        return f"{error}, {error.retries_left} retries left"
+    if isinstance(error, errors.InvalidToken):
+        return "OTP refused"
+    return str(error) or error.__class__.__name__
+
+
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in (("home", None), ("json", False), ("debug", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.ERROR,
+        stream=err,
+        format="%(name)s: %(message)s",
+    )
+    ctx = Context(args, out, err)
+    try:
+        code: int = args.func(ctx)
+        return code
+    except HsmAuthError as e:
+        if args.debug:
+            raise
+        if args.json:
+            print(json.dumps({"error": describe(e), "type": e.__class__.__name__}), file=out)
+        print(f"hsm-auth: error: {describe(e)}", file=err)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hsm-auth: interrupted", file=err)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
