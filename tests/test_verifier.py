@@ -48,9 +48,16 @@ class PythonDevice:
             cec.ECDH(), ec.decode_point(offer.verifier_agreement_key)
         )
         response = EnrollmentResponse(
-            offer.verifier_id, offer.offer_id, offer.user, method, "python",
+            offer.verifier_id,
+            offer.offer_id,
+            offer.user,
+            method,
+            "python",
             ec.encode_point(self.signing.public_key()),
-            ec.encode_point(self.agreement.public_key()), None, self.atc, None,
+            ec.encode_point(self.agreement.public_key()),
+            None,
+            self.atc,
+            None,
         )
         key = sign_with or self.signing
         return response.to_text(
@@ -136,9 +143,11 @@ def test_lockout_after_ten_failures_refuses_even_a_correct_otp(verifier, device,
         with pytest.raises(InvalidToken) as wrong:
             verifier.verify(s.session_id, "00000000")
     good = device.otp(s)
-    with caplog.at_level(logging.WARNING, logger="hsm_auth.verifier"):
-        with pytest.raises(InvalidToken) as locked:
-            verifier.verify(s.session_id, good)
+    with (
+        caplog.at_level(logging.WARNING, logger="hsm_auth.verifier"),
+        pytest.raises(InvalidToken) as locked,
+    ):
+        verifier.verify(s.session_id, good)
     assert str(locked.value) == str(wrong.value)  # same error to the caller
     assert "locked" in caplog.text  # the reason is in the log only
     assert good not in caplog.text  # and never the OTP
@@ -166,7 +175,10 @@ def test_expired_and_unknown_sessions_are_refused(verifier, device, clock):
         verifier.verify(b"\x00" * 16, otp)
 
 
-@pytest.mark.parametrize("otp", ["1234567", "123456789", "1234567a", "", "１２３４５６７８"])
+@pytest.mark.parametrize(
+    "otp",
+    ["1234567", "123456789", "1234567a", "", "\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18"],
+)
 def test_malformed_otp_is_invalid_input(verifier, device, otp):
     s = verifier.start_session("alice", "ctx")
     with pytest.raises(InvalidInput):
