@@ -1,0 +1,170 @@
+"""OTP generation: the library against the raw token operations, in one run.
+
+For each backend it prints, per OTP:
+* ``library``  — Authenticator.finish_offline_authentication (counter advanced
+  durably in the token, OCRA HMAC in the token, truncation);
+* ``floor``    — the same token operations called directly through the native
+  binding (the durable counter update plus the HMAC: the counter must be
+  advanced before an OTP is released, so nothing can be faster);
+* ``py-hmac``  — Python's hmac over the same data input, for scale.
+
+Run: ``.venv/bin/python bench/otp.py [--n 2000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hsm_auth import ocra
+from hsm_auth.authenticator import Authenticator
+from hsm_auth.config import Config, MethodConfig
+from hsm_auth.methods import Method
+from hsm_auth.verifier import Verifier
+
+SUITE = ocra.OcraSuite.parse(ocra.OTP_SUITE)
+DATA = SUITE.data_input(counter=1, question=hashlib.sha256(b"q").hexdigest())
+
+
+def per_op(fn: Callable[[], object], n: int, rounds: int = 5) -> float:
+    """Median over ``rounds`` of the mean seconds per call of ``fn`` (n calls each)."""
+    return per_op_pair(fn, None, n, rounds)[0]
+
+
+def per_op_pair(
+    a: Callable[[], object], b: Callable[[], object] | None, n: int, rounds: int = 10
+) -> tuple[float, float]:
+    """Seconds per call of ``a`` and ``b``, measured in alternating rounds so that
+    disk and machine noise (fsync!) hits both alike; medians over the rounds."""
+    fns = [a] if b is None else [a, b]
+    for fn in fns:
+        fn()  # warm-up
+    samples: list[list[float]] = [[] for _ in fns]
+    per_round = max(1, n // rounds)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            samples[i].append((time.perf_counter() - start) / per_round)
+    medians = [statistics.median(s) for s in samples]
+    return medians[0], medians[-1]
+
+
+def report(name: str, library: float, floor: float, baseline: float, target: float = 3.0) -> None:
+    ratio = library / floor
+    verdict = "OK" if ratio <= target else "OVER TARGET"
+    print(f"[{name}] library  {library * 1e6:9.1f} us/OTP")
+    print(f"[{name}] floor    {floor * 1e6:9.1f} us/OTP (counter update + HMAC, direct)")
+    print(f"[{name}] py-hmac  {baseline * 1e6:9.1f} us/OTP")
+    print(f"[{name}] library/floor = {ratio:.2f}x (target <= {target:.0f}x): {verdict}")
+
+
+def python_hmac(n: int) -> float:
+    key = os.urandom(32)
+    return per_op(lambda: hmac.new(key, DATA, hashlib.sha256).digest(), n)
+
+
+def flow(tmp: Path, config: Config, method: Method, pin: str | None = None):  # type: ignore[no-untyped-def]
+    """Enroll ``method`` with a fresh verifier; return (authenticator, started request)."""
+    verifier = Verifier.init(tmp / "verifier", "bench")
+    auth = Authenticator(tmp / "auth", config)
+    _, offer = verifier.create_offer("bench", methods=[method])
+    verifier.accept_enrollment(auth.add_or_update(method, offer, pin=pin))
+    verifier.identity = verifier.identity  # keep the verifier open for the session
+    session = verifier.start_session("bench", "benchmark context", methods=[method])
+    request = auth.start_offline_authentication(session.text)
+    verifier.close()
+    return auth, request
+
+
+def bench_pkcs11(n: int, baseline: float) -> None:
+    from hsm_auth.testing.softhsm import init_token, softhsm_available, softhsm_environment
+    from hsm_auth.uri import Pkcs11Uri
+
+    reason = softhsm_available()
+    if reason:
+        print(f"[pkcs11] skipped: {reason}")
+        return
+    with tempfile.TemporaryDirectory() as d, softhsm_environment(Path(d) / "softhsm"):
+        tmp = Path(d)
+        token = init_token("bench", so_pin="12345678", user_pin="1234")
+        pin_file = tmp / "pin"
+        pin_file.write_text(token.user_pin)
+        pin_file.chmod(0o600)
+        uri = Pkcs11Uri(
+            token=token.label, module_path=token.module_path, pin_source=f"file:{pin_file}"
+        )
+        config = Config(methods={Method.DEVICE: MethodConfig("pkcs11", {"uri": str(uri)})})
+        # The authenticator refuses after `window` offline uses: a large window for the bench.
+        auth, request = flow(tmp, config, Method.DEVICE)
+        auth._methods = [  # noqa: SLF001 - bench only: lift the offline-use limit
+            type(m)(**{**m.__dict__, "window": 10**9}) for m in auth._methods
+        ]
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+        lib = pkcs11.lib(token.module_path)
+        tok = lib.get_token(token_label=token.label)
+        with tok.open(rw=True) as session:  # the library's login is process-wide
+            key = session.generate_key(
+                KeyType.GENERIC_SECRET,
+                256,
+                store=True,
+                template={
+                    Attribute.SIGN: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.PRIVATE: True,
+                },
+            )
+            counter = session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.DATA,
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.LABEL: "0",
+                    Attribute.APPLICATION: "bench-atc",
+                    Attribute.VALUE: b"bench",
+                }
+            )
+            state = {"c": 0}
+
+            def raw() -> bytes:
+                state["c"] = int(counter[Attribute.LABEL]) + 1
+                counter[Attribute.LABEL] = str(state["c"])
+                return bytes(key.sign(DATA, mechanism=Mechanism.SHA256_HMAC))
+
+            library, floor = per_op_pair(
+                lambda: auth.finish_offline_authentication(request, Method.DEVICE), raw, n
+            )
+            counter.destroy()
+            key.destroy()
+        auth.close()
+    report("pkcs11/SoftHSM", library, floor, baseline)
+
+
+BACKENDS: dict[str, Callable[[int, float], None]] = {"pkcs11": bench_pkcs11}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="OTPs per measurement")
+    parser.add_argument("backends", nargs="*", default=list(BACKENDS), help="which backends")
+    args = parser.parse_args()
+    baseline = python_hmac(max(args.n, 10000))
+    for name in args.backends:
+        BACKENDS[name](args.n, baseline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
