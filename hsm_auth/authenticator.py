@@ -12,12 +12,14 @@ URIs of keys in tokens and the verifiers' public keys: no secret.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hmac
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from .errors import (
     UnknownMethod,
     UntrustedMessage,
 )
-from .files import atomic_write_json, read_json
+from .files import atomic_write_json, ensure_private_dir, read_json
 from .keystore import Authorization, Capability, KeyStore
 from .methods import Method
 from .protocol import EnrollmentOffer, EnrollmentResponse, SyncMessage, VerificationData
@@ -240,6 +242,13 @@ class Authenticator:
         self, method: Method, offer_text: str, *, pin: str | None = None, replace: bool = False
     ) -> str:
         """Enroll ``method`` from a verifier's offer; return the enrollment response text."""
+        with self._exclusive():
+            self._verifiers, self._methods = self._load()  # another process may have written
+            return self._add_or_update(method, offer_text, pin=pin, replace=replace)
+
+    def _add_or_update(
+        self, method: Method, offer_text: str, *, pin: str | None, replace: bool
+    ) -> str:
         offer, signed = EnrollmentOffer.from_text(offer_text)
         verifier_key = ec.decode_point(offer.verifier_signing_key)
         ec.verify(verifier_key, signed.signature, signed.body)
@@ -341,6 +350,18 @@ class Authenticator:
                 except HsmAuthError as e:
                     self._warn(f"warning: could not delete an old key ({e})")
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """An exclusive lock on ``<dir>/.lock``: a token counter is read and then
+        written, so two processes must not advance it at the same instant."""
+        ensure_private_dir(self.directory)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     # --- offline authentication ----------------------------------------------
 
     def start_offline_authentication(self, text: str) -> OfflineRequest:
@@ -381,16 +402,22 @@ class Authenticator:
             )
         suite = _suite(enrolled.suite)
         question = request.data.question.hex()
-        atc, mac = store.counted_hmac(
-            enrolled.otp_key,
-            enrolled.counter,
-            lambda c: suite.data_input(counter=c, question=question),
-            auth,
-        )
+        with self._exclusive():  # one OTP at a time per authenticator, across processes
+            atc, mac = store.counted_hmac(
+                enrolled.otp_key,
+                enrolled.counter,
+                lambda c: suite.data_input(counter=c, question=question),
+                auth,
+            )
         return OfflineOtp(ocra.truncate(mac, suite.digits), method, atc)
 
     def sync(self, text: str) -> EnrolledMethod:
         """Apply a verifier's signed sync message: offline uses count from its ATC again."""
+        with self._exclusive():
+            self._verifiers, self._methods = self._load()
+            return self._sync(text)
+
+    def _sync(self, text: str) -> EnrolledMethod:
         message, signed = SyncMessage.from_text(text)
         pinned = self._verifiers.get(message.verifier_id)
         if pinned is None:
