@@ -1,0 +1,1013 @@
+"""PKCS#11 backend (smartcards, USB tokens, HSMs, SoftHSM) through python-pkcs11.
+
+Configuration (``[methods.<m>]`` settings):
+
+* ``uri`` — an RFC 7512 URI naming the token, e.g.
+  ``pkcs11:token=alice?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/home/a/.pin``.
+  Without ``module-path`` the module is ``$HSM_AUTH_PKCS11_MODULE``, else
+  ``/usr/lib/softhsm/libsofthsm2.so``. ``pin-source`` (``file:`` only) is read
+  at open; the file must not be accessible by group or others. ``pin-value``
+  is refused: a PIN does not belong in a config file.
+* ``allow_unenforced_pin`` — a token that does not limit PIN retries itself
+  (SoftHSM) serves the ``pin`` method only when this is true.
+
+Keys. Signing and agreement keys are P-256 key pairs generated in the token
+(private half ``CKA_TOKEN``, ``CKA_PRIVATE``, ``CKA_SENSITIVE``, not
+``CKA_EXTRACTABLE``), both halves with the given label and one random 16-byte
+``CKA_ID``. The OTP key is ``CKM_ECDH1_DERIVE`` (KDF null) of the agreement
+key with the verifier's public point into a 32-byte ``CKK_GENERIC_SECRET``
+token object, sensitive and not extractable, usable only for
+``CKM_SHA256_HMAC``. Signatures are ``CKM_ECDSA`` over a SHA-256 digest made on
+the host (SoftHSM has no ``CKM_ECDSA_SHA256``), returned DER-encoded.
+
+The application transaction counter (ATC). PKCS#11 has no counter object
+that applications can advance, so each enrollment's ATC is a ``CKO_DATA``
+token object, private (readable only after login):
+
+* ``CKA_APPLICATION`` = ``"hsm-auth-atc"`` marks it;
+* ``CKA_VALUE`` = a random 16-byte id followed by the UTF-8 label; it is set
+  once at creation (SoftHSM makes ``CKA_VALUE`` read-only afterwards) and is
+  the counter's identity: its URI is
+  ``pkcs11:token=...;serial=...;type=data;x-atc-id=<32 hex digits>``;
+* ``CKA_LABEL`` = the counter value in decimal, starting at ``0``.
+
+Advancing writes value + 1 into ``CKA_LABEL`` with ``C_SetAttributeValue`` (a
+durable write in the token, about 0.3 ms on SoftHSM) and returns the new value
+only after that call returned, so an OTP is never computed for a value that
+is not stored. A reader that finds several objects with the same id (left by
+a tool that replaces objects by "create new, destroy old") takes the highest
+value, so such a crash can never move the counter backwards. Two processes
+advancing the same counter at the same instant are not serialised by the
+token: run one authenticator per token.
+
+Sessions. A store opens one R/W session and logs the user in once (PIN from
+``Authorization.pin``, else ``pin-source``); the login and the object handles
+found by the first lookup are kept for the store's life, so an OTP costs
+one attribute read, one attribute write and one HMAC. PKCS#11 login state
+is per process and token, so stores on the same token in one process share
+it: the first login is checked by the token, later ones (and later PINs given
+to a logged-in store) are compared with a keyed hash of the PIN that the
+token accepted. Login goes through ``C_Login`` directly (ctypes) so that a
+wrong PIN never leaks a session (python-pkcs11 0.10 does) and the native
+return code is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import hmac as _hmac
+import os
+import re
+import secrets
+import stat
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, NoReturn
+from urllib.parse import unquote
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from hsm_auth.errors import (
+    AuthorizationError,
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    CounterError,
+    HsmAuthError,
+    InvalidInput,
+    KeyNotFound,
+    MechanismNotSupported,
+    PinInvalid,
+    PinLocked,
+    PinRequired,
+    StateError,
+    TokenNotFound,
+)
+from hsm_auth.keystore import (
+    Authorization,
+    Capability,
+    KeyInfo,
+    KeyKind,
+    KeyStore,
+    PinStatus,
+    Settings,
+)
+from hsm_auth.methods import Method
+from hsm_auth.uri import Pkcs11Uri
+
+__all__ = ["ATC_APPLICATION", "DEFAULT_MODULE", "MODULE_ENV", "Pkcs11KeyStore"]
+
+DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+MODULE_ENV = "HSM_AUTH_PKCS11_MODULE"
+ATC_APPLICATION = "hsm-auth-atc"
+ATC_URI_ATTR = "x-atc-id"
+_ID_LEN = 16
+_COUNTER_MAX = 2**64 - 1
+# DER of the named-curve OID 1.2.840.10045.3.1.7 (P-256), the CKA_EC_PARAMS value.
+_P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")
+
+# Token flags (PKCS#11 v2.40 CK_TOKEN_INFO.flags).
+_CKF_LOGIN_REQUIRED = 0x4
+_CKF_TOKEN_INITIALIZED = 0x400
+_CKF_USER_PIN_COUNT_LOW = 0x10000
+_CKF_USER_PIN_FINAL_TRY = 0x20000
+_CKF_USER_PIN_LOCKED = 0x40000
+
+# Return codes this module looks at.
+_CKR_OK = 0x0
+_CKR_PIN_INCORRECT = 0xA0
+_CKR_PIN_INVALID = 0xA1
+_CKR_PIN_LEN_RANGE = 0xA2
+_CKR_PIN_EXPIRED = 0xA3
+_CKR_PIN_LOCKED = 0xA4
+_CKR_USER_ALREADY_LOGGED_IN = 0x100
+_CKU_USER = 1
+
+# The mechanisms this backend uses (CKM_* values, PKCS#11 v2.40).
+_MECHANISM_IDS = {
+    "EC_KEY_PAIR_GEN": 0x1040,
+    "ECDSA": 0x1041,
+    "ECDH1_DERIVE": 0x1050,
+    "SHA256_HMAC": 0x251,
+}
+
+# python-pkcs11 raises one class per CK_RV but drops the number: put it back.
+_CKR_BY_EXCEPTION: dict[str, tuple[str, int]] = {
+    "AnotherUserAlreadyLoggedIn": ("CKR_USER_ANOTHER_ALREADY_LOGGED_IN", 0x104),
+    "ArgumentsBad": ("CKR_ARGUMENTS_BAD", 0x7),
+    "AttributeReadOnly": ("CKR_ATTRIBUTE_READ_ONLY", 0x10),
+    "AttributeSensitive": ("CKR_ATTRIBUTE_SENSITIVE", 0x11),
+    "AttributeTypeInvalid": ("CKR_ATTRIBUTE_TYPE_INVALID", 0x12),
+    "AttributeValueInvalid": ("CKR_ATTRIBUTE_VALUE_INVALID", 0x13),
+    "DataInvalid": ("CKR_DATA_INVALID", 0x20),
+    "DataLenRange": ("CKR_DATA_LEN_RANGE", 0x21),
+    "DeviceError": ("CKR_DEVICE_ERROR", 0x30),
+    "DeviceMemory": ("CKR_DEVICE_MEMORY", 0x31),
+    "DeviceRemoved": ("CKR_DEVICE_REMOVED", 0x32),
+    "DomainParamsInvalid": ("CKR_DOMAIN_PARAMS_INVALID", 0x130),
+    "FunctionCancelled": ("CKR_FUNCTION_CANCELED", 0x50),
+    "FunctionFailed": ("CKR_FUNCTION_FAILED", 0x6),
+    "FunctionNotSupported": ("CKR_FUNCTION_NOT_SUPPORTED", 0x54),
+    "FunctionRejected": ("CKR_FUNCTION_REJECTED", 0x200),
+    "GeneralError": ("CKR_GENERAL_ERROR", 0x5),
+    "HostMemory": ("CKR_HOST_MEMORY", 0x2),
+    "KeyHandleInvalid": ("CKR_KEY_HANDLE_INVALID", 0x60),
+    "KeySizeRange": ("CKR_KEY_SIZE_RANGE", 0x62),
+    "KeyTypeInconsistent": ("CKR_KEY_TYPE_INCONSISTENT", 0x63),
+    "KeyUnextractable": ("CKR_KEY_UNEXTRACTABLE", 0x6A),
+    "MechanismInvalid": ("CKR_MECHANISM_INVALID", 0x70),
+    "MechanismParamInvalid": ("CKR_MECHANISM_PARAM_INVALID", 0x71),
+    "ObjectHandleInvalid": ("CKR_OBJECT_HANDLE_INVALID", 0x82),
+    "OperationActive": ("CKR_OPERATION_ACTIVE", 0x90),
+    "OperationNotInitialized": ("CKR_OPERATION_NOT_INITIALIZED", 0x91),
+    "PinExpired": ("CKR_PIN_EXPIRED", _CKR_PIN_EXPIRED),
+    "PinIncorrect": ("CKR_PIN_INCORRECT", _CKR_PIN_INCORRECT),
+    "PinInvalid": ("CKR_PIN_INVALID", _CKR_PIN_INVALID),
+    "PinLenRange": ("CKR_PIN_LEN_RANGE", _CKR_PIN_LEN_RANGE),
+    "PinLocked": ("CKR_PIN_LOCKED", _CKR_PIN_LOCKED),
+    "PublicKeyInvalid": ("CKR_PUBLIC_KEY_INVALID", 0x1B9),
+    "SessionClosed": ("CKR_SESSION_CLOSED", 0xB0),
+    "SessionCount": ("CKR_SESSION_COUNT", 0xB1),
+    "SessionHandleInvalid": ("CKR_SESSION_HANDLE_INVALID", 0xB3),
+    "SessionReadOnly": ("CKR_SESSION_READ_ONLY", 0xB5),
+    "SignatureInvalid": ("CKR_SIGNATURE_INVALID", 0xC0),
+    "SlotIDInvalid": ("CKR_SLOT_ID_INVALID", 0x3),
+    "TemplateIncomplete": ("CKR_TEMPLATE_INCOMPLETE", 0xD0),
+    "TemplateInconsistent": ("CKR_TEMPLATE_INCONSISTENT", 0xD1),
+    "TokenNotPresent": ("CKR_TOKEN_NOT_PRESENT", 0xE0),
+    "TokenNotRecognised": ("CKR_TOKEN_NOT_RECOGNIZED", 0xE1),
+    "TokenWriteProtected": ("CKR_TOKEN_WRITE_PROTECTED", 0xE2),
+    "UserAlreadyLoggedIn": ("CKR_USER_ALREADY_LOGGED_IN", _CKR_USER_ALREADY_LOGGED_IN),
+    "UserNotLoggedIn": ("CKR_USER_NOT_LOGGED_IN", 0x101),
+    "UserPinNotInitialized": ("CKR_USER_PIN_NOT_INITIALIZED", 0x102),
+}
+_CKR_NAMES = {code: name for name, code in _CKR_BY_EXCEPTION.values()} | {
+    0x68: "CKR_KEY_FUNCTION_NOT_PERMITTED",
+    0x101: "CKR_USER_NOT_LOGGED_IN",
+}
+_KEY_GONE = {"ObjectHandleInvalid", "KeyHandleInvalid", "NoSuchKey"}
+_TOKEN_GONE = {
+    "TokenNotPresent", "DeviceRemoved", "SlotIDInvalid", "NoSuchToken", "TokenNotRecognised",
+}
+_NO_MECHANISM = {"MechanismInvalid", "MechanismParamInvalid", "FunctionNotSupported"}
+
+
+# --- the one converter from native errors to hsm_auth.errors ------------------
+
+
+def _code_of(exc: BaseException) -> int | str:
+    """The CK_RV behind a python-pkcs11 exception, else its class name."""
+    name = type(exc).__name__
+    if name in _CKR_BY_EXCEPTION:
+        return _CKR_BY_EXCEPTION[name][1]
+    found = re.search(r"0x([0-9a-fA-F]+)", str(exc))  # "Unmapped error code 0x68"
+    return int(found.group(1), 16) if found else name
+
+
+def _describe(code: int | str) -> str:
+    if isinstance(code, int):
+        return _CKR_NAMES.get(code, f"CK_RV 0x{code:X}")
+    return code
+
+
+def convert_error(exc: BaseException, action: str, *, mechanism: str | None = None) -> HsmAuthError:
+    """Map a python-pkcs11 exception (or a raw CK_RV wrapped by :func:`_rv_error`) to
+    the hsm_auth error family, keeping the native code. Messages hold no secret."""
+    if isinstance(exc, HsmAuthError):
+        return exc
+    name = type(exc).__name__
+    code = _code_of(exc)
+    what = _describe(code)
+    if name in ("PinIncorrect", "PinInvalid", "PinLenRange"):
+        return PinInvalid(native_code=code)
+    if name == "PinLocked":
+        return PinLocked("the token's user PIN is locked", native_code=code)
+    if name == "PinExpired":
+        return AuthorizationError("the token's user PIN has expired: change it first")
+    if name == "UserNotLoggedIn" or code == 0x101:
+        return PinRequired("the token needs its user PIN for this operation")
+    if name in _NO_MECHANISM and mechanism is not None:
+        return MechanismNotSupported(mechanism, native_code=code)
+    if name in _KEY_GONE:
+        return KeyNotFound(f"{action}: the object is no longer in the token ({what})",
+                           native_code=code)
+    if name in _TOKEN_GONE:
+        return TokenNotFound(f"{action}: the token is gone ({what})", native_code=code)
+    return BackendError(f"PKCS#11 {action} failed: {what}", native_code=code)
+
+
+class _RvError(Exception):
+    """A raw CK_RV from a ctypes call, shaped like a python-pkcs11 exception."""
+
+    def __init__(self, rv: int) -> None:
+        super().__init__(f"0x{rv:x}")
+        self.rv = rv
+
+
+# --- process-wide state: PKCS#11 login is per application and token -----------
+
+
+class _FunctionList(ctypes.Structure):
+    # CK_FUNCTION_LIST up to C_Logout (PKCS#11 v2.x layout, Unix packing).
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)] + [
+        (n, ctypes.c_void_p)
+        for n in (
+            "Initialize", "Finalize", "GetInfo", "GetFunctionList", "GetSlotList", "GetSlotInfo",
+            "GetTokenInfo", "GetMechanismList", "GetMechanismInfo", "InitToken", "InitPIN",
+            "SetPIN", "OpenSession", "CloseSession", "CloseAllSessions", "GetSessionInfo",
+            "GetOperationState", "SetOperationState", "Login", "Logout",
+        )
+    ]
+
+
+class _Native:
+    """``C_Login`` / ``C_Logout`` of a module, called directly: python-pkcs11 only logs
+    in while opening a session and leaks that session when the PIN is wrong."""
+
+    def __init__(self, module: str) -> None:
+        dll = ctypes.CDLL(module)  # same handle as python-pkcs11's dlopen of this path
+        flist = ctypes.POINTER(_FunctionList)()
+        rv = dll.C_GetFunctionList(ctypes.byref(flist))
+        if rv != _CKR_OK or not flist:
+            raise BackendUnavailable(f"C_GetFunctionList failed in {module}", native_code=rv)
+        ulong = ctypes.c_ulong
+        login_t = ctypes.CFUNCTYPE(ulong, ulong, ulong, ctypes.c_char_p, ulong)
+        logout_t = ctypes.CFUNCTYPE(ulong, ulong)
+        self._login = login_t(flist.contents.Login)
+        self._logout = logout_t(flist.contents.Logout)
+
+    def login(self, session: int, pin: str) -> int:
+        data = pin.encode("utf-8")
+        return int(self._login(session, _CKU_USER, data, len(data)))
+
+    def logout(self, session: int) -> int:
+        return int(self._logout(session))
+
+
+@dataclass
+class _Login:
+    count: int
+    pin_tag: bytes
+    owned: bool  # we called C_Login, so the last store to close calls C_Logout
+
+
+_LOCK = threading.RLock()
+_PIN_KEY = secrets.token_bytes(32)  # keys the in-memory PIN tags; never leaves the process
+_NATIVE: dict[str, _Native] = {}
+_SESSIONS: dict[str, int] = {}  # module -> sessions our stores hold open
+_LOGINS: dict[tuple[str, int], _Login] = {}  # (module, slot id) -> shared login
+
+
+def _pin_tag(pin: str) -> bytes:
+    return _hmac.new(_PIN_KEY, pin.encode("utf-8"), hashlib.sha256).digest()
+
+
+def _native(module: str) -> _Native:
+    with _LOCK:
+        if module not in _NATIVE:
+            _NATIVE[module] = _Native(module)
+        return _NATIVE[module]
+
+
+# --- configuration ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Config:
+    uri: Pkcs11Uri
+    module: str
+    allow_unenforced_pin: bool
+
+
+def _config(settings: Settings) -> _Config:
+    raw = settings.get("uri", "pkcs11:")
+    if not isinstance(raw, str):
+        raise ConfigError("pkcs11 setting 'uri' must be a pkcs11: URI string")
+    try:
+        uri = Pkcs11Uri.parse(raw)
+    except InvalidInput as e:
+        raise ConfigError(f"pkcs11 setting 'uri': {e}") from None
+    if uri.pin_value is not None:
+        raise ConfigError("pkcs11 uri: pin-value is refused; use pin-source=file:/path (mode 0600)")
+    if uri.module_name is not None and uri.module_path is None:
+        raise ConfigError("pkcs11 uri: module-name is not supported; give module-path")
+    allow = settings.get("allow_unenforced_pin", False)
+    if not isinstance(allow, bool):
+        raise ConfigError("pkcs11 setting 'allow_unenforced_pin' must be true or false")
+    module = uri.module_path or os.environ.get(MODULE_ENV) or DEFAULT_MODULE
+    return _Config(uri, module, allow)
+
+
+def _read_pin_source(source: str) -> str:
+    """Read the PIN named by an RFC 7512 ``pin-source`` (``file:`` URIs only)."""
+    if source.startswith("file://"):
+        host, slash, rest = source[len("file://"):].partition("/")
+        if host not in ("", "localhost") or not slash:
+            raise ConfigError("pkcs11 uri: pin-source must be a local file: URI")
+        path = "/" + unquote(rest)
+    elif source.startswith("file:"):
+        path = unquote(source[len("file:"):])
+    else:
+        raise ConfigError("pkcs11 uri: pin-source must be a file: URI")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise StateError(f"cannot open the PIN file {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise StateError(f"the PIN file {path} is not a regular file")
+        if mode & 0o077:
+            raise StateError(
+                f"the PIN file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(mode):04o}); run chmod 600 on it"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(4096)
+    finally:
+        os.close(fd)
+    try:
+        pin = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise StateError(f"the PIN file {path} is not UTF-8") from None
+    if not pin:
+        raise StateError(f"the PIN file {path} is empty")
+    return pin
+
+
+# --- token discovery ------------------------------------------------------------
+
+
+def _load(module: str) -> tuple[Any, Any]:
+    """(pkcs11 module, pkcs11.lib) or BackendUnavailable with the reason."""
+    try:
+        import pkcs11
+    except ImportError:
+        raise BackendUnavailable(
+            "python-pkcs11 is not installed (pip install 'hsm-auth[pkcs11]')"
+        ) from None
+    if not os.path.isfile(module):
+        raise BackendUnavailable(f"PKCS#11 module {module} not found")
+    try:
+        return pkcs11, pkcs11.lib(module)
+    except Exception as e:  # any loader failure means "cannot run here"
+        raise BackendUnavailable(
+            f"PKCS#11 module {module} failed to load: {type(e).__name__}: {str(e)[:200]}"
+        ) from e
+
+
+def _text(value: bytes | str) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace").rstrip(" \x00")
+    return value.rstrip(" \x00")
+
+
+def _token_matches(lib: Any, token: Any, uri: Pkcs11Uri) -> bool:
+    slot = token.slot
+    checks = (
+        (uri.token, lambda: token.label),
+        (uri.manufacturer, lambda: token.manufacturer_id),
+        (uri.serial, lambda: token.serial),
+        (uri.model, lambda: token.model),
+        (uri.slot_description, lambda: slot.slot_description),
+        (uri.slot_manufacturer, lambda: slot.manufacturer_id),
+        (uri.library_manufacturer, lambda: lib.manufacturer_id),
+        (uri.library_description, lambda: lib.library_description),
+    )
+    for wanted, get in checks:
+        if wanted is not None and _text(get()) != wanted:  # type: ignore[no-untyped-call]
+            return False
+    if uri.slot_id is not None and slot.slot_id != uri.slot_id:
+        return False
+    if uri.library_version is not None:
+        major, minor = lib.library_version
+        wanted_major, _, wanted_minor = uri.library_version.partition(".")
+        if int(wanted_major) != major or int(wanted_minor or 0) != minor:
+            return False
+    return True
+
+
+def _matching_tokens(lib: Any, uri: Pkcs11Uri) -> list[Any]:
+    found = []
+    for slot in lib.get_slots(token_present=True):
+        token = slot.get_token()
+        if int(token.flags) & _CKF_TOKEN_INITIALIZED and _token_matches(lib, token, uri):
+            found.append(token)
+    return found
+
+
+def _token_uri(uri: Pkcs11Uri) -> str:
+    return str(replace(uri, pin_source=None, pin_value=None, module_path=None, vendor_query=()))
+
+
+def _find_token(p11: Any, lib: Any, cfg: _Config) -> Any:
+    try:
+        tokens = _matching_tokens(lib, cfg.uri)
+        if not tokens:
+            # python-pkcs11 caches the module: tokens created after it was loaded
+            # appear only after C_Finalize + C_Initialize, which would also close
+            # every session in this process. Do it only when we hold none.
+            with _LOCK:
+                if not _SESSIONS.get(cfg.module):
+                    lib.reinitialize()
+                    tokens = _matching_tokens(lib, cfg.uri)
+    except p11.PKCS11Error as e:
+        raise BackendUnavailable(
+            f"PKCS#11 module {cfg.module} cannot list tokens: {_describe(_code_of(e))}",
+            native_code=_code_of(e),
+        ) from e
+    if not tokens:
+        raise TokenNotFound(f"no initialised token matches {_token_uri(cfg.uri)} in {cfg.module}")
+    if len(tokens) > 1:
+        raise ConfigError(
+            f"{len(tokens)} tokens match {_token_uri(cfg.uri)}; name one with token= or serial="
+        )
+    return tokens[0]
+
+
+def _is_enforced(token: Any) -> bool:
+    """Whether the token limits PIN retries itself. SoftHSM never does (and never
+    sets the retry flags); every other token is taken at its word."""
+    return "softhsm" not in _text(token.manufacturer_id).lower()
+
+
+def _public_from_point(value: bytes) -> ec.EllipticCurvePublicKey:
+    """CKA_EC_POINT is a DER OCTET STRING around the X9.62 point (some modules omit it)."""
+    point = value
+    if len(value) >= 2 and value[0] == 0x04 and value[1] == len(value) - 2:
+        point = value[2:]
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError:
+        raise BackendError("the token holds a public key that is not a P-256 point") from None
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """What a key URI names, once parsed and checked to be on this token."""
+
+    kind: str  # "private", "public", "secret-key", "data"
+    id: bytes
+    label: str | None
+
+
+class Pkcs11KeyStore(KeyStore):
+    """Keys, OTP keys and the ATC in a PKCS#11 token. See the module docstring."""
+
+    name: ClassVar[str] = "pkcs11"
+    priority: ClassVar[float] = 10.0
+    methods: ClassVar[tuple[Method, ...]] = (Method.PIN, Method.DEVICE)
+
+    def __init__(self, cfg: _Config, p11: Any, token: Any, session: Any) -> None:
+        self._cfg = cfg
+        self._p11 = p11
+        self._token = token
+        self._session = session
+        self._slot_id: int = token.slot.slot_id
+        self._label = _text(token.label)
+        self._serial = _text(token.serial)
+        self._manufacturer = _text(token.manufacturer_id)
+        self._enforced = _is_enforced(token)
+        self._login_required = bool(int(token.flags) & _CKF_LOGIN_REQUIRED)
+        self._mechanisms: frozenset[int] = frozenset(int(m) for m in token.slot.get_mechanisms())
+        self._lock = threading.RLock()
+        self._logged_in = False
+        self._pin_tag = b""
+        self._closed = False
+        self._refs: dict[str, _Ref] = {}  # URI text -> parsed reference
+        self._objects: dict[tuple[str, bytes], Any] = {}  # (kind, id) -> python-pkcs11 object
+        self._publics: dict[bytes, ec.EllipticCurvePublicKey] = {}
+
+    # --- lifecycle --------------------------------------------------------
+
+    @classmethod
+    def probe(cls, settings: Settings) -> Mapping[str, str]:
+        cfg = _config(settings)
+        p11, lib = _load(cfg.module)
+        token = _find_token(p11, lib, cfg)
+        major, minor = token.firmware_version
+        return {
+            "module": cfg.module,
+            "library": _text(lib.library_description),
+            "manufacturer": _text(token.manufacturer_id),
+            "model": _text(token.model),
+            "firmware": f"{major}.{minor}",
+            "label": _text(token.label),
+            "serial": _text(token.serial),
+            "pin_retry_limit": "yes" if _is_enforced(token) else "no",
+        }
+
+    @classmethod
+    def open(cls, settings: Settings) -> Pkcs11KeyStore:
+        cfg = _config(settings)
+        pin = _read_pin_source(cfg.uri.pin_source) if cfg.uri.pin_source else None
+        p11, lib = _load(cfg.module)
+        token = _find_token(p11, lib, cfg)
+        try:
+            session = token.open(rw=True)  # public session; login below, without leaks
+        except p11.PKCS11Error as e:
+            raise convert_error(e, "C_OpenSession") from e
+        with _LOCK:
+            _SESSIONS[cfg.module] = _SESSIONS.get(cfg.module, 0) + 1
+        try:
+            store = cls(cfg, p11, token, session)
+        except BaseException as e:
+            with _LOCK, contextlib.suppress(p11.PKCS11Error):
+                _SESSIONS[cfg.module] -= 1
+                session.close()
+            if isinstance(e, p11.PKCS11Error):
+                raise convert_error(e, "C_GetMechanismList") from e
+            raise
+        if pin is not None:
+            try:
+                store._login(pin)
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._refs.clear()
+            self._objects.clear()
+            with _LOCK:
+                if self._logged_in:
+                    self._release_login()
+                # A session that is gone already (token removed, finalised) is fine.
+                with contextlib.suppress(self._p11.PKCS11Error):
+                    self._session.close()
+                _SESSIONS[self._cfg.module] = max(0, _SESSIONS.get(self._cfg.module, 1) - 1)
+
+    def _release_login(self) -> None:
+        key = (self._cfg.module, self._slot_id)
+        entry = _LOGINS.get(key)
+        self._logged_in = False
+        if entry is None:
+            return
+        entry.count -= 1
+        if entry.count <= 0:
+            del _LOGINS[key]
+            if entry.owned:
+                _native(self._cfg.module).logout(self._session.handle)
+
+    # --- login ------------------------------------------------------------
+
+    def _login(self, pin: str) -> None:
+        tag = _pin_tag(pin)
+        key = (self._cfg.module, self._slot_id)
+        with _LOCK:
+            entry = _LOGINS.get(key)
+            if entry is not None:
+                # Logged in already in this process: the token will not check again.
+                if not _hmac.compare_digest(entry.pin_tag, tag):
+                    raise PinInvalid()
+                entry.count += 1
+            else:
+                rv = _native(self._cfg.module).login(self._session.handle, pin)
+                if rv == _CKR_USER_ALREADY_LOGGED_IN:
+                    _LOGINS[key] = _Login(1, tag, owned=False)  # someone else's login
+                elif rv != _CKR_OK:
+                    self._raise_login_error(rv)
+                else:
+                    _LOGINS[key] = _Login(1, tag, owned=True)
+        self._logged_in = True
+        self._pin_tag = tag
+
+    def _raise_login_error(self, rv: int) -> NoReturn:
+        flags = self._token_flags()
+        if rv == _CKR_PIN_LOCKED or flags & _CKF_USER_PIN_LOCKED:
+            raise PinLocked("the token's user PIN is locked", native_code=rv)
+        if rv in (_CKR_PIN_INCORRECT, _CKR_PIN_INVALID, _CKR_PIN_LEN_RANGE):
+            final = bool(flags & _CKF_USER_PIN_FINAL_TRY)
+            raise PinInvalid(
+                "wrong PIN, one attempt left" if final else "wrong PIN",
+                attempts_remaining=1 if final else None,
+                final_try=final,
+                native_code=rv,
+            )
+        raise convert_error(_RvError(rv), "C_Login")
+
+    def _token_flags(self) -> int:
+        try:
+            return int(self._token.slot.get_token().flags)
+        except self._p11.PKCS11Error:
+            return 0
+
+    def _ensure_login(self, auth: Authorization) -> None:
+        if self._closed:
+            raise StateError("this PKCS#11 key store is closed")
+        if self._logged_in:
+            if auth.pin is not None and not _hmac.compare_digest(_pin_tag(auth.pin), self._pin_tag):
+                raise PinInvalid()
+            return
+        if auth.pin is None:
+            if not self._login_required:
+                return
+            raise PinRequired("the token needs its user PIN (Authorization.pin or pin-source)")
+        self._login(auth.pin)
+
+    @contextmanager
+    def _call(
+        self, action: str, auth: Authorization, *, mechanism: str | None = None,
+        drop: tuple[str, bytes] | None = None,
+    ) -> Iterator[None]:
+        """Log in if needed, serialise, and convert every native error."""
+        with self._lock:
+            self._ensure_login(auth)
+            try:
+                yield
+            except self._p11.PKCS11Error as e:
+                error = convert_error(e, action, mechanism=mechanism)
+                if drop is not None and isinstance(error, KeyNotFound):
+                    self._objects.pop(drop, None)
+                raise error from e
+
+    def _require(self, mechanism: str) -> None:
+        if _MECHANISM_IDS[mechanism] not in self._mechanisms:
+            raise MechanismNotSupported(f"CKM_{mechanism}")
+
+    # --- URIs and object handles ---------------------------------------------
+
+    def _uri(self, kind: str, ident: bytes, label: str | None) -> str:
+        base = Pkcs11Uri(
+            token=self._label, serial=self._serial, type=kind, module_path=self._cfg.module
+        )
+        if kind == "data":
+            return str(replace(base, vendor_path=((ATC_URI_ATTR, ident.hex()),)))
+        return str(replace(base, object=label, id=ident))
+
+    def _ref(self, uri: str) -> _Ref:
+        ref = self._refs.get(uri)
+        if ref is not None:
+            return ref
+        parsed = Pkcs11Uri.parse(uri)
+        if (parsed.token is not None and parsed.token != self._label) or (
+            parsed.serial is not None and parsed.serial != self._serial
+        ):
+            raise KeyNotFound(f"{_token_uri(parsed)} is not on token {self._label!r}")
+        atc = parsed.vendor(ATC_URI_ATTR)
+        if atc is not None:
+            try:
+                ident = bytes.fromhex(atc)
+            except ValueError:
+                raise InvalidInput(f"malformed {ATC_URI_ATTR} in a pkcs11: URI") from None
+            ref = _Ref("data", ident, None)
+        elif parsed.id is not None:
+            ref = _Ref(parsed.type or "private", parsed.id, parsed.object)
+        else:
+            raise InvalidInput("a pkcs11: key URI needs an id= attribute")
+        self._refs[uri] = ref
+        return ref
+
+    def _find(self, kind: str, ref: _Ref) -> Any:
+        cached = self._objects.get((kind, ref.id))
+        if cached is not None:
+            return cached
+        attr, cls = self._p11.Attribute, self._p11.ObjectClass
+        classes = {"private": cls.PRIVATE_KEY, "public": cls.PUBLIC_KEY,
+                   "secret-key": cls.SECRET_KEY}
+        if kind not in classes:
+            raise InvalidInput(f"a pkcs11: URI of type {kind!r} cannot be used here")
+        template = {attr.CLASS: classes[kind], attr.ID: ref.id}
+        if ref.label is not None:
+            template[attr.LABEL] = ref.label
+        found = list(self._session.get_objects(template))
+        if not found:
+            raise KeyNotFound(f"no {kind} key with that id on token {self._label!r}")
+        self._objects[(kind, ref.id)] = found[0]
+        return found[0]
+
+    def _key(self, uri: str, kind: str) -> tuple[Any, tuple[str, bytes]]:
+        ref = self._ref(uri)
+        if kind != "public" and ref.kind != kind:
+            raise InvalidInput(f"expected a pkcs11: URI of type {kind}, got {ref.kind}")
+        return self._find(kind, ref), (kind, ref.id)
+
+    # --- capabilities and PIN ------------------------------------------------
+
+    def capabilities(self) -> frozenset[Capability]:
+        have = {name for name, ident in _MECHANISM_IDS.items() if ident in self._mechanisms}
+        caps = {Capability.COUNTER}
+        if {"EC_KEY_PAIR_GEN", "ECDSA"} <= have:
+            caps.add(Capability.SIGN)
+        if {"EC_KEY_PAIR_GEN", "ECDH1_DERIVE"} <= have:
+            caps.add(Capability.ECDH_DERIVE)
+        if "SHA256_HMAC" in have:
+            caps.add(Capability.HMAC)
+        if self._login_required and (self._enforced or self._cfg.allow_unenforced_pin):
+            caps.add(Capability.PIN)
+        if self._login_required and self._enforced:
+            caps.add(Capability.PIN_RETRY_LIMIT)
+        return frozenset(caps)
+
+    def pin_status(self) -> PinStatus:
+        flags = self._token_flags()
+        final = bool(flags & _CKF_USER_PIN_FINAL_TRY)
+        locked = bool(flags & _CKF_USER_PIN_LOCKED)
+        return PinStatus(
+            enforced=self._enforced,
+            retries_left=0 if locked else (1 if final else None),
+            final_try=final,
+            locked=locked,
+        )
+
+    # --- keys ---------------------------------------------------------------
+
+    def generate_key(self, label: str, kind: KeyKind, auth: Authorization) -> str:
+        if kind not in (KeyKind.SIGNING, KeyKind.AGREEMENT):
+            raise InvalidInput(f"generate_key makes signing or agreement keys, not {kind.value}")
+        p11 = self._p11
+        attr, flag = p11.Attribute, p11.MechanismFlag
+        signing = kind is KeyKind.SIGNING
+        with self._call("C_GenerateKeyPair", auth, mechanism="CKM_EC_KEY_PAIR_GEN"):
+            self._require("EC_KEY_PAIR_GEN")
+            self._require("ECDSA" if signing else "ECDH1_DERIVE")
+            ident = secrets.token_bytes(_ID_LEN)
+            params = self._session.create_domain_parameters(
+                p11.KeyType.EC, {attr.EC_PARAMS: _P256_PARAMS}, local=True
+            )
+            public, private = params.generate_keypair(
+                id=ident,
+                label=label,
+                store=True,
+                capabilities=(flag.SIGN | flag.VERIFY) if signing else flag.DERIVE,
+                public_template={attr.TOKEN: True, attr.PRIVATE: False, attr.DERIVE: False},
+                private_template={
+                    attr.TOKEN: True,
+                    attr.PRIVATE: True,
+                    attr.SENSITIVE: True,
+                    attr.EXTRACTABLE: False,
+                    attr.SIGN: signing,
+                    attr.DERIVE: not signing,
+                },
+            )
+            self._objects[("private", ident)] = private
+            self._objects[("public", ident)] = public
+            self._publics[ident] = _public_from_point(public[attr.EC_POINT])
+        return self._uri("private", ident, label)
+
+    def list_keys(self, auth: Authorization) -> list[KeyInfo]:
+        p11 = self._p11
+        attr, cls = p11.Attribute, p11.ObjectClass
+        keys: list[KeyInfo] = []
+        with self._call("C_FindObjects", auth):
+            for obj in self._session.get_objects(
+                {attr.CLASS: cls.PRIVATE_KEY, attr.KEY_TYPE: p11.KeyType.EC}
+            ):
+                got = obj.get_attributes([attr.ID, attr.LABEL, attr.SIGN, attr.DERIVE])
+                kind = KeyKind.SIGNING if got[attr.SIGN] else KeyKind.AGREEMENT
+                if not (got[attr.SIGN] or got[attr.DERIVE]):
+                    continue
+                label = got[attr.LABEL]
+                keys.append(KeyInfo(self._uri("private", got[attr.ID], label), kind, label))
+            for obj in self._session.get_objects(
+                {attr.CLASS: cls.SECRET_KEY, attr.KEY_TYPE: p11.KeyType.GENERIC_SECRET}
+            ):
+                got = obj.get_attributes([attr.ID, attr.LABEL])
+                label = got[attr.LABEL]
+                keys.append(KeyInfo(self._uri("secret-key", got[attr.ID], label), KeyKind.OTP,
+                                    label))
+            seen: set[bytes] = set()
+            for _obj, ident, label in self._atc_objects():
+                if ident not in seen:
+                    seen.add(ident)
+                    keys.append(KeyInfo(self._uri("data", ident, None), KeyKind.COUNTER, label))
+        return keys
+
+    def delete_key(self, uri: str, auth: Authorization) -> None:
+        attr, cls = self._p11.Attribute, self._p11.ObjectClass
+        with self._call("C_DestroyObject", auth):
+            ref = self._ref(uri)
+            if ref.kind == "data":
+                victims = [obj for obj, ident, _ in self._atc_objects() if ident == ref.id]
+            else:
+                kinds = {"private": ("private", "public"), "public": ("public",),
+                         "secret-key": ("secret-key",)}.get(ref.kind, ())
+                classes = {"private": cls.PRIVATE_KEY, "public": cls.PUBLIC_KEY,
+                           "secret-key": cls.SECRET_KEY}
+                victims = []
+                for kind in kinds:
+                    self._objects.pop((kind, ref.id), None)
+                    victims += self._session.get_objects({attr.CLASS: classes[kind],
+                                                          attr.ID: ref.id})
+            for kind in ("private", "public", "secret-key", "data"):
+                self._objects.pop((kind, ref.id), None)
+            self._publics.pop(ref.id, None)
+            self._refs.pop(uri, None)
+            for obj in victims:
+                # Gone meanwhile is what we wanted.
+                with contextlib.suppress(self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
+                    obj.destroy()
+
+    def public_key(self, uri: str, auth: Authorization) -> ec.EllipticCurvePublicKey:
+        ref = self._ref(uri)
+        cached = self._publics.get(ref.id)
+        if cached is not None and not self._closed:
+            return cached
+        with self._call("C_GetAttributeValue", auth, drop=("public", ref.id)):
+            public = self._find("public", ref)
+            key = _public_from_point(public[self._p11.Attribute.EC_POINT])
+            self._publics[ref.id] = key
+        return key
+
+    def sign(self, uri: str, data: bytes, auth: Authorization) -> bytes:
+        with self._call("C_Sign", auth, mechanism="CKM_ECDSA"):
+            self._require("ECDSA")
+            key, handle_key = self._key(uri, "private")
+            digest = hashlib.sha256(data).digest()
+            try:
+                raw = key.sign(digest, mechanism=self._p11.Mechanism.ECDSA)
+            except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
+                self._objects.pop(handle_key, None)
+                raise
+        if len(raw) != 64:
+            raise BackendError("the token returned an ECDSA signature of the wrong size")
+        r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+        return encode_dss_signature(r, s)
+
+    # --- OTP key --------------------------------------------------------------
+
+    def derive_otp_key(
+        self,
+        label: str,
+        agreement_key: str,
+        peer_public: ec.EllipticCurvePublicKey,
+        auth: Authorization,
+    ) -> str:
+        if not isinstance(peer_public.curve, ec.SECP256R1):
+            raise InvalidInput("the verifier's agreement key must be a P-256 key")
+        point = peer_public.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        p11 = self._p11
+        attr, flag = p11.Attribute, p11.MechanismFlag
+        with self._call("C_DeriveKey", auth, mechanism="CKM_ECDH1_DERIVE"):
+            self._require("ECDH1_DERIVE")
+            self._require("SHA256_HMAC")
+            private, _ = self._key(agreement_key, "private")
+            ident = secrets.token_bytes(_ID_LEN)
+            secret = private.derive_key(
+                p11.KeyType.GENERIC_SECRET,
+                256,
+                id=ident,
+                label=label,
+                store=True,
+                capabilities=flag.SIGN,
+                mechanism=p11.Mechanism.ECDH1_DERIVE,
+                mechanism_param=(p11.KDF.NULL, None, point),
+                template={
+                    attr.TOKEN: True,
+                    attr.PRIVATE: True,
+                    attr.SENSITIVE: True,
+                    attr.EXTRACTABLE: False,
+                    attr.SIGN: True,
+                    attr.VERIFY: False,
+                },
+            )
+            self._objects[("secret-key", ident)] = secret
+        return self._uri("secret-key", ident, label)
+
+    def hmac(self, uri: str, data: bytes, auth: Authorization) -> bytes:
+        with self._call("C_Sign", auth, mechanism="CKM_SHA256_HMAC"):
+            self._require("SHA256_HMAC")
+            key, handle_key = self._key(uri, "secret-key")
+            try:
+                mac: bytes = key.sign(data, mechanism=self._p11.Mechanism.SHA256_HMAC)
+            except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
+                self._objects.pop(handle_key, None)
+                raise
+            except self._p11.MechanismInvalid:
+                raise MechanismNotSupported("CKM_SHA256_HMAC") from None
+        return mac
+
+    # --- counter ----------------------------------------------------------
+
+    def _atc_objects(self) -> list[tuple[Any, bytes, str]]:
+        """Every ATC object: (object, id, label). One C_FindObjects."""
+        attr, cls = self._p11.Attribute, self._p11.ObjectClass
+        found = []
+        for obj in self._session.get_objects(
+            {attr.CLASS: cls.DATA, attr.APPLICATION: ATC_APPLICATION}
+        ):
+            value = bytes(obj[attr.VALUE])
+            if len(value) >= _ID_LEN:
+                found.append((obj, value[:_ID_LEN], value[_ID_LEN:].decode("utf-8", "replace")))
+        return found
+
+    @staticmethod
+    def _value_of(obj: Any, label_attr: Any) -> int:
+        text = obj[label_attr]
+        if not (isinstance(text, str) and text.isdigit() and len(text) <= 20):
+            raise CounterError("the counter object in the token holds no decimal value")
+        return int(text)
+
+    def _counter(self, uri: str) -> Any:
+        ref = self._ref(uri)
+        if ref.kind != "data":
+            raise InvalidInput("a counter URI has type=data and an x-atc-id")
+        cached = self._objects.get(("data", ref.id))
+        if cached is not None:
+            return cached
+        label_attr = self._p11.Attribute.LABEL
+        copies = [obj for obj, ident, _ in self._atc_objects() if ident == ref.id]
+        if not copies:
+            raise KeyNotFound(f"no counter with that id on token {self._label!r}")
+        best = max(copies, key=lambda obj: self._value_of(obj, label_attr))
+        self._objects[("data", ref.id)] = best
+        return best
+
+    def create_counter(self, label: str, auth: Authorization) -> str:
+        attr, cls = self._p11.Attribute, self._p11.ObjectClass
+        with self._call("C_CreateObject", auth):
+            ident = secrets.token_bytes(_ID_LEN)
+            obj = self._session.create_object(
+                {
+                    attr.CLASS: cls.DATA,
+                    attr.TOKEN: True,
+                    attr.PRIVATE: True,
+                    attr.MODIFIABLE: True,
+                    attr.APPLICATION: ATC_APPLICATION,
+                    attr.VALUE: ident + label.encode("utf-8"),
+                    attr.LABEL: "0",
+                }
+            )
+            self._objects[("data", ident)] = obj
+        return self._uri("data", ident, None)
+
+    def counter_value(self, uri: str, auth: Authorization) -> int:
+        with self._call("C_GetAttributeValue", auth):
+            ref = self._ref(uri)
+            try:
+                return self._value_of(self._counter(uri), self._p11.Attribute.LABEL)
+            except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
+                self._objects.pop(("data", ref.id), None)
+                raise
+
+    def counter_increment(self, uri: str, auth: Authorization) -> int:
+        label_attr = self._p11.Attribute.LABEL
+        with self._call("C_SetAttributeValue", auth):
+            ref = self._ref(uri)
+            obj = self._counter(uri)
+            try:
+                value = self._value_of(obj, label_attr) + 1
+                if value > _COUNTER_MAX:
+                    raise CounterError("the counter is exhausted (2**64 - 1)")
+                obj[label_attr] = str(value)  # durable in the token when this returns
+            except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
+                self._objects.pop(("data", ref.id), None)
+                raise
+            except self._p11.PKCS11Error as e:
+                raise CounterError(
+                    f"the counter could not be advanced: {_describe(_code_of(e))}",
+                    native_code=_code_of(e),
+                ) from e
+        return value

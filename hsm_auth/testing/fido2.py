@@ -1,0 +1,121 @@
+"""The software FIDO2 authenticator for tests: fixtures, a scripted user, a ready client.
+
+Reusable by anyone who wants to run their own CI without FIDO2 hardware::
+
+    from hsm_auth.testing.fido2 import make_client
+    # mypy sees backends/ as "backends", not as the installed "hsm_auth_backends".
+from hsm_auth_backends.soft_fido2 import (  # type: ignore[import-not-found, unused-ignore]
+    SoftAuthenticator,
+)
+
+    device = SoftAuthenticator.create(tmp / "fido2.json", pin="123456")
+    client = make_client(device, pin="123456")   # a python-fido2 Fido2Client
+
+or, with pytest, the fixtures ``soft_fido2`` (a fresh authenticator per test,
+fingerprint UV, no PIN) and ``soft_fido2_factory`` (call it with the keyword
+arguments of :meth:`SoftAuthenticator.create`); import them into a
+``conftest.py``::
+
+    from hsm_auth.testing.fido2 import soft_fido2, soft_fido2_factory  # noqa: F401
+
+Needs python-fido2 (the ``fido2`` extra). The authenticator keeps its keys in
+a file: it is for tests only (see :mod:`hsm_auth_backends.soft_fido2`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fido2.client import DefaultClientDataCollector, Fido2Client, UserInteraction
+from fido2.ctap import CtapDevice
+from fido2.ctap2.extensions import CredProtectExtension, Ctap2Extension, HmacSecretExtension
+from fido2.ctap2.pin import ClientPin
+
+# mypy sees backends/ as "backends", not as the installed "hsm_auth_backends".
+from hsm_auth_backends.soft_fido2 import (  # type: ignore[import-not-found, unused-ignore]
+    SoftAuthenticator,
+)
+
+DEFAULT_ORIGIN = "https://example.com"
+
+
+class ScriptedUser(UserInteraction):
+    """A user who touches, agrees to UV and types ``pin`` when asked; counts the prompts."""
+
+    def __init__(self, pin: str | None = None, *, allow_uv: bool = True) -> None:
+        self._pin = pin
+        self._allow_uv = allow_uv
+        self.up_prompts = 0
+        self.pin_requests = 0
+        self.uv_requests = 0
+
+    def prompt_up(self) -> None:
+        self.up_prompts += 1
+
+    def request_pin(self, permissions: ClientPin.PERMISSION, rp_id: str | None) -> str | None:
+        self.pin_requests += 1
+        return self._pin
+
+    def request_uv(self, permissions: ClientPin.PERMISSION, rp_id: str | None) -> bool:
+        self.uv_requests += 1
+        return self._allow_uv
+
+
+def make_client(
+    device: CtapDevice,
+    *,
+    origin: str = DEFAULT_ORIGIN,
+    pin: str | None = None,
+    user: UserInteraction | None = None,
+    extensions: Sequence[Ctap2Extension] | None = None,
+) -> Fido2Client:
+    """A python-fido2 client for ``origin`` with hmac-secret (and prf) and credProtect."""
+    return Fido2Client(
+        device,
+        DefaultClientDataCollector(origin),
+        user if user is not None else ScriptedUser(pin),
+        extensions
+        if extensions is not None
+        else [
+            HmacSecretExtension(allow_hmac_secret=True),  # type: ignore[no-untyped-call]
+            CredProtectExtension(),
+        ],
+    )
+
+
+def authenticator_factory(directory: Path) -> Callable[..., SoftAuthenticator]:
+    """A function making fresh soft authenticators in ``directory``; takes ``create``'s keywords."""
+    numbers = itertools.count()
+
+    def factory(**kwargs: Any) -> SoftAuthenticator:
+        return SoftAuthenticator.create(directory / f"soft-fido2-{next(numbers)}.json", **kwargs)
+
+    return factory
+
+
+# --- pytest fixtures ----------------------------------------------------------
+# pytest is only a test dependency: import it lazily so this module imports without it.
+
+
+def _fixtures() -> tuple[Any, Any]:
+    import pytest
+
+    @pytest.fixture
+    def soft_fido2_factory(tmp_path: Path) -> Callable[..., SoftAuthenticator]:
+        """Make fresh soft authenticators in ``tmp_path``; takes ``create``'s keywords."""
+        return authenticator_factory(tmp_path)
+
+    @pytest.fixture
+    def soft_fido2(soft_fido2_factory: Callable[..., SoftAuthenticator]) -> SoftAuthenticator:
+        """A fresh soft authenticator: fingerprint UV enrolled, no PIN, UP auto-approved."""
+        return soft_fido2_factory()
+
+    return soft_fido2_factory, soft_fido2
+
+
+with contextlib.suppress(ImportError):  # without pytest the helpers still work
+    soft_fido2_factory, soft_fido2 = _fixtures()
