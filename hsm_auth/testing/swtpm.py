@@ -1,0 +1,258 @@
+"""swtpm for tests: start a software TPM 2.0 in a temp dir, hand out its TCTI, stop it.
+
+Reusable by anyone who wants to run their own CI on swtpm::
+
+    from hsm_auth.testing.swtpm import running_swtpm, set_da_parameters
+
+    with running_swtpm() as tpm:
+        set_da_parameters(tpm.tcti, max_tries=3, recovery_time=2)
+        ...  # use tpm.tcti, e.g. "swtpm:path=/tmp/x/tpm.sock"
+
+or, with pytest, the fixtures ``swtpm`` (one fresh TPM per test) and
+``swtpm_tcti`` (its TCTI string); import them into a ``conftest.py``::
+
+    from hsm_auth.testing.swtpm import swtpm, swtpm_tcti  # noqa: F401
+
+swtpm listens on a UNIX socket (no ports, safe in parallel), with the control
+socket at ``<socket>.ctrl`` where libtss2 3.2 looks for it. Its output goes to
+a log file in the state dir: an orphaned swtpm holding the test runner's pipe
+open would hang the shell that started it. Teardown asks it to shut down
+through the control channel, then terminates and finally kills it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+_SOCKET = "tpm.sock"
+_LOG = "swtpm.log"
+
+
+def swtpm_available() -> str | None:
+    """``None`` when swtpm and tpm2-pytss can run here, else the reason why not."""
+    for binary in ("swtpm", "swtpm_ioctl"):
+        if shutil.which(binary) is None:
+            return f"{binary} not found on PATH (install swtpm and swtpm-tools)"
+    try:
+        import tpm2_pytss  # noqa: F401
+    except ImportError as e:
+        return f"tpm2-pytss is not importable: {e}"
+    return None
+
+
+@dataclass
+class SwtpmProcess:
+    """One running swtpm. ``tcti`` is what TCTILdr / ``TPM2TOOLS_TCTI`` take."""
+
+    state_dir: Path
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def socket(self) -> Path:
+        return self.state_dir / _SOCKET
+
+    @property
+    def ctrl_socket(self) -> Path:
+        return self.state_dir / f"{_SOCKET}.ctrl"
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:path={self.socket}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start swtpm on the state dir (a no-op when it runs already)."""
+        if self.running:
+            return
+        for stale in (self.socket, self.ctrl_socket):
+            stale.unlink(missing_ok=True)
+        self._log = open(self.state_dir / _LOG, "ab")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--server",
+                f"type=unixio,path={self.socket}",
+                "--ctrl",
+                f"type=unixio,path={self.ctrl_socket}",
+                "--tpmstate",
+                f"dir={self.state_dir}",
+                "--flags",
+                "not-need-init,startup-clear",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not (_accepts(self.ctrl_socket) and _accepts(self.socket)):
+            if self._proc.poll() is not None:
+                self._close_log()
+                raise RuntimeError(f"swtpm exited with {self._proc.returncode}: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"swtpm did not come up within {timeout} s: {self.log_tail()}")
+            time.sleep(0.002)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Orderly stop: shutdown through the control socket, then terminate, then kill."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None and self.ctrl_socket.exists():
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(
+                    ["swtpm_ioctl", "--unix", str(self.ctrl_socket), "-s"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=timeout,
+                    check=False,
+                )
+        self._reap(proc, timeout)
+
+    def kill(self) -> None:
+        """Crash it (SIGKILL, no shutdown): what a power cut looks like to the TPM."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        self._reap(proc, 5.0)
+
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop (or crash) and start again on the same state dir."""
+        if crash:
+            self.kill()
+        else:
+            self.stop()
+        self.start()
+
+    def log_tail(self, limit: int = 400) -> str:
+        try:
+            text = (self.state_dir / _LOG).read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-limit:].strip()
+
+    def _reap(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._proc = None
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _accepts(path: Path) -> bool:
+    """True once a server listens on the UNIX socket (the file exists before listen())."""
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def running_swtpm(state_dir: str | os.PathLike[str] | None = None) -> Iterator[SwtpmProcess]:
+    """Start swtpm (in a fresh temp dir unless ``state_dir`` is given); stop it on exit."""
+    reason = swtpm_available()
+    if reason is not None:
+        raise RuntimeError(reason)
+    with contextlib.ExitStack() as stack:
+        if state_dir is None:
+            state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="swtpm-"))
+        tpm = SwtpmProcess(Path(state_dir))
+        tpm.start()
+        try:
+            yield tpm
+        finally:
+            tpm.stop()
+
+
+def set_da_parameters(
+    tcti: str,
+    *,
+    max_tries: int = 3,
+    recovery_time: int = 2,
+    lockout_recovery: int = 2,
+    lockout_auth: bytes = b"",
+) -> None:
+    """TPM2_DictionaryAttackParameters (with lockout auth), and reset the failure count.
+
+    ``recovery_time`` is the seconds after which one failure is forgotten;
+    ``lockout_recovery`` is the wait after a failed lockout-auth attempt.
+    """
+    from tpm2_pytss import ESAPI, ESYS_TR
+
+    with ESAPI(tcti) as ectx:
+        ectx.tr_set_auth(ESYS_TR.LOCKOUT, lockout_auth)
+        ectx.dictionary_attack_lock_reset(ESYS_TR.LOCKOUT)
+        ectx.dictionary_attack_parameters(
+            max_tries, recovery_time, lockout_recovery, ESYS_TR.LOCKOUT
+        )
+
+
+# --- pytest fixtures ----------------------------------------------------------
+# pytest is only a test dependency: import it lazily so this module imports without it.
+
+
+def _fixtures() -> tuple[Any, Any]:
+    import pytest
+
+    @pytest.fixture
+    def swtpm(tmp_path: Path) -> Iterator[SwtpmProcess]:
+        """A fresh swtpm per test (state in ``tmp_path/tpm``), DA set to 3 tries / 2 s."""
+        reason = swtpm_available()
+        if reason is not None:
+            pytest.skip(reason)
+        state = tmp_path / "tpm"
+        state.mkdir()
+        with running_swtpm(state) as tpm:
+            set_da_parameters(tpm.tcti, max_tries=3, recovery_time=2, lockout_recovery=2)
+            yield tpm
+
+    @pytest.fixture
+    def swtpm_tcti(swtpm: SwtpmProcess) -> str:
+        """The TCTI string of the ``swtpm`` fixture."""
+        return swtpm.tcti
+
+    return swtpm, swtpm_tcti
+
+
+with contextlib.suppress(ImportError):  # without pytest the helpers still work
+    swtpm, swtpm_tcti = _fixtures()
