@@ -1,0 +1,657 @@
+"""The TPM2 backend on a real software TPM (swtpm), started per test in a temp dir."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.x509.oid import NameOID
+from hsm_auth_backends.tpm2 import Tpm2EcPrivateKey, Tpm2KeyStore
+
+from hsm_auth.errors import (
+    BackendError,
+    BackendUnavailable,
+    InvalidInput,
+    KeyNotFound,
+    PinInvalid,
+    PinLocked,
+    PinRequired,
+    TokenNotFound,
+)
+from hsm_auth.keystore import Authorization, Capability, KeyKind
+from hsm_auth.methods import Method
+from hsm_auth.registry import load_backend, probe_backend
+from hsm_auth.testing.contract import KeyStoreContract, verify_signature
+from hsm_auth.testing.swtpm import (  # noqa: F401 - pytest fixtures
+    SwtpmProcess,
+    running_swtpm,
+    set_da_parameters,
+    swtpm,
+    swtpm_available,
+    swtpm_tcti,
+)
+
+pytestmark = pytest.mark.swtpm
+
+_REASON = swtpm_available()
+if _REASON is not None:
+    pytest.skip(_REASON, allow_module_level=True)
+
+PIN = Authorization(pin="tpm-pin-4711")
+WRONG = Authorization(pin="0000")
+NONE = Authorization()
+
+
+def _tools_env(tcti: str) -> dict[str, str]:
+    return {**os.environ, "TPM2TOOLS_TCTI": tcti, "TSS2_LOG": "all+NONE"}
+
+
+def _tool(tcti: str, *argv: str) -> str:
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} not installed (tpm2-tools)")
+    done = subprocess.run(
+        argv, env=_tools_env(tcti), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr.strip()}"
+    return done.stdout
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def open_store(swtpm: SwtpmProcess, state_dir: Path) -> Iterator[Any]:
+    """A factory for stores on the test's swtpm; closes them all at the end."""
+    opened: list[Tpm2KeyStore] = []
+
+    def factory(**settings: Any) -> Tpm2KeyStore:
+        store = Tpm2KeyStore.open({"tcti": swtpm.tcti, "state_dir": str(state_dir), **settings})
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: Any) -> Tpm2KeyStore:
+    store: Tpm2KeyStore = open_store()
+    return store
+
+
+def _enroll_otp(store: Tpm2KeyStore, auth: Authorization) -> tuple[str, bytes]:
+    """An OTP key derived with a Python peer; returns its URI and the key the verifier has."""
+    agreement = store.generate_key("t/ecdh", KeyKind.AGREEMENT, auth)
+    verifier = ec.generate_private_key(ec.SECP256R1())
+    otp = store.derive_otp_key("t/otp", agreement, verifier.public_key(), auth)
+    return otp, verifier.exchange(ec.ECDH(), store.public_key(agreement, auth))
+
+
+# --- the shared contract ---------------------------------------------------------
+
+
+class _Tpm2Contract(KeyStoreContract):
+    expected_capabilities = frozenset(
+        {
+            Capability.SIGN,
+            Capability.HMAC,
+            Capability.ECDH_DERIVE,
+            Capability.COUNTER,
+            Capability.HARDWARE_COUNTER,
+            Capability.PIN,
+            Capability.PIN_RETRY_LIMIT,
+        }
+    )
+
+    @pytest.fixture
+    def reopen(self, open_store: Any) -> Any:
+        return open_store
+
+    # A TPM_NT_COUNTER starts at the highest value any counter on this TPM ever
+    # had (TPM 2.0 Part 1, 37.2.4), never at 0, and the backend reports the
+    # real value (the verifier is sent the initial ATC). The three contract
+    # tests that expect 0 are restated with "starts at its initial value".
+
+    def test_counter_starts_at_zero_and_increments_strictly(
+        self, store: Tpm2KeyStore, auth: Authorization
+    ) -> None:
+        counter = store.create_counter("contract-atc", auth)
+        start = store.counter_value(counter, auth)
+        assert start >= 0
+        seen = [store.counter_increment(counter, auth) for _ in range(5)]
+        assert seen == list(range(start + 1, start + 6))  # strictly, and by one on a TPM
+        assert store.counter_value(counter, auth) == seen[-1]
+
+    def test_counters_are_independent(self, store: Tpm2KeyStore, auth: Authorization) -> None:
+        first = store.create_counter("contract-atc-a", auth)
+        second = store.create_counter("contract-atc-b", auth)
+        assert first != second
+        initial = store.counter_value(second, auth)
+        value = store.counter_increment(first, auth)
+        assert store.counter_value(first, auth) == value
+        assert store.counter_value(second, auth) == initial
+
+    def test_enroll_otp_matches_verifier_ecdh(
+        self, store: Tpm2KeyStore, auth: Authorization
+    ) -> None:
+        verifier = ec.generate_private_key(ec.SECP256R1())
+        enrollment = store.enroll(
+            self.enroll_method, "contract-enroll", verifier.public_key(), auth
+        )
+        assert enrollment.agreement_public is not None
+        shared = verifier.exchange(ec.ECDH(), enrollment.agreement_public)
+        data = b"ocra data input"
+        expected = hmac.new(shared, data, hashlib.sha256).digest()
+        assert store.hmac(enrollment.otp_key, data, auth) == expected
+        assert enrollment.initial_atc == store.counter_value(enrollment.counter, auth)
+        signature = store.sign(enrollment.signing_key, data, auth)
+        verify_signature(enrollment.signing_public, signature, data)
+        store.unenroll(enrollment, auth)
+        with pytest.raises(KeyNotFound):
+            store.hmac(enrollment.otp_key, data, auth)
+
+
+class TestTpm2ContractPin(_Tpm2Contract):
+    """The ``pin`` method: every object's auth value is the offline PIN."""
+
+    enroll_method = Method.PIN
+
+    @pytest.fixture
+    def auth(self) -> Authorization:
+        return PIN
+
+
+class TestTpm2ContractDevice(_Tpm2Contract):
+    """The ``device`` method: empty auth values (still DA-protected)."""
+
+    enroll_method = Method.DEVICE
+
+    @pytest.fixture
+    def auth(self) -> Authorization:
+        return NONE
+
+
+# --- registry, probe, bad input -------------------------------------------------
+
+
+def test_registered_under_entry_point() -> None:
+    assert load_backend("tpm2") is Tpm2KeyStore
+
+
+def test_probe_reports_tpm_details(swtpm_tcti: str) -> None:
+    status = probe_backend("tpm2", {"tcti": swtpm_tcti})
+    assert status.available, status.reason
+    assert status.details["manufacturer"] == "IBM"  # swtpm reports IBM's vendor id
+    assert status.details["max_auth_fail"] == "3"  # set by the fixture
+    assert status.details["lockout_interval"] == "2 s"
+    assert status.details["firmware"].count(".") == 3
+
+
+@pytest.mark.parametrize(
+    ("tcti", "error"),
+    [
+        ("swtpm:path=/nonexistent/tpm.sock", TokenNotFound),
+        ("device:/dev/nonexistent-tpm", TokenNotFound),
+        ("no-such-tcti:x", BackendUnavailable),
+    ],
+)
+def test_wrong_tcti_is_one_line_unavailable(
+    tcti: str, error: type[Exception], tmp_path: Path
+) -> None:
+    with pytest.raises(error) as probe_err:
+        Tpm2KeyStore.probe({"tcti": tcti})
+    with pytest.raises(error) as open_err:
+        Tpm2KeyStore.open({"tcti": tcti, "state_dir": str(tmp_path)})
+    for err in (probe_err.value, open_err.value):
+        assert "\n" not in str(err) and tcti in str(err)
+        assert isinstance(err, BackendUnavailable) and err.native_code is not None
+
+
+def test_tcti_from_environment(
+    swtpm_tcti: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TPM2TOOLS_TCTI", "swtpm:path=/nonexistent/tpm.sock")
+    monkeypatch.setenv("HSM_AUTH_TCTI", swtpm_tcti)  # wins over TPM2TOOLS_TCTI
+    assert Tpm2KeyStore.probe({})["tcti"] == swtpm_tcti
+    monkeypatch.delenv("HSM_AUTH_TCTI")
+    with pytest.raises(TokenNotFound):
+        Tpm2KeyStore.probe({})
+
+
+def test_capabilities(store: Tpm2KeyStore) -> None:
+    assert store.capabilities() >= {
+        Capability.SIGN,
+        Capability.HMAC,
+        Capability.ECDH_DERIVE,
+        Capability.COUNTER,
+        Capability.HARDWARE_COUNTER,
+        Capability.PIN,
+        Capability.PIN_RETRY_LIMIT,
+    }
+
+
+# --- keys -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [PIN, NONE], ids=["pin", "device"])
+def test_sign_verifies_with_public_key(store: Tpm2KeyStore, auth: Authorization) -> None:
+    uri = store.generate_key("t/sign", KeyKind.SIGNING, auth)
+    assert uri.startswith("tpm2:") and "type=private" in uri and "tcti=swtpm" in uri
+    public = store.public_key(uri, auth)
+    for message in (b"", b"hello", os.urandom(5000)):
+        public.verify(store.sign(uri, message, auth), message, ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(InvalidSignature):
+        public.verify(store.sign(uri, b"a", auth), b"b", ec.ECDSA(hashes.SHA256()))
+
+
+def test_private_key_signs_a_csr_in_the_tpm(store: Tpm2KeyStore) -> None:
+    uri = store.generate_key("t/sign", KeyKind.SIGNING, PIN)
+    key = store.private_key(uri, PIN)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key, Tpm2EcPrivateKey)
+    assert key.curve.name == "secp256r1" and key.key_size == 256
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tpm2 test")]))
+        .sign(key, hashes.SHA256())
+    )
+    assert csr.is_signature_valid
+    assert csr.public_key() == store.public_key(uri, PIN)
+    digest = hashlib.sha256(b"prehashed").digest()
+    signature = key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    key.public_key().verify(signature, b"prehashed", ec.ECDSA(hashes.SHA256()))
+    with pytest.raises(BackendError):
+        key.sign(b"x", ec.ECDSA(hashes.SHA384()))
+    with pytest.raises(BackendError):
+        key.private_numbers()
+
+
+@pytest.mark.parametrize("auth", [PIN, NONE], ids=["pin", "device"])
+@pytest.mark.parametrize("size", [0, 1, 64, 1024, 1025, 2048, 3000])
+def test_hmac_equals_python_hmac(store: Tpm2KeyStore, auth: Authorization, size: int) -> None:
+    otp, key = _enroll_otp(store, auth)
+    data = os.urandom(size)
+    assert store.hmac(otp, data, auth) == hmac.new(key, data, hashlib.sha256).digest()
+
+
+def test_private_key_exchange_matches_python(store: Tpm2KeyStore) -> None:
+    uri = store.generate_key("t/ecdh", KeyKind.AGREEMENT, PIN)
+    peer = ec.generate_private_key(ec.SECP256R1())
+    shared = store.private_key(uri, PIN).exchange(ec.ECDH(), peer.public_key())
+    assert shared == peer.exchange(ec.ECDH(), store.public_key(uri, PIN))
+
+
+def test_state_files_are_private_and_hold_no_plain_secret(
+    store: Tpm2KeyStore, state_dir: Path
+) -> None:
+    _, key = _enroll_otp(store, PIN)
+    files = sorted(state_dir.glob("*.json"))
+    assert len(files) == 2
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600
+        text = path.read_text()
+        assert key.hex() not in text and "pin-4711" not in text and b"pin-4711".hex() not in text
+    assert state_dir.stat().st_mode & 0o777 == 0o700
+    assert not [p for p in state_dir.iterdir() if p.suffix != ".json"]  # no temp files left
+
+
+def test_list_and_delete(store: Tpm2KeyStore) -> None:
+    sign = store.generate_key("t/sign", KeyKind.SIGNING, PIN)
+    otp, _ = _enroll_otp(store, PIN)
+    counter = store.create_counter("t/atc", PIN)
+    listed = {k.uri: (k.kind, k.label) for k in store.list_keys(PIN)}
+    assert listed[sign] == (KeyKind.SIGNING, "t/sign")
+    assert listed[otp] == (KeyKind.OTP, "t/otp")
+    assert listed[counter] == (KeyKind.COUNTER, "t/atc")
+    for uri in (sign, otp, counter):
+        store.delete_key(uri, PIN)
+        store.delete_key(uri, PIN)  # absent: not an error
+    assert {k.label for k in store.list_keys(PIN)} == {"t/ecdh"}
+    with pytest.raises(BackendError):
+        store.sign(sign, b"x", PIN)
+
+
+def test_bad_uris(store: Tpm2KeyStore) -> None:
+    sign = store.generate_key("t/sign", KeyKind.SIGNING, PIN)
+    with pytest.raises(InvalidInput):
+        store.hmac(sign, b"x", PIN)  # a signing key is not an OTP key
+    with pytest.raises(InvalidInput):
+        store.sign("pkcs11:object=x", b"x", PIN)
+    with pytest.raises(InvalidInput):
+        store.sign("tpm2:id=../../etc/passwd", b"x", PIN)
+    with pytest.raises(InvalidInput):
+        store.generate_key("t/otp", KeyKind.OTP, PIN)
+
+
+# --- the SRK ------------------------------------------------------------------------
+
+
+def test_storage_key_reused_from_persistent_handle(swtpm: SwtpmProcess, open_store: Any) -> None:
+    from hsm_auth_backends.tpm2 import SRK_PERSISTENT_HANDLE, _srk_template
+    from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_PUBLIC
+
+    first = open_store()
+    uri = first.generate_key("t/sign", KeyKind.SIGNING, PIN)
+    first.close()
+    with ESAPI(swtpm.tcti) as ectx:
+        primary, *_ = ectx.create_primary(
+            None, TPM2B_PUBLIC(publicArea=_srk_template()), ESYS_TR.OWNER
+        )
+        ectx.evict_control(ESYS_TR.OWNER, primary, SRK_PERSISTENT_HANDLE)
+        ectx.flush_context(primary)
+    second = open_store()
+    second.sign(uri, b"x", PIN)  # the blob loads under the persistent SRK: same key
+    assert second._srk_persistent
+
+
+# --- the counter -------------------------------------------------------------------
+
+
+def test_counter_increments_by_one(store: Tpm2KeyStore) -> None:
+    counter = store.create_counter("t/atc", PIN)
+    assert "nv-index=0x01" in counter and "type=data" in counter
+    start = store.counter_value(counter, PIN)
+    assert start >= 1  # a TPM counter starts at the highest value it ever had
+    assert [store.counter_increment(counter, PIN) for _ in range(3)] == [
+        start + 1,
+        start + 2,
+        start + 3,
+    ]
+    assert store.counter_value(counter, PIN) == start + 3
+
+
+def test_counter_survives_restart_and_never_repeats(swtpm: SwtpmProcess, open_store: Any) -> None:
+    store = open_store()
+    otp, key = _enroll_otp(store, PIN)
+    counter = store.create_counter("t/atc", PIN)
+    seen = [store.counter_increment(counter, PIN) for _ in range(3)]
+    store.close()
+    swtpm.restart()
+    store = open_store()  # a new SRK handle, same seed: the blobs still load
+    assert store.counter_value(counter, PIN) == seen[-1]
+    value, mac = store.counted_hmac(otp, counter, lambda c: c.to_bytes(8, "big"), PIN)
+    assert value > seen[-1]
+    assert mac == hmac.new(key, value.to_bytes(8, "big"), hashlib.sha256).digest()
+
+
+def test_crash_after_increment_skips_but_never_repeats(
+    swtpm: SwtpmProcess, open_store: Any
+) -> None:
+    store = open_store()
+    otp, _ = _enroll_otp(store, PIN)
+    counter = store.create_counter("t/atc", PIN)
+    released = store.counter_increment(counter, PIN)
+    swtpm.kill()  # power cut after the increment, before the HMAC
+    store.close()
+    swtpm.start()
+    store = open_store()
+    after = store.counter_increment(counter, PIN)
+    assert after > released
+    store.hmac(otp, b"m", PIN)
+
+
+def test_counter_on_another_tpm_is_not_found(swtpm: SwtpmProcess, open_store: Any) -> None:
+    store = open_store()
+    counter = store.create_counter("t/atc", PIN)
+    store.close()
+    with running_swtpm() as other:
+        moved = Tpm2KeyStore.open({"tcti": other.tcti, "state_dir": str(store.state_dir)})
+        try:
+            with pytest.raises(BackendError, match="not in this TPM"):
+                moved.counter_increment(counter, PIN)
+        finally:
+            moved.close()
+
+
+# --- PIN and dictionary-attack lockout ------------------------------------------------
+
+
+def test_wrong_pins_then_lockout_then_recovery(store: Tpm2KeyStore) -> None:
+    otp, key = _enroll_otp(store, PIN)
+    device_key = store.generate_key("t/device", KeyKind.SIGNING, NONE)
+    assert store.pin_status().retries_left == 3
+    with pytest.raises(PinInvalid) as first:
+        store.hmac(otp, b"m", WRONG)
+    with pytest.raises(PinInvalid) as second:
+        store.hmac(otp, b"m", WRONG)
+    assert (first.value.attempts_remaining, second.value.attempts_remaining) == (2, 1)
+    assert second.value.final_try and "4711" not in str(second.value)
+    with pytest.raises(PinLocked):
+        store.hmac(otp, b"m", WRONG)
+    with pytest.raises(PinLocked) as locked:
+        store.hmac(otp, b"m", PIN)  # even the right PIN
+    assert locked.value.retry_after is not None and 0 < locked.value.retry_after <= 3
+    assert f"retry in {locked.value.retry_after:.0f} s" in str(locked.value)
+    status = store.pin_status()
+    assert status.enforced and status.locked and status.retries_left == 0
+    with pytest.raises(PinLocked):  # the empty-auth device key is DA-protected too
+        store.sign(device_key, b"x", NONE)
+    time.sleep(locked.value.retry_after + 0.3)
+    assert not store.pin_status().locked
+    assert store.hmac(otp, b"m", PIN) == hmac.new(key, b"m", hashlib.sha256).digest()
+
+
+def test_missing_pin_costs_no_attempt(store: Tpm2KeyStore) -> None:
+    otp, _ = _enroll_otp(store, PIN)
+    counter = store.create_counter("t/atc", PIN)
+    with pytest.raises(PinRequired):
+        store.hmac(otp, b"m", NONE)
+    with pytest.raises(PinRequired):
+        store.counter_increment(counter, NONE)
+    assert store.pin_status().retries_left == 3
+
+
+def test_wrong_pin_on_counter(store: Tpm2KeyStore) -> None:
+    counter = store.create_counter("t/atc", PIN)
+    value = store.counter_value(counter, PIN)
+    with pytest.raises(PinInvalid):
+        store.counter_increment(counter, WRONG)
+    assert store.counter_value(counter, PIN) == value
+
+
+def test_auth_setting(open_store: Any) -> None:
+    with pytest.raises(PinRequired):
+        open_store(auth="pin").generate_key("t/sign", KeyKind.SIGNING, NONE)
+    device = open_store(auth="none")
+    uri = device.generate_key("t/sign", KeyKind.SIGNING, PIN)  # PIN ignored: empty auth
+    device.sign(uri, b"x", NONE)
+    with pytest.raises(Exception, match="auth"):
+        open_store(auth="bogus")
+
+
+def _public_attributes(tcti: str, state_dir: Path) -> dict[str, Any]:
+    """Every object's attributes as the TPM reports them (ReadPublic / NV_ReadPublic)."""
+    from hsm_auth_backends.tpm2 import _srk_template
+    from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_PRIVATE, TPM2B_PUBLIC
+
+    out: dict[str, Any] = {}
+    with ESAPI(tcti) as ectx:
+        srk, *_ = ectx.create_primary(None, TPM2B_PUBLIC(publicArea=_srk_template()), ESYS_TR.OWNER)
+        for path in sorted(state_dir.glob("*.json")):
+            record = json.loads(path.read_text())
+            if record["kind"] == "counter":
+                nv = ectx.tr_from_tpmpublic(int(record["nv_index"], 16))
+                public, _ = ectx.nv_read_public(nv)
+                out[record["label"]] = public.nvPublic.attributes
+                continue
+            handle = ectx.load(
+                srk,
+                TPM2B_PRIVATE.unmarshal(bytes.fromhex(record["private"]))[0],
+                TPM2B_PUBLIC.unmarshal(bytes.fromhex(record["public"]))[0],
+            )
+            public, _, _ = ectx.read_public(handle)
+            out[record["label"]] = public.publicArea.objectAttributes
+            ectx.flush_context(handle)
+        ectx.flush_context(srk)
+    return out
+
+
+@pytest.mark.parametrize("auth", [PIN, NONE], ids=["pin", "device"])
+def test_no_object_is_exempt_from_dictionary_attack(
+    swtpm: SwtpmProcess, open_store: Any, state_dir: Path, auth: Authorization
+) -> None:
+    from tpm2_pytss import TPMA_NV, TPMA_OBJECT
+
+    store = open_store()
+    store.generate_key("t/sign", KeyKind.SIGNING, auth)
+    _enroll_otp(store, auth)
+    store.create_counter("t/atc", auth)
+    store.close()  # swtpm serves one connection at a time
+    attributes = _public_attributes(swtpm.tcti, state_dir)
+    assert set(attributes) == {"t/sign", "t/ecdh", "t/otp", "t/atc"}
+    for label, attrs in attributes.items():
+        if label == "t/atc":
+            assert not attrs & TPMA_NV.NO_DA and not attrs & TPMA_NV.ORDERLY, label
+        else:
+            assert not attrs & TPMA_OBJECT.NODA, label
+            assert attrs & TPMA_OBJECT.FIXEDTPM and attrs & TPMA_OBJECT.FIXEDPARENT, label
+
+
+# --- another TPM, interop with tpm2-tools ----------------------------------------------
+
+
+def test_blob_from_another_tpm_is_a_clear_backend_error(
+    swtpm: SwtpmProcess, open_store: Any
+) -> None:
+    store = open_store()
+    uri = store.generate_key("t/sign", KeyKind.SIGNING, PIN)
+    store.close()
+    with running_swtpm() as other:
+        moved = Tpm2KeyStore.open({"tcti": other.tcti, "state_dir": str(store.state_dir)})
+        try:
+            with pytest.raises(BackendError, match="another TPM") as err:
+                moved.sign(uri, b"x", PIN)
+            assert not isinstance(err.value, BackendUnavailable)
+            assert other.tcti not in uri  # the URI records the TPM it was made on
+        finally:
+            moved.close()
+
+
+def test_tpm2_tools_read_the_key_and_the_counter(
+    swtpm: SwtpmProcess, open_store: Any, state_dir: Path, tmp_path: Path
+) -> None:
+    store = open_store()
+    sign = store.generate_key("t/sign", KeyKind.SIGNING, PIN)
+    counter = store.create_counter("t/atc", PIN)
+    value = store.counter_increment(counter, PIN)
+    public = store.public_key(sign, PIN)
+    store.close()  # swtpm serves one connection at a time
+    tcti = swtpm.tcti
+    assert "0x80" not in _tool(tcti, "tpm2_getcap", "handles-transient")  # close() flushed all
+    record = json.loads(state_dir.joinpath(sign.split("id=")[1][:16] + ".json").read_text())
+    (tmp_path / "key.pub").write_bytes(bytes.fromhex(record["public"]))
+    (tmp_path / "key.priv").write_bytes(bytes.fromhex(record["private"]))
+    _tool(tcti, "tpm2_createprimary", "-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb",
+          "-a", "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt",
+          "-c", str(tmp_path / "srk.ctx"))  # fmt: skip
+    _tool(tcti, "tpm2_flushcontext", "-t")  # no resource manager on swtpm: 3 object slots
+    _tool(tcti, "tpm2_load", "-C", str(tmp_path / "srk.ctx"), "-u", str(tmp_path / "key.pub"),
+          "-r", str(tmp_path / "key.priv"), "-c", str(tmp_path / "key.ctx"))  # fmt: skip
+    _tool(tcti, "tpm2_flushcontext", "-t")
+    pem = tmp_path / "key.pem"
+    _tool(tcti, "tpm2_readpublic", "-c", str(tmp_path / "key.ctx"), "-f", "pem", "-o", str(pem))
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    assert load_pem_public_key(pem.read_bytes()) == public
+    index = counter.split("nv-index=")[1][:10]
+    described = _tool(tcti, "tpm2_nvreadpublic", index)
+    assert "nt=0x1" in described or "counter" in described
+    assert "no_da" not in described.lower()
+    pin = str(PIN.pin)
+    raw = _tool(tcti, "tpm2_nvread", "-P", pin, "-s", "8", "-o", str(tmp_path / "c"), index)
+    assert raw == "" and int.from_bytes((tmp_path / "c").read_bytes(), "big") == value
+
+
+# --- measurement -------------------------------------------------------------------------
+
+
+def _raw_rounds(
+    ectx: Any, nv: Any, key: Any, session: Any, rounds: int
+) -> tuple[float, int, bytes]:
+    """NV_Increment + NV_Read + HMAC straight through tpm2-pytss; seconds per round."""
+    from tpm2_pytss import TPM2_ALG, TPM2B_MAX_BUFFER
+
+    start = time.perf_counter()
+    for _ in range(rounds):
+        ectx.nv_increment(nv, nv, session1=session)
+        value = int.from_bytes(bytes(ectx.nv_read(nv, 8, 0, nv, session1=session)), "big")
+        message = TPM2B_MAX_BUFFER(value.to_bytes(8, "big"))
+        mac = bytes(ectx.hmac(key, message, TPM2_ALG.NULL, session1=session))
+    return (time.perf_counter() - start) / rounds, value, mac
+
+
+@pytest.mark.parametrize("auth", [PIN, NONE], ids=["pin", "device"])
+def test_measure_counter_and_hmac_vs_raw_pytss(
+    swtpm: SwtpmProcess, open_store: Any, auth: Authorization, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hsm_auth_backends.tpm2 import _Record, _srk_template
+    from tpm2_pytss import (
+        ESAPI,
+        ESYS_TR,
+        TPM2_ALG,
+        TPM2_SE,
+        TPM2B_PRIVATE,
+        TPM2B_PUBLIC,
+        TPMA_SESSION,
+    )
+
+    store = open_store()
+    otp, key = _enroll_otp(store, auth)
+    counter = store.create_counter("t/atc", auth)
+    rounds = 40
+    start = time.perf_counter()
+    for _ in range(rounds):
+        value = store.counter_increment(counter, auth)
+        mac = store.hmac(otp, value.to_bytes(8, "big"), auth)
+    backend = (time.perf_counter() - start) / rounds
+    assert mac == hmac.new(key, value.to_bytes(8, "big"), hashlib.sha256).digest()
+    store.close()
+
+    otp_file = store.state_dir / (otp.split("id=")[1][:16] + ".json")
+    record = _Record.from_json(otp_file.read_text())
+    secret = (auth.pin or "").encode()
+    with ESAPI(swtpm.tcti) as ectx:
+        srk, *_ = ectx.create_primary(None, TPM2B_PUBLIC(publicArea=_srk_template()), ESYS_TR.OWNER)
+        handle = ectx.load(
+            srk,
+            TPM2B_PRIVATE.unmarshal(record.private)[0],
+            TPM2B_PUBLIC.unmarshal(record.public)[0],
+        )
+        ectx.tr_set_auth(handle, secret)
+        nv = ectx.tr_from_tpmpublic(int(counter.split("nv-index=")[1][:10], 16))
+        ectx.tr_set_auth(nv, secret)
+        password, raw_value, raw_mac = _raw_rounds(ectx, nv, handle, ESYS_TR.PASSWORD, rounds)
+        # The backend authorizes PIN objects through a salted HMAC session; time that too.
+        session = ectx.start_auth_session(srk, ESYS_TR.NONE, TPM2_SE.HMAC, "aes128cfb",
+                                          TPM2_ALG.SHA256)  # fmt: skip
+        ectx.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION)
+        salted, _, _ = _raw_rounds(ectx, nv, handle, session, rounds)
+        ectx.flush_context(session)
+        ectx.flush_context(handle)
+        ectx.flush_context(srk)
+    assert raw_value == value + rounds
+    assert raw_mac == hmac.new(key, raw_value.to_bytes(8, "big"), hashlib.sha256).digest()
+    with capsys.disabled():
+        print(
+            f"\n[tpm2 {'pin' if auth.pin else 'device'}] counter_increment + hmac per OTP: "
+            f"backend {backend * 1000:.2f} ms; raw tpm2-pytss {password * 1000:.2f} ms "
+            f"(password session), {salted * 1000:.2f} ms (salted HMAC session)"
+        )
+    reference = salted if auth.pin else password
+    assert backend < reference * 3 + 0.010  # the backend adds bookkeeping, not round trips
