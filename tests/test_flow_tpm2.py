@@ -1,0 +1,103 @@
+"""The whole offline flow on a real swtpm through the library API, for the
+device method (no user auth) and the pin method (auth value, DA-protected)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from hsm_auth.authenticator import Authenticator
+from hsm_auth.config import Config, MethodConfig
+from hsm_auth.errors import BackendUnavailable, InvalidToken, PinInvalid, PinLocked
+from hsm_auth.methods import Method
+from hsm_auth.verifier import Verifier
+
+pytestmark = pytest.mark.swtpm
+
+OFFLINE_PIN = "735190"
+
+
+@pytest.fixture
+def config(swtpm, tmp_path):
+    # One TPM, one store: "auto" gives the pin method's keys the PIN as auth value
+    # and the device method's keys an empty one (swtpm has no resource manager, so
+    # two stores on it would compete for its three object slots).
+    settings = {"tcti": swtpm.tcti, "state_dir": str(tmp_path / "tpm2-objects"), "auth": "auto"}
+    return Config(
+        methods={
+            Method.DEVICE: MethodConfig("tpm2", settings),
+            Method.PIN: MethodConfig("tpm2", settings),
+        }
+    )
+
+
+@pytest.fixture
+def verifier(tmp_path):
+    v = Verifier.init(tmp_path / "verifier", "TPM verifier")
+    yield v
+    v.close()
+
+
+@pytest.fixture
+def enrolled(tmp_path, config, verifier):
+    with Authenticator(tmp_path / "auth", config) as a:
+        for method in (Method.DEVICE, Method.PIN):
+            _, offer = verifier.create_offer("alice", methods=[method])
+            pin = OFFLINE_PIN if method is Method.PIN else None
+            verifier.accept_enrollment(a.add_or_update(method, offer, pin=pin))
+        yield a
+
+
+@pytest.mark.parametrize("method", [Method.DEVICE, Method.PIN])
+def test_tpm_offline_flow_accepts_once_then_refuses_replay(verifier, enrolled, method):
+    session = verifier.start_session("alice", "Unlock ws-9 for alice")
+    request = enrolled.start_offline_authentication(session.text)
+    pin = OFFLINE_PIN if method is Method.PIN else None
+    result = enrolled.finish_offline_authentication(request, method, pin=pin)
+    accepted = verifier.verify(session.session_id, result.otp)
+    assert (accepted.method, accepted.atc) == (method, result.atc)
+    with pytest.raises(InvalidToken):
+        verifier.verify(session.session_id, result.otp)
+
+
+def test_tpm_counter_is_hardware_and_moves_forward(verifier, enrolled):
+    atcs = []
+    for _ in range(3):
+        session = verifier.start_session("alice", "ctx", methods=[Method.DEVICE])
+        request = enrolled.start_offline_authentication(session.text)
+        result = enrolled.finish_offline_authentication(request, Method.DEVICE)
+        assert verifier.verify(session.session_id, result.otp).atc == result.atc
+        atcs.append(result.atc)
+    assert atcs[0] < atcs[1] < atcs[2]
+
+
+def test_tpm_wrong_pin_counts_down_then_locks(verifier, enrolled):
+    session = verifier.start_session("alice", "ctx", methods=[Method.PIN])
+    request = enrolled.start_offline_authentication(session.text)
+    remaining = []
+    with pytest.raises(PinLocked) as locked:  # the fixture sets 3 tries
+        for _ in range(4):
+            try:
+                enrolled.finish_offline_authentication(request, Method.PIN, pin="000000")
+            except PinInvalid as e:
+                remaining.append(e.attempts_remaining)
+    assert remaining and all(a > b for a, b in itertools.pairwise(remaining))
+    assert locked.value.retry_after is not None and locked.value.retry_after > 0
+    with pytest.raises(PinLocked):  # even the right PIN, while locked
+        enrolled.finish_offline_authentication(request, Method.PIN, pin=OFFLINE_PIN)
+
+
+def test_wrong_tcti_is_a_clear_error(tmp_path, verifier):
+    bad = Config(
+        methods={
+            Method.DEVICE: MethodConfig(
+                "tpm2", {"tcti": f"swtpm:path={tmp_path}/nothing.sock", "state_dir": str(tmp_path)}
+            )
+        }
+    )
+    with Authenticator(tmp_path / "a", bad) as a:
+        _, offer = verifier.create_offer("bob", methods=[Method.DEVICE])
+        with pytest.raises(BackendUnavailable):
+            a.add_or_update(Method.DEVICE, offer)
+        assert a.enrolled == []
