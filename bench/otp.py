@@ -14,6 +14,7 @@ Run: ``.venv/bin/python bench/otp.py [--n 2000]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import hmac
 import os
@@ -151,7 +152,104 @@ def bench_pkcs11(n: int, baseline: float) -> None:
     report("pkcs11/SoftHSM", library, floor, baseline)
 
 
-BACKENDS: dict[str, Callable[[int, float], None]] = {"pkcs11": bench_pkcs11}
+def bench_tpm2(n: int, baseline: float) -> None:
+    """swtpm: the library vs TPM2_NV_Increment + TPM2_NV_Read + TPM2_HMAC through
+    tpm2-pytss, with the same session kind (password for the device method's empty
+    auth; a salted HMAC session for the pin method, so the PIN never crosses the bus)."""
+    from hsm_auth.testing.swtpm import running_swtpm, set_da_parameters, swtpm_available
+
+    reason = swtpm_available()
+    if reason:
+        print(f"[tpm2] skipped: {reason}")
+        return
+    n = max(20, n // 20)  # a TPM command takes milliseconds, not microseconds
+    pin = "246810"
+    with tempfile.TemporaryDirectory() as d, running_swtpm(d) as tpm:
+        set_da_parameters(tpm.tcti, max_tries=32, recovery_time=1, lockout_recovery=1)
+        tmp = Path(d)
+        settings = {"tcti": tpm.tcti, "state_dir": str(tmp / "objects"), "auth": "auto"}
+        config = Config(
+            methods={m: MethodConfig("tpm2", settings) for m in (Method.DEVICE, Method.PIN)}
+        )
+        for method in (Method.DEVICE, Method.PIN):
+            work = tmp / method.value
+            secret = pin if method is Method.PIN else None
+            auth, request = flow(work, config, method, pin=secret)
+            auth._methods = [  # bench only: lift the offline-use limit
+                type(m)(**{**m.__dict__, "window": 10**9}) for m in auth._methods
+            ]
+            enrolled = auth.enrolled[0]
+            auth.close()  # reopened on first use, after the raw context took its slot
+            raw, cleanup = _raw_tpm(tpm.tcti, settings["state_dir"], enrolled, secret)
+            try:
+                library, floor = per_op_pair(
+                    functools.partial(
+                        auth.finish_offline_authentication, request, method, pin=secret
+                    ),
+                    raw,
+                    n,
+                    rounds=5,
+                )
+            finally:
+                cleanup()
+                auth.close()
+            report(f"tpm2/swtpm {method.value}", library, floor, baseline)
+
+
+def _raw_tpm(tcti: str, state_dir: str, enrolled, pin: str | None):  # type: ignore[no-untyped-def]
+    """Load the enrolled OTP key and counter into a second ESAPI context."""
+    from hsm_auth_backends.tpm2 import _Record, _srk_template
+    from tpm2_pytss import (
+        ESAPI,
+        ESYS_TR,
+        TPM2_ALG,
+        TPM2_SE,
+        TPM2B_MAX_BUFFER,
+        TPM2B_PRIVATE,
+        TPM2B_PUBLIC,
+        TPMA_SESSION,
+    )
+
+    from hsm_auth.uri import parse_attr_uri
+
+    otp_id = parse_attr_uri(enrolled.otp_key, "tpm2")[0]["id"]
+    record = _Record.from_json((Path(state_dir) / f"{otp_id}.json").read_text())
+    nv_index = int(parse_attr_uri(enrolled.counter, "tpm2")[0]["nv-index"], 16)
+    secret = (pin or "").encode()
+    ectx = ESAPI(tcti)
+    srk, *_ = ectx.create_primary(None, TPM2B_PUBLIC(publicArea=_srk_template()), ESYS_TR.OWNER)
+    key = ectx.load(
+        srk, TPM2B_PRIVATE.unmarshal(record.private)[0], TPM2B_PUBLIC.unmarshal(record.public)[0]
+    )
+    ectx.tr_set_auth(key, secret)
+    nv = ectx.tr_from_tpmpublic(nv_index)
+    ectx.tr_set_auth(nv, secret)
+    if pin:
+        session = ectx.start_auth_session(
+            srk, ESYS_TR.NONE, TPM2_SE.HMAC, "aes128cfb", TPM2_ALG.SHA256
+        )
+        ectx.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION)
+    else:
+        session = ESYS_TR.PASSWORD
+    ectx.flush_context(srk)  # swtpm has three object slots; the library holds two
+    question = hashlib.sha256(b"raw").hexdigest()
+
+    def raw() -> bytes:
+        ectx.nv_increment(nv, nv, session1=session)
+        value = int.from_bytes(bytes(ectx.nv_read(nv, 8, 0, nv, session1=session)), "big")
+        data = SUITE.data_input(counter=value, question=question)
+        return bytes(ectx.hmac(key, TPM2B_MAX_BUFFER(data), TPM2_ALG.NULL, session1=session))
+
+    def cleanup() -> None:
+        if pin:
+            ectx.flush_context(session)
+        ectx.flush_context(key)
+        ectx.close()
+
+    return raw, cleanup
+
+
+BACKENDS: dict[str, Callable[[int, float], None]] = {"pkcs11": bench_pkcs11, "tpm2": bench_tpm2}
 
 
 def main() -> int:
