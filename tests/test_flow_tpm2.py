@@ -101,3 +101,37 @@ def test_wrong_tcti_is_a_clear_error(tmp_path, verifier):
         with pytest.raises(BackendUnavailable):
             a.add_or_update(Method.DEVICE, offer)
         assert a.enrolled == []
+
+
+def test_backends_shows_the_tpm_and_its_lockout_parameters(swtpm):
+    from hsm_auth.registry import probe_backend
+
+    status = probe_backend("tpm2", {"tcti": swtpm.tcti})
+    assert status.available, status.reason
+    text = " ".join(f"{k}={v}" for k, v in status.details.items()).lower()
+    assert "manufacturer" in text and "firmware" in text and "lockout" in text
+
+
+def test_cli_reports_an_unreachable_tpm_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[methods.device]\nbackend = "tpm2"\ntcti = "swtpm:path={tmp_path}/none.sock"\n'
+    )
+    run = [sys.executable, "-m", "hsm_auth", "--home", str(home)]
+    subprocess.run([*run, "verifier", "init"], check=True, capture_output=True)
+    offer = subprocess.run(
+        [*run, "verifier", "offer", "--user", "u", "--methods", "device"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result = subprocess.run(
+        [*run, "enroll", "--method", "device"], input=offer, capture_output=True, text=True
+    )
+    assert result.returncode == 22  # TokenNotFound: no TPM at that TCTI
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (home / "authenticator" / "credentials.json").exists()
