@@ -374,6 +374,57 @@ def cmd_demo(ctx: Context) -> int:
     return run_demo(ctx.paths, out=ctx.out, err=ctx.err, as_json=ctx.args.json)
 
 
+# --- workstation login (hsm_auth.login) -----------------------------------------
+
+
+def _login_authdir(ctx: Context, cfg: configmod.Config) -> Path:
+    from .login import DEFAULT_AUTHDIR
+
+    if ctx.args.authdir:
+        return Path(ctx.args.authdir)
+    table = cfg.raw.get("login", {})
+    if not isinstance(table, dict):
+        return DEFAULT_AUTHDIR
+    return Path(table.get("authdir", DEFAULT_AUTHDIR))
+
+
+def cmd_login_enroll(ctx: Context) -> int:
+    from .login import AuthDir, enroll
+
+    method = Method.parse(ctx.args.method)
+    cfg = ctx.config()
+    pin = read_pin(ctx.args, ctx.err, "Login PIN: ") if method.needs_pin else None
+    with AuthDir(_login_authdir(ctx, cfg), create=True) as authdir:
+        cred = enroll(
+            authdir, ctx.args.user, method, cfg, pin=pin, replace_existing=ctx.args.replace,
+            warn=lambda m: print(m, file=ctx.err),
+        )
+    ctx.emit(
+        f"enrolled {ctx.args.user} for login with {method.value} ({cred.backend})",
+        {"user": ctx.args.user, "method": method.value, "backend": cred.backend,
+         "counter": cred.counter},
+    )
+    return 0
+
+
+def cmd_login_check(ctx: Context) -> int:
+    from .login import AuthDir, login
+
+    cfg = ctx.config()
+    method = Method.parse(ctx.args.method) if ctx.args.method else None
+    with AuthDir(_login_authdir(ctx, cfg)) as authdir:
+        creds = authdir.read(ctx.args.user) or []
+        needs_pin = any(c.method.needs_pin for c in creds if method in (None, c.method))
+        pin = read_pin(ctx.args, ctx.err, "Login PIN: ") if needs_pin else None
+        result = login(authdir, ctx.args.user, pin=pin, method=method,
+                       warn=lambda m: print(m, file=ctx.err))
+    ctx.emit(
+        f"login ok: {result.user} with {result.method.value} (counter {result.counter})",
+        {"user": result.user, "method": result.method.value, "counter": result.counter},
+    )
+    return 0
+
+
 # --- parser -----------------------------------------------------------------
 
 
@@ -488,6 +539,20 @@ def build_parser() -> argparse.ArgumentParser:
         "list credentials, counters and lockout state",
     )
     p.add_argument("--user")
+
+    lp = sub.add_parser("login", help="workstation login (PAM)", parents=[common])
+    lsub = lp.add_subparsers(dest="login_command", required=True, metavar="COMMAND")
+    for name, func, text in (
+        ("enroll", cmd_login_enroll, "enroll a user for workstation login"),
+        ("check", cmd_login_check, "run a login check as the PAM helper does"),
+    ):
+        p = add(lsub, name, func, text, [pin])
+        p.add_argument("--user", required=True)
+        p.add_argument("--method", required=name == "enroll")
+        p.add_argument("--authdir", "--authfile", dest="authdir", metavar="DIR",
+                       help="the authfile directory (default /etc/hsm-auth/login)")
+        if name == "enroll":
+            p.add_argument("--replace", action="store_true", help="replace an enrolled method")
     return parser
 
 

@@ -5,13 +5,23 @@ Built-in backends register exactly as a third party would, in pyproject.toml.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from typing import Any
 
 from .errors import BackendUnavailable, ConfigError, HsmAuthError
 from .keystore import KeyStore, Settings
 
 GROUP = "hsm_auth.backends"
+#: Built-in backends live here; their entry-point values may be imported directly.
+BUILTIN_PREFIX = "hsm_auth_backends."
+
+
+def _entry_points() -> Any:
+    # importlib.metadata scans every installed distribution (tens of ms): only on demand.
+    from importlib.metadata import entry_points
+
+    return entry_points(group=GROUP)
 
 
 @dataclass(frozen=True)
@@ -23,18 +33,41 @@ class BackendStatus:
 
 
 def backend_names() -> list[str]:
-    return sorted({ep.name for ep in entry_points(group=GROUP)})
+    return sorted({ep.name for ep in _entry_points()})
 
 
-def load_backend(name: str) -> type[KeyStore]:
-    matches = [ep for ep in entry_points(group=GROUP) if ep.name == name]
-    if not matches:
-        known = ", ".join(backend_names()) or "none"
-        raise ConfigError(f"unknown backend {name!r} (installed: {known})")
+def backend_reference(name: str) -> str:
+    """The entry point's ``module:attribute`` for ``name`` (to record beside an enrollment)."""
+    for ep in _entry_points():
+        if ep.name == name:
+            return str(ep.value)
+    known = ", ".join(backend_names()) or "none"
+    raise ConfigError(f"unknown backend {name!r} (installed: {known})")
+
+
+def load_backend(name: str, reference: str | None = None) -> type[KeyStore]:
+    """The backend class registered as ``name``.
+
+    ``reference`` (from :func:`backend_reference`, recorded at enrollment) lets a
+    built-in backend load without scanning the installed distributions: the PAM
+    helper starts faster. Anything else goes through the entry points.
+    """
+    if reference and reference.startswith(BUILTIN_PREFIX):
+        module, _, attr = reference.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, KeyStore) and cls.name == name:
+            return cls
+    value = backend_reference(name)
+    module, _, attr = value.partition(":")
     try:
-        cls = matches[0].load()
+        cls = getattr(importlib.import_module(module), attr)
     except ImportError as e:  # the backend module itself must import; report, don't crash
         raise BackendUnavailable(f"backend {name!r} failed to import: {e}") from e
+    except AttributeError:
+        raise ConfigError(f"entry point {name!r} names a missing class") from None
     if not (isinstance(cls, type) and issubclass(cls, KeyStore)):
         raise ConfigError(f"entry point {name!r} is not a KeyStore")
     return cls

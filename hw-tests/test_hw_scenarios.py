@@ -1,0 +1,108 @@
+"""The end-to-end scenarios on one target (see conftest.py): enroll + offline
+OTP, local login through the library, and login through a real PAM stack."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hsm_auth.authenticator import Authenticator
+from hsm_auth.config import Config, MethodConfig
+from hsm_auth.errors import HsmAuthError, PinInvalid
+from hsm_auth.keystore import Authorization
+from hsm_auth.login import AuthDir, enroll, login
+from hsm_auth.methods import Method
+from hsm_auth.registry import load_backend
+from hsm_auth.verifier import Verifier
+
+PAM_WRAPPER = "/usr/lib/x86_64-linux-gnu/libpam_wrapper.so"
+PAM_EXEC = "/lib/x86_64-linux-gnu/security/pam_exec.so"
+
+
+def _config(target) -> Config:
+    return Config({Method(target.method): MethodConfig(target.backend, target.settings)})
+
+
+def _cleanup(target, uris) -> None:
+    with contextlib.suppress(HsmAuthError), load_backend(target.backend).open(
+        target.settings
+    ) as store:
+        for uri in uris:
+            if uri:
+                store.delete_key(uri, Authorization(pin=target.pin))
+
+
+def test_enroll_and_offline_otp(target, tmp_path):
+    method = Method(target.method)
+    verifier = Verifier.init(tmp_path / "verifier", "hw-tests")
+    uris: list[str | None] = []
+    try:
+        with Authenticator(tmp_path / "auth", _config(target)) as auth:
+            _, offer = verifier.create_offer("hw", methods=[method])
+            verifier.accept_enrollment(auth.add_or_update(method, offer, pin=target.pin))
+            e = auth.enrolled[0]
+            uris = [e.signing_key, e.otp_key, e.counter, e.agreement_key]
+            session = verifier.start_session("hw", "hw-tests login")
+            request = auth.start_offline_authentication(session.text)
+            otp = auth.finish_offline_authentication(request, method, pin=target.pin)
+            assert verifier.verify(session.session_id, otp.otp).atc == otp.atc
+    finally:
+        verifier.close()
+        _cleanup(target, uris)
+
+
+def test_local_login(target, tmp_path):
+    with AuthDir(tmp_path / "login", create=True) as authdir:
+        cred = enroll(authdir, "hwuser", Method(target.method), _config(target), pin=target.pin)
+        try:
+            first = login(authdir, "hwuser", pin=target.pin)
+            assert first.counter > cred.counter
+            if target.emulated:  # never spend a real token's PIN retries
+                with pytest.raises(PinInvalid):
+                    login(authdir, "hwuser", pin="wrong-" + (target.pin or ""))
+            assert login(authdir, "hwuser", pin=target.pin).counter > first.counter
+        finally:
+            _cleanup(target, [cred.signing_key, cred.counter_uri])
+
+
+def test_pam_login(target, tmp_path):
+    for path, package in ((PAM_WRAPPER, "libpam-wrapper"), (PAM_EXEC, "libpam-modules")):
+        if not os.path.exists(path):
+            pytest.skip(f"{path} not found (apt install {package})")
+    if shutil.which("pamtester") is None:
+        pytest.skip("pamtester not found (apt install pamtester)")
+    root = tmp_path / "pam"
+    (root / "pam.d").mkdir(parents=True, mode=0o755)
+    authdir_path = root / "login"
+    with AuthDir(authdir_path, create=True) as authdir:
+        cred = enroll(authdir, "hwuser", Method(target.method), _config(target), pin=target.pin)
+    try:
+        env = "".join(f'{k} = "{v}"\n' for k, v in target.helper_environment.items())
+        config = root / "config.toml"
+        config.write_text(f'[environment]\n{env}[login]\nauthdir = "{authdir_path}"\n')
+        script = Path(sys.executable).with_name("hsm-auth-pam")
+        helper = str(script) if script.exists() else f"{sys.executable} -m hsm_auth.pam"
+        (root / "pam.d" / "hw").write_text(
+            f"auth [success=done default=die] {PAM_EXEC} quiet expose_authtok stdout "
+            f"{helper} --config {config}\n"
+        )
+        run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LD_PRELOAD": PAM_WRAPPER,
+                   "PAM_WRAPPER": "1", "PAM_WRAPPER_SERVICE_DIR": str(root / "pam.d")}
+
+        def pamtester(pin: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["pamtester", "-v", "hw", "hwuser", "authenticate"],
+                                  input=pin + "\n", capture_output=True, text=True,
+                                  env=run_env, timeout=120, check=False)
+
+        result = pamtester(target.pin or "")
+        assert result.returncode == 0, result.stdout + result.stderr
+        if target.emulated:
+            assert pamtester("wrong-pin").returncode != 0
+    finally:
+        _cleanup(target, [cred.signing_key, cred.counter_uri])
