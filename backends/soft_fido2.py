@@ -58,7 +58,6 @@ import hmac
 import json
 import os
 import secrets
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -81,6 +80,7 @@ from fido2.hid import CAPABILITY, CTAPHID
 from fido2.webauthn import AttestedCredentialData, AuthenticatorData
 
 from hsm_auth.errors import InvalidInput, StateError
+from hsm_auth.files import atomic_write
 
 __all__ = [
     "ENV_STATE_FILE",
@@ -1127,26 +1127,6 @@ class _Engine:
 # --- the device ----------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class SoftAuthenticator(CtapDevice):
     """A CTAP2.1 authenticator in software, its state in one file (see module doc).
 
@@ -1195,7 +1175,7 @@ class SoftAuthenticator(CtapDevice):
         with cls._lock_path(target):
             if target.exists() and not overwrite:
                 raise StateError(f"soft authenticator state exists already: {target}")
-            _write_atomic(target, json.dumps(state.to_json(), indent=1).encode())
+            atomic_write(target, json.dumps(state.to_json(), indent=1).encode())
         return cls(target)
 
     @classmethod
@@ -1243,7 +1223,7 @@ class SoftAuthenticator(CtapDevice):
             raise StateError(f"soft authenticator state {self._path} is damaged") from e
 
     def _write(self, state: _State) -> None:
-        _write_atomic(self._path, json.dumps(state.to_json(), indent=1).encode())
+        atomic_write(self._path, json.dumps(state.to_json(), indent=1).encode())
 
     @contextlib.contextmanager
     def _transaction(self, *, write: bool = True) -> Iterator[_State]:

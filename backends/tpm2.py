@@ -56,7 +56,6 @@ import contextlib
 import json
 import os
 import secrets
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -83,6 +82,7 @@ from hsm_auth.errors import (
     StateError,
     TokenNotFound,
 )
+from hsm_auth.files import atomic_write
 from hsm_auth.keystore import (
     Authorization,
     Capability,
@@ -317,26 +317,6 @@ def _properties(ectx: Any, first: int, count: int) -> dict[int, int]:
 def _ascii(*words: int) -> str:
     raw = b"".join(w.to_bytes(4, "big") for w in words)
     return raw.replace(b"\x00", b"").decode("ascii", "replace").strip()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Tpm2KeyStore(KeyStore):
@@ -914,7 +894,7 @@ class Tpm2KeyStore(KeyStore):
 
     def _write(self, record: _Record) -> None:
         try:
-            _atomic_write(self._file(record.id), record.to_json())
+            atomic_write(self._file(record.id), record.to_json().encode())
         except OSError as e:
             raise StateError(f"cannot write {self._file(record.id)}: {e.strerror}") from e
 
