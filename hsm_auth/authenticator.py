@@ -278,9 +278,15 @@ class Authenticator:
         backend, settings = self._backend_for(method)
         store = self._open(backend, settings)
         auth = self._authorization(method, store, settings, pin)
+        from .webauthn_proof import enrollment_binding  # only enrollment needs it (x509 import)
+
         label = f"hsm-auth/{offer.user}/{method.value}/{os.urandom(3).hex()}"
         enrollment = store.enroll(
-            method, label, ec.decode_point(offer.verifier_agreement_key), auth
+            method,
+            label,
+            ec.decode_point(offer.verifier_agreement_key),
+            auth,
+            binding=enrollment_binding(offer.offer_id, offer.user, method),
         )
         try:
             response = EnrollmentResponse(

@@ -224,8 +224,16 @@ class KeyStore(ABC):
         label: str,
         verifier_agreement_public: ec.EllipticCurvePublicKey,
         auth: Authorization,
+        *,
+        binding: bytes = b"",
     ) -> Enrollment:
-        """Create the signing key, the OTP key and the ATC for one method."""
+        """Create the signing key, the OTP key and the ATC for one method.
+
+        ``binding`` names this enrollment (offer, user, method: see
+        :func:`hsm_auth.webauthn_proof.enrollment_binding`). A backend that
+        cannot sign arbitrary data (FIDO2) binds its ``attestation`` to it;
+        the others ignore it (the response is signed with the new key).
+        """
         missing = {Capability.SIGN, Capability.HMAC, Capability.ECDH_DERIVE, Capability.COUNTER}
         missing -= self.capabilities()
         if missing:

@@ -1,0 +1,228 @@
+"""The whole offline flow for the biometric and face methods on software FIDO2
+authenticators (fingerprint-only and face-only), through the library API:
+enroll, start, finish, verify, replay refused; failed UV, clones and bad input
+refused without releasing an OTP or losing state."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fido2", reason="python-fido2 (the fido2 extra) is not installed")
+
+from hsm_auth_backends.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
+
+from hsm_auth import ec
+from hsm_auth.authenticator import Authenticator
+from hsm_auth.config import Config, MethodConfig
+from hsm_auth.errors import (
+    Cancelled,
+    CounterError,
+    InvalidToken,
+    MechanismNotSupported,
+    TokenNotFound,
+    UserVerificationFailed,
+)
+from hsm_auth.methods import Method
+from hsm_auth.protocol import EnrollmentResponse
+from hsm_auth.verifier import Verifier
+from hsm_auth.webauthn_proof import enrollment_binding, verify_enrollment_attestation
+
+pytestmark = pytest.mark.fido2
+
+METHODS = (Method.BIOMETRIC, Method.FACE)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def devices(soft_fido2_factory) -> dict[Method, SoftAuthenticator]:  # type: ignore[no-untyped-def]
+    return {
+        Method.BIOMETRIC: soft_fido2_factory(uv_modality=UvModality.FINGERPRINT),
+        Method.FACE: soft_fido2_factory(uv_modality=UvModality.FACE),
+    }
+
+
+def _settings(device: SoftAuthenticator, state: Path) -> dict[str, object]:
+    return {"device": f"soft:{device.path}", "state_dir": str(state), "prompts": False}
+
+
+@pytest.fixture
+def config(devices, tmp_path) -> Config:  # type: ignore[no-untyped-def]
+    state = tmp_path / "fido2-state"
+    return Config(
+        methods={m: MethodConfig("fido2", _settings(d, state)) for m, d in devices.items()}
+    )
+
+
+@pytest.fixture
+def verifier(tmp_path, clock):  # type: ignore[no-untyped-def]
+    v = Verifier.init(tmp_path / "verifier", "Workstation", clock=clock)
+    yield v
+    v.close()
+
+
+@pytest.fixture
+def authenticator(tmp_path, config, clock):  # type: ignore[no-untyped-def]
+    with Authenticator(tmp_path / "auth", config, clock=clock) as a:
+        yield a
+
+
+@pytest.fixture
+def enrolled(verifier, authenticator):  # type: ignore[no-untyped-def]
+    for method in METHODS:
+        offer, text = verifier.create_offer("alice", methods=[method])
+        response_text = authenticator.add_or_update(method, text)
+        # What the verifier should check for a FIDO2 response (see the report):
+        response, signed = EnrollmentResponse.from_text(response_text)
+        assert signed.signature == b"" and response.attestation is not None
+        verify_enrollment_attestation(
+            response.attestation,
+            response.signing_key,
+            enrollment_binding(offer.offer_id, offer.user, method),
+            response.wrapped_otp_key,
+            initial_atc=response.initial_atc,
+        )
+        verifier.accept_enrollment(response_text)
+    return authenticator
+
+
+def _request(verifier, authenticator, method, context="Log in to ws-7 as alice"):  # type: ignore[no-untyped-def]
+    session = verifier.start_session("alice", context, methods=[method])
+    return session, authenticator.start_offline_authentication(session.text)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_offline_flow_accepts_once_then_refuses_replay(verifier, enrolled, devices, method):  # type: ignore[no-untyped-def]
+    session = verifier.start_session("alice", "Log in to ws-7 as alice")
+    request = enrolled.start_offline_authentication(session.text)
+    assert request.verifier_name == "Workstation"
+    assert set(request.methods) == set(METHODS)
+    result = enrolled.finish_offline_authentication(request, method)
+    assert len(result.otp) == 8 and result.otp.isdigit()
+    assert result.atc == devices[method].status().sign_count  # the signature counter
+    accepted = verifier.verify(session.session_id, result.otp)
+    assert (accepted.method, accepted.atc) == (method, result.atc)
+    with pytest.raises(InvalidToken):
+        verifier.verify(session.session_id, result.otp)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_counter_advances_by_one_assertion_per_otp(verifier, enrolled, method):  # type: ignore[no-untyped-def]
+    atcs = []
+    for _ in range(3):
+        session, request = _request(verifier, enrolled, method)
+        result = enrolled.finish_offline_authentication(request, method)
+        atcs.append(verifier.verify(session.session_id, result.otp).atc)
+    assert atcs == [atcs[0], atcs[0] + 1, atcs[0] + 2]
+
+
+def test_failed_uv_gives_retries_left_and_releases_no_otp(verifier, enrolled, devices):  # type: ignore[no-untyped-def]
+    device = devices[Method.BIOMETRIC]
+    session, request = _request(verifier, enrolled, Method.BIOMETRIC)
+    count = device.status().sign_count
+    device.configure(uv_outcome="fail")
+    with pytest.raises(UserVerificationFailed) as caught:
+        enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+    assert caught.value.retries_left == MAX_UV_RETRIES - 1
+    assert device.status().sign_count == count  # no assertion, so no OTP
+    device.configure(uv_outcome="succeed")
+    result = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+    assert result.atc == count + 1
+    assert verifier.verify(session.session_id, result.otp).atc == count + 1
+
+
+@pytest.mark.parametrize(
+    ("method", "device_of", "has"),
+    [(Method.BIOMETRIC, Method.FACE, "face"), (Method.FACE, Method.BIOMETRIC, "fingerprint")],
+)
+def test_authenticator_without_the_modality_is_refused(  # type: ignore[no-untyped-def]
+    tmp_path, verifier, devices, clock, method, device_of, has
+):
+    wrong = Config(
+        methods={method: MethodConfig("fido2", _settings(devices[device_of], tmp_path / "s"))}
+    )
+    with Authenticator(tmp_path / "wrong", wrong, clock=clock) as a:
+        _, offer = verifier.create_offer("bob", methods=[method])
+        with pytest.raises(MechanismNotSupported, match=f"verifies by {has}"):
+            a.add_or_update(method, offer)
+        assert a.enrolled == []
+
+
+def test_cloned_authenticator_otps_are_refused(verifier, enrolled, devices, tmp_path):  # type: ignore[no-untyped-def]
+    device = devices[Method.BIOMETRIC]
+    clone = tmp_path / "clone.json"
+    shutil.copy2(device.path, clone)  # the clone: a copy of the authenticator's state
+    session, request = _request(verifier, enrolled, Method.BIOMETRIC)
+    first = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+    assert verifier.verify(session.session_id, first.otp).atc == first.atc
+    # The clone is plugged in where the authenticator was: its counter is behind.
+    shutil.copy2(clone, device.path)
+    session, request = _request(verifier, enrolled, Method.BIOMETRIC)
+    with pytest.raises(CounterError, match="cloned"):
+        enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+
+
+def test_clone_with_cloned_host_state_is_refused_by_the_verifier(  # type: ignore[no-untyped-def]
+    verifier, enrolled, devices, tmp_path, config
+):
+    """An attacker who copies the authenticator AND the host's state gets past the
+    host check, but the OTP carries a counter the verifier has already accepted."""
+    device = devices[Method.BIOMETRIC]
+    state_file = Path(config.methods[Method.BIOMETRIC].settings["state_dir"]) / "credentials.json"
+    snapshot = (device.path.read_bytes(), state_file.read_bytes())
+    session, request = _request(verifier, enrolled, Method.BIOMETRIC)
+    genuine = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+    verifier.verify(session.session_id, genuine.otp)
+    device.path.write_bytes(snapshot[0])
+    state_file.write_bytes(snapshot[1])
+    session, request = _request(verifier, enrolled, Method.BIOMETRIC)
+    cloned = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+    assert cloned.atc == genuine.atc
+    with pytest.raises(InvalidToken):
+        verifier.verify(session.session_id, cloned.otp)
+
+
+def test_uv_cancelled_then_missing_authenticator_lose_no_state(  # type: ignore[no-untyped-def]
+    verifier, enrolled, devices, tmp_path
+):
+    device = devices[Method.FACE]
+    session, request = _request(verifier, enrolled, Method.FACE)
+    credentials = (tmp_path / "auth" / "credentials.json").read_bytes()
+    count = device.status().sign_count
+    device.configure(uv_outcome="cancel")
+    with pytest.raises(Cancelled):
+        enrolled.finish_offline_authentication(request, Method.FACE)
+    device.configure(uv_outcome="succeed")
+    enrolled.close()  # drop the open store: the next finish opens the device again
+    unplugged = device.path.with_suffix(".away")
+    device.path.rename(unplugged)
+    with pytest.raises(TokenNotFound):
+        enrolled.finish_offline_authentication(request, Method.FACE)
+    unplugged.rename(device.path)
+    assert (tmp_path / "auth" / "credentials.json").read_bytes() == credentials
+    result = enrolled.finish_offline_authentication(request, Method.FACE)
+    assert result.atc == count + 1
+    assert verifier.verify(session.session_id, result.otp).method is Method.FACE
+
+
+def test_enrollment_response_is_unsigned_and_carries_the_wrapped_key(verifier, authenticator):  # type: ignore[no-untyped-def]
+    _, text = verifier.create_offer("carol", methods=[Method.FACE])
+    response, _ = EnrollmentResponse.from_text(authenticator.add_or_update(Method.FACE, text))
+    assert response.backend == "fido2" and response.agreement_key is None
+    assert response.wrapped_otp_key is not None
+    assert verifier.keys.unwrap_otp_key(response.wrapped_otp_key)  # decrypts for the verifier
+    ec.decode_point(response.signing_key)
