@@ -69,8 +69,31 @@ class Context:
             self.paths.authenticator_dir, self.config(), warn=lambda m: print(m, file=self.err)
         )
 
+    def _verifier_setting(self, option: str, key: str) -> str | None:
+        """``--db`` / ``--hsm``, else ``HSM_AUTH_VERIFIER_<KEY>``, else ``[verifier] key``."""
+        value = getattr(self.args, option, None) or os.environ.get(
+            f"HSM_AUTH_VERIFIER_{key.upper()}"
+        )
+        if value:
+            return str(value)
+        section = self.config().raw.get("verifier", {})
+        if not isinstance(section, dict):
+            raise errors.ConfigError("[verifier] must be a table")
+        configured = section.get(key)
+        if configured is not None and not isinstance(configured, str):
+            raise errors.ConfigError(f"[verifier] {key} must be a string")
+        return configured
+
+    def verifier_database(self) -> str | None:
+        return self._verifier_setting("db", "database")
+
+    def verifier_hsm(self) -> str | None:
+        return self._verifier_setting("hsm", "hsm")
+
     def verifier(self) -> Verifier:
-        return Verifier.open(self.paths.verifier_dir)
+        return Verifier.open(
+            self.paths.verifier_dir, database=self.verifier_database(), hsm=self.verifier_hsm()
+        )
 
     def emit(self, human: str, machine: dict[str, Any]) -> None:
         if self.args.json:
@@ -166,11 +189,23 @@ def cmd_backends(ctx: Context) -> int:
 
 
 def cmd_verifier_init(ctx: Context) -> int:
-    v = Verifier.init(ctx.paths.verifier_dir, ctx.args.name)
+    v = Verifier.init(
+        ctx.paths.verifier_dir,
+        ctx.args.name,
+        database=ctx.verifier_database(),
+        hsm=ctx.verifier_hsm(),
+    )
+    engine, keys = v.store.engine, v.keys.kind
     v.close()
     ctx.emit(
-        f"verifier {v.identity.name!r} created in {ctx.paths.verifier_dir}",
-        {"verifier_id": v.identity.verifier_id.hex(), "name": v.identity.name},
+        f"verifier {v.identity.name!r} created in {ctx.paths.verifier_dir} "
+        f"(database: {engine}, keys: {keys})",
+        {
+            "verifier_id": v.identity.verifier_id.hex(),
+            "name": v.identity.name,
+            "database": engine,
+            "keys": keys,
+        },
     )
     return 0
 
@@ -271,13 +306,8 @@ def cmd_verifier_unlock(ctx: Context) -> int:
     return 0
 
 
-def cmd_verifier_credentials(ctx: Context) -> int:
-    v = ctx.verifier()
-    try:
-        creds = v.store.credentials(ctx.args.user) if ctx.args.user else v.store.all_credentials()
-    finally:
-        v.close()
-    rows = [
+def _credential_rows(creds: Sequence[Any]) -> list[dict[str, Any]]:
+    return [
         {
             "user": c.user,
             "method": c.method.value,
@@ -285,15 +315,68 @@ def cmd_verifier_credentials(ctx: Context) -> int:
             "atc": c.atc,
             "failures": c.failures,
             "locked": c.locked,
+            "created": c.created,
+            "last_used": c.last_used,
         }
         for c in creds
     ]
-    human = "\n".join(
+
+
+def _credential_lines(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(
         f"{r['user']:16} {r['method']:10} {r['backend']:8} atc={r['atc']} failures={r['failures']}"
         + (" LOCKED" if r["locked"] else "")
         for r in rows
     )
-    ctx.emit(human or "no credentials", {"credentials": rows})
+
+
+def cmd_verifier_credentials(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        creds = v.store.credentials(ctx.args.user) if ctx.args.user else v.store.all_credentials()
+    finally:
+        v.close()
+    rows = _credential_rows(creds)
+    ctx.emit(_credential_lines(rows) or "no credentials", {"credentials": rows})
+    return 0
+
+
+def cmd_verifier_revoke(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        v.revoke(ctx.args.user, Method.parse(ctx.args.method))
+    finally:
+        v.close()
+    ctx.emit(f"revoked {ctx.args.method} for {ctx.args.user}", {"revoked": True})
+    return 0
+
+
+def cmd_verifier_show(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        state = v.show(ctx.args.user, recent=ctx.args.recent)
+        threshold = v.identity.lockout_threshold
+    finally:
+        v.close()
+    rows = _credential_rows(state.credentials)
+    for row in rows:
+        row["failures_until_lockout"] = 0 if row["locked"] else threshold - row["failures"]
+    events = [r.to_dict() for r in state.recent]
+    human = _credential_lines(rows)
+    if events:
+        human += "\nrecent events:\n" + "\n".join(r.to_json() for r in state.recent)
+    ctx.emit(human, {"user": state.user, "credentials": rows, "recent": events})
+    return 0
+
+
+def cmd_verifier_audit(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        records = v.store.audit_records(ctx.args.user, ctx.args.limit)
+    finally:
+        v.close()
+    for record in records:  # JSON lines, with or without --json
+        print(record.to_json(), file=ctx.out)
     return 0
 
 
@@ -492,18 +575,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "sync", cmd_sync, "apply a verifier's sync message after an online login")
     p.add_argument("data", nargs="?", help="sync message, @FILE, or - for stdin")
 
+    vopt = argparse.ArgumentParser(add_help=False)
+    vopt.add_argument(
+        "--db",
+        metavar="DSN",
+        help="database: postgresql://… or a SQLite file (default: [verifier] database, "
+        "HSM_AUTH_VERIFIER_DATABASE, else verifier.db in the verifier's directory)",
+    )
+    vopt.add_argument(
+        "--hsm",
+        metavar="URI",
+        help="pkcs11: URI of the token holding the verifier's keys (init creates them there; "
+        "default: [verifier] hsm or HSM_AUTH_VERIFIER_HSM, else a 0600 key file)",
+    )
+
     vp = sub.add_parser("verifier", help="the verifier side", parents=[common])
     vsub = vp.add_subparsers(dest="verifier_command", required=True, metavar="COMMAND")
-    p = add(vsub, "init", cmd_verifier_init, "create the verifier's identity, keys and database")
+
+    def vadd(
+        name: str, func: Callable[[Context], int], help_text: str
+    ) -> argparse.ArgumentParser:
+        return add(vsub, name, func, help_text, [vopt])
+
+    p = vadd("init", cmd_verifier_init, "create the verifier's identity, keys and database")
     p.add_argument("--name", default="hsm-auth verifier")
-    p = add(vsub, "offer", cmd_verifier_offer, "print an enrollment offer for a user")
+    p = vadd("offer", cmd_verifier_offer, "print an enrollment offer for a user")
     p.add_argument("--user", required=True)
     p.add_argument("--methods", help="comma-separated methods the offer allows (default: all)")
     p.add_argument("--replace", action="store_true", help="allow replacing an enrolled method")
-    p = add(vsub, "enroll", cmd_verifier_enroll, "record an enrollment response")
+    p = vadd("enroll", cmd_verifier_enroll, "record an enrollment response")
     p.add_argument("response", nargs="?", help="the response text, @FILE, or - for stdin (default)")
-    p = add(
-        vsub,
+    p = vadd(
         "session",
         cmd_verifier_session,
         "start an offline session (prints the verification data)",
@@ -514,11 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--methods", help="comma-separated allowed methods (default: all enrolled)")
     p.add_argument("--qr", help="terminal, png:PATH or svg:PATH")
-    p = add(vsub, "verify", cmd_verifier_verify, "check an OTP for a session")
+    p = vadd("verify", cmd_verifier_verify, "check an OTP for a session")
     p.add_argument("--session", required=True)
     p.add_argument("--otp", required=True)
-    p = add(
-        vsub,
+    p = vadd(
         "resync",
         cmd_verifier_resync,
         "resynchronize from two consecutive OTPs of one session",
@@ -526,19 +627,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", required=True)
     p.add_argument("--otp", required=True)
     p.add_argument("--next-otp", required=True)
-    p = add(vsub, "sync", cmd_verifier_sync, "print a sync message for the authenticator")
+    p = vadd("sync", cmd_verifier_sync, "print a sync message for the authenticator")
     p.add_argument("--user", required=True)
     p.add_argument("--method", required=True)
-    p = add(vsub, "unlock", cmd_verifier_unlock, "unlock a locked credential")
+    p = vadd("unlock", cmd_verifier_unlock, "unlock a locked credential")
     p.add_argument("--user", required=True)
     p.add_argument("--method", required=True)
-    p = add(
-        vsub,
+    p = vadd(
         "credentials",
         cmd_verifier_credentials,
         "list credentials, counters and lockout state",
     )
     p.add_argument("--user")
+    p = vadd("revoke", cmd_verifier_revoke, "revoke (delete) a user's method")
+    p.add_argument("--user", required=True)
+    p.add_argument("--method", required=True)
+    p = vadd("show", cmd_verifier_show, "show a user's counters, lockout state and recent events")
+    p.add_argument("--user", required=True)
+    p.add_argument("--recent", type=int, default=20, help="how many audit events (default 20)")
+    p = vadd("audit", cmd_verifier_audit, "print audit records as JSON lines (oldest first)")
+    p.add_argument("--user")
+    p.add_argument("--limit", type=int, default=100, help="the newest N records (default 100)")
 
     lp = sub.add_parser("login", help="workstation login (PAM)", parents=[common])
     lsub = lp.add_subparsers(dest="login_command", required=True, metavar="COMMAND")

@@ -1,7 +1,20 @@
 """The verifier: enrollment offers, offline sessions, OTP checks, resync, lockout.
 
 Every verification failure raises the same :class:`InvalidToken`; the precise
-reason goes to the ``hsm_auth.verifier`` log only (never a secret or an OTP).
+reason goes to the audit trail only (a reason code, never a secret or an OTP):
+the store's ``audit`` table, written in the same transaction as the state
+change, and JSON lines on the ``hsm_auth.audit`` logger.
+
+Storage is any :class:`~hsm_auth.store.VerifierStore`: the embedded SQLite file
+in the verifier's directory by default, or PostgreSQL (``database=
+"postgresql://…"``) for many worker processes. Keys are a key file in the
+directory, or a PKCS#11 HSM (``hsm="pkcs11:…"``), see :mod:`hsm_auth.verifier_keys`.
+
+Throughput: :meth:`Verifier.verify_many` checks a batch of (session, OTP)
+pairs and commits all their counter changes in **one** durable transaction
+(group commit). Each result is returned only after that commit, so an
+acceptance is on disk before it is reported; :meth:`Verifier.verify` is a
+batch of one.
 """
 
 from __future__ import annotations
@@ -10,14 +23,18 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from . import ec, ocra
+from . import audit, ec, ocra
+from .audit import AuditRecord, Event, Reason
 from .errors import (
     AlreadyEnrolled,
+    ConfigError,
     ExpiredMessage,
+    HsmAuthError,
     InvalidInput,
     InvalidToken,
     StateError,
@@ -33,8 +50,20 @@ from .protocol import (
     VerificationData,
     otp_question,
 )
-from .store.base import CredentialRecord, OfferRecord, SessionRecord, VerifierStore
-from .verifier_keys import FileVerifierKeys, VerifierKeys
+from .store import open_store
+from .store.base import (
+    MAX_ATC,
+    Accept,
+    Change,
+    CredentialRecord,
+    Failure,
+    Note,
+    OfferRecord,
+    SessionRecord,
+    Status,
+    VerifierStore,
+)
+from .verifier_keys import FileVerifierKeys, Pkcs11VerifierKeys, VerifierKeys, load_keys
 
 log = logging.getLogger("hsm_auth.verifier")
 
@@ -47,6 +76,9 @@ DEFAULT_SESSION_TTL = 300
 DEFAULT_OFFER_TTL = 600
 CHALLENGE_BYTES = 16  # 128 bits
 SESSION_ID_BYTES = 16
+#: How often a check whose compare-and-swap lost to a concurrent counter change is re-run.
+MAX_ROUNDS = 4
+SQLITE_FILE = "verifier.db"
 
 
 @dataclass(frozen=True)
@@ -107,6 +139,25 @@ class Acceptance:
     atc: int
 
 
+@dataclass(frozen=True)
+class UserState:
+    """What ``hsm-auth verifier show`` prints: counters, lockout, recent audit."""
+
+    user: str
+    credentials: tuple[CredentialRecord, ...]
+    recent: tuple[AuditRecord, ...]
+
+
+@dataclass(frozen=True)
+class _Request:
+    index: int
+    session_id: bytes
+    otps: tuple[str, ...]  # one OTP, or two consecutive ones for a resync
+
+
+Result = Acceptance | HsmAuthError
+
+
 class Verifier:
     def __init__(
         self,
@@ -125,28 +176,86 @@ class Verifier:
     # --- lifecycle ----------------------------------------------------------
 
     @classmethod
-    def init(cls, directory: Path, name: str, *, clock: Clock = time.time) -> Verifier:
-        """Create a new verifier (identity, keys, database) in ``directory``."""
+    def init(
+        cls,
+        directory: Path,
+        name: str,
+        *,
+        clock: Clock = time.time,
+        database: str | None = None,
+        hsm: str | None = None,
+    ) -> Verifier:
+        """Create a new verifier in ``directory``: identity, keys (a 0600 key file, or
+        key pairs generated in the PKCS#11 token ``hsm``) and the database schema
+        (SQLite in ``directory``, or the PostgreSQL ``database`` DSN)."""
         ensure_private_dir(directory)
         if (directory / "identity.json").exists():
             raise StateError(f"a verifier exists already in {directory}")
         if not name or len(name) > 64:
             raise InvalidInput("verifier name must be 1 to 64 characters")
-        keys = FileVerifierKeys.create(directory / "keys.pem")
+        store = _open_store(directory, database)
+        try:
+            keys: VerifierKeys
+            spec: dict[str, Any] = {}
+            if hsm:
+                hsm_keys = Pkcs11VerifierKeys.create(hsm)
+                keys, spec["keys"] = hsm_keys, hsm_keys.to_json()
+            else:
+                keys = FileVerifierKeys.create(directory / "keys.pem")
+        except BaseException:
+            store.close()
+            raise
         identity = VerifierIdentity(verifier_id=os.urandom(8), name=name)
-        atomic_write_json(directory / "identity.json", identity.to_json())
-        return cls(identity, keys, _open_store(directory), clock=clock)
+        spec["store"] = {"engine": store.engine}
+        atomic_write_json(directory / "identity.json", {**identity.to_json(), **spec})
+        log.info("verifier created engine=%s keys=%s", store.engine, keys.kind)
+        return cls(identity, keys, store, clock=clock)
 
     @classmethod
-    def open(cls, directory: Path, *, clock: Clock = time.time) -> Verifier:
+    def open(
+        cls,
+        directory: Path,
+        *,
+        clock: Clock = time.time,
+        database: str | None = None,
+        hsm: str | None = None,
+    ) -> Verifier:
+        """Open the verifier in ``directory``. ``database`` is required when it was
+        created on PostgreSQL (a DSN may carry a password, so it is not stored);
+        ``hsm`` overrides the token URI recorded at init (e.g. another PIN file)."""
         if not (directory / "identity.json").exists():
             raise StateError(f"no verifier in {directory}; run 'hsm-auth verifier init' first")
-        identity = VerifierIdentity.from_json(read_json(directory / "identity.json"))
-        keys = FileVerifierKeys.load(directory / "keys.pem")
-        return cls(identity, keys, _open_store(directory), clock=clock)
+        raw = read_json(directory / "identity.json")
+        identity = VerifierIdentity.from_json(raw)
+        engine = (raw.get("store") or {}).get("engine", "sqlite")
+        if engine != "sqlite" and not database:
+            raise ConfigError(
+                f"this verifier's database is {engine}: give its DSN "
+                "(--db, [verifier] database, or HSM_AUTH_VERIFIER_DATABASE)"
+            )
+        keys = load_keys(directory, raw.get("keys"), hsm)
+        try:
+            store = _open_store(directory, database)
+        except BaseException:
+            keys.close()
+            raise
+        if store.engine != engine:
+            store.close()
+            keys.close()
+            raise ConfigError(f"this verifier was created on {engine}, not {store.engine}")
+        return cls(identity, keys, store, clock=clock)
 
     def close(self) -> None:
-        self.store.close()
+        try:
+            self.store.close()
+        finally:
+            self.keys.close()
+
+    def __enter__(self) -> Verifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _now(self) -> int:
         return int(self._clock())
@@ -177,11 +286,19 @@ class Verifier:
             replace=replace,
             expires=self._now() + self.identity.offer_ttl,
         )
-        self.store.put_offer(
-            OfferRecord(offer.offer_id, user, offer.methods, replace, offer.expires)
+        text = offer.to_text(self.keys.sign_raw)
+        record = AuditRecord(
+            self._now(),
+            Event.OFFER,
+            user,
+            ",".join(m.value for m in offer.methods),
+            detail="replace" if replace else None,
         )
-        log.info("offer created user=%s methods=%s", user, [m.value for m in offer.methods])
-        return offer, offer.to_text(self.keys.sign_raw)
+        self.store.put_offer(
+            OfferRecord(offer.offer_id, user, offer.methods, replace, offer.expires), record
+        )
+        audit.emit([record])
+        return offer, text
 
     def accept_enrollment(self, text: str) -> CredentialRecord:
         """Check an enrollment response and record the credential."""
@@ -193,6 +310,22 @@ class Verifier:
             ec.verify(signing_key, signed.signature, signed.body)  # proof of possession
         elif response.attestation is None:
             raise InvalidInput("enrollment response carries neither signature nor attestation")
+        else:  # FIDO2: attestation + assertion bound to this offer, user, method and OTP key
+            from .webauthn_proof import enrollment_binding, verify_enrollment_attestation
+
+            verify_enrollment_attestation(
+                response.attestation,
+                response.signing_key,
+                enrollment_binding(response.offer_id, response.user, response.method),
+                response.wrapped_otp_key,
+                initial_atc=response.initial_atc,
+            )
+        if response.agreement_key is None and response.wrapped_otp_key is None:
+            raise InvalidInput("enrollment response carries no OTP key agreement")
+        if response.agreement_key is not None:
+            ec.decode_point(response.agreement_key)
+        if not 0 <= response.initial_atc <= MAX_ATC - self.identity.resync_window - 1:
+            raise InvalidInput("the initial ATC is out of range")
         offer = self.store.take_offer(response.offer_id)
         if offer is None:
             raise InvalidInput("unknown or already used enrollment offer")
@@ -202,29 +335,41 @@ class Verifier:
             raise InvalidInput("enrollment response is for another user")
         if response.method not in offer.methods:
             raise UnknownMethod(f"the offer does not allow the {response.method.value} method")
-        if response.wrapped_otp_key is not None:
-            self.keys.unwrap_otp_key(response.wrapped_otp_key)  # must decrypt now, not at login
+        if response.wrapped_otp_key is not None and response.agreement_key is None:
+            self.keys.check_wrapped(response.wrapped_otp_key)  # must decrypt now, not at login
         record = CredentialRecord(
             user=response.user,
             method=response.method,
             backend=response.backend,
             signing_key=response.signing_key,
             agreement_key=response.agreement_key,
-            wrapped_otp_key=response.wrapped_otp_key,
+            wrapped_otp_key=response.wrapped_otp_key if response.agreement_key is None else None,
             suite=self.identity.suite,
             atc=response.initial_atc,
             created=self._now(),
         )
-        try:
-            saved = self.store.save_credential(record, replace=offer.replace)
-        except AlreadyEnrolled:
-            log.info(
-                "enrollment refused user=%s method=%s: exists", record.user, record.method.value
-            )
-            raise
-        log.info(
-            "enrolled user=%s method=%s backend=%s", saved.user, saved.method.value, saved.backend
+        entry = AuditRecord(
+            self._now(),
+            Event.ENROLL,
+            record.user,
+            record.method.value,
+            atc=record.atc,
+            detail=record.backend[:40],
         )
+        try:
+            saved = self.store.save_credential(record, replace=offer.replace, audit=entry)
+        except AlreadyEnrolled:
+            refused = AuditRecord(
+                self._now(),
+                Event.ENROLL_REFUSED,
+                record.user,
+                record.method.value,
+                reason=Reason.ALREADY_ENROLLED,
+            )
+            self.store.apply([Note(refused)])
+            audit.emit([refused])
+            raise
+        audit.emit([entry])
         return saved
 
     # --- sessions -----------------------------------------------------------
@@ -251,90 +396,166 @@ class Verifier:
             methods=allowed,
             expires=self._now() + self.identity.session_ttl,
         )
-        self.store.put_session(
-            SessionRecord(data.session_id, user, data.challenge, context, allowed, data.expires)
+        text = data.to_text(self.keys.sign_raw)
+        record = AuditRecord(
+            self._now(),
+            Event.SESSION,
+            user,
+            ",".join(m.value for m in allowed),
+            data.session_id.hex(),
         )
-        log.info("session started user=%s session=%s", user, data.session_id.hex())
-        return Session(data.session_id, data, data.to_text(self.keys.sign_raw))
+        self.store.put_session(
+            SessionRecord(data.session_id, user, data.challenge, context, allowed, data.expires),
+            record,
+        )
+        audit.emit([record])
+        return Session(data.session_id, data, text)
 
     # --- verification -------------------------------------------------------
 
-    def _otp_key(self, cred: CredentialRecord) -> bytes:
-        if cred.agreement_key is not None:
-            return self.keys.shared_secret(ec.decode_point(cred.agreement_key))
-        assert cred.wrapped_otp_key is not None
-        return self.keys.unwrap_otp_key(cred.wrapped_otp_key)
-
-    def _otp(self, key: bytes, atc: int, question: bytes) -> str:
-        return ocra.generate(self._suite, key, counter=atc, question=question.hex())
-
     def _check_format(self, otp: str) -> str:
+        if not isinstance(otp, str):
+            raise InvalidInput(f"an OTP is {self._suite.digits} digits")
         otp = otp.strip()
         if len(otp) != self._suite.digits or not otp.isascii() or not otp.isdigit():
             raise InvalidInput(f"an OTP is {self._suite.digits} digits")
         return otp
 
-    def _open_session(self, session_id: bytes) -> tuple[SessionRecord, list[CredentialRecord]]:
-        session = self.store.session(session_id)
-        if session is None:
-            log.warning("refused session=%s: unknown session", session_id.hex())
-            raise InvalidToken()
-        if session.used:
-            log.warning("refused session=%s: session already used", session_id.hex())
-            raise InvalidToken()
-        if session.expires < self._now():
-            log.warning("refused session=%s: session expired", session_id.hex())
-            raise InvalidToken()
-        creds = [c for c in self.store.credentials(session.user) if c.method in session.methods]
-        usable = [c for c in creds if not c.locked]
-        if not usable:
-            log.warning("refused session=%s user=%s: locked", session_id.hex(), session.user)
-            raise InvalidToken()
-        return session, usable
-
     def verify(self, session_id: bytes, otp: str) -> Acceptance:
-        """Accept ``otp`` for the session or raise :class:`InvalidToken`."""
-        otp = self._check_format(otp)
-        session, creds = self._open_session(session_id)
-        question = otp_question(session.challenge, session.context)
-        for cred in creds:
-            key = self._otp_key(cred)
-            for atc in range(cred.atc + 1, cred.atc + self.identity.window + 1):
-                if hmac.compare_digest(self._otp(key, atc, question), otp):
-                    return self._accept(session, cred, atc)
-        return self._refuse(session, creds, "no match in window")
+        """Accept ``otp`` for the session or raise :class:`InvalidToken` (InvalidInput
+        for an OTP that is not ``digits`` decimal digits, StateError when the
+        database fails: then nothing was changed)."""
+        return _unwrap(self.verify_many([(session_id, otp)])[0])
+
+    def verify_many(self, requests: Sequence[tuple[bytes, str]]) -> list[Result]:
+        """Check many (session id, OTP) pairs with one durable commit (group commit).
+
+        Returns, in order, an :class:`Acceptance` or the error (InvalidToken,
+        InvalidInput) for each pair. Raises StateError, with nothing committed,
+        if the database fails."""
+        return self._run([_Request(i, sid, (otp,)) for i, (sid, otp) in enumerate(requests)])
 
     def resync(self, session_id: bytes, first_otp: str, second_otp: str) -> Acceptance:
         """Accept two consecutive OTPs for one session beyond the window (RFC 4226 §7.4)."""
-        first, second = self._check_format(first_otp), self._check_format(second_otp)
-        session, creds = self._open_session(session_id)
-        question = otp_question(session.challenge, session.context)
-        for cred in creds:
-            key = self._otp_key(cred)
-            for atc in range(cred.atc + 1, cred.atc + self.identity.resync_window + 1):
-                if hmac.compare_digest(self._otp(key, atc, question), first) and (
-                    hmac.compare_digest(self._otp(key, atc + 1, question), second)
-                ):
-                    log.info("resync user=%s method=%s", cred.user, cred.method.value)
-                    return self._accept(session, cred, atc + 1)
-        return self._refuse(session, creds, "resync found no consecutive pair")
+        return _unwrap(self._run([_Request(0, session_id, (first_otp, second_otp))])[0])
 
-    def _accept(self, session: SessionRecord, cred: CredentialRecord, atc: int) -> Acceptance:
-        if not self.store.accept(session.session_id, cred.id, cred.atc, atc):
-            log.warning(
-                "refused session=%s: lost compare-and-swap (replay)", session.session_id.hex()
-            )
-            raise InvalidToken()
-        log.info("accepted user=%s method=%s atc=%d", cred.user, cred.method.value, atc)
-        return Acceptance(cred.user, cred.method, atc)
+    def _run(self, requests: Sequence[_Request]) -> list[Result]:
+        results: dict[int, Result] = {}
+        now = self._now()
+        notes: list[tuple[_Request, Change]] = []
+        pending: list[_Request] = []
+        for req in requests:
+            try:
+                pending.append(
+                    _Request(req.index, req.session_id, tuple(map(self._check_format, req.otps)))
+                )
+            except InvalidInput as e:
+                results[req.index] = e
+                record = AuditRecord(
+                    now, Event.REFUSE, session=req.session_id.hex(), reason=Reason.MALFORMED_OTP
+                )
+                notes.append((req, Note(record)))
+        for _ in range(MAX_ROUNDS):
+            if not pending and not notes:
+                break
+            decided = notes + self._decide_all(pending, now)
+            notes = []
+            applied = self.store.apply([change for _, change in decided])  # the durable commit
+            pending = []
+            for (req, change), outcome in zip(decided, applied, strict=True):
+                audit.emit(outcome.records)
+                if outcome.status is Status.STALE:
+                    pending.append(req)  # the ATC moved under us: read and check again
+                elif req.index in results:
+                    continue
+                elif outcome.status is Status.DONE and isinstance(change, Accept):
+                    r = change.record
+                    assert r.user is not None and r.method is not None and r.atc is not None
+                    results[req.index] = Acceptance(r.user, Method(r.method), r.atc)
+                else:
+                    results[req.index] = InvalidToken()
+        if pending:
+            refusals = [
+                AuditRecord(
+                    now, Event.REFUSE, session=req.session_id.hex(), reason=Reason.CONTENTION
+                )
+                for req in pending
+            ]
+            self.store.apply([Note(r) for r in refusals])
+            audit.emit(refusals)
+            for req in pending:
+                results[req.index] = InvalidToken()
+        return [results[req.index] for req in requests]
 
-    def _refuse(
-        self, session: SessionRecord, creds: Iterable[CredentialRecord], why: str
-    ) -> Acceptance:
-        ids = [c.id for c in creds]
-        self.store.record_failure(ids, self.identity.lockout_threshold)
-        log.warning("refused session=%s user=%s: %s", session.session_id.hex(), session.user, why)
-        raise InvalidToken()
+    def _decide_all(self, pending: Sequence[_Request], now: int) -> list[tuple[_Request, Change]]:
+        if not pending:
+            return []
+        sessions, creds = self.store.snapshot(r.session_id for r in pending)
+        return [
+            (req, self._decide(req, sessions.get(req.session_id), creds, now)) for req in pending
+        ]
+
+    def _decide(
+        self,
+        req: _Request,
+        session: SessionRecord | None,
+        creds_by_user: dict[str, list[CredentialRecord]],
+        now: int,
+    ) -> Change:
+        sid = req.session_id.hex()
+        if session is None:
+            return Note(AuditRecord(now, Event.REFUSE, session=sid, reason=Reason.UNKNOWN_SESSION))
+        base = AuditRecord(now, Event.REFUSE, session.user, None, sid)
+        if session.used:
+            return Note(base.refused(Reason.SESSION_USED))
+        if session.expires < now:
+            return Note(base.refused(Reason.SESSION_EXPIRED))
+        creds = [c for c in creds_by_user.get(session.user, []) if c.method in session.methods]
+        usable = [c for c in creds if not c.locked]
+        if not usable:
+            return Note(base.refused(Reason.LOCKED if creds else Reason.CREDENTIAL_GONE))
+        question = otp_question(session.challenge, session.context).hex()
+        resync = len(req.otps) == 2
+        for cred in usable:
+            atc = self._match(cred, question, req.otps)
+            if atc is not None:
+                record = AuditRecord(
+                    now,
+                    Event.RESYNC if resync else Event.ACCEPT,
+                    cred.user,
+                    cred.method.value,
+                    sid,
+                    atc=atc,
+                )
+                return Accept(session.session_id, cred.id, cred.atc, atc, now, record)
+        why = Reason.RESYNC_NO_PAIR if resync else Reason.NO_MATCH
+        method = usable[0].method.value if len(usable) == 1 else None
+        return Failure(
+            tuple(c.id for c in usable),
+            self.identity.lockout_threshold,
+            AuditRecord(now, Event.REFUSE, session.user, method, sid, why),
+        )
+
+    def _match(self, cred: CredentialRecord, question: str, otps: tuple[str, ...]) -> int | None:
+        """The ATC the OTP(s) were made with, searched after the stored ATC; or None.
+        For a resync (two OTPs) the ATC of the second one."""
+        suite = self._suite
+        window = self.identity.resync_window if len(otps) == 2 else self.identity.window
+        last = min(cred.atc + window, MAX_ATC - 1)
+        with self.keys.otp_macs(cred) as mac:
+
+            def otp_at(atc: int) -> str:
+                return ocra.truncate(
+                    mac(suite.data_input(counter=atc, question=question)), suite.digits
+                )
+
+            for atc in range(cred.atc + 1, last + 1):
+                if hmac.compare_digest(otp_at(atc), otps[0]):
+                    if len(otps) == 1:
+                        return atc
+                    if hmac.compare_digest(otp_at(atc + 1), otps[1]):
+                        return atc + 1
+        return None
 
     # --- administration -----------------------------------------------------
 
@@ -345,8 +566,24 @@ class Verifier:
         raise UnknownMethod(f"{user!r} has no {method.value} method enrolled")
 
     def unlock(self, user: str, method: Method) -> None:
-        self.store.unlock(self.credential(user, method).id)
-        log.info("unlocked user=%s method=%s", user, method.value)
+        record = AuditRecord(self._now(), Event.UNLOCK, user, method.value)
+        self.store.unlock(self.credential(user, method).id, record)
+        audit.emit([record])
+
+    def revoke(self, user: str, method: Method) -> None:
+        """Delete the credential of (user, method): its sessions are refused from now on."""
+        record = AuditRecord(self._now(), Event.REVOKE, user, method.value)
+        if not self.store.revoke(self.credential(user, method).id, record):
+            raise UnknownMethod(f"{user!r} has no {method.value} method enrolled")
+        audit.emit([record])
+
+    def show(self, user: str, *, recent: int = 20) -> UserState:
+        """Counters, failures and lockout of each method of ``user``, with recent audit."""
+        _check_user(user)
+        creds = self.store.credentials(user)
+        if not creds:
+            raise UnknownMethod(f"{user!r} has no enrolled method")
+        return UserState(user, tuple(creds), tuple(self.store.audit_records(user, recent)))
 
     def sync_message(self, user: str, method: Method) -> str:
         """Signed message telling the authenticator which ATC the verifier has accepted."""
@@ -361,12 +598,18 @@ class Verifier:
         return message.to_text(self.keys.sign_raw)
 
 
+def _unwrap(result: Result) -> Acceptance:
+    if isinstance(result, HsmAuthError):
+        raise result
+    return result
+
+
 def _check_user(user: str) -> None:
     if not user or len(user) > 64 or any(ord(c) < 33 for c in user):
         raise InvalidInput("user name must be 1 to 64 printable characters without spaces")
 
 
-def _open_store(directory: Path) -> VerifierStore:
-    from .store.sqlite import SqliteStore
+def _open_store(directory: Path, database: str | None) -> VerifierStore:
+    return open_store(database or (directory / SQLITE_FILE))
 
-    return SqliteStore(directory / "verifier.db")
+

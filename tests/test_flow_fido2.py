@@ -226,3 +226,23 @@ def test_enrollment_response_is_unsigned_and_carries_the_wrapped_key(verifier, a
     assert response.wrapped_otp_key is not None
     assert verifier.keys.unwrap_otp_key(response.wrapped_otp_key)  # decrypts for the verifier
     ec.decode_point(response.signing_key)
+
+
+def test_verifier_refuses_an_attestation_bound_to_another_offer(verifier, authenticator):  # type: ignore[no-untyped-def]
+    """The verifier itself checks the FIDO2 enrollment proof: a response moved to
+    another offer (a replayed or redirected enrollment) is refused, and the
+    untouched response is accepted."""
+    import dataclasses
+
+    from hsm_auth.errors import UntrustedMessage
+    from hsm_auth.protocol import EnrollmentOffer, EnrollmentResponse
+
+    _, offer_a = verifier.create_offer("mallory", methods=[Method.BIOMETRIC])
+    _, offer_b = verifier.create_offer("mallory", methods=[Method.BIOMETRIC])
+    response_a = authenticator.add_or_update(Method.BIOMETRIC, offer_a)
+    parsed, _ = EnrollmentResponse.from_text(response_a)
+    other, _ = EnrollmentOffer.from_text(offer_b)
+    moved = dataclasses.replace(parsed, offer_id=other.offer_id)
+    with pytest.raises(UntrustedMessage):
+        verifier.accept_enrollment(moved.to_text(None))
+    assert verifier.accept_enrollment(response_a).method is Method.BIOMETRIC

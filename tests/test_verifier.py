@@ -1,17 +1,22 @@
 """The verifier's rules, checked against a device simulated in pure Python
-(ECDH + OCRA done in memory): window, replay, resync, lockout, expiry, enrollment."""
+(ECDH + OCRA done in memory): window, replay, resync, lockout, expiry, enrollment.
+
+Every test runs on both engines: the embedded SQLite file and a real PostgreSQL
+server started for the session (skipped with a reason where it is missing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from _verifier_device import Clock, PythonDevice
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
-from hsm_auth import ec, ocra
+from hsm_auth import ec
 from hsm_auth.errors import (
     AlreadyEnrolled,
+    DecodeError,
     ExpiredMessage,
     InvalidInput,
     InvalidToken,
@@ -19,57 +24,10 @@ from hsm_auth.errors import (
     UntrustedMessage,
 )
 from hsm_auth.methods import Method
-from hsm_auth.protocol import EnrollmentOffer, EnrollmentResponse, otp_question
+from hsm_auth.protocol import EnrollmentOffer
 from hsm_auth.verifier import Verifier
 
-SUITE = ocra.OcraSuite.parse(ocra.OTP_SUITE)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class PythonDevice:
-    """What a token does, in memory: signing key, ECDH-derived OTP key, counter."""
-
-    def __init__(self) -> None:
-        self.signing = cec.generate_private_key(cec.SECP256R1())
-        self.agreement = cec.generate_private_key(cec.SECP256R1())
-        self.atc = 0
-        self.otp_key = b""
-
-    def enroll(self, offer_text: str, method: Method, *, sign_with=None) -> str:
-        offer, _ = EnrollmentOffer.from_text(offer_text)
-        self.otp_key = self.agreement.exchange(
-            cec.ECDH(), ec.decode_point(offer.verifier_agreement_key)
-        )
-        response = EnrollmentResponse(
-            offer.verifier_id,
-            offer.offer_id,
-            offer.user,
-            method,
-            "python",
-            ec.encode_point(self.signing.public_key()),
-            ec.encode_point(self.agreement.public_key()),
-            None,
-            self.atc,
-            None,
-        )
-        key = sign_with or self.signing
-        return response.to_text(
-            lambda body: ec.der_to_raw(key.sign(body, cec.ECDSA(hashes.SHA256())))
-        )
-
-    def otp(self, session, *, atc: int | None = None) -> str:
-        if atc is None:
-            self.atc += 1
-            atc = self.atc
-        q = otp_question(session.data.challenge, session.data.context).hex()
-        return ocra.generate(SUITE, self.otp_key, counter=atc, question=q)
+ENGINES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture
@@ -77,9 +35,18 @@ def clock():
     return Clock()
 
 
+@pytest.fixture(params=ENGINES)
+def database(request):
+    """None: the embedded SQLite file; else a DSN with a fresh schema on a real
+    PostgreSQL server started for the test session."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_dsn")
+
+
 @pytest.fixture
-def verifier(tmp_path, clock):
-    v = Verifier.init(tmp_path / "verifier", "Test verifier", clock=clock)
+def verifier(tmp_path, clock, database):
+    v = Verifier.init(tmp_path / "verifier", "Test verifier", clock=clock, database=database)
     yield v
     v.close()
 
@@ -233,13 +200,144 @@ def test_re_enrollment_needs_a_replace_offer(verifier, device):
     assert verifier.verify(s.session_id, new.otp(s)).atc == 1
 
 
-def test_state_survives_reopening(tmp_path, clock, verifier, device):
+def test_state_survives_reopening(tmp_path, clock, verifier, device, database):
     s = verifier.start_session("alice", "ctx")
     verifier.verify(s.session_id, device.otp(s))
     verifier.close()
-    reopened = Verifier.open(tmp_path / "verifier", clock=clock)
+    reopened = Verifier.open(tmp_path / "verifier", clock=clock, database=database)
     try:
         assert reopened.credential("alice", Method.DEVICE).atc == 1
         assert (tmp_path / "verifier" / "keys.pem").stat().st_mode & 0o777 == 0o600
     finally:
         reopened.close()
+
+
+# --- batches, audit trail, FIDO2-style wrapped keys, administration -------------
+
+
+def test_verify_many_gives_one_result_per_request(verifier, device):
+    good = [verifier.start_session("alice", f"ctx {i}") for i in range(3)]
+    otps = [device.otp(s) for s in good]
+    results = verifier.verify_many(
+        [
+            (good[0].session_id, otps[0]),
+            (good[0].session_id, otps[0]),  # the same OTP again in the same batch
+            (good[1].session_id, "00000000"),
+            (good[2].session_id, "12ab"),
+            (b"\x01" * 16, otps[2]),
+            (good[2].session_id, otps[2]),
+        ]
+    )
+    assert results[0].atc == 1
+    assert isinstance(results[1], InvalidToken)
+    assert isinstance(results[2], InvalidToken)
+    assert isinstance(results[3], InvalidInput)
+    assert isinstance(results[4], InvalidToken)
+    assert results[5].atc == 3
+    cred = verifier.credential("alice", Method.DEVICE)
+    assert (cred.atc, cred.failures) == (3, 0)  # the success after the failure reset it
+
+
+def test_audit_trail_records_every_event_with_reasons_and_no_otp(verifier, device, clock):
+    s = verifier.start_session("alice", "ctx")
+    good = device.otp(s)
+    with pytest.raises(InvalidInput):
+        verifier.verify(s.session_id, "123")
+    with pytest.raises(InvalidToken):
+        verifier.verify(b"\x02" * 16, good)
+    with pytest.raises(InvalidToken):
+        verifier.verify(s.session_id, "00000000")
+    verifier.verify(s.session_id, good)
+    with pytest.raises(InvalidToken):
+        verifier.verify(s.session_id, good)
+    late = verifier.start_session("alice", "late")
+    clock.now += verifier.identity.session_ttl + 1
+    with pytest.raises(InvalidToken):
+        verifier.verify(late.session_id, device.otp(late))
+    records = verifier.store.audit_records(limit=1000)
+    events = [(r.event.value, r.reason.value if r.reason else None) for r in records]
+    assert events == [
+        ("offer", None),
+        ("enroll", None),
+        ("session", None),
+        ("refuse", "malformed-otp"),
+        ("refuse", "unknown-session"),
+        ("refuse", "no-match"),
+        ("accept", None),
+        ("refuse", "session-used"),
+        ("session", None),
+        ("refuse", "session-expired"),
+    ]
+    accepted = records[6]
+    assert (accepted.user, accepted.method, accepted.atc) == ("alice", "device", 1)
+    assert accepted.session == s.session_id.hex()
+    text = "\n".join(r.to_json() for r in records)
+    for otp in device.otps:
+        assert otp not in text
+
+
+def test_lockout_and_unlock_are_audited(verifier, device):
+    s = verifier.start_session("alice", "ctx")
+    for _ in range(verifier.identity.lockout_threshold):
+        with pytest.raises(InvalidToken):
+            verifier.verify(s.session_id, "00000000")
+    with pytest.raises(InvalidToken):
+        verifier.verify(s.session_id, device.otp(s))
+    verifier.unlock("alice", Method.DEVICE)
+    last = [
+        (r.event.value, r.reason.value if r.reason else None)
+        for r in verifier.store.audit_records("alice", 4)
+    ]
+    assert last == [
+        ("refuse", "no-match"),
+        ("lockout", None),
+        ("refuse", "locked"),
+        ("unlock", None),
+    ]
+    kinds = [r.event.value for r in verifier.store.audit_records("alice", 1000)]
+    assert kinds.count("lockout") == 1
+
+
+def test_fido2_style_wrapped_key_is_stored_as_ciphertext_and_works(verifier):
+    d = PythonDevice(wrapped=True)
+    _, offer = verifier.create_offer("bob", methods=[Method.BIOMETRIC])
+    verifier.accept_enrollment(d.enroll(offer, Method.BIOMETRIC))
+    cred = verifier.credential("bob", Method.BIOMETRIC)
+    assert cred.agreement_key is None and cred.wrapped_otp_key is not None
+    assert d.otp_key not in cred.wrapped_otp_key
+    s = verifier.start_session("bob", "ctx")
+    assert verifier.verify(s.session_id, d.otp(s)).method is Method.BIOMETRIC
+
+
+def test_wrapped_key_that_does_not_decrypt_is_refused_at_enrollment(verifier):
+    d = PythonDevice(wrapped=True)
+    _, offer = verifier.create_offer("bob", methods=[Method.FACE])
+    other = cec.generate_private_key(cec.SECP256R1()).public_key()
+    parsed, _ = EnrollmentOffer.from_text(offer)
+    # Wrapped to a key that is not the verifier's: refused now, not at the first login.
+    fake = dataclasses.replace(parsed, verifier_agreement_key=ec.encode_point(other))
+    response = d.enroll(fake.to_text(verifier.keys.sign_raw), Method.FACE)
+    with pytest.raises(DecodeError):
+        verifier.accept_enrollment(response)
+    with pytest.raises(UnknownMethod):
+        verifier.credential("bob", Method.FACE)
+
+
+def test_revoke_refuses_open_sessions_and_show_reports_state(verifier, device):
+    s = verifier.start_session("alice", "ctx")
+    otp = device.otp(s)
+    with pytest.raises(InvalidToken):
+        verifier.verify(s.session_id, "00000000")
+    state = verifier.show("alice")
+    assert [(c.method, c.atc, c.failures, c.locked) for c in state.credentials] == [
+        (Method.DEVICE, 0, 1, False)
+    ]
+    assert state.recent[-1].reason.value == "no-match"
+    verifier.revoke("alice", Method.DEVICE)
+    with pytest.raises(InvalidToken):
+        verifier.verify(s.session_id, otp)
+    assert verifier.store.audit_records("alice", 1)[0].reason.value == "credential-gone"
+    with pytest.raises(UnknownMethod):
+        verifier.revoke("alice", Method.DEVICE)
+    with pytest.raises(UnknownMethod):
+        verifier.show("alice")

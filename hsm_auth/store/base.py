@@ -1,18 +1,32 @@
 """The verifier store interface.
 
-The store holds no usable secret: public keys, counters, sessions, and OTP keys
-only as ciphertext for the verifier's own key. Every state change that guards
-against replay is atomic: :meth:`VerifierStore.accept` is a compare-and-swap of
-the stored ATC together with burning the session.
+The store holds no usable secret: public keys, counters, sessions, audit
+records, and OTP keys only as ciphertext for the verifier's own key. Every state
+change that guards against replay is atomic:
+
+* :class:`Accept` burns the session and advances the stored ATC by
+  compare-and-swap (from exactly ``old_atc``), both or neither;
+* :class:`Failure` counts one consecutive failure per credential and locks it at
+  the threshold, in the same statement;
+* :meth:`VerifierStore.apply` commits a whole batch of such changes, with their
+  audit records, in one durable transaction (group commit): when it returns,
+  every change it reports as done is on disk.
 """
 
 from __future__ import annotations
 
+import enum
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from ..audit import AuditRecord, Event, Reason
 from ..methods import Method
+
+#: Stored counters are signed 64-bit integers in both engines.
+MAX_ATC = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class CredentialRecord:
     failures: int = 0
     locked: bool = False
     id: int = 0
+    last_used: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,10 +66,70 @@ class SessionRecord:
     used: bool = False
 
 
+# --- batched state changes ---------------------------------------------------
+
+
+class Status(enum.Enum):
+    DONE = "done"
+    SESSION_GONE = "session-gone"  # used or expired meanwhile (or unknown)
+    STALE = "stale"  # the ATC is no longer old_atc: re-read and check again
+    LOCKED = "locked"
+    CREDENTIAL_GONE = "credential-gone"  # revoked or replaced meanwhile
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Burn ``session_id`` and move the ATC of ``credential_id`` from ``old_atc`` to
+    ``new_atc`` (resetting failures), if the session is unused and not expired at
+    ``now``, the credential unlocked and its ATC still ``old_atc``."""
+
+    session_id: bytes
+    credential_id: int
+    old_atc: int
+    new_atc: int
+    now: int
+    record: AuditRecord
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Count one consecutive failure against each credential; lock at ``lock_after``."""
+
+    credential_ids: tuple[int, ...]
+    lock_after: int
+    record: AuditRecord
+
+
+@dataclass(frozen=True)
+class Note:
+    """Only an audit record (a refusal that changes no state)."""
+
+    record: AuditRecord
+
+
+Change = Accept | Failure | Note
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`VerifierStore.apply` did with one change, and the audit records it wrote."""
+
+    status: Status
+    records: tuple[AuditRecord, ...] = ()
+
+
 class VerifierStore(ABC):
+    """One interface, several engines (SQLite, PostgreSQL): see :func:`open_store`."""
+
+    #: ``"sqlite"`` or ``"postgresql"``.
+    engine: str = ""
+
+    @abstractmethod
+    def schema_version(self) -> int: ...
+
     # --- offers -------------------------------------------------------------
     @abstractmethod
-    def put_offer(self, offer: OfferRecord) -> None: ...
+    def put_offer(self, offer: OfferRecord, audit: AuditRecord | None = None) -> None: ...
 
     @abstractmethod
     def take_offer(self, offer_id: bytes) -> OfferRecord | None:
@@ -62,36 +137,83 @@ class VerifierStore(ABC):
 
     # --- credentials --------------------------------------------------------
     @abstractmethod
-    def save_credential(self, record: CredentialRecord, *, replace: bool) -> CredentialRecord:
+    def save_credential(
+        self, record: CredentialRecord, *, replace: bool, audit: AuditRecord | None = None
+    ) -> CredentialRecord:
         """Insert (or, with ``replace``, overwrite) the credential of (user, method).
         Raises AlreadyEnrolled when it exists and ``replace`` is false."""
 
     @abstractmethod
     def credentials(self, user: str) -> list[CredentialRecord]: ...
 
+    def credentials_of(self, users: Iterable[str]) -> dict[str, list[CredentialRecord]]:
+        """The credentials of several users at once (one query where the engine can)."""
+        return {u: self.credentials(u) for u in dict.fromkeys(users)}
+
     @abstractmethod
     def all_credentials(self) -> list[CredentialRecord]: ...
 
     # --- sessions -----------------------------------------------------------
     @abstractmethod
-    def put_session(self, session: SessionRecord) -> None: ...
+    def put_session(self, session: SessionRecord, audit: AuditRecord | None = None) -> None: ...
+
+    def put_sessions(
+        self, sessions: Sequence[SessionRecord], audits: Sequence[AuditRecord] = ()
+    ) -> None:
+        """Store many sessions (one transaction where the engine can)."""
+        for i, session in enumerate(sessions):
+            self.put_session(session, audits[i] if i < len(audits) else None)
 
     @abstractmethod
     def session(self, session_id: bytes) -> SessionRecord | None: ...
 
-    # --- counters and lockout -----------------------------------------------
-    @abstractmethod
-    def accept(self, session_id: bytes, credential_id: int, old_atc: int, new_atc: int) -> bool:
-        """In one durable transaction: burn the unused session and move the ATC from
-        ``old_atc`` to ``new_atc`` (resetting failures). False, changing nothing, if the
-        session was used or the ATC was no longer ``old_atc`` (another worker won)."""
+    def sessions(self, session_ids: Iterable[bytes]) -> dict[bytes, SessionRecord]:
+        """Several sessions at once; unknown ids are absent from the result."""
+        found = {sid: self.session(sid) for sid in dict.fromkeys(session_ids)}
+        return {sid: s for sid, s in found.items() if s is not None}
 
+    def snapshot(
+        self, session_ids: Iterable[bytes]
+    ) -> tuple[dict[bytes, SessionRecord], dict[str, list[CredentialRecord]]]:
+        """The sessions and the credentials of their users, read as of **one** point
+        in time, so that a check never pairs an unused session with the counter
+        that another worker's acceptance of that very session already moved.
+        Engines must override this default, which reads twice."""
+        sessions = self.sessions(session_ids)
+        return sessions, self.credentials_of(s.user for s in sessions.values())
+
+    # --- counters, lockout, audit -------------------------------------------
     @abstractmethod
+    def apply(self, changes: Sequence[Change]) -> list[Applied]:
+        """Apply every change in one durable transaction (all or none on error);
+        one :class:`Applied` per change, in order."""
+
+    def accept(
+        self, session_id: bytes, credential_id: int, old_atc: int, new_atc: int, now: int = 0
+    ) -> bool:
+        """One :class:`Accept` (compare-and-swap); True if it was done."""
+        record = AuditRecord(int(time.time()), Event.ACCEPT, session=session_id.hex(), atc=new_atc)
+        [done] = self.apply([Accept(session_id, credential_id, old_atc, new_atc, now, record)])
+        return done.status is Status.DONE
+
     def record_failure(self, credential_ids: list[int], lock_after: int) -> None:
-        """Count one consecutive failure against each credential; lock at ``lock_after``."""
+        record = AuditRecord(int(time.time()), Event.REFUSE, reason=Reason.NO_MATCH)
+        self.apply([Failure(tuple(credential_ids), lock_after, record)])
 
     @abstractmethod
-    def unlock(self, credential_id: int) -> None: ...
+    def unlock(self, credential_id: int, audit: AuditRecord | None = None) -> None: ...
+
+    @abstractmethod
+    def revoke(self, credential_id: int, audit: AuditRecord | None = None) -> bool:
+        """Delete a credential (public keys, counter, wrapped key). False if absent."""
+
+    @abstractmethod
+    def audit_records(self, user: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        """The newest audit records (of ``user``), oldest first."""
+
+    def purge(self, now: int) -> int:
+        """Delete sessions and offers that expired before ``now``; returns how many."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -1,0 +1,194 @@
+"""Verifier throughput, in one run:
+
+1. OCRA checks/s of pure computation (key known, no ECDH, no database): the floor;
+2. the same with the per-check ECDH that derives the OTP key (file keys);
+3. durable verifications/s on SQLite, 1 process (WAL, synchronous=FULL), with
+   group commit (``Verifier.verify_many``) and, for comparison, one commit each;
+4. durable verifications/s on PostgreSQL (a throw-away server started here,
+   fsync=on, synchronous_commit=on) with 1 and 2 processes.
+
+Every verification is a real one: a fresh session, a valid OTP, compare-and-swap
+of the ATC and the burn of the session committed before the result is counted.
+
+    .venv/bin/python bench/verifier.py [--users 2000] [--rounds 5] [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec as cec
+
+from hsm_auth import ec, ocra
+from hsm_auth.methods import Method
+from hsm_auth.protocol import otp_question
+from hsm_auth.store import CredentialRecord, SessionRecord
+from hsm_auth.verifier import Verifier
+
+SUITE = ocra.OcraSuite.parse(ocra.OTP_SUITE)
+NOW = int(time.time())
+
+
+def ocra_floor(n: int) -> float:
+    """ocra.verify with the key in hand: one OCRA computation and a compare per check."""
+    key = os.urandom(32)
+    question = hashlib.sha256(b"q").hexdigest()
+    otps = [ocra.generate(SUITE, key, counter=i, question=question) for i in range(n)]
+    start = time.perf_counter()
+    for i, otp in enumerate(otps):
+        ocra.verify(SUITE, key, otp, counter=i, question=question)
+    return n / (time.perf_counter() - start)
+
+
+def with_ecdh(n: int) -> float:
+    from hsm_auth.verifier_keys import FileVerifierKeys
+
+    keys = FileVerifierKeys(cec.generate_private_key(ec.CURVE), cec.generate_private_key(ec.CURVE))
+    device = cec.generate_private_key(ec.CURVE)
+    cred = CredentialRecord(
+        "u", Method.DEVICE, "x", b"", ec.encode_point(device.public_key()), None, SUITE.text, 0, 0
+    )
+    data = SUITE.data_input(counter=1, question=hashlib.sha256(b"q").hexdigest())
+    start = time.perf_counter()
+    for _ in range(n):
+        with keys.otp_macs(cred) as mac:
+            ocra.truncate(mac(data), SUITE.digits)
+    return n / (time.perf_counter() - start)
+
+
+def populate(v: Verifier, users: int, rounds: int, prefix: str) -> list[list[tuple[bytes, str]]]:
+    """Enroll ``users`` credentials and make ``rounds`` sessions + valid OTPs for each.
+    Returns the requests round by round (each round has every user once)."""
+    agreement = v.keys.agreement_public
+    keys: dict[str, bytes] = {}
+    for u in range(users):
+        user = f"{prefix}{u}"
+        device = cec.generate_private_key(ec.CURVE)
+        keys[user] = device.exchange(cec.ECDH(), agreement)
+        v.store.save_credential(
+            CredentialRecord(
+                user, Method.DEVICE, "bench", ec.encode_point(device.public_key()),
+                ec.encode_point(device.public_key()), None, SUITE.text, 0, NOW,
+            ),
+            replace=False,
+        )
+    plan: list[list[tuple[bytes, str]]] = []
+    for atc in range(1, rounds + 1):
+        sessions, requests = [], []
+        for user, key in keys.items():
+            sid, challenge = os.urandom(16), os.urandom(16)
+            sessions.append(
+                SessionRecord(sid, user, challenge, "bench", (Method.DEVICE,), NOW + 3600)
+            )
+            q = otp_question(challenge, "bench").hex()
+            requests.append((sid, ocra.generate(SUITE, key, counter=atc, question=q)))
+        v.store.put_sessions(sessions)
+        plan.append(requests)
+    return plan
+
+
+def run_plan(v: Verifier, plan: list[list[tuple[bytes, str]]], batch: int) -> tuple[int, float]:
+    flat = [r for rnd in plan for r in rnd]
+    start = time.perf_counter()
+    accepted = 0
+    if batch <= 1:
+        for sid, otp in flat:
+            v.verify(sid, otp)
+            accepted += 1
+    else:
+        for i in range(0, len(flat), batch):
+            results = v.verify_many(flat[i : i + batch])
+            bad = [r for r in results if not hasattr(r, "atc")]
+            if bad:
+                raise SystemExit(f"bench: a valid OTP was refused: {bad[0]!r}")
+            accepted += len(results)
+    return accepted, time.perf_counter() - start
+
+
+def _worker(directory: Path, dsn: str | None, prefix: str, args, barrier, out) -> None:
+    v = Verifier.open(directory, database=dsn)
+    try:
+        plan = populate(v, args.users // args._procs, args.rounds, prefix)
+        barrier.wait()
+        out.put(run_plan(v, plan, args.batch))
+    finally:
+        v.close()
+
+
+def parallel(directory: Path, dsn: str | None, procs: int, args) -> float:
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(procs + 1), ctx.Queue()
+    args._procs = procs
+    workers = [
+        ctx.Process(target=_worker, args=(directory, dsn, f"p{procs}w{i}u", args, barrier, out))
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    done = [out.get(timeout=600) for _ in workers]
+    wall = time.perf_counter() - start
+    for w in workers:
+        w.join()
+    return sum(n for n, _ in done) / wall
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--no-postgres", action="store_true")
+    args = parser.parse_args()
+    print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(f"OCRA checks/s, pure computation (floor)         : {ocra_floor(100_000):10,.0f}")
+    print(f"OCRA checks/s with per-check ECDH (file keys)   : {with_ecdh(10_000):10,.0f}")
+
+    with tempfile.TemporaryDirectory(prefix="hsm-auth-bench-") as tmp:
+        v = Verifier.init(Path(tmp) / "sqlite", "bench")
+        pragma = v.store._db.execute("PRAGMA synchronous").fetchone()[0]  # type: ignore[attr-defined]
+        plan = populate(v, args.users, args.rounds, "u")
+        n, secs = run_plan(v, plan, args.batch)
+        print(
+            f"SQLite, 1 process, batches of {args.batch:<4} (synchronous={pragma}): "
+            f"{n / secs:10,.0f} durable verifications/s ({n} in {secs:.2f} s)"
+        )
+        single = populate(v, 500, 2, "single")
+        n, secs = run_plan(v, single, 1)
+        print(
+            f"SQLite, 1 process, one commit per verification  : "
+            f"{n / secs:10,.0f} durable verifications/s ({n} in {secs:.2f} s)"
+        )
+        v.close()
+
+        if args.no_postgres:
+            return 0
+        from hsm_auth.testing.postgres import postgres_available, postgres_server
+
+        reason = postgres_available()
+        if reason:
+            print(f"PostgreSQL: skipped ({reason})")
+            return 0
+        with postgres_server() as server:
+            dsn = server.dsn()
+            directory = Path(tmp) / "pg"
+            Verifier.init(directory, "bench", database=dsn).close()
+            for procs in (1, 2):
+                rate = parallel(directory, dsn, procs, args)
+                print(
+                    f"PostgreSQL, {procs} process{'es' if procs > 1 else '  '}, batches of "
+                    f"{args.batch:<4}       : {rate:10,.0f} durable verifications/s"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,475 @@
+"""The SQL shared by both engines: one schema shape, versioned migrations, and
+the compare-and-swap statements. Engines supply connections and transactions.
+
+Statements are written with ``?`` placeholders; an engine that uses another
+style translates them. Booleans are integers 0/1 in both engines.
+
+Compare-and-swap. :class:`~hsm_auth.store.base.Accept` runs, inside one
+transaction, ``UPDATE sessions SET used=1 WHERE session_id=? AND used=0 AND
+expires>=?`` and then ``UPDATE credentials SET atc=new WHERE id=? AND atc=old
+AND locked=0``; if the second matches no row, the first is undone (the
+transaction holds that session row's lock, so the undo restores exactly what
+was there). PostgreSQL re-checks an UPDATE's WHERE clause on the newest row
+version after waiting for a concurrent writer (READ COMMITTED), SQLite holds
+the database's single write lock (``BEGIN IMMEDIATE``): either way, of N
+workers presenting the same OTP exactly one sees its UPDATEs match.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar, Protocol
+
+from ..audit import AuditRecord, Event, Reason
+from ..errors import AlreadyEnrolled, InvalidInput, StateError
+from ..methods import Method
+from .base import (
+    MAX_ATC,
+    Accept,
+    Applied,
+    Change,
+    CredentialRecord,
+    Failure,
+    Note,
+    OfferRecord,
+    SessionRecord,
+    Status,
+    VerifierStore,
+)
+
+_CHUNK = 500  # ids per IN (...) list
+
+
+class Cursor(Protocol):
+    def rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None: ...
+
+    def count(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Execute and return the number of rows changed."""
+        ...
+
+    def many(self, sql: str, args: Sequence[Sequence[Any]]) -> None: ...
+
+
+def methods_text(methods: Iterable[Method]) -> str:
+    return ",".join(m.value for m in methods)
+
+
+def methods_parse(text: str) -> tuple[Method, ...]:
+    try:
+        return tuple(Method(m) for m in text.split(",") if m)
+    except ValueError:
+        raise StateError("the verifier database holds an unknown method name") from None
+
+
+_CRED_COLS = (
+    "id, user_name, method, backend, signing_key, agreement_key, wrapped_otp_key, suite, atc, "
+    "failures, locked, created, last_used"
+)
+_SESSION_COLS = "session_id, user_name, challenge, context, methods, expires, used"
+AUDIT_INSERT = (
+    "INSERT INTO audit (at, event, user_name, method, session, reason, atc, detail) "
+    "VALUES (?,?,?,?,?,?,?,?)"
+)
+
+
+def _cred(row: Sequence[Any]) -> CredentialRecord:
+    return CredentialRecord(
+        id=int(row[0]),
+        user=row[1],
+        method=Method(row[2]),
+        backend=row[3],
+        signing_key=bytes(row[4]),
+        agreement_key=None if row[5] is None else bytes(row[5]),
+        wrapped_otp_key=None if row[6] is None else bytes(row[6]),
+        suite=row[7],
+        atc=int(row[8]),
+        failures=int(row[9]),
+        locked=bool(row[10]),
+        created=int(row[11]),
+        last_used=None if row[12] is None else int(row[12]),
+    )
+
+
+def _session(row: Sequence[Any]) -> SessionRecord:
+    return SessionRecord(
+        bytes(row[0]),
+        row[1],
+        bytes(row[2]),
+        row[3],
+        methods_parse(row[4]),
+        int(row[5]),
+        bool(row[6]),
+    )
+
+
+def audit_args(r: AuditRecord) -> tuple[Any, ...]:
+    return (
+        r.time,
+        r.event.value,
+        r.user,
+        r.method,
+        r.session,
+        r.reason.value if r.reason else None,
+        r.atc,
+        r.detail,
+    )
+
+
+def lockout_record(c: Failure, user: str, method: str) -> AuditRecord:
+    return AuditRecord(
+        c.record.time,
+        Event.LOCKOUT,
+        user,
+        method,
+        c.record.session,
+        detail=f"{c.lock_after} consecutive failures",
+    )
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+class SqlStore(VerifierStore):
+    """Everything but connections: see :mod:`hsm_auth.store.sqlite` and
+    :mod:`hsm_auth.store.postgres`."""
+
+    #: MIGRATIONS[v] takes the schema from version v to v + 1 (a list of statements).
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    #: Engine errors after which the whole transaction is retried (deadlocks).
+    _RETRY_ATTEMPTS: ClassVar[int] = 5
+
+    # --- engine hooks --------------------------------------------------------
+    @abstractmethod
+    def _tx(self) -> AbstractContextManager[Cursor]:
+        """A write transaction, committed durably when the block ends without error;
+        engine errors become :class:`StateError`."""
+
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A cursor for reads (no write lock); engine errors become StateError."""
+
+    @abstractmethod
+    def _snapshot(self) -> AbstractContextManager[Cursor]:
+        """A read-only transaction: every read in it sees one consistent snapshot."""
+
+    @abstractmethod
+    def _has_table(self, db: Cursor, name: str) -> bool: ...
+
+    def _lock_schema(self, db: Cursor) -> None:
+        """Serialise migrations between workers (inside the migration transaction)."""
+
+    def _is_retryable(self, error: BaseException) -> bool:
+        return False
+
+    # --- schema --------------------------------------------------------------
+    @property
+    def latest_version(self) -> int:
+        return len(self.MIGRATIONS)
+
+    def migrate(self, upto: int | None = None) -> int:
+        """Bring the schema to version ``upto`` (default: the latest); returns it."""
+        target = self.latest_version if upto is None else upto
+        with self._read() as db:
+            if self._version(db) == target == self.latest_version:
+                return target  # nothing to do: no write lock needed
+        with self._tx() as db:
+            self._lock_schema(db)
+            current = self._version(db)
+            if current > self.latest_version:
+                raise StateError(
+                    f"the verifier database has schema version {current}, newer than this "
+                    f"hsm-auth knows ({self.latest_version}): upgrade hsm-auth"
+                )
+            for version in range(current, target):
+                for statement in self.MIGRATIONS[version]:
+                    db.count(statement)
+                if version == 0 and not self._has_table(db, "meta"):
+                    raise StateError("migration 1 did not create the meta table")
+                if not db.count(
+                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(version + 1),)
+                ):
+                    db.count(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(version + 1),),
+                    )
+            return max(current, target)
+
+    def _version(self, db: Cursor) -> int:
+        if not self._has_table(db, "meta"):
+            return 0
+        row = db.one("SELECT value FROM meta WHERE key='schema_version'")
+        try:
+            return int(row[0]) if row else 0
+        except ValueError:
+            raise StateError("the verifier database has a malformed schema version") from None
+
+    def schema_version(self) -> int:
+        with self._read() as db:
+            return self._version(db)
+
+    # --- offers -------------------------------------------------------------
+    def put_offer(self, offer: OfferRecord, audit: AuditRecord | None = None) -> None:
+        with self._tx() as db:
+            db.count(
+                "INSERT INTO offers (offer_id, user_name, methods, allow_replace, expires) "
+                "VALUES (?,?,?,?,?)",
+                (
+                    offer.offer_id,
+                    offer.user,
+                    methods_text(offer.methods),
+                    int(offer.replace),
+                    offer.expires,
+                ),
+            )
+            self._audit(db, audit)
+
+    def take_offer(self, offer_id: bytes) -> OfferRecord | None:
+        with self._tx() as db:
+            row = db.one(
+                "UPDATE offers SET used=1 WHERE offer_id=? AND used=0 "
+                "RETURNING user_name, methods, allow_replace, expires",
+                (offer_id,),
+            )
+        if row is None:
+            return None
+        return OfferRecord(offer_id, row[0], methods_parse(row[1]), bool(row[2]), int(row[3]))
+
+    # --- credentials --------------------------------------------------------
+    def save_credential(
+        self, record: CredentialRecord, *, replace: bool, audit: AuditRecord | None = None
+    ) -> CredentialRecord:
+        if not 0 <= record.atc <= MAX_ATC:
+            raise InvalidInput("the initial ATC is out of range")
+        with self._tx() as db:
+            exists = db.one(
+                "SELECT id FROM credentials WHERE user_name=? AND method=?",
+                (record.user, record.method.value),
+            )
+            if exists and not replace:
+                raise AlreadyEnrolled(
+                    f"{record.user!r} has the {record.method.value} method enrolled already"
+                )
+            if exists:
+                db.count("DELETE FROM credentials WHERE id=?", (exists[0],))
+            row = db.one(
+                "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
+                "wrapped_otp_key, suite, atc, created) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
+                (
+                    record.user,
+                    record.method.value,
+                    record.backend,
+                    record.signing_key,
+                    record.agreement_key,
+                    record.wrapped_otp_key,
+                    record.suite,
+                    record.atc,
+                    record.created,
+                ),
+            )
+            self._audit(db, audit)
+        assert row is not None
+        return CredentialRecord(
+            **{**record.__dict__, "id": int(row[0]), "failures": 0, "locked": False}
+        )
+
+    def credentials(self, user: str) -> list[CredentialRecord]:
+        return self.credentials_of([user])[user]
+
+    def credentials_of(self, users: Iterable[str]) -> dict[str, list[CredentialRecord]]:
+        with self._read() as db:
+            return self._credentials_of(db, users)
+
+    @staticmethod
+    def _credentials_of(db: Cursor, users: Iterable[str]) -> dict[str, list[CredentialRecord]]:
+        wanted = list(dict.fromkeys(users))
+        found: dict[str, list[CredentialRecord]] = {u: [] for u in wanted}
+        for chunk in _chunks(wanted):
+            marks = ",".join("?" * len(chunk))
+            for row in db.rows(
+                f"SELECT {_CRED_COLS} FROM credentials "  # noqa: S608 - fixed columns
+                f"WHERE user_name IN ({marks}) ORDER BY method",
+                tuple(chunk),
+            ):
+                found[row[1]].append(_cred(row))
+        return found
+
+    def all_credentials(self) -> list[CredentialRecord]:
+        with self._read() as db:
+            rows = db.rows(
+                f"SELECT {_CRED_COLS} FROM credentials ORDER BY user_name, method"  # noqa: S608
+            )
+        return [_cred(r) for r in rows]
+
+    # --- sessions -----------------------------------------------------------
+    def put_session(self, session: SessionRecord, audit: AuditRecord | None = None) -> None:
+        self.put_sessions([session], [audit] if audit else [])
+
+    def put_sessions(
+        self, sessions: Sequence[SessionRecord], audits: Sequence[AuditRecord] = ()
+    ) -> None:
+        with self._tx() as db:
+            db.many(
+                "INSERT INTO sessions (session_id, user_name, challenge, context, methods, "
+                "expires) VALUES (?,?,?,?,?,?)",
+                [
+                    (
+                        s.session_id,
+                        s.user,
+                        s.challenge,
+                        s.context,
+                        methods_text(s.methods),
+                        s.expires,
+                    )
+                    for s in sessions
+                ],
+            )
+            if audits:
+                db.many(AUDIT_INSERT, [audit_args(a) for a in audits])
+
+    def session(self, session_id: bytes) -> SessionRecord | None:
+        return self.sessions([session_id]).get(session_id)
+
+    def sessions(self, session_ids: Iterable[bytes]) -> dict[bytes, SessionRecord]:
+        with self._read() as db:
+            return self._sessions(db, session_ids)
+
+    def snapshot(
+        self, session_ids: Iterable[bytes]
+    ) -> tuple[dict[bytes, SessionRecord], dict[str, list[CredentialRecord]]]:
+        with self._snapshot() as db:
+            sessions = self._sessions(db, session_ids)
+            return sessions, self._credentials_of(db, (s.user for s in sessions.values()))
+
+    @staticmethod
+    def _sessions(db: Cursor, session_ids: Iterable[bytes]) -> dict[bytes, SessionRecord]:
+        wanted = list(dict.fromkeys(session_ids))
+        found: dict[bytes, SessionRecord] = {}
+        for chunk in _chunks(wanted):
+            marks = ",".join("?" * len(chunk))
+            for row in db.rows(
+                f"SELECT {_SESSION_COLS} FROM sessions "  # noqa: S608 - fixed columns
+                f"WHERE session_id IN ({marks})",
+                tuple(chunk),
+            ):
+                record = _session(row)
+                found[record.session_id] = record
+        return found
+
+    # --- counters, lockout, audit -------------------------------------------
+    def apply(self, changes: Sequence[Change]) -> list[Applied]:
+        for attempt in range(self._RETRY_ATTEMPTS):
+            try:
+                with self._tx() as db:
+                    return [self._apply_one(db, change) for change in changes]
+            except StateError as e:
+                if attempt + 1 < self._RETRY_ATTEMPTS and self._is_retryable(e.__cause__ or e):
+                    continue  # a deadlock rolled everything back: run the batch again
+                raise
+        raise AssertionError("unreachable")
+
+    def _apply_one(self, db: Cursor, change: Change) -> Applied:
+        if isinstance(change, Accept):
+            return self._apply_accept(db, change)
+        if isinstance(change, Failure):
+            return self._apply_failure(db, change)
+        if isinstance(change, Note):
+            self._audit(db, change.record)
+            return Applied(Status.DONE, (change.record,))
+        raise TypeError(f"not a store change: {type(change).__name__}")
+
+    def _apply_accept(self, db: Cursor, c: Accept) -> Applied:
+        if not c.old_atc < c.new_atc <= MAX_ATC:
+            raise InvalidInput("an accepted ATC must move forward and stay in range")
+        burned = db.count(
+            "UPDATE sessions SET used=1 WHERE session_id=? AND used=0 AND expires>=?",
+            (c.session_id, c.now),
+        )
+        if not burned:
+            return self._refusal(db, c.record, Status.SESSION_GONE, Reason.REPLAY)
+        moved = db.count(
+            "UPDATE credentials SET atc=?, failures=0, last_used=? "
+            "WHERE id=? AND atc=? AND locked=0",
+            (c.new_atc, c.now, c.credential_id, c.old_atc),
+        )
+        if moved:
+            self._audit(db, c.record)
+            return Applied(Status.DONE, (c.record,))
+        return self._cas_lost(db, c)
+
+    def _cas_lost(self, db: Cursor, c: Accept) -> Applied:
+        """The session was burned in this transaction but the ATC did not match: undo
+        the burn and say why."""
+        # We hold the session row since we updated it: this restores it exactly.
+        db.count("UPDATE sessions SET used=0 WHERE session_id=?", (c.session_id,))
+        row = db.one("SELECT atc, locked FROM credentials WHERE id=?", (c.credential_id,))
+        if row is None:
+            return self._refusal(db, c.record, Status.CREDENTIAL_GONE, Reason.CREDENTIAL_GONE)
+        if row[1]:
+            return self._refusal(db, c.record, Status.LOCKED, Reason.LOCKED)
+        return Applied(Status.STALE)
+
+    def _refusal(self, db: Cursor, record: AuditRecord, status: Status, why: Reason) -> Applied:
+        refused = record.refused(why)
+        self._audit(db, refused)
+        return Applied(status, (refused,))
+
+    def _apply_failure(self, db: Cursor, c: Failure) -> Applied:
+        written = [c.record]
+        self._audit(db, c.record)
+        for cid in sorted(set(c.credential_ids)):
+            row = db.one(
+                "UPDATE credentials SET failures=failures+1, "
+                "locked=CASE WHEN failures+1 >= ? THEN 1 ELSE locked END WHERE id=? "
+                "RETURNING failures, user_name, method",
+                (c.lock_after, cid),
+            )
+            if row is not None and int(row[0]) == c.lock_after:
+                lockout = lockout_record(c, row[1], row[2])
+                self._audit(db, lockout)
+                written.append(lockout)
+        return Applied(Status.DONE, tuple(written))
+
+    def unlock(self, credential_id: int, audit: AuditRecord | None = None) -> None:
+        with self._tx() as db:
+            db.count("UPDATE credentials SET failures=0, locked=0 WHERE id=?", (credential_id,))
+            self._audit(db, audit)
+
+    def revoke(self, credential_id: int, audit: AuditRecord | None = None) -> bool:
+        with self._tx() as db:
+            gone = db.count("DELETE FROM credentials WHERE id=?", (credential_id,))
+            if gone:
+                self._audit(db, audit)
+        return bool(gone)
+
+    def audit_records(self, user: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        cols = "at, event, user_name, method, session, reason, atc, detail"
+        with self._read() as db:
+            if user is None:
+                rows = db.rows(
+                    f"SELECT {cols} FROM audit ORDER BY id DESC LIMIT ?",  # noqa: S608
+                    (limit,),
+                )
+            else:
+                rows = db.rows(
+                    f"SELECT {cols} FROM audit WHERE user_name=? "  # noqa: S608
+                    "ORDER BY id DESC LIMIT ?",
+                    (user, limit),
+                )
+        return [AuditRecord.from_row(*r) for r in reversed(rows)]
+
+    def purge(self, now: int) -> int:
+        with self._tx() as db:
+            return db.count("DELETE FROM sessions WHERE expires < ?", (now,)) + db.count(
+                "DELETE FROM offers WHERE expires < ?", (now,)
+            )
+
+    @staticmethod
+    def _audit(db: Cursor, record: AuditRecord | None) -> None:
+        if record is not None:
+            db.count(AUDIT_INSERT, audit_args(record))

@@ -1,0 +1,109 @@
+"""Test helpers shared by the verifier tests: a device simulated in pure Python
+(ECDH + OCRA in memory, or a FIDO2-style OTP key wrapped to the verifier), a
+fake clock, and the worker run by the multi-process tests."""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec as cec
+
+from hsm_auth import ec, ocra
+from hsm_auth.methods import Method
+from hsm_auth.protocol import EnrollmentOffer, EnrollmentResponse, otp_question
+from hsm_auth.verifier_keys import wrap_otp_key
+
+SUITE = ocra.OcraSuite.parse(ocra.OTP_SUITE)
+START = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class PythonDevice:
+    """What a token does, in memory: signing key, ECDH-derived OTP key, counter.
+    ``wrapped=True`` behaves like FIDO2: a random OTP key sent encrypted to the verifier."""
+
+    def __init__(self, *, wrapped: bool = False) -> None:
+        self.signing = cec.generate_private_key(cec.SECP256R1())
+        self.agreement = cec.generate_private_key(cec.SECP256R1())
+        self.wrapped = wrapped
+        self.atc = 0
+        self.otp_key = b""
+        self.otps: list[str] = []  # every OTP this device made (for the leak test)
+
+    def enroll(self, offer_text: str, method: Method, *, sign_with=None) -> str:
+        offer, _ = EnrollmentOffer.from_text(offer_text)
+        verifier_agreement = ec.decode_point(offer.verifier_agreement_key)
+        if self.wrapped:
+            self.otp_key = os.urandom(32)
+            agreement, wrapped = None, wrap_otp_key(self.otp_key, verifier_agreement)
+        else:
+            self.otp_key = self.agreement.exchange(cec.ECDH(), verifier_agreement)
+            agreement, wrapped = ec.encode_point(self.agreement.public_key()), None
+        response = EnrollmentResponse(
+            offer.verifier_id,
+            offer.offer_id,
+            offer.user,
+            method,
+            "python",
+            ec.encode_point(self.signing.public_key()),
+            agreement,
+            wrapped,
+            self.atc,
+            None,
+        )
+        key = sign_with or self.signing
+        return response.to_text(
+            lambda body: ec.der_to_raw(key.sign(body, cec.ECDSA(hashes.SHA256())))
+        )
+
+    def otp(self, session, *, atc: int | None = None) -> str:
+        data = session.data if hasattr(session, "data") else session
+        return self.otp_for(data.challenge, data.context, atc=atc)
+
+    def otp_for(self, challenge: bytes, context: str, *, atc: int | None = None) -> str:
+        if atc is None:
+            self.atc += 1
+            atc = self.atc
+        q = otp_question(challenge, context).hex()
+        otp = ocra.generate(SUITE, self.otp_key, counter=atc, question=q)
+        self.otps.append(otp)
+        return otp
+
+
+def enroll(verifier, user: str, method: Method = Method.DEVICE, **kw) -> PythonDevice:
+    device = PythonDevice(**kw)
+    _, offer = verifier.create_offer(user, methods=[method])
+    verifier.accept_enrollment(device.enroll(offer, method))
+    return device
+
+
+def verify_worker(directory, database, session_id, otp, barrier, results) -> None:
+    """One worker process: open the verifier, wait for all, submit, report."""
+    from hsm_auth.errors import InvalidToken
+    from hsm_auth.verifier import Verifier
+
+    try:
+        v = Verifier.open(directory, database=database)
+    except Exception as e:  # report, do not hang the barrier
+        barrier.abort()
+        results.put(("error", f"open: {e!r}"))
+        return
+    try:
+        barrier.wait(timeout=60)
+        try:
+            accepted = v.verify(session_id, otp)
+            results.put(("accepted", accepted.atc))
+        except InvalidToken:
+            results.put(("refused", None))
+        except Exception as e:
+            results.put(("error", repr(e)))
+    finally:
+        v.close()
