@@ -277,6 +277,7 @@ class Authenticator:
 
         backend, settings = self._backend_for(method)
         store = self._open(backend, settings)
+        store.require_method(method)
         auth = self._authorization(method, store, settings, pin)
         from .webauthn_proof import enrollment_binding  # only enrollment needs it (x509 import)
 

@@ -211,6 +211,19 @@ class KeyStore(ABC):
         value = self.counter_increment(counter, auth)
         return value, self.hmac(otp_key, message_for(value), auth)
 
+    # --- methods ------------------------------------------------------------
+
+    def require_method(self, method: Method) -> None:
+        """Refuse, with a message naming what the token has, a method it cannot serve.
+
+        The default checks the class's ``methods``; a backend with more to say (FIDO2:
+        the user-verification modality) overrides it."""
+        if method not in self.methods:
+            served = ", ".join(m.value for m in self.methods) or "none"
+            raise MechanismNotSupported(
+                f"the {method.value} method (the {self.name} backend serves: {served})"
+            )
+
     # --- PIN ----------------------------------------------------------------
 
     @abstractmethod

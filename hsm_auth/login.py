@@ -464,6 +464,7 @@ def enroll(
                 f"{user} is enrolled for login with {method.value} already; use --replace"
             )
         with registry.load_backend(backend).open(settings) as store:
+            store.require_method(method)
             auth = authorization(method, store, settings, pin, warn=warn)
             fmt = _format_for(store)
             if fmt == ECDSA_P256_SHA256 and not {Capability.SIGN, Capability.COUNTER} <= (
