@@ -28,7 +28,6 @@ from . import ec, ocra, registry
 from .config import Config
 from .errors import (
     AlreadyEnrolled,
-    BackendUnavailable,
     ConfigError,
     ExpiredMessage,
     HsmAuthError,
@@ -175,29 +174,6 @@ class Authenticator:
 
     # --- backends -------------------------------------------------------------
 
-    def _backend_for(self, method: Method) -> tuple[str, Mapping[str, Any]]:
-        chosen = self.config.method(method)
-        if chosen.backend is not None:
-            return chosen.backend, chosen.settings
-        candidates = []
-        for name in registry.backend_names():
-            try:
-                cls = registry.load_backend(name)
-            except HsmAuthError:
-                continue
-            if method in cls.methods:
-                candidates.append(cls)
-        reasons = []
-        for cls in sorted(candidates, key=lambda c: -c.priority):
-            try:
-                cls.probe(chosen.settings)
-            except HsmAuthError as e:
-                reasons.append(f"{cls.name}: {e}")
-                continue
-            return cls.name, chosen.settings
-        detail = "; ".join(reasons) or "no installed backend serves it"
-        raise BackendUnavailable(f"no backend available for the {method.value} method ({detail})")
-
     def _open(self, backend: str, settings: Mapping[str, Any]) -> KeyStore:
         key = (backend, repr(sorted(settings.items())))
         store = self._stores.get(key)
@@ -275,7 +251,7 @@ class Authenticator:
                 "the verifier's offer does not allow replacing an enrolled method"
             )
 
-        backend, settings = self._backend_for(method)
+        backend, settings = registry.choose_backend(self.config, method)
         store = self._open(backend, settings)
         store.require_method(method)
         auth = self._authorization(method, store, settings, pin)

@@ -77,7 +77,6 @@ from . import registry
 from .config import Config
 from .errors import (
     AlreadyEnrolled,
-    BackendUnavailable,
     ConfigError,
     HsmAuthError,
     InvalidInput,
@@ -394,27 +393,7 @@ class AuthDir:
 
 def choose_backend(config: Config, method: Method) -> tuple[str, Mapping[str, Any]]:
     """The configured backend for ``method``, else the best one that probes OK."""
-    chosen = config.method(method)
-    if chosen.backend is not None:
-        return chosen.backend, chosen.settings
-    reasons = []
-    candidates = []
-    for name in registry.backend_names():
-        try:
-            cls = registry.load_backend(name)
-        except HsmAuthError:
-            continue
-        if method in cls.methods:
-            candidates.append(cls)
-    for cls in sorted(candidates, key=lambda c: -c.priority):
-        try:
-            cls.probe(chosen.settings)
-        except HsmAuthError as e:
-            reasons.append(f"{cls.name}: {e}")
-            continue
-        return cls.name, chosen.settings
-    detail = "; ".join(reasons) or "no installed backend serves it"
-    raise BackendUnavailable(f"no backend available for the {method.value} method ({detail})")
+    return registry.choose_backend(config, method)
 
 
 def authorization(

@@ -9,8 +9,10 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import Config
 from .errors import BackendUnavailable, ConfigError, HsmAuthError
 from .keystore import KeyStore, Settings
+from .methods import Method
 
 GROUP = "hsm_auth.backends"
 #: Built-in backends live here; their entry-point values may be imported directly.
@@ -79,3 +81,29 @@ def probe_backend(name: str, settings: Settings) -> BackendStatus:
     except HsmAuthError as e:
         return BackendStatus(name, False, str(e))
     return BackendStatus(name, True, "", dict(details))
+
+
+def choose_backend(config: Config, method: Method) -> tuple[str, Settings]:
+    """The configured backend for ``method``, else the highest-priority installed
+    backend that serves it and probes OK (a TPM before a PKCS#11 token)."""
+    chosen = config.method(method)
+    if chosen.backend is not None:
+        return chosen.backend, chosen.settings
+    candidates = []
+    for name in backend_names():
+        try:
+            cls = load_backend(name)
+        except HsmAuthError:
+            continue
+        if method in cls.methods:
+            candidates.append(cls)
+    reasons = []
+    for cls in sorted(candidates, key=lambda c: -c.priority):
+        try:
+            cls.probe(chosen.settings)
+        except HsmAuthError as e:
+            reasons.append(f"{cls.name}: {e}")
+            continue
+        return cls.name, chosen.settings
+    detail = "; ".join(reasons) or "no installed backend serves it"
+    raise BackendUnavailable(f"no backend available for the {method.value} method ({detail})")
