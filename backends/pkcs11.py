@@ -504,6 +504,12 @@ class Pkcs11KeyStore(KeyStore):
     priority: ClassVar[float] = 10.0
     methods: ClassVar[tuple[Method, ...]] = (Method.PIN, Method.DEVICE)
 
+    @classmethod
+    def priority_for(cls, method: Method) -> float:
+        # DESIGN §2: the pin method belongs on a token with its own PIN retry counter
+        # (a smartcard) before a TPM auth value; device prefers the TPM (priority 20).
+        return 30.0 if method is Method.PIN else cls.priority
+
     def __init__(self, cfg: _Config, p11: Any, token: Any, session: Any) -> None:
         self._cfg = cfg
         self._p11 = p11

@@ -116,6 +116,11 @@ class KeyStore(ABC):
     #: Methods this backend can serve, in the order it prefers them.
     methods: ClassVar[tuple[Method, ...]] = ()
 
+    @classmethod
+    def priority_for(cls, method: Method) -> float:
+        """Rank among the backends that serve ``method`` (higher wins when unconfigured)."""
+        return cls.priority
+
     # --- lifecycle --------------------------------------------------------
 
     @classmethod

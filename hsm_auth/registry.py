@@ -98,7 +98,7 @@ def choose_backend(config: Config, method: Method) -> tuple[str, Settings]:
         if method in cls.methods:
             candidates.append(cls)
     reasons = []
-    for cls in sorted(candidates, key=lambda c: -c.priority):
+    for cls in sorted(candidates, key=lambda c: -c.priority_for(method)):
         try:
             cls.probe(chosen.settings)
         except HsmAuthError as e:
