@@ -15,7 +15,7 @@ Configuration (``[methods.biometric]`` / ``[methods.face]`` settings):
   CTAP directly, so no browser origin rules apply. Fixed at enrollment: each
   credential remembers its own.
 * ``state_dir`` — where the host keeps what it knows of each credential (its
-  id, public key and the last signature counter seen), default
+  id, public key, its ATC and the last signature counter seen), default
   ``<user state dir>/hsm-auth/fido2``; the file is 0600, written atomically.
 * ``timeout`` — seconds to wait for the user (default 30); ``Authorization.timeout``
   overrides it per call.
@@ -49,12 +49,22 @@ used for one HMAC-SHA256 on the host, and zeroed. Unlike PKCS#11 and TPM2,
 key is wrapped (ECIES, :func:`hsm_auth.webauthn_proof.wrap_otp_key_with`) to
 the verifier's agreement key.
 
-ATC. The credential's signature counter (``signCount``) is the counter: an
-OTP uses the counter of the very assertion that released its key. The host
-refuses a counter that does not increase over the last one it saw (a cloned
-authenticator, or a restored state) and records the new value durably
-*before* the MAC is computed. Many authenticators (and the soft one) keep
-one global counter, so other uses of the authenticator move the ATC too.
+ATC. Each credential has its own application counter, kept by the host in
+the state file: 0 at enrollment, and +1 for each OTP (or counter increment),
+written durably *before* the MAC is computed, so a crash can skip a value but
+never release two OTPs for one. The authenticator's signature counter
+(``signCount``) is not the ATC: many authenticators (YubiKeys, and the soft
+one) keep one counter for all their credentials, so a website login would
+move it by an unknown amount, overrun the verifier's look-ahead window and
+count as offline uses. The signature counter guards against clones instead:
+every assertion (OTP, counter, login, enrollment) must carry a counter above
+the last one the host saw for that credential, else the credential is
+refused from then on (a cloned authenticator, or a restored one). Login
+assertions carry the raw signature counter (checked again by
+:mod:`hsm_auth.login`) and leave the ATC alone. What the host counter cannot
+stop: restoring the host's state file from a backup lets an ATC be released
+again; the verifier refuses every ATC it has already accepted, and each OTP
+is bound to its session's challenge.
 
 Ctrl+C during a call sets the CTAP cancel event (the device is told to
 stop) and raises :class:`Cancelled`; so does the timeout.
@@ -138,7 +148,10 @@ ENV_SOFT_DEVICE = "HSM_AUTH_SOFT_FIDO2"
 #: The hmac-secret salt: the same for every OTP, so the OTP key is stable.
 OTP_SALT = hashlib.sha256(b"hsm-auth/otp/v1").digest()
 STATE_FILE = "credentials.json"
-_STATE_VERSION = 1
+#: 2: a host-kept ``atc`` per credential; 1 (read, then rewritten as 2) had none
+#: and used the signature counter as the ATC, so migrating starts the ATC there.
+_STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _CANCEL_GRACE = 5.0  # seconds to let the device acknowledge a cancel
 _DEFAULT_PROMPT = "Verify it is you"
 
@@ -365,11 +378,12 @@ class _Credential:
     rp_id: str
     label: str
     public: bytes  # SEC1 uncompressed point
-    sign_count: int  # the last signature counter seen
+    last_sign_count: int  # the last signature counter seen: the clone guard
     roles: tuple[str, ...]  # KeyKind values this credential serves
     aaguid: bytes
     method: str | None = None
     suspect: bool = False  # a counter once failed to increase: refused until re-enrolled
+    atc: int = 0  # the credential's own ATC, kept here; +1 per OTP
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -377,7 +391,8 @@ class _Credential:
             "rp_id": self.rp_id,
             "label": self.label,
             "public": self.public.hex(),
-            "sign_count": self.sign_count,
+            "last_sign_count": self.last_sign_count,
+            "atc": self.atc,
             "roles": list(self.roles),
             "aaguid": self.aaguid.hex(),
             "method": self.method,
@@ -385,17 +400,24 @@ class _Credential:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> _Credential:
+    def from_json(cls, d: Mapping[str, Any], version: int = _STATE_VERSION) -> _Credential:
+        if version == 1:  # the signature counter was the ATC: the verifier stands there
+            last_sign_count = atc = int(d["sign_count"])
+        else:
+            last_sign_count, atc = int(d["last_sign_count"]), int(d["atc"])
+        if last_sign_count < 0 or atc < 0:
+            raise ValueError("negative counter")
         return cls(
             credential_id=_unb64url(str(d["id"])),
             rp_id=str(d["rp_id"]),
             label=str(d["label"]),
             public=bytes.fromhex(str(d["public"])),
-            sign_count=int(d["sign_count"]),
+            last_sign_count=last_sign_count,
             roles=tuple(str(r) for r in d["roles"]),
             aaguid=bytes.fromhex(str(d["aaguid"])),
             method=None if d.get("method") is None else str(d["method"]),
             suspect=bool(d.get("suspect", False)),
+            atc=atc,
         )
 
     @property
@@ -434,9 +456,11 @@ class _CredentialFile:
         check_private(self.path)
         data = read_json(self.path)
         try:
-            if data.get("version") != _STATE_VERSION:
+            version = data.get("version")
+            if version not in _READABLE_VERSIONS:
                 raise ValueError("version")
-            return {c.key: c for c in map(_Credential.from_json, data["credentials"])}
+            records = (_Credential.from_json(d, version) for d in data["credentials"])
+            return {c.key: c for c in records}
         except (AttributeError, KeyError, TypeError, ValueError, InvalidInput):
             raise StateError(f"{self.path} is malformed") from None
 
@@ -610,7 +634,8 @@ class Fido2KeyStore(KeyStore):
         return int(self._info.uv_modality)
 
     def capabilities(self) -> frozenset[Capability]:
-        caps = {Capability.COUNTER, Capability.HARDWARE_COUNTER}
+        # COUNTER, not HARDWARE_COUNTER: the ATC is kept by the host (see the module doc).
+        caps = {Capability.COUNTER}
         extensions = set(self._info.extensions)
         if "hmac-secret" in extensions:
             caps.add(Capability.HMAC)
@@ -907,10 +932,11 @@ class Fido2KeyStore(KeyStore):
             rp_id=self._cfg.rp_id,
             label=label,
             public=point,
-            sign_count=int(data.counter),
+            last_sign_count=int(data.counter),
             roles=tuple(r.value for r in roles),
             aaguid=bytes(data.credential_data.aaguid),
             method=method.value if method is not None else None,
+            atc=0,
         )
         with self._file.locked():
             credentials = self._file.load()
@@ -1009,8 +1035,9 @@ class Fido2KeyStore(KeyStore):
             raise BackendError("the authenticator returned no hmac-secret output")
         return result
 
-    def _advance(self, record: _Credential, seen: int) -> _Credential:
-        """Refuse a counter that does not increase; record the new one durably."""
+    def _advance(self, record: _Credential, seen: int, *, count: bool) -> _Credential:
+        """Refuse a signature counter that does not increase; record it durably, with
+        the credential's ATC + 1 when ``count`` (an OTP or a counter increment)."""
         credentials = self._file.load()
         current = credentials.get(record.key)
         if current is None:
@@ -1019,24 +1046,28 @@ class Fido2KeyStore(KeyStore):
             raise MechanismNotSupported(
                 "a signature counter (this authenticator reports 0: it keeps none)"
             )
-        if seen <= current.sign_count:
+        if seen <= current.last_sign_count:
             credentials[record.key] = replace(current, suspect=True)
             self._file.save(credentials)  # latched: a clone must not get through by retrying
             raise CounterError(
-                f"the authenticator's signature counter went from {current.sign_count} to "
+                f"the authenticator's signature counter went from {current.last_sign_count} to "
                 f"{seen} (it must increase): possibly a cloned authenticator; this "
                 "credential is refused from now on (re-enroll the method)",
                 native_code="counter-not-increasing",
             )
-        updated = replace(current, sign_count=seen)
+        updated = replace(current, last_sign_count=seen, atc=current.atc + int(count))
         credentials[record.key] = updated
         self._file.save(credentials)  # durable before any MAC exists
         return updated
 
     def _counted_key(
         self, uri: str, auth: Authorization, kind: KeyKind, *, with_hmac: bool,
-        cdh: bytes | None = None,
+        count: bool, cdh: bytes | None = None,
     ) -> tuple[_Credential, _Assertion, bytearray | None]:
+        """One assertion on the credential of ``uri``, under the state file's lock:
+        the clone check, then the new signature counter (and, when ``count``, the
+        ATC + 1) written durably; returns the updated record, the assertion and
+        the decrypted hmac-secret output (when ``with_hmac``)."""
         with self._file.locked():
             record = self._lookup(uri, kind)
             if record.suspect:
@@ -1051,7 +1082,7 @@ class Fido2KeyStore(KeyStore):
                 assert result.hmac_output is not None
                 key = _decrypt_into(result.protocol_version, result.shared, result.hmac_output)
             try:
-                record = self._advance(record, result.sign_count)
+                record = self._advance(record, result.sign_count, count=count)
             except BaseException:
                 if key is not None:
                     _wipe(key)
@@ -1100,11 +1131,12 @@ class Fido2KeyStore(KeyStore):
         self, uri: str, client_data_hash: bytes, auth: Authorization
     ) -> tuple[bytes, bytes]:
         """A getAssertion under UV over ``client_data_hash`` (workstation login):
-        returns (authenticatorData, DER signature); the counter is checked and recorded."""
+        returns (authenticatorData, DER signature). The signature counter in it is
+        checked against and recorded as the last one seen; the ATC does not move."""
         if len(client_data_hash) != 32:
             raise InvalidInput("a client data hash has 32 bytes")
         _, result, _ = self._counted_key(
-            uri, auth, KeyKind.SIGNING, with_hmac=False, cdh=client_data_hash
+            uri, auth, KeyKind.SIGNING, with_hmac=False, count=False, cdh=client_data_hash
         )
         return result.auth_data, result.signature
 
@@ -1122,7 +1154,8 @@ class Fido2KeyStore(KeyStore):
         )
 
     def hmac(self, uri: str, data: bytes, auth: Authorization) -> bytes:
-        _, _, key = self._counted_key(uri, auth, KeyKind.OTP, with_hmac=True)
+        """HMAC-SHA256 with the OTP key (one assertion: clone check; the ATC does not move)."""
+        _, _, key = self._counted_key(uri, auth, KeyKind.OTP, with_hmac=True, count=False)
         assert key is not None
         try:
             return _hmac.new(key, data, hashlib.sha256).digest()
@@ -1136,12 +1169,15 @@ class Fido2KeyStore(KeyStore):
         return self._uri(record, KeyKind.COUNTER)
 
     def counter_value(self, uri: str, auth: Authorization) -> int:
-        """The last signature counter seen for the credential (no device call)."""
-        return self._lookup(uri, KeyKind.COUNTER).sign_count
+        """The credential's ATC as the host keeps it (no device call)."""
+        return self._lookup(uri, KeyKind.COUNTER).atc
 
     def counter_increment(self, uri: str, auth: Authorization) -> int:
-        record, _, _ = self._counted_key(uri, auth, KeyKind.COUNTER, with_hmac=False)
-        return record.sign_count
+        """One assertion under UV (the clone check), then the ATC + 1, durably."""
+        record, _, _ = self._counted_key(
+            uri, auth, KeyKind.COUNTER, with_hmac=False, count=True
+        )
+        return record.atc
 
     def counted_hmac(
         self,
@@ -1150,16 +1186,17 @@ class Fido2KeyStore(KeyStore):
         message_for: Callable[[int], bytes],
         auth: Authorization,
     ) -> tuple[int, bytes]:
-        """ONE assertion gives both the new counter and the OTP key; the counter is
-        durable before the MAC is computed, and the key is wiped afterwards."""
+        """ONE assertion gives the OTP key and passes the clone check; the ATC + 1
+        and the signature counter are durable before the MAC over the message for
+        the new ATC is computed, and the key is wiped afterwards."""
         if self._lookup(otp_key, KeyKind.OTP).key != self._lookup(counter, KeyKind.COUNTER).key:
             raise InvalidInput("the OTP key and the counter must be the same FIDO2 credential")
-        record, _, key = self._counted_key(otp_key, auth, KeyKind.OTP, with_hmac=True)
+        record, _, key = self._counted_key(
+            otp_key, auth, KeyKind.OTP, with_hmac=True, count=True
+        )
         assert key is not None
         try:
-            return record.sign_count, _hmac.new(
-                key, message_for(record.sign_count), hashlib.sha256
-            ).digest()
+            return record.atc, _hmac.new(key, message_for(record.atc), hashlib.sha256).digest()
         finally:
             _wipe(key)
 
@@ -1199,8 +1236,8 @@ class Fido2KeyStore(KeyStore):
         record, made = self._new_credential(label, roles, auth, cdh=cdh, method=method)
         otp_uri = self._uri(record, KeyKind.OTP)
         try:
-            _, result, key = self._counted_key(
-                otp_uri, auth, KeyKind.OTP, with_hmac=True, cdh=cdh
+            record, result, key = self._counted_key(
+                otp_uri, auth, KeyKind.OTP, with_hmac=True, count=False, cdh=cdh
             )
             assert key is not None
             try:
@@ -1222,7 +1259,7 @@ class Fido2KeyStore(KeyStore):
             signing_public=record.public_key,
             otp_key=otp_uri,
             counter=self._uri(record, KeyKind.COUNTER),
-            initial_atc=result.sign_count,
+            initial_atc=record.atc,  # 0: the ATC is the host's, per credential
             otp_key_for_verifier=wrapped,
             attestation=attestation,
         )

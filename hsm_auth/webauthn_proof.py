@@ -12,7 +12,8 @@ enrolling, both over the same client data hash:
   signature by the *credential key itself*, whatever the attestation format
   (``packed`` with a vendor certificate is signed by the attestation key,
   ``none`` by nothing), so this is the actual proof of possession. Its
-  signature counter is the initial ATC.
+  signature counter must be working (above the credential's); the ATC is not
+  the signature counter but the host's own, per credential, starting at 0.
 
 The client data hash binds both to this enrollment: SHA-256 over
 :func:`enrollment_binding` (offer id, user, method) and the ephemeral public
@@ -144,7 +145,7 @@ class EnrollmentProof:
     credential_id: bytes
     rp_id_hash: bytes
     fmt: str
-    sign_count: int  # of the enrollment assertion: the initial ATC
+    sign_count: int  # of the enrollment assertion (the ATC is the host's, from 0)
     cred_protect: int
     #: The attestation statement's own signature was checked (``packed``: self
     #: attestation, or by the x5c leaf; the chain is NOT checked against a root).
@@ -254,7 +255,9 @@ def verify_enrollment_attestation(
     ``signing_key`` is the SEC1 point the response claims, ``binding`` is
     :func:`enrollment_binding` of the offer, ``wrapped_otp_key`` the
     response's wrapped OTP key (its ephemeral point is bound into the proof),
-    ``initial_atc`` (when given) must equal the assertion's signature counter.
+    ``initial_atc`` (when given) must be 0: the FIDO2 backend keeps each
+    credential's ATC on the host, from 0 (the signature counter, shared by all
+    of an authenticator's credentials, only guards against clones).
     """
     if not isinstance(attestation, bytes) or not 0 < len(attestation) <= _MAX_ATTESTATION:
         raise UntrustedMessage("missing or oversized FIDO2 enrollment proof")
@@ -303,8 +306,8 @@ def verify_enrollment_attestation(
     _verify(claimed, ga_sig, ga_data + cdh, "enrollment assertion")
     if ga.sign_count == 0 or ga.sign_count <= mc.sign_count:
         raise UntrustedMessage("the authenticator has no working signature counter")
-    if initial_atc is not None and initial_atc != ga.sign_count:
-        raise UntrustedMessage("the initial ATC is not the authenticator's signature counter")
+    if initial_atc is not None and initial_atc != 0:
+        raise UntrustedMessage("the initial ATC of a FIDO2 credential must be 0")
     return EnrollmentProof(
         aaguid=mc.aaguid,
         credential_id=mc.credential_id,

@@ -1,9 +1,9 @@
 """Opt-in end-to-end scenarios on real tokens, and the same code on the emulators.
 
-    pytest hw-tests --emulators                    # SoftHSM + swtpm (what CI runs)
+    pytest hw-tests --emulators                    # SoftHSM, swtpm, soft FIDO2 (what CI runs)
     pytest hw-tests --hw-tpm                       # the machine's TPM at /dev/tpmrm0
     pytest hw-tests --hw-pkcs11 /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
-    pytest hw-tests --hw-fido2                     # a FIDO2 key (needs the fido2 backend)
+    pytest hw-tests --hw-fido2                     # a FIDO2 key with built-in UV (HID)
 
 Without a flag every scenario skips, each with the flag that would run it.
 Hardware runs are destructive in a limited way: they create a signing key, an
@@ -31,7 +31,7 @@ from hsm_auth.testing.softhsm import softhsm_env  # noqa: F401 - fixture
 from hsm_auth.testing.swtpm import swtpm  # noqa: F401 - fixture
 
 TEST_LABEL_PREFIX = "hsm-auth-test"
-TARGETS = ("softhsm", "swtpm", "tpm", "pkcs11", "fido2")
+TARGETS = ("softhsm", "swtpm", "soft-fido2", "tpm", "pkcs11", "fido2")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,7 +39,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hw-tpm", action="store_true", help="run on the TPM at /dev/tpmrm0")
     group.addoption("--hw-pkcs11", metavar="MODULE", help="run on a token of this PKCS#11 module")
     group.addoption("--hw-fido2", action="store_true", help="run on an attached FIDO2 key")
-    group.addoption("--emulators", action="store_true", help="run on SoftHSM and swtpm")
+    group.addoption(
+        "--emulators", action="store_true", help="run on SoftHSM, swtpm and the soft FIDO2"
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -67,7 +69,11 @@ class Target:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "target" in metafunc.fixturenames:
-        marks = {"softhsm": [pytest.mark.softhsm], "swtpm": [pytest.mark.swtpm]}
+        marks = {
+            "softhsm": [pytest.mark.softhsm],
+            "swtpm": [pytest.mark.swtpm],
+            "soft-fido2": [pytest.mark.fido2],
+        }
         metafunc.parametrize(
             "target",
             [pytest.param(t, marks=marks.get(t, []), id=t) for t in TARGETS],
@@ -79,7 +85,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     kind = request.param
     opt = request.config.getoption
-    if kind in ("softhsm", "swtpm") and not opt("emulators"):
+    if kind in ("softhsm", "swtpm", "soft-fido2") and not opt("emulators"):
         pytest.skip(f"{kind} emulator not requested (pass --emulators)")
     if kind == "softhsm":
         from hsm_auth.testing.softhsm import init_token, unique_label
@@ -93,6 +99,14 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         tpm = request.getfixturevalue("swtpm")
         settings = {"tcti": tpm.tcti, "state_dir": str(tmp_path / "tpm2-state")}
         yield Target(kind, "pin", "tpm2", settings, "swtpm-pin", True)
+    elif kind == "soft-fido2":
+        soft = pytest.importorskip("hsm_auth_backends.soft_fido2", reason="python-fido2 missing")
+        device = soft.SoftAuthenticator.create(
+            tmp_path / "authenticator.json", uv_modality=soft.UvModality.FINGERPRINT
+        )
+        settings = {"device": f"soft:{device.path}", "state_dir": str(tmp_path / "fido2-state"),
+                    "prompts": False}
+        yield Target(kind, "biometric", "fido2", settings, None, True)
     elif kind == "tpm":
         if not opt("hw_tpm"):
             pytest.skip("hardware TPM not requested (pass --hw-tpm)")
@@ -117,7 +131,22 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         if "fido2" not in backend_names():
             pytest.skip("--hw-fido2 given but no 'fido2' backend is registered "
                         "(entry point group hsm_auth.backends)")
-        pytest.skip("the fido2 backend has no login_assertion() yet (see hsm_auth.login)")
+        method = os.environ.get("HSM_AUTH_HW_FIDO2_METHOD", "biometric")
+        if method not in ("biometric", "face"):
+            pytest.skip("HSM_AUTH_HW_FIDO2_METHOD must be biometric or face")
+        warnings.warn("hw-tests: creating FIDO2 credentials (touch / verify when asked)",
+                      stacklevel=1)
+        settings = {"device": os.environ.get("HSM_AUTH_HW_FIDO2_DEVICE", ""),
+                    "state_dir": str(tmp_path / "fido2-state")}
+        if not settings["device"]:
+            del settings["device"]  # HID discovery
+        try:
+            from hsm_auth.registry import load_backend
+
+            load_backend("fido2").probe(settings)
+        except Exception as e:  # no key attached, no HID access: a reason, not an error
+            pytest.skip(f"--hw-fido2: no usable FIDO2 authenticator: {e}")
+        yield Target("fido2", method, "fido2", settings, None, False)
 
 
 def _pkcs11_target(module: str) -> Target:

@@ -1,6 +1,7 @@
 """The FIDO2 backend on the software CTAP2 authenticator: the shared contract,
-modality checks, user verification failures, cancel / timeout, clone detection,
-bad device answers, and the enrollment proof.
+modality checks, user verification failures, cancel / timeout, the host-kept
+ATC (unmoved by other uses of the authenticator), clone detection by the
+signature counter, bad device answers, and the enrollment proof.
 
 Nothing stands in for the authenticator: every call goes through python-fido2's
 ``Ctap2`` to :class:`SoftAuthenticator`. Where a test needs a device that
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import shutil
 import signal
@@ -31,6 +33,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from fido2 import cbor
 from fido2.ctap import STATUS, CtapDevice, CtapError
+from fido2.ctap2 import Ctap2
+from fido2.ctap2.pin import ClientPin, PinProtocolV2
 from fido2.hid import CTAPHID
 from fido2.webauthn import (
     PublicKeyCredentialDescriptor,
@@ -107,6 +111,36 @@ def otp_key_from_python_fido2(device: SoftAuthenticator, uri: str) -> bytes:
     )
     output = result.get_response(0).client_extension_results["hmacGetSecret"]["output1"]
     return base64.urlsafe_b64decode(output + "=" * (-len(output) % 4))
+
+
+def use_elsewhere(device: SoftAuthenticator, assertions: int) -> None:
+    """Another relying party uses the authenticator (a website login), over plain
+    ``Ctap2``: one makeCredential, then ``assertions`` getAssertions. The soft
+    authenticator, like a YubiKey, has one signature counter: all of it moves it."""
+    ctap = Ctap2(device)
+    rp_id, cdh = "example.com", os.urandom(32)
+    token = ClientPin(ctap, PinProtocolV2()).get_uv_token(
+        ClientPin.PERMISSION.MAKE_CREDENTIAL, rp_id
+    )
+    made = ctap.make_credential(
+        cdh,
+        {"id": rp_id, "name": rp_id},
+        {"id": b"bob", "name": "bob", "displayName": "Bob"},
+        [{"type": "public-key", "alg": -7}],
+        pin_uv_param=PinProtocolV2().authenticate(token, cdh),
+        pin_uv_protocol=2,
+    )
+    assert made.auth_data.credential_data is not None
+    allow = [{"type": "public-key", "id": made.auth_data.credential_data.credential_id}]
+    for _ in range(assertions):
+        ctap.get_assertion(rp_id, os.urandom(32), allow)
+
+
+def stored(store: Fido2KeyStore, uri: str) -> dict[str, Any]:
+    """The host's record of the credential of ``uri``, read from the state file."""
+    key = parse_attr_uri(uri, "fido2")[0]["id"]
+    data = json.loads(store.state_file.read_text())
+    return next(c for c in data["credentials"] if c["id"] == key)  # type: ignore[no-any-return]
 
 
 def one_line(error: BaseException) -> None:
@@ -219,7 +253,6 @@ class TestFido2Contract(KeyStoreContract):
         {
             Capability.HMAC,
             Capability.COUNTER,
-            Capability.HARDWARE_COUNTER,
             Capability.USER_VERIFICATION,
         }
     )
@@ -301,42 +334,47 @@ class TestFido2Contract(KeyStoreContract):
         with pytest.raises(KeyNotFound):
             store.hmac(enrollment.otp_key, b"x", auth)
 
-    # The counter is the signature counter: it starts where the authenticator's
-    # counter stands (not 0), and the soft authenticator, like many, has ONE counter.
+    # The ATC is the host's, per credential: 0, then exactly +1 per increment, while
+    # each increment is one assertion (the signature counter, shared, moves too).
 
     def test_counter_starts_at_zero_and_increments_strictly(self, store, auth, device):  # type: ignore[no-untyped-def]
         counter = store.create_counter("contract-atc", auth)
-        assert store.counter_value(counter, auth) == device.status().sign_count
-        seen = [store.counter_increment(counter, auth) for _ in range(5)]
-        start = device.status().sign_count - 5
-        assert seen == list(range(start + 1, start + 6))
-        assert store.counter_value(counter, auth) == seen[-1]
+        assert store.counter_value(counter, auth) == 0
+        start = device.status().sign_count
+        assert [store.counter_increment(counter, auth) for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert device.status().sign_count == start + 5  # one assertion each
+        assert store.counter_value(counter, auth) == 5
+        assert stored(store, counter)["last_sign_count"] == start + 5
 
     def test_counters_are_independent(self, store, auth):  # type: ignore[no-untyped-def]
         first = store.create_counter("contract-atc-a", auth)
         second = store.create_counter("contract-atc-b", auth)
         assert first != second
-        before = store.counter_value(second, auth)
-        value = store.counter_increment(first, auth)
-        assert store.counter_value(first, auth) == value
-        assert store.counter_value(second, auth) == before  # its own last-seen value
-        assert store.counter_increment(second, auth) > value  # one global counter
+        assert [store.counter_increment(first, auth) for _ in range(3)] == [1, 2, 3]
+        assert store.counter_value(second, auth) == 0  # the shared signCount moved by 3
+        assert store.counter_increment(second, auth) == 1
+        assert store.counter_value(first, auth) == 3
 
-    def test_counted_hmac_returns_new_counter_value(self, store, auth, verifier_keys):  # type: ignore[no-untyped-def]
+    def test_counted_hmac_returns_new_counter_value(self, store, auth, verifier_keys, device):  # type: ignore[no-untyped-def]
         enrollment = store.enroll(Method.BIOMETRIC, "contract-hmac",
                                   verifier_keys.agreement_public, auth)
         key = verifier_keys.unwrap_otp_key(enrollment.otp_key_for_verifier)
-        before = store.counter_value(enrollment.counter, auth)
+        assert enrollment.initial_atc == store.counter_value(enrollment.counter, auth) == 0
+        durable: list[dict[str, Any]] = []
 
         def message_for(value: int) -> bytes:
+            durable.append(stored(store, enrollment.counter))  # on disk before the MAC
             return value.to_bytes(8, "big") + b"question"
 
+        before = device.status().sign_count
         value, mac = store.counted_hmac(enrollment.otp_key, enrollment.counter, message_for, auth)
-        assert value == before + 1  # ONE assertion per OTP
+        after = device.status().sign_count
+        assert value == 1 and after == before + 1  # ONE assertion per OTP
+        assert durable[-1]["atc"] == 1 and durable[-1]["last_sign_count"] == after
         assert store.counter_value(enrollment.counter, auth) == value
         assert mac == hmac.new(key, message_for(value), hashlib.sha256).digest()
         again, _ = store.counted_hmac(enrollment.otp_key, enrollment.counter, message_for, auth)
-        assert again == value + 1
+        assert again == 2 and durable[-1]["atc"] == 2
 
     def test_enroll_otp_matches_verifier_ecdh(self, store, auth, verifier_keys, device):  # type: ignore[no-untyped-def]
         enrollment = store.enroll(
@@ -386,7 +424,8 @@ def test_modality_refuses_the_other_method_and_names_what_it_has(  # type: ignor
         assert device.status() == before  # refused before anything reached the device
         assert store.list_keys(AUTH) == []
         enrollment = store.enroll(accepted, "right", verifier_keys.agreement_public, AUTH)
-        assert enrollment.initial_atc == device.status().sign_count
+        assert enrollment.initial_atc == 0
+        assert device.status().sign_count == before.sign_count + 2  # made, then asserted
 
 
 def test_authenticator_without_builtin_uv_is_refused(device, state):  # type: ignore[no-untyped-def]
@@ -412,7 +451,9 @@ def test_uv_not_set_up_needs_explicit_pin_fallback(soft_fido2_factory, state):  
         with pytest.raises(PinInvalid) as wrong:
             store.counter_increment(counter, Authorization(pin="000000"))
         assert wrong.value.attempts_remaining == soft_fido2.MAX_PIN_RETRIES - 1
-        assert store.counter_increment(counter, pinned) == device.status().sign_count
+        before = device.status().sign_count
+        assert store.counter_increment(counter, pinned) == 1
+        assert device.status().sign_count == before + 1
 
 
 # --- user verification failures, cancel, timeout ---------------------------------------
@@ -434,7 +475,8 @@ def test_failed_uv_reports_retries_left_and_releases_nothing(store, device, veri
     assert device.status().sign_count == count_before  # no assertion happened
     device.configure(uv_outcome="succeed")
     value, _ = store.counted_hmac(enrollment.otp_key, enrollment.counter, lambda c: b"m", AUTH)
-    assert value == count_before + 1
+    assert value == enrollment.initial_atc + 1 == 1
+    assert device.status().sign_count == count_before + 1
     assert device.status().uv_retries == MAX_UV_RETRIES
 
 
@@ -453,7 +495,7 @@ def test_blocked_uv_falls_back_to_pin_only_where_allowed(soft_fido2_factory, sta
             store.counter_increment(counter, Authorization(pin="271828"))
     with Fido2KeyStore.open(settings_for(device, state, allow_pin_fallback=True)) as store:
         value = store.counter_increment(counter, Authorization(pin="271828"))
-        assert value == device.status().sign_count
+        assert value == 1  # the failed and blocked attempts moved nothing
 
 
 def test_uv_cancelled_on_the_device_is_cancelled_and_changes_nothing(store, device):  # type: ignore[no-untyped-def]
@@ -465,7 +507,8 @@ def test_uv_cancelled_on_the_device_is_cancelled_and_changes_nothing(store, devi
     one_line(caught.value)
     assert (store.state_file.read_bytes(), device.status()) == before
     device.configure(uv_outcome="succeed")
-    assert store.counter_increment(counter, AUTH) == before[1].sign_count + 1
+    assert store.counter_increment(counter, AUTH) == 1
+    assert device.status().sign_count == before[1].sign_count + 1
 
 
 def _hanging_store(
@@ -495,7 +538,8 @@ def test_ctrl_c_sends_ctap_cancel_and_raises_cancelled(device, state, capfd):  #
     err = capfd.readouterr().err
     assert f"{AUTH.prompt}: touch / verify on your authenticator" in err
     faulty.hang_uv = False
-    assert store.counter_increment(counter, AUTH) == before[1].sign_count + 1
+    assert store.counter_increment(counter, AUTH) == 1
+    assert device.status().sign_count == before[1].sign_count + 1
     store.close()
 
 
@@ -523,6 +567,7 @@ def test_cloned_authenticator_is_refused_once_the_other_moved_the_counter(  # ty
     with Fido2KeyStore.open(settings_for(device, state)) as original:
         first, _ = original.counted_hmac(enrollment.otp_key, enrollment.counter,
                                          lambda c: b"m", AUTH)
+        assert first == 1
     with Fido2KeyStore.open(settings_for(clone, state)) as cloned:
         with pytest.raises(CounterError, match="cloned") as caught:
             cloned.counted_hmac(enrollment.otp_key, enrollment.counter, lambda c: b"m", AUTH)
@@ -534,6 +579,79 @@ def test_cloned_authenticator_is_refused_once_the_other_moved_the_counter(  # ty
                 cloned.hmac(enrollment.otp_key, b"m", AUTH)
     with Fido2KeyStore.open(settings_for(device, state)) as original, pytest.raises(CounterError):
         original.hmac(enrollment.otp_key, b"m", AUTH)
+
+
+# --- the host-kept ATC -----------------------------------------------------------------------
+
+
+def test_atc_moves_by_one_per_otp_whatever_else_the_authenticator_signs(  # type: ignore[no-untyped-def]
+    store, device, verifier_keys
+):
+    """A website login between two OTPs moves the shared signature counter by 26;
+    the credential's ATC still moves by exactly 1 per OTP."""
+    enrollment = store.enroll(Method.BIOMETRIC, "elsewhere", verifier_keys.agreement_public, AUTH)
+    key = verifier_keys.unwrap_otp_key(enrollment.otp_key_for_verifier)
+
+    def message_for(value: int) -> bytes:
+        return value.to_bytes(8, "big") + b"question"
+
+    first, _ = store.counted_hmac(enrollment.otp_key, enrollment.counter, message_for, AUTH)
+    before = device.status().sign_count
+    use_elsewhere(device, 25)
+    assert device.status().sign_count == before + 26
+    assert store.counter_value(enrollment.counter, AUTH) == first == 1
+    value, mac = store.counted_hmac(enrollment.otp_key, enrollment.counter, message_for, AUTH)
+    assert value == first + 1
+    assert mac == hmac.new(key, message_for(value), hashlib.sha256).digest()
+    assert stored(store, enrollment.counter)["last_sign_count"] == before + 27
+    assert store.counter_increment(enrollment.counter, AUTH) == value + 1
+    # Host-kept, so not claimed as a hardware counter (the signature counter is the guard).
+    assert Capability.HARDWARE_COUNTER not in store.capabilities()
+
+
+def test_login_assertion_checks_the_signature_counter_and_leaves_the_atc(  # type: ignore[no-untyped-def]
+    store, device, verifier_keys, tmp_path
+):
+    enrollment = store.enroll(Method.BIOMETRIC, "login", verifier_keys.agreement_public, AUTH)
+    atc, _ = store.counted_hmac(enrollment.otp_key, enrollment.counter, lambda c: b"m", AUTH)
+    snapshot = device.path.read_bytes()  # the authenticator before the login
+    use_elsewhere(device, 3)
+    auth_data, _ = store.login_assertion(enrollment.signing_key, bytes(32), AUTH)
+    raw = int.from_bytes(auth_data[33:37], "big")
+    assert raw == device.status().sign_count  # the raw signature counter, for the authfile
+    assert stored(store, enrollment.signing_key)["last_sign_count"] == raw
+    assert store.counter_value(enrollment.counter, AUTH) == atc  # the ATC did not move
+    device.path.write_bytes(snapshot)  # a clone of the authenticator as it was before
+    with pytest.raises(CounterError, match="cloned"):
+        store.login_assertion(enrollment.signing_key, bytes(32), AUTH)
+    with pytest.raises(CounterError):
+        store.counted_hmac(enrollment.otp_key, enrollment.counter, lambda c: b"m", AUTH)
+    assert store.counter_value(enrollment.counter, AUTH) == atc
+
+
+def test_state_version_1_keeps_the_atc_where_the_signature_counter_was(  # type: ignore[no-untyped-def]
+    store, device, verifier_keys
+):
+    """Version 1 used the signature counter as the ATC, and the verifier stands
+    there: reading it starts the host-kept ATC at that value, then +1 per OTP."""
+    enrollment = store.enroll(Method.BIOMETRIC, "v1", verifier_keys.agreement_public, AUTH)
+    data = json.loads(store.state_file.read_text())
+    for record in data["credentials"]:
+        record["sign_count"] = record.pop("last_sign_count")
+        del record["atc"]
+    data["version"] = 1
+    store.state_file.write_text(json.dumps(data))
+    old = device.status().sign_count
+    assert store.counter_value(enrollment.counter, AUTH) == old
+    value, _ = store.counted_hmac(enrollment.otp_key, enrollment.counter, lambda c: b"m", AUTH)
+    assert value == old + 1
+    rewritten = json.loads(store.state_file.read_text())
+    assert rewritten["version"] == 2
+    assert stored(store, enrollment.counter)["atc"] == old + 1
+    data["version"] = 3
+    store.state_file.write_text(json.dumps(data))
+    with pytest.raises(StateError):
+        store.counter_value(enrollment.counter, AUTH)
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -562,7 +680,8 @@ def test_malformed_cbor_from_the_device_is_a_backend_error(device, state, answer
         one_line(caught.value)
         assert caught.value.native_code is not None
         assert store.state_file.read_bytes() == state_before  # no state lost or changed
-        assert store.counter_increment(counter, AUTH) == device.status().sign_count
+        assert store.counter_increment(counter, AUTH) == 1
+        assert stored(store, counter)["last_sign_count"] == device.status().sign_count
 
 
 def test_wrong_credential_is_key_not_found(store, device, soft_fido2_factory, state):  # type: ignore[no-untyped-def]
@@ -656,7 +775,8 @@ def _check(enrollment, **changes):  # type: ignore[no-untyped-def]
 
 
 def test_proof_refuses_another_offer_key_or_wrapped_otp_key(enrolled, verifier_keys):  # type: ignore[no-untyped-def]
-    assert _check(enrolled).sign_count == enrolled.initial_atc
+    proof = _check(enrolled)
+    assert enrolled.initial_atc == 0 < proof.sign_count  # a working counter, not the ATC
     other_key = ec.generate_private_key(ec.SECP256R1()).public_key()
     swapped = wrap_otp_key(os.urandom(32), verifier_keys.agreement_public)
     flipped = bytearray(enrolled.attestation)
@@ -674,11 +794,12 @@ def test_proof_refuses_another_offer_key_or_wrapped_otp_key(enrolled, verifier_k
     ):
         with pytest.raises(UntrustedMessage):
             _check(enrolled, **changes)
-    with pytest.raises(UntrustedMessage, match="initial ATC"):
-        verify_enrollment_attestation(
-            enrolled.attestation, ecutil.encode_point(enrolled.signing_public), BINDING,
-            enrolled.otp_key_for_verifier, initial_atc=enrolled.initial_atc - 1,
-        )
+    for claimed in (proof.sign_count, 1, 2**32):  # the ATC starts at 0, whatever signCount is
+        with pytest.raises(UntrustedMessage, match="initial ATC"):
+            verify_enrollment_attestation(
+                enrolled.attestation, ecutil.encode_point(enrolled.signing_public), BINDING,
+                enrolled.otp_key_for_verifier, initial_atc=claimed,
+            )
 
 
 def test_proof_with_none_attestation_still_proves_possession(  # type: ignore[no-untyped-def]

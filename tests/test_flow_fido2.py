@@ -1,10 +1,12 @@
 """The whole offline flow for the biometric and face methods on software FIDO2
 authenticators (fingerprint-only and face-only), through the library API:
-enroll, start, finish, verify, replay refused; failed UV, clones and bad input
-refused without releasing an OTP or losing state."""
+enroll, start, finish, verify, replay refused; the ATC moves by one per OTP
+even when the authenticator is used elsewhere in between; failed UV, clones
+and bad input refused without releasing an OTP or losing state."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import pytest
 
 pytest.importorskip("fido2", reason="python-fido2 (the fido2 extra) is not installed")
 
+from fido2.ctap2 import Ctap2
+from fido2.ctap2.pin import ClientPin, PinProtocolV2
 from hsm_auth_backends.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
 
 from hsm_auth import ec
@@ -21,6 +25,7 @@ from hsm_auth.errors import (
     Cancelled,
     CounterError,
     InvalidToken,
+    LoginRequired,
     MechanismNotSupported,
     TokenNotFound,
     UserVerificationFailed,
@@ -113,7 +118,7 @@ def test_offline_flow_accepts_once_then_refuses_replay(verifier, enrolled, devic
     assert set(request.methods) == set(METHODS)
     result = enrolled.finish_offline_authentication(request, method)
     assert len(result.otp) == 8 and result.otp.isdigit()
-    assert result.atc == devices[method].status().sign_count  # the signature counter
+    assert result.atc == 1  # the credential's own ATC, from 0 at enrollment
     accepted = verifier.verify(session.session_id, result.otp)
     assert (accepted.method, accepted.atc) == (method, result.atc)
     with pytest.raises(InvalidToken):
@@ -127,7 +132,57 @@ def test_counter_advances_by_one_assertion_per_otp(verifier, enrolled, method): 
         session, request = _request(verifier, enrolled, method)
         result = enrolled.finish_offline_authentication(request, method)
         atcs.append(verifier.verify(session.session_id, result.otp).atc)
-    assert atcs == [atcs[0], atcs[0] + 1, atcs[0] + 2]
+    assert atcs == [1, 2, 3]
+
+
+def _use_elsewhere(device: SoftAuthenticator, assertions: int) -> None:
+    """A website login on the same authenticator (plain Ctap2, another RP): one
+    makeCredential and ``assertions`` getAssertions move its one signature counter."""
+    ctap = Ctap2(device)
+    rp_id, cdh = "example.com", os.urandom(32)
+    token = ClientPin(ctap, PinProtocolV2()).get_uv_token(
+        ClientPin.PERMISSION.MAKE_CREDENTIAL, rp_id
+    )
+    made = ctap.make_credential(
+        cdh,
+        {"id": rp_id, "name": rp_id},
+        {"id": b"bob", "name": "bob", "displayName": "Bob"},
+        [{"type": "public-key", "alg": -7}],
+        pin_uv_param=PinProtocolV2().authenticate(token, cdh),
+        pin_uv_protocol=2,
+    )
+    assert made.auth_data.credential_data is not None
+    allow = [{"type": "public-key", "id": made.auth_data.credential_data.credential_id}]
+    for _ in range(assertions):
+        ctap.get_assertion(rp_id, os.urandom(32), allow)
+
+
+def test_use_elsewhere_moves_neither_the_window_nor_the_offline_count(  # type: ignore[no-untyped-def]
+    verifier, enrolled, devices
+):
+    """Between OTPs the authenticator logs in to a website 25 times (the shared
+    signature counter jumps by 26 each time): every OTP still has ATC = previous + 1,
+    the verifier accepts each within its window of 10, and the authenticator counts
+    exactly one offline use per OTP: login required after 10, not after the first."""
+    device = devices[Method.BIOMETRIC]
+    window = next(m for m in enrolled.enrolled if m.method is Method.BIOMETRIC).window
+    assert window == 10  # the verifier's look-ahead window
+    for expected in range(1, window + 1):
+        before = device.status().sign_count
+        _use_elsewhere(device, 25)
+        assert device.status().sign_count == before + 26
+        session, request = _request(verifier, enrolled, Method.BIOMETRIC)
+        result = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+        assert result.atc == expected
+        assert verifier.verify(session.session_id, result.otp).atc == expected
+    _use_elsewhere(device, 25)
+    session, request = _request(verifier, enrolled, Method.BIOMETRIC)
+    with pytest.raises(LoginRequired, match=f"{window} offline uses"):
+        enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+    enrolled.sync(verifier.sync_message("alice", Method.BIOMETRIC))
+    result = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
+    assert result.atc == window + 1
+    assert verifier.verify(session.session_id, result.otp).atc == window + 1
 
 
 def test_failed_uv_gives_retries_left_and_releases_no_otp(verifier, enrolled, devices):  # type: ignore[no-untyped-def]
@@ -141,8 +196,8 @@ def test_failed_uv_gives_retries_left_and_releases_no_otp(verifier, enrolled, de
     assert device.status().sign_count == count  # no assertion, so no OTP
     device.configure(uv_outcome="succeed")
     result = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
-    assert result.atc == count + 1
-    assert verifier.verify(session.session_id, result.otp).atc == count + 1
+    assert result.atc == 1 and device.status().sign_count == count + 1
+    assert verifier.verify(session.session_id, result.otp).atc == 1
 
 
 @pytest.mark.parametrize(
@@ -215,7 +270,7 @@ def test_uv_cancelled_then_missing_authenticator_lose_no_state(  # type: ignore[
     unplugged.rename(device.path)
     assert (tmp_path / "auth" / "credentials.json").read_bytes() == credentials
     result = enrolled.finish_offline_authentication(request, Method.FACE)
-    assert result.atc == count + 1
+    assert result.atc == 1 and device.status().sign_count == count + 1
     assert verifier.verify(session.session_id, result.otp).method is Method.FACE
 
 
