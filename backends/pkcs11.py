@@ -503,6 +503,7 @@ class Pkcs11KeyStore(KeyStore):
     name: ClassVar[str] = "pkcs11"
     priority: ClassVar[float] = 10.0
     methods: ClassVar[tuple[Method, ...]] = (Method.PIN, Method.DEVICE)
+    pin_unlocks_session: ClassVar[bool] = True
 
     @classmethod
     def priority_for(cls, method: Method) -> float:

@@ -174,13 +174,25 @@ class Authenticator:
 
     # --- backends -------------------------------------------------------------
 
-    def _open(self, backend: str, settings: Mapping[str, Any]) -> KeyStore:
+    @contextlib.contextmanager
+    def _store(
+        self, backend: str, settings: Mapping[str, Any], method: Method
+    ) -> Iterator[KeyStore]:
+        """The open store for ``backend``/``settings``, kept for later operations, except
+        where a PIN unlocks a whole session (PKCS#11): then the store is opened for this
+        operation only and closed (logged out) after it, so that every use of the pin
+        method is a fresh login that the token itself checks and counts."""
+        cls = registry.load_backend(backend)
+        if method.needs_pin and cls.pin_unlocks_session:
+            with cls.open(settings) as once:
+                yield once
+            return
         key = (backend, repr(sorted(settings.items())))
         store = self._stores.get(key)
         if store is None:
-            store = registry.load_backend(backend).open(settings)
+            store = cls.open(settings)
             self._stores[key] = store
-        return store
+        yield store
 
     def close(self) -> None:
         for store in self._stores.values():
@@ -252,86 +264,82 @@ class Authenticator:
             )
 
         backend, settings = registry.choose_backend(self.config, method)
-        store = self._open(backend, settings)
-        store.require_method(method)
-        auth = self._authorization(method, store, settings, pin)
-        from .webauthn_proof import enrollment_binding  # only enrollment needs it (x509 import)
+        with self._store(backend, settings, method) as store:
+            store.require_method(method)
+            auth = self._authorization(method, store, settings, pin)
+            from .webauthn_proof import enrollment_binding  # only enrollment needs it (x509 import)
 
-        label = f"hsm-auth/{offer.user}/{method.value}/{os.urandom(3).hex()}"
-        enrollment = store.enroll(
-            method,
-            label,
-            ec.decode_point(offer.verifier_agreement_key),
-            auth,
-            binding=enrollment_binding(offer.offer_id, offer.user, method),
-        )
-        try:
-            response = EnrollmentResponse(
-                verifier_id=offer.verifier_id,
-                offer_id=offer.offer_id,
-                user=offer.user,
-                method=method,
-                backend=backend,
-                signing_key=ec.encode_point(enrollment.signing_public),
-                agreement_key=(
-                    ec.encode_point(enrollment.agreement_public)
-                    if enrollment.agreement_public is not None
-                    else None
-                ),
-                wrapped_otp_key=enrollment.otp_key_for_verifier,
-                initial_atc=enrollment.initial_atc,
-                attestation=enrollment.attestation,
+            label = f"hsm-auth/{offer.user}/{method.value}/{os.urandom(3).hex()}"
+            enrollment = store.enroll(
+                method,
+                label,
+                ec.decode_point(offer.verifier_agreement_key),
+                auth,
+                binding=enrollment_binding(offer.offer_id, offer.user, method),
             )
-            if Capability.SIGN in store.capabilities():
+            try:
+                response = EnrollmentResponse(
+                    verifier_id=offer.verifier_id,
+                    offer_id=offer.offer_id,
+                    user=offer.user,
+                    method=method,
+                    backend=backend,
+                    signing_key=ec.encode_point(enrollment.signing_public),
+                    agreement_key=(
+                        ec.encode_point(enrollment.agreement_public)
+                        if enrollment.agreement_public is not None
+                        else None
+                    ),
+                    wrapped_otp_key=enrollment.otp_key_for_verifier,
+                    initial_atc=enrollment.initial_atc,
+                    attestation=enrollment.attestation,
+                )
+                if Capability.SIGN in store.capabilities():
 
-                def sign(body: bytes) -> bytes:
-                    return ec.der_to_raw(store.sign(enrollment.signing_key, body, auth))
+                    def sign(body: bytes) -> bytes:
+                        return ec.der_to_raw(store.sign(enrollment.signing_key, body, auth))
 
-                text = response.to_text(sign)
-            else:
-                text = response.to_text(None)
-            record = EnrolledMethod(
-                verifier_id=offer.verifier_id,
-                user=offer.user,
-                method=method,
-                backend=backend,
-                settings=dict(settings),
-                signing_key=enrollment.signing_key,
-                otp_key=enrollment.otp_key,
-                counter=enrollment.counter,
-                agreement_key=enrollment.agreement_key,
-                suite=offer.suite,
-                window=offer.window,
-                synced_atc=enrollment.initial_atc,
-                created=int(self._clock()),
-            )
-            verifiers = dict(self._verifiers)
-            verifiers[offer.verifier_id] = PinnedVerifier(
-                offer.verifier_id, offer.verifier_name, offer.verifier_signing_key
-            )
-            methods = [m for m in self._methods if m is not existing] + [record]
-            self._save(verifiers, methods)
-        except BaseException:
-            store.unenroll(enrollment, auth)  # nothing half-enrolled stays in the token
-            raise
+                    text = response.to_text(sign)
+                else:
+                    text = response.to_text(None)
+                record = EnrolledMethod(
+                    verifier_id=offer.verifier_id,
+                    user=offer.user,
+                    method=method,
+                    backend=backend,
+                    settings=dict(settings),
+                    signing_key=enrollment.signing_key,
+                    otp_key=enrollment.otp_key,
+                    counter=enrollment.counter,
+                    agreement_key=enrollment.agreement_key,
+                    suite=offer.suite,
+                    window=offer.window,
+                    synced_atc=enrollment.initial_atc,
+                    created=int(self._clock()),
+                )
+                verifiers = dict(self._verifiers)
+                verifiers[offer.verifier_id] = PinnedVerifier(
+                    offer.verifier_id, offer.verifier_name, offer.verifier_signing_key
+                )
+                methods = [m for m in self._methods if m is not existing] + [record]
+                self._save(verifiers, methods)
+            except BaseException:
+                store.unenroll(enrollment, auth)  # nothing half-enrolled stays in the token
+                raise
         if existing is not None:
             self._delete_keys(existing, pin)
         return text
 
     def _delete_keys(self, enrolled: EnrolledMethod, pin: str | None) -> None:
-        store = self._open(enrolled.backend, enrolled.settings)
         auth = Authorization(pin=pin)
-        for uri in (
-            enrolled.signing_key,
-            enrolled.otp_key,
-            enrolled.counter,
-            enrolled.agreement_key,
-        ):
-            if uri:
-                try:
-                    store.delete_key(uri, auth)
-                except HsmAuthError as e:
-                    self._warn(f"warning: could not delete an old key ({e})")
+        uris = (enrolled.signing_key, enrolled.otp_key, enrolled.counter, enrolled.agreement_key)
+        with self._store(enrolled.backend, enrolled.settings, enrolled.method) as store:
+            for uri in uris:
+                if uri:
+                    try:
+                        store.delete_key(uri, auth)
+                    except HsmAuthError as e:
+                        self._warn(f"warning: could not delete an old key ({e})")
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -376,22 +384,22 @@ class Authenticator:
             raise ExpiredMessage("the verification data has expired; ask for a new code")
         enrolled = self._find(request.data.verifier_id, method)
         assert enrolled is not None
-        store = self._open(enrolled.backend, enrolled.settings)
-        auth = self._authorization(method, store, enrolled.settings, pin)
-        used = store.counter_value(enrolled.counter, auth) - enrolled.synced_atc
-        if used >= enrolled.window:
-            raise LoginRequired(
-                f"{used} offline uses since the last sync; log in online (hsm-auth sync) first"
-            )
         suite = _suite(enrolled.suite)
         question = request.data.question.hex()
-        with self._exclusive():  # one OTP at a time per authenticator, across processes
-            atc, mac = store.counted_hmac(
-                enrolled.otp_key,
-                enrolled.counter,
-                lambda c: suite.data_input(counter=c, question=question),
-                auth,
-            )
+        with self._store(enrolled.backend, enrolled.settings, method) as store:
+            auth = self._authorization(method, store, enrolled.settings, pin)
+            used = store.counter_value(enrolled.counter, auth) - enrolled.synced_atc
+            if used >= enrolled.window:
+                raise LoginRequired(
+                    f"{used} offline uses since the last sync; log in online (hsm-auth sync) first"
+                )
+            with self._exclusive():  # one OTP at a time per authenticator, across processes
+                atc, mac = store.counted_hmac(
+                    enrolled.otp_key,
+                    enrolled.counter,
+                    lambda c: suite.data_input(counter=c, question=question),
+                    auth,
+                )
         return OfflineOtp(ocra.truncate(mac, suite.digits), method, atc)
 
     def sync(self, text: str) -> EnrolledMethod:

@@ -116,6 +116,10 @@ class KeyStore(ABC):
     #: Methods this backend can serve, in the order it prefers them.
     methods: ClassVar[tuple[Method, ...]] = ()
 
+    #: True where one PIN login unlocks a whole session (PKCS#11), so that callers
+    #: open the store per PIN-authorized operation instead of keeping it logged in.
+    pin_unlocks_session: ClassVar[bool] = False
+
     @classmethod
     def priority_for(cls, method: Method) -> float:
         """Rank among the backends that serve ``method`` (higher wins when unconfigured)."""

@@ -246,3 +246,15 @@ def test_absent_token_is_a_clear_error(tmp_path, verifier, clock):
         with pytest.raises(TokenNotFound):
             a.add_or_update(Method.DEVICE, offer)
         assert a.enrolled == []
+
+
+def test_every_pin_use_is_a_fresh_login_that_the_token_checks(verifier, enrolled):
+    """A long-lived authenticator keeps no PKCS#11 session logged in for the pin
+    method: after a good OTP, a wrong PIN still goes to the token's C_Login (and so
+    to its retry counter), not to a comparison in this process."""
+    session = verifier.start_session("alice", "ctx", methods=[Method.PIN])
+    request = enrolled.start_offline_authentication(session.text)
+    enrolled.finish_offline_authentication(request, Method.PIN, pin=OFFLINE_PIN)
+    with pytest.raises(PinInvalid) as wrong:
+        enrolled.finish_offline_authentication(request, Method.PIN, pin="000000")
+    assert wrong.value.native_code == 0xA0  # CKR_PIN_INCORRECT, from the token
