@@ -1,23 +1,30 @@
-"""``hsm-auth demo``: the whole offline flow on embedded SoftHSM tokens.
+"""``hsm-auth demo``: the whole offline flow on the embedded default tokens.
 
-Everything lives in ``<data dir>/demo`` (wiped at the start of each run): a
-SoftHSM configuration with two tokens (``hsm-auth-device``, whose PIN sits in
-a 0600 file as a pin-source, and ``hsm-auth-pin``, whose user PIN is the
-offline PIN), a verifier and an authenticator. The demo tokens' PINs are given
-to ``softhsm2-util`` on its command line: they are throw-away demo tokens.
+Everything lives in ``<data dir>/demo`` (wiped at the start of each run):
+
+* ``pin``       → a SoftHSM token ``hsm-auth-pin`` whose user PIN is the offline PIN;
+* ``device``    → a swtpm TPM 2.0 started for the demo (stopped at its end), or,
+  without swtpm, a SoftHSM token ``hsm-auth-device`` with its PIN in a 0600 file;
+* ``biometric`` → the software FIDO2 authenticator with a fingerprint modality;
+* ``face``      → the software FIDO2 authenticator with a face modality;
+
+plus a verifier and an authenticator. The demo tokens' PINs are given to
+``softhsm2-util`` on its command line: they are throw-away demo tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import qr
 from .authenticator import Authenticator
-from .config import Paths
-from .config import load as load_config
+from .config import Config, MethodConfig, Paths
 from .errors import HsmAuthError, InvalidToken
 from .files import atomic_write, ensure_private_dir
 from .methods import Method
@@ -27,12 +34,45 @@ USER = "demo"
 CONTEXT = "Log in to demo-workstation as demo"
 
 
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+@dataclass
+class DemoTokens:
+    """What :func:`prepare` set up: per-method backend settings and the offline PIN."""
+
+    methods: dict[Method, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+    offline_pin: str = field(default="", repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    def config(self) -> Config:
+        return Config(
+            methods={m: MethodConfig(b, s) for m, (b, s) in self.methods.items()},
+            environment=dict(self.environment),
+        )
 
 
-def prepare(home: Path) -> tuple[Path, Path]:
-    """Create the demo tokens and config under ``home``; return (config file, offline PIN file)."""
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def write_config(path: Path, tokens: DemoTokens) -> None:
+    lines = ["# written by hsm-auth demo"]
+    for method, (backend, settings) in tokens.methods.items():
+        lines += ["", f"[methods.{method.value}]", f'backend = "{backend}"']
+        lines += [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
+    lines += ["", "[environment]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in tokens.environment.items()]
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
+@contextlib.contextmanager
+def prepare(home: Path, *, tpm: bool = True, fido2: bool = True) -> Iterator[DemoTokens]:
+    """Create the demo tokens under ``home`` and write ``home/config.toml``.
+
+    Yields while the swtpm it started (if any) runs; stops it afterwards.
+    """
     from .testing.softhsm import init_token, softhsm_available, softhsm_environment
     from .uri import Pkcs11Uri
 
@@ -40,36 +80,65 @@ def prepare(home: Path) -> tuple[Path, Path]:
     if reason:
         raise HsmAuthError(f"the demo needs SoftHSM2: {reason}")
     ensure_private_dir(home)
+    tokens = DemoTokens(offline_pin=f"{secrets.randbelow(10**6):06d}")
     with softhsm_environment(home / "softhsm") as env:
+        pin_token = init_token("hsm-auth-pin", secrets.token_hex(8), tokens.offline_pin)
         device = init_token("hsm-auth-device", secrets.token_hex(8), secrets.token_hex(8))
-        pin_token = init_token(
-            "hsm-auth-pin", secrets.token_hex(8), f"{secrets.randbelow(10**6):06d}"
-        )
+    tokens.environment["SOFTHSM2_CONF"] = str(env.conf)
+    atomic_write(home / "offline.pin", tokens.offline_pin.encode())
+    pin_uri = Pkcs11Uri(token=pin_token.label, module_path=pin_token.module_path)
+    tokens.methods[Method.PIN] = ("pkcs11", {"uri": str(pin_uri), "allow_unenforced_pin": True})
     device_pin = home / "device.pin"
     atomic_write(device_pin, device.user_pin.encode())
-    offline_pin = home / "offline.pin"
-    atomic_write(offline_pin, pin_token.user_pin.encode())
     device_uri = Pkcs11Uri(
         token=device.label, module_path=device.module_path, pin_source=f"file:{device_pin}"
     )
-    pin_uri = Pkcs11Uri(token=pin_token.label, module_path=pin_token.module_path)
-    config = home / "config.toml"
-    atomic_write(
-        config,
-        (
-            "# written by hsm-auth demo\n"
-            "[methods.device]\n"
-            'backend = "pkcs11"\n'
-            f"uri = {_toml_string(str(device_uri))}\n\n"
-            "[methods.pin]\n"
-            'backend = "pkcs11"\n'
-            f"uri = {_toml_string(str(pin_uri))}\n"
-            "allow_unenforced_pin = true  # SoftHSM has no PIN retry limit\n\n"
-            "[environment]\n"
-            f"SOFTHSM2_CONF = {_toml_string(str(env.conf))}\n"
-        ).encode(),
+    tokens.methods[Method.DEVICE] = ("pkcs11", {"uri": str(device_uri)})
+
+    with contextlib.ExitStack() as stack:
+        if tpm:
+            _add_tpm(home, tokens, stack)
+        if fido2:
+            _add_fido2(home, tokens)
+        write_config(home / "config.toml", tokens)
+        yield tokens
+
+
+def _add_tpm(home: Path, tokens: DemoTokens, stack: contextlib.ExitStack) -> None:
+    from .testing.swtpm import running_swtpm, swtpm_available
+
+    reason = swtpm_available()
+    if reason:
+        tokens.notes.append(f"device stays on SoftHSM: {reason}")
+        return
+    state = home / "swtpm"
+    state.mkdir(mode=0o700)
+    tpm = stack.enter_context(running_swtpm(state))
+    tokens.methods[Method.DEVICE] = (
+        "tpm2",
+        {"tcti": tpm.tcti, "state_dir": str(home / "tpm2-objects"), "auth": "none"},
     )
-    return config, offline_pin
+
+
+def _add_fido2(home: Path, tokens: DemoTokens) -> None:
+    try:
+        from hsm_auth_backends.soft_fido2 import SoftAuthenticator, UvModality
+    except ImportError as e:
+        tokens.notes.append(f"biometric and face skipped: python-fido2 is missing ({e})")
+        return
+    for method, modality in (
+        (Method.BIOMETRIC, UvModality.FINGERPRINT),
+        (Method.FACE, UvModality.FACE),
+    ):
+        device = SoftAuthenticator.create(
+            home / f"soft-fido2-{method.value}.json", uv_modality=modality
+        )
+        settings = {
+            "device": f"soft:{device.path}",
+            "state_dir": str(home / "fido2-state"),
+            "prompts": False,
+        }
+        tokens.methods[method] = ("fido2", settings)
 
 
 def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -> int:
@@ -80,53 +149,45 @@ def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -
     def step(text: str) -> None:
         print(f"==> {text}", file=out)
 
-    step(f"creating SoftHSM tokens, a verifier and an authenticator in {home}")
-    _, offline_pin_file = prepare(home)
-    demo_paths = Paths(home)
-    cfg = load_config(demo_paths)
-    cfg.apply_environment()
-    offline_pin = offline_pin_file.read_text()
-    verifier = Verifier.init(demo_paths.verifier_dir, "hsm-auth demo verifier")
+    step(f"creating tokens, a verifier and an authenticator in {home}")
     failures = 0
-    with Authenticator(
-        demo_paths.authenticator_dir, cfg, warn=lambda m: print(m, file=err)
-    ) as auth:
-        for method in (Method.DEVICE, Method.PIN):
-            _, offer = verifier.create_offer(USER, methods=[method])
-            response = auth.add_or_update(
-                method, offer, pin=offline_pin if method.needs_pin else None
-            )
-            cred = verifier.accept_enrollment(response)
-            step(f"enrolled {method.value} (backend {cred.backend}, initial ATC {cred.atc})")
-
-        for method in (Method.DEVICE, Method.PIN):
-            session = verifier.start_session(USER, CONTEXT, methods=[Method.DEVICE, Method.PIN])
-            step(f"verifier started session {session.session_id.hex()}; verification data:")
-            print(qr.terminal(session.text), file=out)
-            print(session.text, file=out)
-            request = auth.start_offline_authentication(session.text)
-            step(
-                f"authenticator shows: verifier {request.verifier_name!r}, "
-                f"context {request.context!r}"
-            )
-            result = auth.finish_offline_authentication(
-                request, method, pin=offline_pin if method.needs_pin else None
-            )
-            step(f"OTP from the {method.value} token: {result.otp} (ATC {result.atc})")
-            accepted = verifier.verify(session.session_id, result.otp)
-            step(
-                f"verifier accepted {accepted.user} with {accepted.method.value} "
-                f"(ATC {accepted.atc})"
-            )
-            try:
-                verifier.verify(session.session_id, result.otp)
-            except InvalidToken:
-                step("replaying the same OTP: refused, as it must be")
-            else:
-                print("error: the replayed OTP was accepted", file=err)
-                failures += 1
-    verifier.close()
+    with prepare(home) as tokens:
+        for note in tokens.notes:
+            step(note)
+        for method, (backend, _) in tokens.methods.items():
+            step(f"{method.value:9} -> {backend}")
+        tokens.config().apply_environment()
+        demo_paths = Paths(home)
+        verifier = Verifier.init(demo_paths.verifier_dir, "hsm-auth demo verifier")
+        methods = [m for m in Method if m in tokens.methods]
+        warn = lambda m: print(m, file=err)  # noqa: E731
+        with verifier, Authenticator(demo_paths.authenticator_dir, tokens.config(), warn=warn) as a:
+            for method in methods:
+                pin = tokens.offline_pin if method.needs_pin else None
+                _, offer = verifier.create_offer(USER, methods=[method])
+                cred = verifier.accept_enrollment(a.add_or_update(method, offer, pin=pin))
+                step(f"enrolled {method.value} (backend {cred.backend}, initial ATC {cred.atc})")
+            for i, method in enumerate(methods):
+                session = verifier.start_session(USER, CONTEXT, methods=methods)
+                step(f"verifier started session {session.session_id.hex()}")
+                if i == 0:  # one QR code is enough to show
+                    print(qr.terminal(session.text), file=out)
+                print(session.text, file=out)
+                request = a.start_offline_authentication(session.text)
+                step(f"authenticator shows {request.verifier_name!r}: {request.context!r}")
+                pin = tokens.offline_pin if method.needs_pin else None
+                result = a.finish_offline_authentication(request, method, pin=pin)
+                step(f"OTP from the {method.value} token: {result.otp} (ATC {result.atc})")
+                ok = verifier.verify(session.session_id, result.otp)
+                step(f"verifier accepted {ok.user} with {ok.method.value} (ATC {ok.atc})")
+                try:
+                    verifier.verify(session.session_id, result.otp)
+                except InvalidToken:
+                    step("replaying the same OTP: refused, as it must be")
+                else:
+                    print("error: the replayed OTP was accepted", file=err)
+                    failures += 1
     if failures:
         return 1
-    step(f"demo passed; state kept in {home} (try: hsm-auth --home {home} methods)")
+    step(f"demo passed for {', '.join(m.value for m in methods)}; state kept in {home}")
     return 0

@@ -53,7 +53,8 @@ def home(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     home = tmp_path_factory.mktemp("home")
-    _, pin_file = prepare(home)
+    with prepare(home, tpm=False, fido2=False):  # SoftHSM only: no process to keep running
+        pin_file = home / "offline.pin"
     ok(home, "verifier", "init", "--name", "CLI verifier")
     for method in ("device", "pin"):
         offer = ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
