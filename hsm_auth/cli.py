@@ -146,6 +146,19 @@ def read_pin(args: argparse.Namespace, err: TextIO, prompt: str = "Offline PIN: 
     return pin
 
 
+def read_otp(ctx: Context) -> str:
+    """The OTP from ``--otp``, else from stdin (a pipe) or typed at the terminal
+    (kept out of argv, where other users could see it in the process list)."""
+    if ctx.args.otp != "-":
+        return str(ctx.args.otp)
+    if sys.stdin.isatty():
+        print("OTP: ", end="", file=ctx.err, flush=True)
+    line = sys.stdin.readline().strip()
+    if not line:
+        raise InvalidInput("no OTP given (--otp, or one line on stdin)")
+    return line
+
+
 def parse_methods(text: str | None) -> list[Method] | None:
     if not text:
         return None
@@ -263,7 +276,7 @@ def cmd_verifier_session(ctx: Context) -> int:
 def cmd_verifier_verify(ctx: Context) -> int:
     v = ctx.verifier()
     try:
-        ok = v.verify(parse_session_id(ctx.args.session), ctx.args.otp)
+        ok = v.verify(parse_session_id(ctx.args.session), read_otp(ctx))
     finally:
         v.close()
     ctx.emit(
@@ -479,13 +492,22 @@ def cmd_login_enroll(ctx: Context) -> int:
     pin = read_pin(ctx.args, ctx.err, "Login PIN: ") if method.needs_pin else None
     with AuthDir(_login_authdir(ctx, cfg), create=True) as authdir:
         cred = enroll(
-            authdir, ctx.args.user, method, cfg, pin=pin, replace_existing=ctx.args.replace,
+            authdir,
+            ctx.args.user,
+            method,
+            cfg,
+            pin=pin,
+            replace_existing=ctx.args.replace,
             warn=lambda m: print(m, file=ctx.err),
         )
     ctx.emit(
         f"enrolled {ctx.args.user} for login with {method.value} ({cred.backend})",
-        {"user": ctx.args.user, "method": method.value, "backend": cred.backend,
-         "counter": cred.counter},
+        {
+            "user": ctx.args.user,
+            "method": method.value,
+            "backend": cred.backend,
+            "counter": cred.counter,
+        },
     )
     return 0
 
@@ -499,8 +521,9 @@ def cmd_login_check(ctx: Context) -> int:
         creds = authdir.read(ctx.args.user) or []
         needs_pin = any(c.method.needs_pin for c in creds if method in (None, c.method))
         pin = read_pin(ctx.args, ctx.err, "Login PIN: ") if needs_pin else None
-        result = login(authdir, ctx.args.user, pin=pin, method=method,
-                       warn=lambda m: print(m, file=ctx.err))
+        result = login(
+            authdir, ctx.args.user, pin=pin, method=method, warn=lambda m: print(m, file=ctx.err)
+        )
     ctx.emit(
         f"login ok: {result.user} with {result.method.value} (counter {result.counter})",
         {"user": result.user, "method": result.method.value, "counter": result.counter},
@@ -592,9 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     vp = sub.add_parser("verifier", help="the verifier side", parents=[common])
     vsub = vp.add_subparsers(dest="verifier_command", required=True, metavar="COMMAND")
 
-    def vadd(
-        name: str, func: Callable[[Context], int], help_text: str
-    ) -> argparse.ArgumentParser:
+    def vadd(name: str, func: Callable[[Context], int], help_text: str) -> argparse.ArgumentParser:
         return add(vsub, name, func, help_text, [vopt])
 
     p = vadd("init", cmd_verifier_init, "create the verifier's identity, keys and database")
@@ -618,7 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qr", help="terminal, png:PATH or svg:PATH")
     p = vadd("verify", cmd_verifier_verify, "check an OTP for a session")
     p.add_argument("--session", required=True)
-    p.add_argument("--otp", required=True)
+    p.add_argument(
+        "--otp", default="-", help="the OTP, or - (default) to read it from stdin / the terminal"
+    )
     p = vadd(
         "resync",
         cmd_verifier_resync,
@@ -658,8 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(lsub, name, func, text, [pin])
         p.add_argument("--user", required=True)
         p.add_argument("--method", required=name == "enroll")
-        p.add_argument("--authdir", "--authfile", dest="authdir", metavar="DIR",
-                       help="the authfile directory (default /etc/hsm-auth/login)")
+        p.add_argument(
+            "--authdir",
+            "--authfile",
+            dest="authdir",
+            metavar="DIR",
+            help="the authfile directory (default /etc/hsm-auth/login)",
+        )
         if name == "enroll":
             p.add_argument("--replace", action="store_true", help="replace an enrolled method")
     return parser

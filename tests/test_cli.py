@@ -200,3 +200,10 @@ def test_secrets_are_not_world_readable(home):
         home / "verifier" / "verifier.db",
     ]:
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_verify_reads_the_otp_from_stdin_to_keep_it_out_of_argv(home):
+    sid, data = session(home)
+    otp = ok(home, "finish", "--method", "device", data)
+    assert "accepted" in ok(home, "verifier", "verify", "--session", sid, stdin=otp + "\n")
+    fails(home, 2, "verifier", "verify", "--session", sid, stdin="")
