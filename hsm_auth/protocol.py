@@ -285,12 +285,15 @@ class EnrollmentResponse(_Message):
 
 @dataclass(frozen=True)
 class VerificationData(_Message):
-    """Verifier → authenticator, shown as a QR code: what to approve, signed."""
+    """Verifier → authenticator, shown as a QR code: what to approve, signed.
+
+    It carries no session id: the authenticator needs none (the OTP is bound to
+    the challenge and the context), and every byte makes the QR code denser.
+    The verifier keeps its session id beside the challenge."""
 
     KIND: ClassVar[MessageType] = MessageType.VERIFICATION_DATA
 
     verifier_id: bytes
-    session_id: bytes
     challenge: bytes
     context: str
     methods: tuple[Method, ...]
@@ -301,11 +304,10 @@ class VerificationData(_Message):
     def _from_values(cls, v: list[Any], signature: bytes) -> VerificationData:
         return cls(
             verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            session_id=_bytes(v[1], "session_id", min_len=8, max_len=32),
-            challenge=_bytes(v[2], "challenge", min_len=16, max_len=64),
-            context=_text(v[3], "context", max_len=MAX_CONTEXT),
-            methods=_methods(v[4]),
-            expires=_int(v[5], "expires"),
+            challenge=_bytes(v[1], "challenge", min_len=16, max_len=64),
+            context=_text(v[2], "context", max_len=MAX_CONTEXT),
+            methods=_methods(v[3]),
+            expires=_int(v[4], "expires"),
             signature=signature,
         )
 

@@ -388,9 +388,9 @@ class Verifier:
         allowed = tuple(m for m in dict.fromkeys(wanted) if m in enrolled)
         if not allowed:
             raise UnknownMethod(f"{user!r} has none of the requested methods enrolled")
+        session_id = os.urandom(SESSION_ID_BYTES)
         data = VerificationData(
             verifier_id=self.identity.verifier_id,
-            session_id=os.urandom(SESSION_ID_BYTES),
             challenge=os.urandom(CHALLENGE_BYTES),
             context=context,
             methods=allowed,
@@ -402,14 +402,14 @@ class Verifier:
             Event.SESSION,
             user,
             ",".join(m.value for m in allowed),
-            data.session_id.hex(),
+            session_id.hex(),
         )
         self.store.put_session(
-            SessionRecord(data.session_id, user, data.challenge, context, allowed, data.expires),
+            SessionRecord(session_id, user, data.challenge, context, allowed, data.expires),
             record,
         )
         audit.emit([record])
-        return Session(data.session_id, data, text)
+        return Session(session_id, data, text)
 
     # --- verification -------------------------------------------------------
 

@@ -36,7 +36,6 @@ def signer(key: cec.EllipticCurvePrivateKey):
 def verification_data(**over) -> VerificationData:
     fields = dict(
         verifier_id=os.urandom(8),
-        session_id=os.urandom(16),
         challenge=os.urandom(16),
         context="Log in to host as alice",
         methods=(Method.DEVICE, Method.PIN),
@@ -65,6 +64,8 @@ def test_verification_data_is_qr_alphanumeric_and_small():
     alphanumeric = set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ $%*+-./:")
     assert set(text) <= alphanumeric
     assert qr.version_of(text) <= 10
+    typical = verification_data(context="Log in to ws-7 as alice").to_text(signer(KEY))
+    assert qr.version_of(typical) <= 8  # 49x49 modules at error correction M
 
 
 def test_tampered_body_fails_the_signature():
