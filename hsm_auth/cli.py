@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import config as configmod
-from . import errors, qr, registry
+from . import errors, qr, registry, textcode
 from .authenticator import Authenticator, OfflineRequest
 from .config import Paths
 from .errors import HsmAuthError, InvalidInput, PinRequired
@@ -106,16 +106,19 @@ class Context:
 
 
 def read_text_arg(value: str | None, stdin: TextIO) -> str:
-    """A message given inline, as ``-`` (stdin), or as ``@FILE``."""
+    """A message given inline (``HA1:…``), as ``-`` (stdin), or in a file (``FILE``, ``@FILE``)."""
     if value is None or value == "-":
         if stdin.isatty():
-            raise InvalidInput("no data given (pass it as an argument, @FILE, or on stdin)")
+            raise InvalidInput("no data given (pass it as an argument, a FILE, or on stdin)")
         return stdin.read().strip()
-    if value.startswith("@"):
+    path = value[1:] if value.startswith("@") else value
+    if value.startswith("@") or (
+        not value.strip().upper().startswith(textcode.PREFIX) and Path(path).is_file()
+    ):
         try:
-            return Path(value[1:]).read_text().strip()
-        except OSError as e:
-            raise InvalidInput(f"cannot read {value[1:]}: {e.strerror}") from None
+            return Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     return value.strip()
 
 

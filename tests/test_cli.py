@@ -207,3 +207,13 @@ def test_verify_reads_the_otp_from_stdin_to_keep_it_out_of_argv(home):
     otp = ok(home, "finish", "--method", "device", data)
     assert "accepted" in ok(home, "verifier", "verify", "--session", sid, stdin=otp + "\n")
     fails(home, 2, "verifier", "verify", "--session", sid, stdin="")
+
+
+def test_messages_can_be_given_as_a_file_path(home, tmp_path):
+    _, data = session(home)
+    data_file = tmp_path / "data.txt"
+    data_file.write_text(data + "\n")
+    shown = json.loads(ok(home, "--json", "start", str(data_file)))
+    assert shown["context"] == "Log in to ws"
+    assert json.loads(ok(home, "--json", "start", "@" + str(data_file))) == shown
+    fails(home, 2, "start", "@" + str(tmp_path / "missing.txt"))
