@@ -33,8 +33,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from fido2 import cbor
 from fido2.ctap import STATUS, CtapDevice, CtapError
-from fido2.ctap2 import Ctap2
-from fido2.ctap2.pin import ClientPin, PinProtocolV2
 from fido2.hid import CTAPHID
 from fido2.webauthn import (
     PublicKeyCredentialDescriptor,
@@ -65,7 +63,7 @@ from hsm_auth.errors import (
 from hsm_auth.keystore import Authorization, Capability, KeyKind
 from hsm_auth.methods import Method
 from hsm_auth.testing.contract import KeyStoreContract, Reopen
-from hsm_auth.testing.fido2 import make_client
+from hsm_auth.testing.fido2 import make_client, use_elsewhere
 from hsm_auth.uri import parse_attr_uri
 from hsm_auth.verifier_keys import FileVerifierKeys, wrap_otp_key
 from hsm_auth.webauthn_proof import (
@@ -111,29 +109,6 @@ def otp_key_from_python_fido2(device: SoftAuthenticator, uri: str) -> bytes:
     )
     output = result.get_response(0).client_extension_results["hmacGetSecret"]["output1"]
     return base64.urlsafe_b64decode(output + "=" * (-len(output) % 4))
-
-
-def use_elsewhere(device: SoftAuthenticator, assertions: int) -> None:
-    """Another relying party uses the authenticator (a website login), over plain
-    ``Ctap2``: one makeCredential, then ``assertions`` getAssertions. The soft
-    authenticator, like a YubiKey, has one signature counter: all of it moves it."""
-    ctap = Ctap2(device)
-    rp_id, cdh = "example.com", os.urandom(32)
-    token = ClientPin(ctap, PinProtocolV2()).get_uv_token(
-        ClientPin.PERMISSION.MAKE_CREDENTIAL, rp_id
-    )
-    made = ctap.make_credential(
-        cdh,
-        {"id": rp_id, "name": rp_id},
-        {"id": b"bob", "name": "bob", "displayName": "Bob"},
-        [{"type": "public-key", "alg": -7}],
-        pin_uv_param=PinProtocolV2().authenticate(token, cdh),
-        pin_uv_protocol=2,
-    )
-    assert made.auth_data.credential_data is not None
-    allow = [{"type": "public-key", "id": made.auth_data.credential_data.credential_id}]
-    for _ in range(assertions):
-        ctap.get_assertion(rp_id, os.urandom(32), allow)
 
 
 def stored(store: Fido2KeyStore, uri: str) -> dict[str, Any]:

@@ -6,7 +6,6 @@ and bad input refused without releasing an OTP or losing state."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +13,6 @@ import pytest
 
 pytest.importorskip("fido2", reason="python-fido2 (the fido2 extra) is not installed")
 
-from fido2.ctap2 import Ctap2
-from fido2.ctap2.pin import ClientPin, PinProtocolV2
 from hsm_auth_backends.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
 
 from hsm_auth import ec
@@ -32,6 +29,7 @@ from hsm_auth.errors import (
 )
 from hsm_auth.methods import Method
 from hsm_auth.protocol import EnrollmentResponse
+from hsm_auth.testing.fido2 import use_elsewhere
 from hsm_auth.verifier import Verifier
 from hsm_auth.webauthn_proof import enrollment_binding, verify_enrollment_attestation
 
@@ -135,28 +133,6 @@ def test_counter_advances_by_one_assertion_per_otp(verifier, enrolled, method): 
     assert atcs == [1, 2, 3]
 
 
-def _use_elsewhere(device: SoftAuthenticator, assertions: int) -> None:
-    """A website login on the same authenticator (plain Ctap2, another RP): one
-    makeCredential and ``assertions`` getAssertions move its one signature counter."""
-    ctap = Ctap2(device)
-    rp_id, cdh = "example.com", os.urandom(32)
-    token = ClientPin(ctap, PinProtocolV2()).get_uv_token(
-        ClientPin.PERMISSION.MAKE_CREDENTIAL, rp_id
-    )
-    made = ctap.make_credential(
-        cdh,
-        {"id": rp_id, "name": rp_id},
-        {"id": b"bob", "name": "bob", "displayName": "Bob"},
-        [{"type": "public-key", "alg": -7}],
-        pin_uv_param=PinProtocolV2().authenticate(token, cdh),
-        pin_uv_protocol=2,
-    )
-    assert made.auth_data.credential_data is not None
-    allow = [{"type": "public-key", "id": made.auth_data.credential_data.credential_id}]
-    for _ in range(assertions):
-        ctap.get_assertion(rp_id, os.urandom(32), allow)
-
-
 def test_use_elsewhere_moves_neither_the_window_nor_the_offline_count(  # type: ignore[no-untyped-def]
     verifier, enrolled, devices
 ):
@@ -169,13 +145,13 @@ def test_use_elsewhere_moves_neither_the_window_nor_the_offline_count(  # type: 
     assert window == 10  # the verifier's look-ahead window
     for expected in range(1, window + 1):
         before = device.status().sign_count
-        _use_elsewhere(device, 25)
+        use_elsewhere(device, 25)
         assert device.status().sign_count == before + 26
         session, request = _request(verifier, enrolled, Method.BIOMETRIC)
         result = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
         assert result.atc == expected
         assert verifier.verify(session.session_id, result.otp).atc == expected
-    _use_elsewhere(device, 25)
+    use_elsewhere(device, 25)
     session, request = _request(verifier, enrolled, Method.BIOMETRIC)
     with pytest.raises(LoginRequired, match=f"{window} offline uses"):
         enrolled.finish_offline_authentication(request, Method.BIOMETRIC)

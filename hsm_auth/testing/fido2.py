@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fido2.client import DefaultClientDataCollector, Fido2Client, UserInteraction
 from fido2.ctap import CtapDevice
+from fido2.ctap2.base import Ctap2
 from fido2.ctap2.extensions import CredProtectExtension, Ctap2Extension, HmacSecretExtension
-from fido2.ctap2.pin import ClientPin
+from fido2.ctap2.pin import ClientPin, PinProtocolV2
 
 # mypy sees backends/ as "backends", not as the installed "hsm_auth_backends".
 from hsm_auth_backends.soft_fido2 import (  # type: ignore[import-not-found, unused-ignore]
@@ -85,6 +87,31 @@ def make_client(
             CredProtectExtension(),
         ],
     )
+
+
+def use_elsewhere(device: CtapDevice, assertions: int, rp_id: str = "example.com") -> None:
+    """A website login on the same authenticator (plain ``Ctap2``, another RP): one
+    makeCredential and ``assertions`` getAssertions. Authenticators with one signature
+    counter for all credentials (YubiKeys, the software one) see it move by all of it."""
+    ctap = Ctap2(device)
+    cdh = os.urandom(32)
+    token = ClientPin(ctap, PinProtocolV2()).get_uv_token(
+        ClientPin.PERMISSION.MAKE_CREDENTIAL, rp_id
+    )
+    made = ctap.make_credential(
+        cdh,
+        {"id": rp_id, "name": rp_id},
+        {"id": b"bob", "name": "bob", "displayName": "Bob"},
+        [{"type": "public-key", "alg": -7}],
+        pin_uv_param=PinProtocolV2().authenticate(token, cdh),  # type: ignore[no-untyped-call]
+        pin_uv_protocol=2,
+    )
+    assert made.auth_data.credential_data is not None
+    allow: list[Mapping[str, Any]] = [
+        {"type": "public-key", "id": made.auth_data.credential_data.credential_id}
+    ]
+    for _ in range(assertions):
+        ctap.get_assertion(rp_id, os.urandom(32), allow)
 
 
 def authenticator_factory(directory: Path) -> Callable[..., SoftAuthenticator]:
