@@ -685,6 +685,29 @@ class _Engine:
             raise CtapError(ERR.PIN_AUTH_INVALID)
         v.token_rp_id = rp_id
 
+    def verify_user(
+        self,
+        params: Mapping[int, Any],
+        param_key: int,
+        proto_key: int,
+        message: bytes,
+        permission: int,
+        rp_id: str,
+        options: Mapping[str, bool],
+    ) -> bool:
+        """User verification for makeCredential / getAssertion: by the pinUvAuthToken
+        when a pinUvAuthParam is present, else by built-in UV when ``uv`` is asked for.
+        Returns whether the user was verified."""
+        if params.get(param_key) is not None:
+            self.check_token(params, param_key, proto_key, message, permission, rp_id)
+            return True
+        if options.get("uv", False):
+            if not self.s.settings.uv_enrolled:
+                raise CtapError(ERR.INVALID_OPTION)
+            self.builtin_uv()
+            return True
+        return False
+
     def up_with_token(self, token_used: bool) -> None:
         """Collect user presence (a token may carry it), then spend the token's rights."""
         if not (token_used and self.v.token_user_present):
@@ -881,17 +904,9 @@ class _Engine:
         if options.get("up") is False:
             raise CtapError(ERR.INVALID_OPTION)
         rk = options.get("rk", False)
-        uv = False
         token_used = pin_auth is not None
-        if token_used:
-            self.check_token(p, 0x08, 0x09, cdh, _Perm.MAKE_CREDENTIAL, rp_id)
-            uv = True
-        elif options.get("uv", False):
-            if not self.s.settings.uv_enrolled:
-                raise CtapError(ERR.INVALID_OPTION)
-            self.builtin_uv()
-            uv = True
-        elif self.protected and (rk or not self.s.settings.make_cred_uv_not_rqd):
+        uv = self.verify_user(p, 0x08, 0x09, cdh, _Perm.MAKE_CREDENTIAL, rp_id, options)
+        if not uv and self.protected and (rk or not self.s.settings.make_cred_uv_not_rqd):
             raise CtapError(ERR.PUAT_REQUIRED)
 
         rp_id_hash = hashlib.sha256(rp_id.encode()).digest()
@@ -974,16 +989,8 @@ class _Engine:
         if "rk" in options:
             raise CtapError(ERR.UNSUPPORTED_OPTION)
         up = options.get("up", True)
-        uv = False
         token_used = pin_auth is not None
-        if token_used:
-            self.check_token(p, 0x06, 0x07, cdh, _Perm.GET_ASSERTION, rp_id)
-            uv = True
-        elif options.get("uv", False):
-            if not self.s.settings.uv_enrolled:
-                raise CtapError(ERR.INVALID_OPTION)
-            self.builtin_uv()
-            uv = True
+        uv = self.verify_user(p, 0x06, 0x07, cdh, _Perm.GET_ASSERTION, rp_id, options)
         hmac_in = extensions.get(_HMAC_SECRET)
         if hmac_in is not None and not isinstance(hmac_in, dict):
             raise CtapError(ERR.CBOR_UNEXPECTED_TYPE)
