@@ -25,7 +25,7 @@ from .authenticator import Authenticator, OfflineRequest
 from .config import Paths
 from .errors import HsmAuthError, InvalidInput, PinRequired
 from .methods import Method
-from .verifier import Verifier
+from .verifier import Acceptance, Verifier
 
 EXIT_CODES = """\
 exit codes:
@@ -282,11 +282,7 @@ def cmd_verifier_verify(ctx: Context) -> int:
         ok = v.verify(parse_session_id(ctx.args.session), read_otp(ctx))
     finally:
         v.close()
-    ctx.emit(
-        f"accepted: {ok.user} with {ok.method.value} (ATC {ok.atc})",
-        {"accepted": True, "user": ok.user, "method": ok.method.value, "atc": ok.atc},
-    )
-    return 0
+    return _emit_acceptance(ctx, "accepted", ok)
 
 
 def cmd_verifier_resync(ctx: Context) -> int:
@@ -295,8 +291,12 @@ def cmd_verifier_resync(ctx: Context) -> int:
         ok = v.resync(parse_session_id(ctx.args.session), ctx.args.otp, ctx.args.next_otp)
     finally:
         v.close()
+    return _emit_acceptance(ctx, "resynchronized", ok)
+
+
+def _emit_acceptance(ctx: Context, verb: str, ok: Acceptance) -> int:
     ctx.emit(
-        f"resynchronized: {ok.user} with {ok.method.value} (ATC {ok.atc})",
+        f"{verb}: {ok.user} with {ok.method.value} (ATC {ok.atc})",
         {"accepted": True, "user": ok.user, "method": ok.method.value, "atc": ok.atc},
     )
     return 0
