@@ -122,6 +122,7 @@ from hsm_auth.keystore import (
     KeyStore,
     PinStatus,
     Settings,
+    check_counter_limit,
 )
 from hsm_auth.methods import Method
 from hsm_auth.uri import format_attr_uri, parse_attr_uri
@@ -1062,14 +1063,16 @@ class Fido2KeyStore(KeyStore):
 
     def _counted_key(
         self, uri: str, auth: Authorization, kind: KeyKind, *, with_hmac: bool,
-        count: bool, cdh: bytes | None = None,
+        count: bool, cdh: bytes | None = None, limit: int | None = None,
     ) -> tuple[_Credential, _Assertion, bytearray | None]:
         """One assertion on the credential of ``uri``, under the state file's lock:
         the clone check, then the new signature counter (and, when ``count``, the
         ATC + 1) written durably; returns the updated record, the assertion and
-        the decrypted hmac-secret output (when ``with_hmac``)."""
+        the decrypted hmac-secret output (when ``with_hmac``). An ATC at ``limit``
+        is refused (``LoginRequired``) before the assertion."""
         with self._file.locked():
             record = self._lookup(uri, kind)
+            check_counter_limit(record.atc, limit)
             if record.suspect:
                 raise CounterError(
                     "this FIDO2 credential is refused: its signature counter once failed to "
@@ -1185,14 +1188,17 @@ class Fido2KeyStore(KeyStore):
         counter: str,
         message_for: Callable[[int], bytes],
         auth: Authorization,
+        *,
+        limit: int | None = None,
     ) -> tuple[int, bytes]:
         """ONE assertion gives the OTP key and passes the clone check; the ATC + 1
         and the signature counter are durable before the MAC over the message for
-        the new ATC is computed, and the key is wiped afterwards."""
+        the new ATC is computed, and the key is wiped afterwards. Past ``limit``
+        it refuses before asking for user verification."""
         if self._lookup(otp_key, KeyKind.OTP).key != self._lookup(counter, KeyKind.COUNTER).key:
             raise InvalidInput("the OTP key and the counter must be the same FIDO2 credential")
         record, _, key = self._counted_key(
-            otp_key, auth, KeyKind.OTP, with_hmac=True, count=True
+            otp_key, auth, KeyKind.OTP, with_hmac=True, count=True, limit=limit
         )
         assert key is not None
         try:

@@ -388,18 +388,24 @@ class Authenticator:
         question = request.data.question.hex()
         with self._store(enrolled.backend, enrolled.settings, method) as store:
             auth = self._authorization(method, store, enrolled.settings, pin)
-            used = store.counter_value(enrolled.counter, auth) - enrolled.synced_atc
-            if used >= enrolled.window:
-                raise LoginRequired(
-                    f"{used} offline uses since the last sync; log in online (hsm-auth sync) first"
-                )
+            limit = enrolled.synced_atc + enrolled.window
             with self._exclusive():  # one OTP at a time per authenticator, across processes
-                atc, mac = store.counted_hmac(
-                    enrolled.otp_key,
-                    enrolled.counter,
-                    lambda c: suite.data_input(counter=c, question=question),
-                    auth,
-                )
+                try:
+                    atc, mac = store.counted_hmac(
+                        enrolled.otp_key,
+                        enrolled.counter,
+                        lambda c: suite.data_input(counter=c, question=question),
+                        auth,
+                        limit=limit,  # the token refuses before advancing past it
+                    )
+                except LoginRequired as e:
+                    used = (limit if e.atc is None else e.atc) - enrolled.synced_atc
+                    raise LoginRequired(
+                        f"{used} offline uses since the last sync; "
+                        "log in online (hsm-auth sync) first",
+                        atc=e.atc,
+                        limit=limit,
+                    ) from None
         return OfflineOtp(ocra.truncate(mac, suite.digits), method, atc)
 
     def sync(self, text: str) -> EnrolledMethod:

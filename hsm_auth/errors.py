@@ -201,9 +201,23 @@ class Cancelled(AuthorizationError):
 
 
 class LoginRequired(AuthorizationError):
-    """Offline use is exhausted: the user must log in online (sync) first."""
+    """Offline use is exhausted: the user must log in online (sync) first.
+
+    ``atc`` is the counter's value, which stayed where it was, and ``limit`` the
+    highest value offline use may reach (``None`` where not known)."""
 
     exit_code = 36
+
+    def __init__(
+        self,
+        message: str = "offline use is exhausted; log in online first",
+        *,
+        atc: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.atc = atc
+        self.limit = limit
 
 
 # --- verification ---------------------------------------------------------

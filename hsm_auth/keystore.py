@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .errors import MechanismNotSupported
+from .errors import LoginRequired, MechanismNotSupported
 from .methods import Method
 
 #: Settings for one backend instance, from the config file (``[methods.<m>]``).
@@ -104,6 +104,13 @@ class Enrollment:
     agreement_public: ec.EllipticCurvePublicKey | None = None
     otp_key_for_verifier: bytes | None = field(default=None, repr=False)
     attestation: bytes | None = None
+
+
+def check_counter_limit(current: int, limit: int | None) -> None:
+    """Refuse to advance a counter at ``current`` past ``limit`` (the one owner of the
+    offline-use limit test): raises ``LoginRequired(atc=current, limit=limit)``."""
+    if limit is not None and current + 1 > limit:
+        raise LoginRequired(atc=current, limit=limit)
 
 
 class KeyStore(ABC):
@@ -211,12 +218,20 @@ class KeyStore(ABC):
         counter: str,
         message_for: Callable[[int], bytes],
         auth: Authorization,
+        *,
+        limit: int | None = None,
     ) -> tuple[int, bytes]:
         """Advance the counter, then HMAC the message built for the new value.
 
         The counter is durable before the MAC exists, so a crash can skip a
-        value but never release two OTPs for one value.
+        value but never release two OTPs for one value. When the new value
+        would exceed ``limit``, raise :class:`~hsm_auth.errors.LoginRequired`
+        (see :func:`check_counter_limit`) and leave the counter where it is.
+        The default reads the counter first only when there is a limit; a
+        backend whose increment can refuse by itself overrides this.
         """
+        if limit is not None:
+            check_counter_limit(self.counter_value(counter, auth), limit)
         value = self.counter_increment(counter, auth)
         return value, self.hmac(otp_key, message_for(value), auth)
 

@@ -53,6 +53,7 @@ from hsm_auth.errors import (
     HsmAuthError,
     InvalidInput,
     KeyNotFound,
+    LoginRequired,
     MechanismNotSupported,
     PinInvalid,
     StateError,
@@ -350,6 +351,20 @@ class TestFido2Contract(KeyStoreContract):
         assert mac == hmac.new(key, message_for(value), hashlib.sha256).digest()
         again, _ = store.counted_hmac(enrollment.otp_key, enrollment.counter, message_for, auth)
         assert again == 2 and durable[-1]["atc"] == 2
+
+    def test_counted_hmac_stops_at_limit(self, store, auth, verifier_keys, device):  # type: ignore[no-untyped-def]
+        enrollment = store.enroll(Method.BIOMETRIC, "contract-limit",
+                                  verifier_keys.agreement_public, auth)
+        otp, counter = enrollment.otp_key, enrollment.counter
+        value, _ = store.counted_hmac(otp, counter, lambda c: b"m", auth, limit=1)
+        assert value == 1
+        before = device.status().sign_count
+        with pytest.raises(LoginRequired) as refused:
+            store.counted_hmac(otp, counter, lambda c: b"m", auth, limit=1)
+        assert (refused.value.atc, refused.value.limit) == (1, 1)
+        assert device.status().sign_count == before  # refused before any assertion (no UV)
+        assert store.counter_value(counter, auth) == 1
+        assert store.counted_hmac(otp, counter, lambda c: b"m", auth, limit=2)[0] == 2
 
     def test_enroll_otp_matches_verifier_ecdh(self, store, auth, verifier_keys, device):  # type: ignore[no-untyped-def]
         enrollment = store.enroll(

@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..errors import KeyNotFound
+from ..errors import KeyNotFound, LoginRequired
 from ..keystore import Authorization, Capability, KeyKind, KeyStore
 from ..methods import Method
 
@@ -212,6 +212,25 @@ class KeyStoreContract:
         assert mac == hmac.new(shared, message_for(value), hashlib.sha256).digest()
         again, _ = store.counted_hmac(otp, counter, message_for, auth)
         assert again > value
+
+    def test_counted_hmac_stops_at_limit(
+        self, store: KeyStore, auth: Authorization
+    ) -> None:
+        require(store, Capability.COUNTER, Capability.ECDH_DERIVE, Capability.HMAC)
+        agreement = store.generate_key("contract-ecdh4", KeyKind.AGREEMENT, auth)
+        peer = ec.generate_private_key(ec.SECP256R1())
+        otp = store.derive_otp_key("contract-otp4", agreement, peer.public_key(), auth)
+        counter = store.create_counter("contract-atc-limit", auth)
+        start = store.counter_value(counter, auth)
+        value, _ = store.counted_hmac(otp, counter, lambda c: b"m", auth, limit=start + 1)
+        assert value == start + 1
+        for limit in (value, value - 1, 0):
+            with pytest.raises(LoginRequired) as refused:
+                store.counted_hmac(otp, counter, lambda c: b"m", auth, limit=limit)
+            assert (refused.value.atc, refused.value.limit) == (value, limit)
+            assert store.counter_value(counter, auth) == value  # not advanced
+        again, _ = store.counted_hmac(otp, counter, lambda c: b"m", auth, limit=value + 1)
+        assert again == value + 1
 
     # --- enrollment -------------------------------------------------------
 
