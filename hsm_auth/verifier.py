@@ -33,7 +33,6 @@ from .audit import AuditRecord, Event, Reason
 from .errors import (
     AlreadyEnrolled,
     ConfigError,
-    ExpiredMessage,
     HsmAuthError,
     InvalidInput,
     InvalidToken,
@@ -326,15 +325,6 @@ class Verifier:
             ec.decode_point(response.agreement_key)
         if not 0 <= response.initial_atc <= MAX_ATC - self.identity.resync_window - 1:
             raise InvalidInput("the initial ATC is out of range")
-        offer = self.store.take_offer(response.offer_id)
-        if offer is None:
-            raise InvalidInput("unknown or already used enrollment offer")
-        if offer.expires < self._now():
-            raise ExpiredMessage("the enrollment offer has expired")
-        if offer.user != response.user:
-            raise InvalidInput("enrollment response is for another user")
-        if response.method not in offer.methods:
-            raise UnknownMethod(f"the offer does not allow the {response.method.value} method")
         if response.wrapped_otp_key is not None and response.agreement_key is None:
             self.keys.check_wrapped(response.wrapped_otp_key)  # must decrypt now, not at login
         record = CredentialRecord(
@@ -357,7 +347,8 @@ class Verifier:
             detail=record.backend[:40],
         )
         try:
-            saved = self.store.save_credential(record, replace=offer.replace, audit=entry)
+            # One transaction: the offer is burned exactly when the credential is saved.
+            saved = self.store.redeem_offer(response.offer_id, record, now=self._now(), audit=entry)
         except AlreadyEnrolled:
             refused = AuditRecord(
                 self._now(),

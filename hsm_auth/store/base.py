@@ -8,6 +8,8 @@ change that guards against replay is atomic:
   compare-and-swap (from exactly ``old_atc``), both or neither;
 * :class:`Failure` counts one consecutive failure per credential and locks it at
   the threshold, in the same statement;
+* :meth:`VerifierStore.redeem_offer` burns an enrollment offer and saves its
+  credential, both or neither: a crash in between never costs a new offer;
 * :meth:`VerifierStore.apply` commits a whole batch of such changes, with their
   audit records, in one durable transaction (group commit): when it returns,
   every change it reports as done is on disk.
@@ -132,8 +134,21 @@ class VerifierStore(ABC):
     def put_offer(self, offer: OfferRecord, audit: AuditRecord | None = None) -> None: ...
 
     @abstractmethod
-    def take_offer(self, offer_id: bytes) -> OfferRecord | None:
-        """Atomically consume an offer; ``None`` if unknown or already used."""
+    def redeem_offer(
+        self,
+        offer_id: bytes,
+        record: CredentialRecord,
+        *,
+        now: int,
+        audit: AuditRecord | None = None,
+    ) -> CredentialRecord:
+        """Burn the offer and save the credential it admits, in **one** transaction.
+
+        The offer must be unused, not expired at ``now``, for ``record.user`` and allow
+        ``record.method``; the credential replaces one of (user, method) only where the
+        offer allows replacing. Otherwise this raises (InvalidInput, ExpiredMessage,
+        UnknownMethod, AlreadyEnrolled) and changes nothing: the offer stays usable.
+        A crash at any instant leaves either both changes or neither."""
 
     # --- credentials --------------------------------------------------------
     @abstractmethod

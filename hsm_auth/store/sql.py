@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
 
 from ..audit import AuditRecord, Event, Reason
-from ..errors import AlreadyEnrolled, InvalidInput, StateError
+from ..errors import AlreadyEnrolled, ExpiredMessage, InvalidInput, StateError, UnknownMethod
 from ..methods import Method
 from .base import (
     MAX_ATC,
@@ -229,50 +229,71 @@ class SqlStore(VerifierStore):
             )
             self._audit(db, audit)
 
-    def take_offer(self, offer_id: bytes) -> OfferRecord | None:
+    def redeem_offer(
+        self,
+        offer_id: bytes,
+        record: CredentialRecord,
+        *,
+        now: int,
+        audit: AuditRecord | None = None,
+    ) -> CredentialRecord:
         with self._tx() as db:
+            # The UPDATE takes the offer row's lock (PostgreSQL) or runs under the
+            # database's write lock (SQLite): of two racing redemptions one sees used=0.
+            # Any refusal below raises, and the transaction undoes the burn.
             row = db.one(
                 "UPDATE offers SET used=1 WHERE offer_id=? AND used=0 "
                 "RETURNING user_name, methods, allow_replace, expires",
                 (offer_id,),
             )
-        if row is None:
-            return None
-        return OfferRecord(offer_id, row[0], methods_parse(row[1]), bool(row[2]), int(row[3]))
+            if row is None:
+                raise InvalidInput("unknown or already used enrollment offer")
+            if int(row[3]) < now:
+                raise ExpiredMessage("the enrollment offer has expired")
+            if row[0] != record.user:
+                raise InvalidInput("enrollment response is for another user")
+            if record.method not in methods_parse(row[1]):
+                raise UnknownMethod(f"the offer does not allow the {record.method.value} method")
+            return self._save_credential(db, record, replace=bool(row[2]), audit=audit)
 
     # --- credentials --------------------------------------------------------
     def save_credential(
         self, record: CredentialRecord, *, replace: bool, audit: AuditRecord | None = None
     ) -> CredentialRecord:
+        with self._tx() as db:
+            return self._save_credential(db, record, replace=replace, audit=audit)
+
+    def _save_credential(
+        self, db: Cursor, record: CredentialRecord, *, replace: bool, audit: AuditRecord | None
+    ) -> CredentialRecord:
         if not 0 <= record.atc <= MAX_ATC:
             raise InvalidInput("the initial ATC is out of range")
-        with self._tx() as db:
-            exists = db.one(
-                "SELECT id FROM credentials WHERE user_name=? AND method=?",
-                (record.user, record.method.value),
+        exists = db.one(
+            "SELECT id FROM credentials WHERE user_name=? AND method=?",
+            (record.user, record.method.value),
+        )
+        if exists and not replace:
+            raise AlreadyEnrolled(
+                f"{record.user!r} has the {record.method.value} method enrolled already"
             )
-            if exists and not replace:
-                raise AlreadyEnrolled(
-                    f"{record.user!r} has the {record.method.value} method enrolled already"
-                )
-            if exists:
-                db.count("DELETE FROM credentials WHERE id=?", (exists[0],))
-            row = db.one(
-                "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
-                "wrapped_otp_key, suite, atc, created) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
-                (
-                    record.user,
-                    record.method.value,
-                    record.backend,
-                    record.signing_key,
-                    record.agreement_key,
-                    record.wrapped_otp_key,
-                    record.suite,
-                    record.atc,
-                    record.created,
-                ),
-            )
-            self._audit(db, audit)
+        if exists:
+            db.count("DELETE FROM credentials WHERE id=?", (exists[0],))
+        row = db.one(
+            "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
+            "wrapped_otp_key, suite, atc, created) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
+            (
+                record.user,
+                record.method.value,
+                record.backend,
+                record.signing_key,
+                record.agreement_key,
+                record.wrapped_otp_key,
+                record.suite,
+                record.atc,
+                record.created,
+            ),
+        )
+        self._audit(db, audit)
         assert row is not None
         return CredentialRecord(
             **{**record.__dict__, "id": int(row[0]), "failures": 0, "locked": False}
