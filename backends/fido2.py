@@ -6,10 +6,15 @@ move the signature counter twice per use).
 
 Configuration (``[methods.biometric]`` / ``[methods.face]`` settings):
 
-* ``device`` — ``"soft:/path/state.json"`` (the software test authenticator
-  of :mod:`hsm_auth_backends.soft_fido2`), ``"hid:/dev/hidrawN"``, ``"pcsc"``,
-  or unset / ``"auto"``: ``$HSM_AUTH_SOFT_FIDO2`` when set, else the first
-  HID authenticator, else the first PC/SC one (needs pyscard).
+* ``device`` — ``"hid:/dev/hidrawN"``, ``"pcsc"``, ``"soft:/path/state.json"``
+  (the software test authenticator of :mod:`hsm_auth.testing.soft_fido2`), or
+  unset / ``"auto"``: the first HID authenticator, else the first PC/SC one
+  (needs pyscard); with ``allow_software_authenticator``, ``$HSM_AUTH_SOFT_FIDO2``
+  first when it is set.
+* ``allow_software_authenticator`` — accept the software authenticator
+  (``soft:`` or ``$HSM_AUTH_SOFT_FIDO2``). Off by default, and a ``soft:``
+  device without it is refused: that authenticator keeps its keys in a plain
+  file and is for tests and demos only.
 * ``rp_id`` — the relying party id of the credentials, default ``"hsm-auth"``
   (the same default as workstation login). Any fixed string works: we talk
   CTAP directly, so no browser origin rules apply. Fixed at enrollment: each
@@ -108,6 +113,7 @@ from hsm_auth.errors import (
     PinInvalid,
     PinLocked,
     PinRequired,
+    RetryStatus,
     StateError,
     TokenNotFound,
     UserVerificationFailed,
@@ -133,6 +139,7 @@ from hsm_auth.webauthn_proof import (
 )
 
 __all__ = [
+    "ALLOW_SOFT_SETTING",
     "DEFAULT_RP_ID",
     "DEFAULT_TIMEOUT",
     "ENV_SOFT_DEVICE",
@@ -146,6 +153,8 @@ DEFAULT_RP_ID = "hsm-auth"
 DEFAULT_TIMEOUT = 30.0
 #: The soft authenticator's own variable (``soft_fido2.ENV_STATE_FILE``).
 ENV_SOFT_DEVICE = "HSM_AUTH_SOFT_FIDO2"
+#: The setting that lets a method use the software authenticator.
+ALLOW_SOFT_SETTING = "allow_software_authenticator"
 #: The hmac-secret salt: the same for every OTP, so the OTP key is stable.
 OTP_SALT = hashlib.sha256(b"hsm-auth/otp/v1").digest()
 STATE_FILE = "credentials.json"
@@ -251,6 +260,24 @@ class _Config:
     timeout: float
     allow_pin_fallback: bool
     prompts: bool
+    allow_software: bool
+
+    def soft_path(self) -> str | None:
+        """The software authenticator's state file that ``device`` selects, if any;
+        refused unless the settings allow the software authenticator."""
+        spec = self.device
+        if spec.startswith("soft:"):
+            path, where = spec[len("soft:"):], f"device = {spec[:60]!r}"
+        elif spec in ("", "auto") and os.environ.get(ENV_SOFT_DEVICE):
+            path, where = os.environ[ENV_SOFT_DEVICE], f"${ENV_SOFT_DEVICE}"
+        else:
+            return None
+        if not self.allow_software:
+            raise ConfigError(
+                f"{where} is the software FIDO2 authenticator, a test tool with its keys in "
+                f"a plain file: set {ALLOW_SOFT_SETTING} = true for this method to use it"
+            )
+        return path
 
 
 def _config(settings: Settings) -> _Config:
@@ -259,6 +286,7 @@ def _config(settings: Settings) -> _Config:
     timeout = settings.get("timeout", DEFAULT_TIMEOUT)
     fallback = settings.get("allow_pin_fallback", False)
     prompts = settings.get("prompts", True)
+    allow_software = settings.get(ALLOW_SOFT_SETTING, False)
     if not isinstance(device, str):
         raise ConfigError("fido2 setting 'device' must be a string (soft:PATH, hid:PATH, pcsc)")
     if not isinstance(rp_id, str) or not 0 < len(rp_id) <= 128 or not rp_id.isprintable():
@@ -269,6 +297,8 @@ def _config(settings: Settings) -> _Config:
         raise ConfigError("fido2 setting 'allow_pin_fallback' must be true or false")
     if not isinstance(prompts, bool):
         raise ConfigError("fido2 setting 'prompts' must be true or false")
+    if not isinstance(allow_software, bool):
+        raise ConfigError(f"fido2 setting '{ALLOW_SOFT_SETTING}' must be true or false")
     configured = settings.get("state_dir")
     if configured:
         state_dir = Path(str(configured)).expanduser()
@@ -276,7 +306,7 @@ def _config(settings: Settings) -> _Config:
         import platformdirs
 
         state_dir = Path(platformdirs.user_state_dir("hsm-auth")) / "fido2"
-    return _Config(device, rp_id, state_dir, float(timeout), fallback, prompts)
+    return _Config(device, rp_id, state_dir, float(timeout), fallback, prompts, allow_software)
 
 
 def _fido2_version() -> str:
@@ -304,7 +334,7 @@ def _import_fido2() -> Any:
 
 
 def _soft_device(path: str) -> tuple[Any, str]:
-    from .soft_fido2 import SoftAuthenticator
+    from hsm_auth.testing.soft_fido2 import SoftAuthenticator
 
     if not path or not os.path.exists(path):
         raise TokenNotFound(f"no soft FIDO2 authenticator at {path or '(empty path)'}")
@@ -343,9 +373,11 @@ def _hid_devices() -> list[Any]:
         return []
 
 
-def _find_device(spec: str) -> tuple[Any, str]:
-    if spec.startswith("soft:"):
-        return _soft_device(spec[len("soft:"):])
+def _find_device(cfg: _Config) -> tuple[Any, str]:
+    soft = cfg.soft_path()
+    if soft is not None:
+        return _soft_device(soft)
+    spec = cfg.device
     if spec.startswith("hid:"):
         return _hid_device(spec[len("hid:"):])
     if spec == "pcsc":
@@ -354,10 +386,7 @@ def _find_device(spec: str) -> tuple[Any, str]:
             raise TokenNotFound("no FIDO2 authenticator on PC/SC (pyscard and pcscd needed)")
         return found[0], "pcsc"
     if spec not in ("", "auto"):
-        raise ConfigError(f"fido2 setting 'device' {spec[:40]!r}: use soft:PATH, hid:PATH or pcsc")
-    soft = os.environ.get(ENV_SOFT_DEVICE)
-    if soft:
-        return _soft_device(soft)
+        raise ConfigError(f"fido2 setting 'device' {spec[:40]!r}: use hid:PATH, pcsc or soft:PATH")
     for devices, kind in ((_hid_devices(), "hid"), (_pcsc_devices(), "pcsc")):
         if devices:
             for extra in devices[1:]:
@@ -366,7 +395,7 @@ def _find_device(spec: str) -> tuple[Any, str]:
             return devices[0], kind
     raise TokenNotFound(
         "no FIDO2 authenticator found (none on HID or PC/SC; "
-        f"set device = \"soft:PATH\" or ${ENV_SOFT_DEVICE} for the software one)"
+        f"for tests, device = \"soft:PATH\" and {ALLOW_SOFT_SETTING} = true)"
     )
 
 
@@ -566,9 +595,7 @@ class Fido2KeyStore(KeyStore):
         cfg = _config(settings)
         _import_fido2()
         spec = cfg.device
-        soft = spec[len("soft:"):] if spec.startswith("soft:") else None
-        if soft is None and spec in ("", "auto"):
-            soft = os.environ.get(ENV_SOFT_DEVICE) or None
+        soft = cfg.soft_path()
         if soft is not None:
             if not os.path.exists(soft):
                 raise TokenNotFound(f"no soft FIDO2 authenticator at {soft}")
@@ -598,7 +625,7 @@ class Fido2KeyStore(KeyStore):
     def open(cls, settings: Settings) -> Fido2KeyStore:
         cfg = _config(settings)
         _import_fido2()
-        device, description = _find_device(cfg.device)
+        device, description = _find_device(cfg)
         return cls(device, description, cfg)
 
     @classmethod
@@ -745,33 +772,34 @@ class Fido2KeyStore(KeyStore):
         if code == _ERR_OPERATION_DENIED:
             return Cancelled(f"{what}: declined on the authenticator")
         if code == _ERR_UV_INVALID:
-            left = self._uv_retries()
-            detail = f" ({left} retries left)" if left is not None else ""
             return UserVerificationFailed(
-                f"user verification failed{detail}", retries_left=left, native_code=code
+                retry=RetryStatus(retries_left=self._uv_retries()), native_code=code
             )
         if code == _ERR_UV_BLOCKED:
             return UserVerificationFailed(
-                "user verification is blocked (0 retries left): unlock the authenticator "
-                "with its PIN", retries_left=0, native_code=code,
+                "user verification is blocked: unlock the authenticator with its PIN",
+                retry=RetryStatus(retries_left=0, locked=True), native_code=code,
             )
         if code == _ERR_PIN_INVALID:
-            left = self._pin_retries()
             return PinInvalid(
-                "wrong authenticator PIN", attempts_remaining=left, final_try=left == 1,
+                "wrong authenticator PIN", retry=RetryStatus(retries_left=self._pin_retries()),
                 native_code=code,
             )
         if code == _ERR_PIN_BLOCKED:
-            return PinLocked("the authenticator's PIN is blocked (reset needed)", native_code=code)
+            return PinLocked(
+                "the authenticator's PIN is blocked (reset needed)",
+                retry=RetryStatus(retries_left=0), native_code=code,
+            )
         if code == _ERR_PIN_AUTH_BLOCKED:
             return PinLocked(
                 "too many wrong PINs: unplug and replug the authenticator", native_code=code
             )
         if code == _ERR_PIN_NOT_SET:
-            return AuthorizationError("the authenticator has no PIN set")
+            return AuthorizationError("the authenticator has no PIN set", native_code=code)
         if code in (_ERR_PUAT_REQUIRED, _ERR_PIN_AUTH_INVALID):
             return AuthorizationError(
-                f"{what}: the authenticator refused the user verification token (0x{code:02X})"
+                f"{what}: the authenticator refused the user verification token (0x{code:02X})",
+                native_code=code,
             )
         if code == _ERR_NO_CREDENTIALS:
             return KeyNotFound(

@@ -86,6 +86,7 @@ from hsm_auth.errors import (
     PinInvalid,
     PinLocked,
     PinRequired,
+    RetryStatus,
     StateError,
     TokenNotFound,
 )
@@ -229,7 +230,9 @@ def convert_error(exc: BaseException, action: str, *, mechanism: str | None = No
     if name == "PinLocked":
         return PinLocked("the token's user PIN is locked", native_code=code)
     if name == "PinExpired":
-        return AuthorizationError("the token's user PIN has expired: change it first")
+        return AuthorizationError(
+            "the token's user PIN has expired: change it first", native_code=code
+        )
     if name == "UserNotLoggedIn" or code == 0x101:
         return PinRequired("the token needs its user PIN for this operation")
     if name in _NO_MECHANISM and mechanism is not None:
@@ -634,13 +637,8 @@ class Pkcs11KeyStore(KeyStore):
         if rv == _CKR_PIN_LOCKED or flags & _CKF_USER_PIN_LOCKED:
             raise PinLocked("the token's user PIN is locked", native_code=rv)
         if rv in (_CKR_PIN_INCORRECT, _CKR_PIN_INVALID, _CKR_PIN_LEN_RANGE):
-            final = bool(flags & _CKF_USER_PIN_FINAL_TRY)
-            raise PinInvalid(
-                "wrong PIN, one attempt left" if final else "wrong PIN",
-                attempts_remaining=1 if final else None,
-                final_try=final,
-                native_code=rv,
-            )
+            final = bool(flags & _CKF_USER_PIN_FINAL_TRY)  # the only count PKCS#11 gives
+            raise PinInvalid(retry=RetryStatus(retries_left=1 if final else None), native_code=rv)
         raise convert_error(_RvError(rv), "C_Login")
 
     def _token_flags(self) -> int:

@@ -45,9 +45,10 @@ PINs
     With ``auth = "pin"`` (or the default ``"auto"`` when a PIN is given) every
     object gets the offline PIN as its auth value; with ``"none"`` an empty
     one. Nothing is ``noDA``: wrong PINs count against the TPM's
-    dictionary-attack lockout, reported as ``PinInvalid(attempts_remaining)``
-    and ``PinLocked(retry_after)``. Authorizations use a salted HMAC session,
-    so the PIN itself never crosses the bus.
+    dictionary-attack lockout, reported as ``PinInvalid`` and ``PinLocked``
+    with a ``RetryStatus`` (tries left, seconds until the next try).
+    Authorizations use a salted HMAC session, so the PIN itself never crosses
+    the bus.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from hsm_auth.errors import (
     PinInvalid,
     PinLocked,
     PinRequired,
+    RetryStatus,
     StateError,
     TokenNotFound,
 )
@@ -240,7 +242,7 @@ def convert_tss_error(
     if code == _RC_AUTH_FAIL:
         return _pin_error(rc, _da_properties_or_none(ectx))
     if code == _RC_BAD_AUTH:  # an object exempt from DA: no attempt was counted
-        return PinInvalid("wrong PIN", native_code=rc)
+        return PinInvalid(native_code=rc)
     if code == _RC_LOCKOUT:
         return _locked(rc, "the TPM is in dictionary-attack lockout", _da_properties_or_none(ectx))
     if code == _RC_INTEGRITY and record is not None:
@@ -281,20 +283,14 @@ def _pin_error(rc: int, props: dict[int, int] | None) -> HsmAuthError:
     left = max(0, props[_PT_MAX_AUTH_FAIL] - props[_PT_LOCKOUT_COUNTER])
     if left == 0 or props[_PT_PERMANENT] & _PERMANENT_IN_LOCKOUT:
         return _locked(rc, "wrong PIN; the TPM is now locked", props)
-    word = "attempt" if left == 1 else "attempts"
-    return PinInvalid(
-        f"wrong PIN, {left} {word} left before the TPM locks",
-        attempts_remaining=left,
-        final_try=left == 1,
-        native_code=rc,
-    )
+    return PinInvalid(retry=RetryStatus(retries_left=left), native_code=rc)
 
 
 def _locked(rc: int, why: str, props: dict[int, int] | None) -> PinLocked:
     wait = _retry_after(props) if props is not None else None
     if wait is None:
-        return PinLocked(f"{why}: locked until the lockout is reset", native_code=rc)
-    return PinLocked(f"{why}: locked, retry in {wait:.0f} s", retry_after=wait, native_code=rc)
+        return PinLocked(f"{why} until the lockout is reset", native_code=rc)
+    return PinLocked(why, retry=RetryStatus(retries_left=0, retry_after=wait), native_code=rc)
 
 
 def _connect(tcti: str) -> Any:

@@ -256,7 +256,8 @@ def bench_fido2(n: int, baseline: float) -> None:
         from fido2.ctap2.base import Ctap2
         from fido2.ctap2.pin import ClientPin
         from hsm_auth_backends.fido2 import OTP_SALT
-        from hsm_auth_backends.soft_fido2 import SoftAuthenticator
+
+        from hsm_auth.testing.soft_fido2 import SoftAuthenticator
     except ImportError as e:
         print(f"[fido2] skipped: {e}")
         return
@@ -267,7 +268,7 @@ def bench_fido2(n: int, baseline: float) -> None:
         tmp = Path(d)
         device = SoftAuthenticator.create(tmp / "soft-fido2.json")
         settings = {"device": f"soft:{device.path}", "state_dir": str(tmp / "fido2"),
-                    "prompts": False}
+                    "prompts": False, "allow_software_authenticator": True}
         config = Config(methods={Method.BIOMETRIC: MethodConfig("fido2", settings)})
         auth, request = flow(tmp, config, Method.BIOMETRIC)
         auth._methods = [  # bench only: lift the offline-use limit

@@ -12,10 +12,11 @@ import argparse
 import getpass
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -696,17 +697,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_retry(status: errors.RetryStatus) -> str:
+    """Words for what a token said about further tries ("" when it said nothing).
+
+    A locked state is named by the error's own message ("PIN locked"); this adds
+    only when it ends."""
+    if status.locked:
+        if status.retry_after is None:
+            return ""
+        return f"retry in {math.ceil(status.retry_after)} s"
+    if status.retries_left is None:
+        return ""
+    if status.retries_left == 0:
+        return "no retries left"
+    if status.retries_left == 1:
+        return "1 retry left"
+    return f"{status.retries_left} retries left"
+
+
 def describe(error: HsmAuthError) -> str:
-    """The one line a user sees for an error."""
-    if isinstance(error, errors.PinInvalid) and error.attempts_remaining is not None:
-        return f"wrong PIN, {error.attempts_remaining} attempts remaining"
-    if isinstance(error, errors.PinLocked) and error.retry_after is not None:
-        return f"PIN locked, retry in {int(error.retry_after)} s"
-    if isinstance(error, errors.UserVerificationFailed) and error.retries_left is not None:
-        return f"{error}, {error.retries_left} retries left"
+    """The one line a user sees for an error: its message, and its data in words."""
     if isinstance(error, errors.InvalidToken):
         return "OTP refused"
-    return str(error) or error.__class__.__name__
+    text = str(error) or error.__class__.__name__
+    if isinstance(error, errors.AuthorizationError):
+        retry = describe_retry(error.retry)
+        if retry:
+            text = f"{text} ({retry})"
+    return text
+
+
+def error_json(error: HsmAuthError) -> dict[str, Any]:
+    """The ``--json`` form of an error: its words, its type and its data."""
+    doc: dict[str, Any] = {"error": describe(error), "type": error.__class__.__name__}
+    if isinstance(error, errors.AuthorizationError):
+        doc.update(asdict(error.retry))
+    return doc
 
 
 def main(
@@ -732,7 +758,7 @@ def main(
         if args.debug:
             raise
         if args.json:
-            print(json.dumps({"error": describe(e), "type": e.__class__.__name__}), file=out)
+            print(json.dumps(error_json(e), sort_keys=True), file=out)
         print(f"hsm-auth: error: {describe(e)}", file=err)
         return e.exit_code
     except KeyboardInterrupt:

@@ -122,7 +122,7 @@ def _add_tpm(home: Path, tokens: DemoTokens, stack: contextlib.ExitStack) -> Non
 
 def _add_fido2(home: Path, tokens: DemoTokens) -> None:
     try:
-        from hsm_auth_backends.soft_fido2 import SoftAuthenticator, UvModality
+        from hsm_auth.testing.soft_fido2 import SoftAuthenticator, UvModality
     except ImportError as e:
         tokens.notes.append(f"biometric and face skipped: python-fido2 is missing ({e})")
         return
@@ -137,6 +137,7 @@ def _add_fido2(home: Path, tokens: DemoTokens) -> None:
             "device": f"soft:{device.path}",
             "state_dir": str(home / "fido2-state"),
             "prompts": False,
+            "allow_software_authenticator": True,  # a test tool: the demo opts in
         }
         tokens.methods[method] = ("fido2", settings)
 

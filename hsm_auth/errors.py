@@ -1,11 +1,14 @@
 """One exception hierarchy for the whole library, rooted at :class:`HsmAuthError`.
 
-Messages never contain a secret (no PIN, no key, no OTP). Errors that carry
-data (attempts remaining, retry delay) keep it as attributes so that the CLI
-can turn it into words and exit codes.
+Messages never contain a secret (no PIN, no key, no OTP). Errors carry data as
+attributes (every :class:`AuthorizationError` a :class:`RetryStatus`) and a
+plain message that does not repeat it: only the CLI's ``describe()`` words the
+data ("wrong PIN (1 retry left)").
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 
 class HsmAuthError(Exception):
@@ -129,75 +132,97 @@ class CounterError(BackendError):
 # --- authorization --------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RetryStatus:
+    """What a token said about further tries, carried by every :class:`AuthorizationError`.
+
+    ``retries_left`` is ``None`` where the token does not say; ``retry_after`` is the
+    number of seconds until a locked PIN / UV may be tried again, where known;
+    ``locked`` is true once the token refuses every try (PIN blocked, lockout).
+    The CLI turns these into words; messages do not repeat them.
+    """
+
+    retries_left: int | None = None
+    retry_after: float | None = None
+    locked: bool = False
+
+    @property
+    def final_try(self) -> bool:
+        """The next wrong try locks the PIN (or the user verification)."""
+        return self.retries_left == 1 and not self.locked
+
+
+#: The status of an error whose token said nothing about retries.
+UNKNOWN_RETRIES = RetryStatus()
+
+
 class AuthorizationError(HsmAuthError):
-    """The user could not be authorized by the token (PIN, user verification)."""
+    """The user could not be authorized by the token (PIN, user verification).
+
+    ``retry`` says what the token reported about further tries (all ``None`` /
+    false where it said nothing); ``native_code`` keeps the token's own code.
+    """
 
     exit_code = 30
+    default_message = "authorization failed"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry: RetryStatus = UNKNOWN_RETRIES,
+        native_code: int | str | None = None,
+    ) -> None:
+        super().__init__(message if message is not None else self.default_message)
+        self.retry = retry
+        self.native_code = native_code
 
 
 class PinRequired(AuthorizationError):
     """The operation needs a PIN and none was given."""
 
     exit_code = 31
+    default_message = "a PIN is needed"
 
 
 class PinInvalid(AuthorizationError):
-    """Wrong PIN. ``attempts_remaining`` is ``None`` where the token does not say."""
+    """Wrong PIN; ``retry.retries_left`` is ``None`` where the token does not say."""
 
     exit_code = 32
-
-    def __init__(
-        self,
-        message: str = "wrong PIN",
-        *,
-        attempts_remaining: int | None = None,
-        final_try: bool = False,
-        native_code: int | str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.attempts_remaining = attempts_remaining
-        self.final_try = final_try
-        self.native_code = native_code
+    default_message = "wrong PIN"
 
 
 class PinLocked(AuthorizationError):
-    """The PIN (or the TPM's dictionary-attack protection) is locked."""
+    """The PIN (or the TPM's dictionary-attack protection) is locked.
+
+    ``retry.locked`` is always true; ``retry.retry_after`` is set where the lock ends
+    by itself (TPM lockout recovery)."""
 
     exit_code = 33
+    default_message = "PIN locked"
 
     def __init__(
         self,
-        message: str = "PIN locked",
+        message: str | None = None,
         *,
-        retry_after: float | None = None,
+        retry: RetryStatus = UNKNOWN_RETRIES,
         native_code: int | str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.native_code = native_code
+        super().__init__(message, retry=replace(retry, locked=True), native_code=native_code)
 
 
 class UserVerificationFailed(AuthorizationError):
-    """FIDO2 user verification (fingerprint, face) failed or was refused."""
+    """FIDO2 user verification (fingerprint, face) failed, was refused or is blocked."""
 
     exit_code = 34
-
-    def __init__(
-        self,
-        message: str = "user verification failed",
-        *,
-        retries_left: int | None = None,
-        native_code: int | str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.retries_left = retries_left
-        self.native_code = native_code
+    default_message = "user verification failed"
 
 
 class Cancelled(AuthorizationError):
     """The user cancelled, or the token timed out waiting for the user."""
 
     exit_code = 35
+    default_message = "cancelled"
 
 
 class LoginRequired(AuthorizationError):
@@ -207,6 +232,7 @@ class LoginRequired(AuthorizationError):
     highest value offline use may reach (``None`` where not known)."""
 
     exit_code = 36
+    default_message = "login required: log in online, then sync"
 
     def __init__(
         self,

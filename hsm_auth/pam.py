@@ -272,8 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .errors import HsmAuthError
 
         if isinstance(e, HsmAuthError):
+            from .cli import describe  # the one place that words an error's data
+
             code = max(1, e.exit_code)
-            _log(f"refused: {e}")
+            _log(f"refused: {describe(e)}")
         elif isinstance(e, _Refused):
             code = 2
             _log(f"refused: {e}")

@@ -100,12 +100,12 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         settings = {"tcti": tpm.tcti, "state_dir": str(tmp_path / "tpm2-state")}
         yield Target(kind, "pin", "tpm2", settings, "swtpm-pin", True)
     elif kind == "soft-fido2":
-        soft = pytest.importorskip("hsm_auth_backends.soft_fido2", reason="python-fido2 missing")
+        soft = pytest.importorskip("hsm_auth.testing.soft_fido2", reason="python-fido2 missing")
         device = soft.SoftAuthenticator.create(
             tmp_path / "authenticator.json", uv_modality=soft.UvModality.FINGERPRINT
         )
         settings = {"device": f"soft:{device.path}", "state_dir": str(tmp_path / "fido2-state"),
-                    "prompts": False}
+                    "prompts": False, "allow_software_authenticator": True}
         yield Target(kind, "biometric", "fido2", settings, None, True)
     elif kind == "tpm":
         if not opt("hw_tpm"):

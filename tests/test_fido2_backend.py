@@ -40,11 +40,10 @@ from fido2.webauthn import (
     PublicKeyCredentialType,
     UserVerificationRequirement,
 )
-from hsm_auth_backends import soft_fido2
-from hsm_auth_backends.fido2 import ENV_SOFT_DEVICE, OTP_SALT, Fido2KeyStore
-from hsm_auth_backends.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
+from hsm_auth_backends.fido2 import ALLOW_SOFT_SETTING, ENV_SOFT_DEVICE, OTP_SALT, Fido2KeyStore
 
 from hsm_auth import ec as ecutil
+from hsm_auth.cli import describe
 from hsm_auth.errors import (
     BackendError,
     Cancelled,
@@ -56,6 +55,7 @@ from hsm_auth.errors import (
     LoginRequired,
     MechanismNotSupported,
     PinInvalid,
+    RetryStatus,
     StateError,
     TokenNotFound,
     UntrustedMessage,
@@ -63,8 +63,10 @@ from hsm_auth.errors import (
 )
 from hsm_auth.keystore import Authorization, Capability, KeyKind
 from hsm_auth.methods import Method
+from hsm_auth.testing import soft_fido2
 from hsm_auth.testing.contract import KeyStoreContract, Reopen
 from hsm_auth.testing.fido2 import make_client, use_elsewhere
+from hsm_auth.testing.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
 from hsm_auth.uri import parse_attr_uri
 from hsm_auth.verifier_keys import FileVerifierKeys, wrap_otp_key
 from hsm_auth.webauthn_proof import (
@@ -83,7 +85,13 @@ _GET_TOKEN_USING_UV = 0x06
 
 
 def settings_for(device: SoftAuthenticator, state: Path, **extra: Any) -> dict[str, Any]:
-    return {"device": f"soft:{device.path}", "state_dir": str(state), "prompts": False, **extra}
+    return {
+        "device": f"soft:{device.path}",
+        "state_dir": str(state),
+        "prompts": False,
+        ALLOW_SOFT_SETTING: True,
+        **extra,
+    }
 
 
 def credential_id(uri: str) -> bytes:
@@ -440,7 +448,7 @@ def test_uv_not_set_up_needs_explicit_pin_fallback(soft_fido2_factory, state):  
         assert store.pin_status().enforced
         with pytest.raises(PinInvalid) as wrong:
             store.counter_increment(counter, Authorization(pin="000000"))
-        assert wrong.value.attempts_remaining == soft_fido2.MAX_PIN_RETRIES - 1
+        assert wrong.value.retry.retries_left == soft_fido2.MAX_PIN_RETRIES - 1
         before = device.status().sign_count
         assert store.counter_increment(counter, pinned) == 1
         assert device.status().sign_count == before + 1
@@ -457,9 +465,10 @@ def test_failed_uv_reports_retries_left_and_releases_nothing(store, device, veri
     for left in (MAX_UV_RETRIES - 1, MAX_UV_RETRIES - 2):
         with pytest.raises(UserVerificationFailed) as caught:
             store.counted_hmac(enrollment.otp_key, enrollment.counter, lambda c: b"m", AUTH)
-        assert caught.value.retries_left == left
+        assert caught.value.retry == RetryStatus(retries_left=left)
         assert caught.value.native_code == 0x3F
-        assert f"{left} retries left" in str(caught.value)
+        assert "retr" not in str(caught.value)  # the data, not the message, has the count
+        assert describe(caught.value) == f"user verification failed ({left} retries left)"
         one_line(caught.value)
     assert store.state_file.read_bytes() == state_before
     assert device.status().sign_count == count_before  # no assertion happened
@@ -480,7 +489,8 @@ def test_blocked_uv_falls_back_to_pin_only_where_allowed(soft_fido2_factory, sta
                 store.counter_increment(counter, AUTH)
         with pytest.raises(UserVerificationFailed) as caught:
             store.counter_increment(counter, Authorization(pin="271828"))
-        assert caught.value.retries_left == 0 and "blocked" in str(caught.value)
+        assert caught.value.retry == RetryStatus(retries_left=0, locked=True)
+        assert "blocked" in str(caught.value)
         with pytest.raises(UserVerificationFailed, match="blocked"):  # PIN given, not allowed
             store.counter_increment(counter, Authorization(pin="271828"))
     with Fido2KeyStore.open(settings_for(device, state, allow_pin_fallback=True)) as store:
@@ -691,14 +701,18 @@ def test_wrong_credential_is_key_not_found(store, device, soft_fido2_factory, st
 
 
 def test_missing_authenticator_is_token_not_found(tmp_path, state, monkeypatch):  # type: ignore[no-untyped-def]
-    missing = {"device": f"soft:{tmp_path / 'absent.json'}", "state_dir": str(state)}
+    missing = {
+        "device": f"soft:{tmp_path / 'absent.json'}",
+        "state_dir": str(state),
+        ALLOW_SOFT_SETTING: True,
+    }
     for call in (Fido2KeyStore.open, Fido2KeyStore.probe):
         with pytest.raises(TokenNotFound) as caught:
             call(missing)
         one_line(caught.value)
     monkeypatch.setenv(ENV_SOFT_DEVICE, str(tmp_path / "absent.json"))
     with pytest.raises(TokenNotFound):
-        Fido2KeyStore.open({"state_dir": str(state)})
+        Fido2KeyStore.open({"state_dir": str(state), ALLOW_SOFT_SETTING: True})
     with pytest.raises(ConfigError):
         Fido2KeyStore.open({"device": "usb:1", "state_dir": str(state)})
 
@@ -706,9 +720,30 @@ def test_missing_authenticator_is_token_not_found(tmp_path, state, monkeypatch):
 def test_env_variable_selects_the_soft_authenticator(device, state, monkeypatch):  # type: ignore[no-untyped-def]
     assert ENV_SOFT_DEVICE == soft_fido2.ENV_STATE_FILE
     monkeypatch.setenv(ENV_SOFT_DEVICE, str(device.path))
-    assert Fido2KeyStore.probe({})["device"] == f"soft:{device.path}"
-    with Fido2KeyStore.open({"state_dir": str(state), "prompts": False}) as store:
+    allowed = {ALLOW_SOFT_SETTING: True}
+    assert Fido2KeyStore.probe(allowed)["device"] == f"soft:{device.path}"
+    with Fido2KeyStore.open({"state_dir": str(state), "prompts": False, **allowed}) as store:
         assert store.description == f"soft:{device.path}"
+
+
+@pytest.mark.parametrize("how", ["device", "environment"])
+@pytest.mark.parametrize("allow", [None, False])
+def test_software_authenticator_is_refused_unless_allowed(device, state, monkeypatch, how, allow):  # type: ignore[no-untyped-def]
+    settings: dict[str, Any] = {"state_dir": str(state)}
+    if allow is not None:
+        settings[ALLOW_SOFT_SETTING] = allow
+    if how == "device":
+        settings["device"] = f"soft:{device.path}"
+    else:
+        monkeypatch.setenv(ENV_SOFT_DEVICE, str(device.path))
+    for call in (Fido2KeyStore.open, Fido2KeyStore.probe):
+        with pytest.raises(ConfigError) as caught:
+            call(settings)
+        one_line(caught.value)
+        assert f"set {ALLOW_SOFT_SETTING} = true" in str(caught.value)
+    assert not (state / "credentials.json").exists()
+    with pytest.raises(ConfigError, match="true or false"):
+        Fido2KeyStore.open({**settings, ALLOW_SOFT_SETTING: "yes"})
 
 
 def test_state_file_is_private_and_damage_is_a_state_error(store, state):  # type: ignore[no-untyped-def]

@@ -13,8 +13,6 @@ import pytest
 
 pytest.importorskip("fido2", reason="python-fido2 (the fido2 extra) is not installed")
 
-from hsm_auth_backends.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
-
 from hsm_auth import ec
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Config, MethodConfig
@@ -30,6 +28,7 @@ from hsm_auth.errors import (
 from hsm_auth.methods import Method
 from hsm_auth.protocol import EnrollmentResponse
 from hsm_auth.testing.fido2 import use_elsewhere
+from hsm_auth.testing.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
 from hsm_auth.verifier import Verifier
 from hsm_auth.webauthn_proof import enrollment_binding, verify_enrollment_attestation
 
@@ -60,7 +59,12 @@ def devices(soft_fido2_factory) -> dict[Method, SoftAuthenticator]:  # type: ign
 
 
 def _settings(device: SoftAuthenticator, state: Path) -> dict[str, object]:
-    return {"device": f"soft:{device.path}", "state_dir": str(state), "prompts": False}
+    return {
+        "device": f"soft:{device.path}",
+        "state_dir": str(state),
+        "prompts": False,
+        "allow_software_authenticator": True,
+    }
 
 
 @pytest.fixture
@@ -168,7 +172,7 @@ def test_failed_uv_gives_retries_left_and_releases_no_otp(verifier, enrolled, de
     device.configure(uv_outcome="fail")
     with pytest.raises(UserVerificationFailed) as caught:
         enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
-    assert caught.value.retries_left == MAX_UV_RETRIES - 1
+    assert caught.value.retry.retries_left == MAX_UV_RETRIES - 1
     assert device.status().sign_count == count  # no assertion, so no OTP
     device.configure(uv_outcome="succeed")
     result = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)

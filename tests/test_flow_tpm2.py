@@ -81,9 +81,9 @@ def test_tpm_wrong_pin_counts_down_then_locks(verifier, enrolled):
             try:
                 enrolled.finish_offline_authentication(request, Method.PIN, pin="000000")
             except PinInvalid as e:
-                remaining.append(e.attempts_remaining)
+                remaining.append(e.retry.retries_left)
     assert remaining and all(a > b for a, b in itertools.pairwise(remaining))
-    assert locked.value.retry_after is not None and locked.value.retry_after > 0
+    assert locked.value.retry.retry_after is not None and locked.value.retry.retry_after > 0
     with pytest.raises(PinLocked):  # even the right PIN, while locked
         enrolled.finish_offline_authentication(request, Method.PIN, pin=OFFLINE_PIN)
 

@@ -12,7 +12,7 @@ from hsm_auth.methods import Method
 
 pytestmark = pytest.mark.fido2
 
-UvModality = pytest.importorskip("hsm_auth_backends.soft_fido2").UvModality
+UvModality = pytest.importorskip("hsm_auth.testing.soft_fido2").UvModality
 
 
 @pytest.fixture
@@ -26,6 +26,7 @@ def _config(device, tmp_path, method=Method.BIOMETRIC):
         "device": f"soft:{device.path}",
         "state_dir": str(tmp_path / "f2"),
         "prompts": False,
+        "allow_software_authenticator": True,
     }
     return Config(methods={method: MethodConfig("fido2", settings)})
 

@@ -143,7 +143,7 @@ def test_wrong_pin_then_right_pin_works(softhsm_token: SoftHsmToken) -> None:
             with pytest.raises(PinInvalid) as info:
                 s.create_counter("c", Authorization(pin="0000"))
             assert info.value.native_code == 0xA0  # CKR_PIN_INCORRECT, from the token
-            assert info.value.attempts_remaining is None  # SoftHSM does not say
+            assert info.value.retry.retries_left is None  # SoftHSM does not say
             assert "0000" not in str(info.value)
         counter = s.create_counter("c", Authorization(pin=softhsm_token.user_pin))
         # Logged in now: a wrong PIN given later is still refused.

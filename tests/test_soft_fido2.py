@@ -38,16 +38,16 @@ from fido2.webauthn import (
     PublicKeyCredentialRpEntity,
     PublicKeyCredentialUserEntity,
 )
-from hsm_auth_backends.soft_fido2 import (
+
+from hsm_auth.errors import InvalidInput, StateError
+from hsm_auth.testing.fido2 import ScriptedUser, authenticator_factory, make_client
+from hsm_auth.testing.soft_fido2 import (
     MAX_PIN_RETRIES,
     MAX_UV_RETRIES,
     SOFT_AAGUID,
     SoftAuthenticator,
     UvModality,
 )
-
-from hsm_auth.errors import InvalidInput, StateError
-from hsm_auth.testing.fido2 import ScriptedUser, authenticator_factory, make_client
 
 pytestmark = pytest.mark.fido2
 
@@ -725,7 +725,7 @@ _CHILD = textwrap.dedent(
     """
     import os, sys
     from fido2.ctap2 import Ctap2
-    from hsm_auth_backends.soft_fido2 import SoftAuthenticator
+    from hsm_auth.testing.soft_fido2 import SoftAuthenticator
     ctap = Ctap2(SoftAuthenticator.load(sys.argv[1]))
     allow = [{"type": "public-key", "id": bytes.fromhex(sys.argv[2])}]
     for _ in range(int(sys.argv[3])):

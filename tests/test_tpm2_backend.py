@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 from hsm_auth_backends.tpm2 import Tpm2EcPrivateKey, Tpm2KeyStore
 
+from hsm_auth.cli import describe
 from hsm_auth.errors import (
     BackendError,
     BackendUnavailable,
@@ -430,19 +432,22 @@ def test_wrong_pins_then_lockout_then_recovery(store: Tpm2KeyStore) -> None:
         store.hmac(otp, b"m", WRONG)
     with pytest.raises(PinInvalid) as second:
         store.hmac(otp, b"m", WRONG)
-    assert (first.value.attempts_remaining, second.value.attempts_remaining) == (2, 1)
-    assert second.value.final_try and "4711" not in str(second.value)
+    assert (first.value.retry.retries_left, second.value.retry.retries_left) == (2, 1)
+    assert second.value.retry.final_try and "4711" not in str(second.value)
+    assert describe(second.value) == "wrong PIN (1 retry left)"
     with pytest.raises(PinLocked):
         store.hmac(otp, b"m", WRONG)
     with pytest.raises(PinLocked) as locked:
         store.hmac(otp, b"m", PIN)  # even the right PIN
-    assert locked.value.retry_after is not None and 0 < locked.value.retry_after <= 3
-    assert f"retry in {locked.value.retry_after:.0f} s" in str(locked.value)
+    wait = locked.value.retry.retry_after
+    assert locked.value.retry.locked and wait is not None and 0 < wait <= 3
+    assert describe(locked.value).endswith(f"(retry in {math.ceil(wait)} s)")
+    assert "retry in" not in str(locked.value)
     status = store.pin_status()
     assert status.enforced and status.locked and status.retries_left == 0
     with pytest.raises(PinLocked):  # the empty-auth device key is DA-protected too
         store.sign(device_key, b"x", NONE)
-    time.sleep(locked.value.retry_after + 0.3)
+    time.sleep(wait + 0.3)
     assert not store.pin_status().locked
     assert store.hmac(otp, b"m", PIN) == hmac.new(key, b"m", hashlib.sha256).digest()
 

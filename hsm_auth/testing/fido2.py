@@ -3,10 +3,7 @@
 Reusable by anyone who wants to run their own CI without FIDO2 hardware::
 
     from hsm_auth.testing.fido2 import make_client
-    # mypy sees backends/ as "backends", not as the installed "hsm_auth_backends".
-from hsm_auth_backends.soft_fido2 import (  # type: ignore[import-not-found, unused-ignore]
-    SoftAuthenticator,
-)
+    from hsm_auth.testing.soft_fido2 import SoftAuthenticator
 
     device = SoftAuthenticator.create(tmp / "fido2.json", pin="123456")
     client = make_client(device, pin="123456")   # a python-fido2 Fido2Client
@@ -19,7 +16,7 @@ arguments of :meth:`SoftAuthenticator.create`); import them into a
     from hsm_auth.testing.fido2 import soft_fido2, soft_fido2_factory  # noqa: F401
 
 Needs python-fido2 (the ``fido2`` extra). The authenticator keeps its keys in
-a file: it is for tests only (see :mod:`hsm_auth_backends.soft_fido2`).
+a file: it is for tests only (see :mod:`hsm_auth.testing.soft_fido2`).
 """
 
 from __future__ import annotations
@@ -37,10 +34,7 @@ from fido2.ctap2.base import Ctap2
 from fido2.ctap2.extensions import CredProtectExtension, Ctap2Extension, HmacSecretExtension
 from fido2.ctap2.pin import ClientPin, PinProtocolV2
 
-# mypy sees backends/ as "backends", not as the installed "hsm_auth_backends".
-from hsm_auth_backends.soft_fido2 import (  # type: ignore[import-not-found, unused-ignore]
-    SoftAuthenticator,
-)
+from .soft_fido2 import SoftAuthenticator
 
 DEFAULT_ORIGIN = "https://example.com"
 

@@ -8,7 +8,9 @@
    It exists so that CI machines without USB, ``/dev/uhid`` or USB/IP can run
    the real python-fido2 stack (``Ctap2``, ``ClientPin``, ``Fido2Client``,
    ``Fido2Server``) end to end. Its AAGUID is :data:`SOFT_AAGUID`; a verifier
-   in production should refuse it.
+   in production should refuse it. The fido2 backend opens it (``soft:PATH``,
+   ``$HSM_AUTH_SOFT_FIDO2``) only for a method configured with
+   ``allow_software_authenticator = true``.
 
 :class:`SoftAuthenticator` is a :class:`fido2.ctap.CtapDevice` that answers
 ``call(CTAPHID.CBOR, ...)`` with real CTAP2 CBOR: authenticatorGetInfo,
