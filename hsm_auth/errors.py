@@ -232,7 +232,6 @@ class LoginRequired(AuthorizationError):
     highest value offline use may reach (``None`` where not known)."""
 
     exit_code = 36
-    default_message = "login required: log in online, then sync"
 
     def __init__(
         self,

@@ -170,7 +170,8 @@ def test_fido2_failed_user_verification_is_worded_once(softhsm_home: Home) -> No
         data = _session(home.path, Method.BIOMETRIC)
         finish = ("finish", "--method", "biometric", data)
         left = MAX_UV_RETRIES - 1
-        assert error_line(home.path, 34, *finish) == f"user verification failed ({left} retries left)"
+        first = error_line(home.path, 34, *finish)
+        assert first == f"user verification failed ({left} retries left)"
         assert error_json(home.path, 34, *finish) == {
             "error": f"user verification failed ({left - 1} retries left)",
             "type": "UserVerificationFailed",
