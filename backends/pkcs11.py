@@ -657,7 +657,7 @@ class Pkcs11KeyStore(KeyStore):
         if auth.pin is None:
             if not self._login_required:
                 return
-            raise PinRequired("the token needs its user PIN (Authorization.pin or pin-source)")
+            raise PinRequired("the token needs its user PIN")
         self._login(auth.pin)
 
     @contextmanager

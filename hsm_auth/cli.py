@@ -9,13 +9,14 @@ an exit code (listed in ``hsm-auth --help``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -313,6 +314,16 @@ def cmd_verifier_sync(ctx: Context) -> int:
     return 0
 
 
+def cmd_verifier_purge(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        count = v.purge(grace=ctx.args.grace)
+    finally:
+        v.close()
+    ctx.emit(f"purged {count} expired sessions and offers", {"purged": count})
+    return 0
+
+
 def cmd_verifier_unlock(ctx: Context) -> int:
     v = ctx.verifier()
     try:
@@ -397,15 +408,49 @@ def cmd_verifier_audit(ctx: Context) -> int:
     return 0
 
 
+def method_pin(ctx: Context, method: Method, prompt: str = "Offline PIN: ") -> str | None:
+    """The PIN for ``method``: read for the pin method; for the others a PIN option is
+    refused rather than ignored (it would never reach the token: their token PIN, if
+    any, comes from the configuration, so that every command finds it)."""
+    if method.needs_pin:
+        return read_pin(ctx.args, ctx.err, prompt)
+    if getattr(ctx.args, "pin_file", None) or getattr(ctx.args, "pin_fd", None) is not None:
+        raise InvalidInput(
+            f"--pin-file/--pin-fd are for the pin method only; the {method.value} method asks "
+            f"for no PIN (a PKCS#11 token's user PIN comes from pin-source=file:PATH in the "
+            f"uri of [methods.{method.value}] in config.toml)"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def pin_hint(method: Method) -> Iterator[None]:
+    """Say which option or config key gives the PIN a token asked for."""
+    if method is Method.PIN:
+        where = "give the offline PIN at the prompt, with --pin-file PATH or with --pin-fd N"
+    elif method is Method.DEVICE:
+        where = (
+            "set pin-source=file:PATH (a 0600 file holding the token's user PIN) in the uri "
+            "of [methods.device] in config.toml"
+        )
+    else:  # FIDO2: the backend's message names the authenticator PIN setting itself
+        yield
+        return
+    try:
+        yield
+    except PinRequired as e:
+        raise PinRequired(f"{e}: {where}") from None
+
+
 def cmd_enroll(ctx: Context) -> int:
     method = Method.parse(ctx.args.method)
     offer = read_text_arg(ctx.args.offer, sys.stdin)
-    pin = (
-        read_pin(ctx.args, ctx.err, "New offline PIN (the token's user PIN): ")
-        if method.needs_pin
-        else None
+    # The pin method uses the token's existing user PIN (PKCS#11) or sets the TPM keys'
+    # auth value: either way the PIN given now is the one every OTP will ask for.
+    pin = method_pin(
+        ctx, method, "Offline PIN (PKCS#11: the token's user PIN; TPM2: the PIN for the new keys): "
     )
-    with ctx.authenticator() as a:
+    with ctx.authenticator() as a, pin_hint(method):
         text = a.add_or_update(method, offer, pin=pin, replace=ctx.args.replace)
     print(f"enrolled the {method.value} method; give this response to the verifier:", file=ctx.err)
     ctx.emit(text, {"response": text, "method": method.value})
@@ -438,8 +483,9 @@ def cmd_finish(ctx: Context) -> int:
     with ctx.authenticator() as a:
         request = a.start_offline_authentication(read_text_arg(ctx.args.data, sys.stdin))
         _show_request(ctx, request)
-        pin = read_pin(ctx.args, ctx.err) if method.needs_pin else None
-        result = a.finish_offline_authentication(request, method, pin=pin)
+        pin = method_pin(ctx, method)
+        with pin_hint(method):
+            result = a.finish_offline_authentication(request, method, pin=pin)
     ctx.emit(result.otp, {"otp": result.otp, "method": method.value, "atc": result.atc})
     return 0
 
@@ -657,6 +703,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = vadd("sync", cmd_verifier_sync, "print a sync message for the authenticator")
     p.add_argument("--user", required=True)
     p.add_argument("--method", required=True)
+    p = vadd(
+        "purge",
+        cmd_verifier_purge,
+        "delete expired sessions and offers (also done on one in 64 writes)",
+    )
+    p.add_argument(
+        "--grace",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="keep what expired less than this long ago (default 3600)",
+    )
     p = vadd("unlock", cmd_verifier_unlock, "unlock a locked credential")
     p.add_argument("--user", required=True)
     p.add_argument("--method", required=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,13 @@ SESSION_ID_BYTES = 16
 #: How often a check whose compare-and-swap lost to a concurrent counter change is re-run.
 MAX_ROUNDS = 4
 SQLITE_FILE = "verifier.db"
+#: Expired sessions and offers are kept this long (seconds) before they are purged,
+#: so that a late attempt is still audited as "expired", not "unknown".
+PURGE_GRACE = 3600
+#: One in PURGE_EVERY session or offer writes also purges: an indexed DELETE now
+#: and then, with no scheduler to run, keeps the tables at about (write rate) x
+#: (lifetime + grace). ``hsm-auth verifier purge`` does it on demand.
+PURGE_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,7 @@ class Verifier:
         self.store = store
         self._clock = clock
         self._suite = ocra.OcraSuite.parse(identity.suite)
+        self.purge_every = PURGE_EVERY  # 0: never purge on write
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -297,6 +306,7 @@ class Verifier:
             OfferRecord(offer.offer_id, user, offer.methods, replace, offer.expires), record
         )
         audit.emit([record])
+        self._purge_now_and_then()
         return offer, text
 
     def accept_enrollment(self, text: str) -> CredentialRecord:
@@ -400,6 +410,7 @@ class Verifier:
             record,
         )
         audit.emit([record])
+        self._purge_now_and_then()
         return Session(session_id, data, text)
 
     # --- verification -------------------------------------------------------
@@ -549,6 +560,21 @@ class Verifier:
         return None
 
     # --- administration -----------------------------------------------------
+
+    def purge(self, *, grace: int = PURGE_GRACE) -> int:
+        """Delete sessions and offers that expired more than ``grace`` seconds ago
+        (used or not); returns how many."""
+        if not 0 <= grace <= 10**9:
+            raise InvalidInput("the purge grace period is 0 to 10^9 seconds")
+        return self.store.purge(self._now() - grace)
+
+    def _purge_now_and_then(self) -> None:
+        if self.purge_every <= 0 or secrets.randbelow(self.purge_every):
+            return
+        try:
+            self.purge()
+        except HsmAuthError as e:  # the write it follows succeeded: do not fail it
+            log.warning("purging expired sessions and offers failed: %s", e)
 
     def credential(self, user: str, method: Method) -> CredentialRecord:
         for cred in self.store.credentials(user):

@@ -1,0 +1,141 @@
+"""What the CLI says about PINs: the pin method's prompt asks for the PIN the
+token already has, a PIN option is refused (not ignored) where no PIN is used,
+and a token that needs its user PIN names the option or config key that gives it."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hsm_auth.demo import prepare
+from hsm_auth.testing.softhsm import softhsm_available
+
+pytestmark = pytest.mark.softhsm
+
+
+def run(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    return subprocess.run(
+        [sys.executable, "-m", "hsm_auth", "--home", str(home), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess[str], code: int) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hsm-auth: error: ")
+    return last
+
+
+@pytest.fixture
+def home(tmp_path):
+    reason = softhsm_available()
+    if reason:
+        pytest.skip(reason)
+    home = tmp_path / "home"
+    with prepare(home, tpm=False, fido2=False):
+        pass
+    assert run(home, "verifier", "init", "--name", "PINs").returncode == 0
+    return home
+
+
+def offer(home: Path, method: str) -> str:
+    result = run(home, "verifier", "offer", "--user", "alice", "--methods", method)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_pin_option_is_refused_for_the_device_method(home):
+    pin_file = home / "offline.pin"
+    line = error_line(
+        run(
+            home,
+            "enroll",
+            "--method",
+            "device",
+            "--pin-file",
+            str(pin_file),
+            stdin=offer(home, "device"),
+        ),
+        2,
+    )
+    assert "--pin-file/--pin-fd are for the pin method only" in line
+    assert "pin-source=file:PATH" in line and "[methods.device]" in line
+    assert not (home / "authenticator" / "credentials.json").exists()  # nothing enrolled
+    line = error_line(
+        run(home, "enroll", "--method", "device", "--pin-fd", "0", stdin=offer(home, "device")),
+        2,
+    )
+    assert "--pin-file/--pin-fd are for the pin method only" in line
+
+
+def test_a_device_token_without_pin_source_says_where_the_pin_goes(home):
+    config = home / "config.toml"
+    text = config.read_text()
+    start = text.index("&pin-source=")
+    end = text.index('"', start)
+    config.write_text(text[:start] + text[end:])  # the device uri without its pin-source
+    line = error_line(run(home, "enroll", "--method", "device", stdin=offer(home, "device")), 31)
+    assert "Authorization" not in line
+    assert line.endswith(
+        "the token needs its user PIN: set pin-source=file:PATH (a 0600 file holding the "
+        "token's user PIN) in the uri of [methods.device] in config.toml"
+    ), line
+
+
+def _pty_run(home: Path, args: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:
+    """Run the CLI with a controlling terminal; answer the first PIN prompt."""
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its terminal is the pty
+        try:
+            os.execve(
+                sys.executable, [sys.executable, "-m", "hsm_auth", "--home", str(home), *args], env
+            )
+        finally:
+            os._exit(127)
+    seen, answered = b"", False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+            if not answered and seen.rstrip().endswith(b":"):
+                os.write(fd, answer.encode() + b"\n")
+                answered = True
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+
+def test_the_pin_prompt_asks_for_the_existing_token_pin(home):
+    offer_file = home / "offer.txt"
+    offer_file.write_text(offer(home, "pin"))
+    pin = (home / "offline.pin").read_text()
+    code, screen = _pty_run(home, ["enroll", "--method", "pin", "--offer", f"@{offer_file}"], pin)
+    assert "Offline PIN (PKCS#11: the token's user PIN; TPM2: the PIN for the new keys):" in screen
+    assert "New offline PIN" not in screen
+    assert code == 0, screen
