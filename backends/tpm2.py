@@ -4,6 +4,10 @@ TPM access
     A TCTI string selects the TPM: setting ``tcti``, else the environment
     (``HSM_AUTH_TCTI``, then ``TPM2TOOLS_TCTI``), else ``device:/dev/tpmrm0``.
     Examples: ``swtpm:path=/tmp/x/tpm.sock``, ``swtpm:port=2321``, ``tabrmd``.
+    Without a resource manager (anything but ``/dev/tpmrm*`` and tabrmd, see
+    :func:`has_resource_manager`) a killed client's objects and sessions stay
+    loaded, so :meth:`Tpm2KeyStore.open` flushes every transient object and
+    session it finds there first: such a TPM serves one client at a time.
 
 Storage key
     The TCG standard ECC P-256 storage primary ("SRK" template: restricted
@@ -105,17 +109,15 @@ _MAX_AUTH = 32  # a SHA-256 name algorithm bounds auth values to 32 bytes
 _MAX_HMAC_BUFFER = 1024  # MAX_DIGEST_BUFFER: one TPM2_HMAC, else an HMAC sequence
 _FORMAT = 1
 
-# TPM 2.0 response codes (Part 2, 6.6), with session/handle/parameter bits stripped.
-_RC_AUTH_FAIL = 0x08E
-_RC_BAD_AUTH = 0x0A2
-_RC_INTEGRITY = 0x09F
-_RC_HANDLE = 0x08B
-_RC_LOCKOUT = 0x921
-_RC_OBJECT_MEMORY = 0x902
-_RC_NV_DEFINED = 0x14C
-_RC_NV_UNINITIALIZED = 0x14A
-_TCTI_LAYER = 0x0A0000
-_TCTI_RC_NOT_SUPPORTED = 0x15
+# A response code's low 12 bits; in a format-one code (TPM2_RC.FMT1 set) the
+# error number is the low 6 bits, above them the handle/session/parameter number.
+_HANDLES_PER_CALL = 64
+# ESYS's serialized resource (Esys_TR_Serialize): TPM2_HANDLE, TPM2B_NAME, then the
+# UINT32 resource type, IESYSC_WITHOUT_MISC_RSRC = 0 carrying nothing more.
+_EMPTY_NAME = b"\x00\x00"
+_IESYSC_WITHOUT_MISC_RSRC = b"\x00\x00\x00\x00"
+_RC_CODE_BITS = 0xFFF
+_RC_FMT1_ERROR_BITS = 0x3F
 # Properties (TPM2_PT_*) read with TPM2_GetCapability.
 _PT_MANUFACTURER = 0x105
 _PT_VENDOR_STRING_1 = 0x106
@@ -190,6 +192,22 @@ def _resolve_tcti(settings: Settings) -> str:
     return str(tcti or os.environ.get("TPM2TOOLS_TCTI") or DEFAULT_TCTI)
 
 
+def has_resource_manager(tcti: str) -> bool:
+    """Whether the TCTI reaches the TPM through a resource manager.
+
+    The kernel's ``/dev/tpmrm*`` and tabrmd give every connection its own view
+    of the TPM and flush what a connection leaves behind when it ends. Anything
+    else (``swtpm``, ``mssim``, ``device:/dev/tpm0``, an unknown TCTI) is taken
+    to be the TPM itself, where a killed client's objects and sessions stay
+    loaded until someone flushes them.
+    """
+    name, _, conf = tcti.partition(":")
+    name = name.removeprefix("libtss2-tcti-").split(".so", 1)[0]
+    if name == "tabrmd":
+        return True
+    return name == "device" and Path(conf).name.startswith("tpmrm")
+
+
 def _resolve_state_dir(settings: Settings) -> Path:
     configured = settings.get("state_dir")
     if configured:
@@ -210,12 +228,15 @@ def _import_pytss() -> Any:
 
 
 def _tpm_code(rc: int) -> int:
-    """The TPM response code without handle/session/parameter numbers (0 if not from the TPM)."""
-    layer = rc & 0xFF0000
-    if layer not in (0, 0x0B0000):  # the TPM itself, or the resource manager passing it on
+    """The TPM response code without handle/session/parameter numbers, comparable
+    with ``TPM2_RC`` members (0 if the code is not from the TPM)."""
+    from tpm2_pytss.constants import TPM2_RC, TSS2_RC
+
+    # From the TPM itself, or passed on by a resource manager (tabrmd).
+    if rc & TSS2_RC.RC_LAYER_MASK not in (TSS2_RC.TPM_RC_LAYER, TSS2_RC.RESMGR_TPM_RC_LAYER):
         return 0
-    code = rc & 0xFFF
-    return (0x080 | (code & 0x3F)) if code & 0x080 else code
+    code = rc & _RC_CODE_BITS
+    return int(TPM2_RC.FMT1 | (code & _RC_FMT1_ERROR_BITS)) if code & TPM2_RC.FMT1 else code
 
 
 def convert_tss_error(
@@ -229,36 +250,40 @@ def convert_tss_error(
     """The one converter: a ``TSS2_Exception`` becomes an hsm-auth error, RC kept as
     ``native_code``. With ``ectx``, a wrong PIN or lockout reads the TPM's
     dictionary-attack state to report attempts left and the retry delay."""
+    from tpm2_pytss.constants import TPM2_RC, TSS2_RC
+
     rc = int(e.rc)
     code = _tpm_code(rc)
-    if rc & 0xFF0000 == _TCTI_LAYER:
-        if rc & 0xFFFF == _TCTI_RC_NOT_SUPPORTED:
+    if rc & TSS2_RC.RC_LAYER_MASK == TSS2_RC.TCTI_RC_LAYER:
+        if rc == TSS2_RC.TCTI_RC_NOT_SUPPORTED:
             return BackendUnavailable(
                 f"TCTI {tcti!r} cannot be loaded (unknown name or its libtss2-tcti "
                 "library is missing)",
                 native_code=rc,
             )
         return TokenNotFound(f"{what}: no TPM reachable at TCTI {tcti!r}: {e}", native_code=rc)
-    if code == _RC_AUTH_FAIL:
+    if code == TPM2_RC.AUTH_FAIL:
         return _pin_error(rc, _da_properties_or_none(ectx))
-    if code == _RC_BAD_AUTH:  # an object exempt from DA: no attempt was counted
+    if code == TPM2_RC.BAD_AUTH:  # an object exempt from DA: no attempt was counted
         return PinInvalid(native_code=rc)
-    if code == _RC_LOCKOUT:
+    if code == TPM2_RC.LOCKOUT:
         return _locked(rc, "the TPM is in dictionary-attack lockout", _da_properties_or_none(ectx))
-    if code == _RC_INTEGRITY and record is not None:
+    if code == TPM2_RC.INTEGRITY and record is not None:
         return BackendError(
             f"the key blob {record.label!r} does not belong to this TPM's storage key",
             native_code=rc,
         )
-    if code == _RC_HANDLE and record is not None and record.kind is KeyKind.COUNTER:
+    if code == TPM2_RC.HANDLE and record is not None and record.kind is KeyKind.COUNTER:
         return KeyNotFound(
             f"the counter {record.label!r} (NV index 0x{record.nv_index:08x}) is not in this TPM",
             native_code=rc,
         )
-    if code == _RC_NV_UNINITIALIZED:
+    if code == TPM2_RC.NV_UNINITIALIZED:
         return CounterError(f"{what}: the counter was never incremented", native_code=rc)
-    if code == _RC_OBJECT_MEMORY:
+    if code == TPM2_RC.OBJECT_MEMORY:
         return BackendError(f"{what}: the TPM has no free object slot", native_code=rc)
+    if code == TPM2_RC.SESSION_MEMORY:
+        return BackendError(f"{what}: the TPM has no free session slot", native_code=rc)
     return BackendError(f"{what} failed: {e} (rc 0x{rc:x})", native_code=rc)
 
 
@@ -310,6 +335,79 @@ def _properties(ectx: Any, first: int, count: int) -> dict[int, int]:
     return {int(p.property): int(p.value) for p in data.data.tpmProperties}
 
 
+class _ClientLock:
+    """Which hsm-auth stores use a TPM that has no resource manager.
+
+    Every open store holds a shared ``flock`` on ``<state_dir>/.clients-<tcti hash>.lock``
+    (released by the kernel when a process dies, however it dies). A store that
+    gets the lock exclusively is the TPM's first live client, and only that one
+    may flush leftovers; then it shares the lock like the others.
+    """
+
+    def __init__(self, state_dir: Path, tcti: str) -> None:
+        import fcntl
+        import hashlib
+
+        digest = hashlib.sha256(tcti.encode()).hexdigest()[:16]
+        path = state_dir / f".clients-{digest}.lock"
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self._fd: int | None = os.open(path, flags, 0o600)
+        except OSError as e:
+            raise StateError(f"cannot open the lock file {path}: {e.strerror}") from e
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.first = True
+        except BlockingIOError:
+            self.first = False
+            self.share()
+
+    def share(self) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)  # waits while a first client flushes
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _handles(ectx: Any, first: int) -> list[int]:
+    """The TPM's handles of ``first``'s type (TPM2_GetCapability, TPM2_CAP.HANDLES)."""
+    from tpm2_pytss import TPM2_CAP
+
+    out: list[int] = []
+    more = True
+    while more:
+        more, data = ectx.get_capability(TPM2_CAP.HANDLES, first, _HANDLES_PER_CALL)
+        handles = [int(h) for h in data.data.handles]
+        if not handles:
+            break
+        out += handles
+        first = handles[-1] + 1
+    return out
+
+
+def _esys_handle(ectx: Any, handle: int) -> Any:
+    """An ESYS_TR for a TPM handle that this context did not create.
+
+    ESYS reads an object's public area for that, which a hash or HMAC sequence
+    object does not have (TPM2_RC.SEQUENCE): such a handle gets a bare resource,
+    deserialized from the ESYS form (handle, empty name, type "no extra data"),
+    which is all that TPM2_FlushContext needs."""
+    from tpm2_pytss.constants import TPM2_RC
+
+    try:
+        return ectx.tr_from_tpmpublic(handle)
+    except _tss_exception() as e:
+        if _tpm_code(e.rc) != TPM2_RC.SEQUENCE:
+            raise
+    bare = handle.to_bytes(4, "big") + _EMPTY_NAME + _IESYSC_WITHOUT_MISC_RSRC
+    return ectx.tr_deserialize(bare)
+
+
 def _ascii(*words: int) -> str:
     raw = b"".join(w.to_bytes(4, "big") for w in words)
     return raw.replace(b"\x00", b"").decode("ascii", "replace").strip()
@@ -335,6 +433,7 @@ class Tpm2KeyStore(KeyStore):
         self._loaded: OrderedDict[str, Any] = OrderedDict()  # record id -> ESYS_TR
         self._nv: dict[int, Any] = {}  # NV index -> ESYS_TR
         self._cache_size = 1
+        self._clients: _ClientLock | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -373,12 +472,24 @@ class Tpm2KeyStore(KeyStore):
         except OSError as e:
             raise ConfigError(f"cannot create tpm2 state_dir {state_dir}: {e.strerror}") from e
         tcti = _resolve_tcti(settings)
-        store = cls(_connect(tcti), tcti, state_dir, auth_mode, str(settings.get("owner_auth", "")))
+        clients = None if has_resource_manager(tcti) else _ClientLock(state_dir, tcti)
+        try:
+            ectx = _connect(tcti)
+        except BaseException:
+            if clients is not None:
+                clients.release()
+            raise
+        store = cls(ectx, tcti, state_dir, auth_mode, str(settings.get("owner_auth", "")))
+        store._clients = clients
         try:
             with _converted("reading TPM properties", tcti):
                 transient = _properties(store._ectx, _PT_HR_TRANSIENT_MIN, 1).get(
                     _PT_HR_TRANSIENT_MIN, 3
                 )
+            if clients is not None and clients.first:
+                store._flush_leftovers()
+            if clients is not None:
+                clients.share()
         except BaseException:
             store.close()
             raise
@@ -399,6 +510,9 @@ class Tpm2KeyStore(KeyStore):
         self._loaded.clear()
         self._nv.clear()
         ectx.close()
+        if self._clients is not None:
+            self._clients.release()
+            self._clients = None
 
     def capabilities(self) -> frozenset[Capability]:
         return frozenset(
@@ -576,6 +690,7 @@ class Tpm2KeyStore(KeyStore):
         from tpm2_pytss import (
             TPM2_ALG,
             TPM2_NT,
+            TPM2_RC,
             TPM2B_AUTH,
             TPM2B_NV_PUBLIC,
             TPMA_NV,
@@ -608,7 +723,7 @@ class Tpm2KeyStore(KeyStore):
                     )
                     break
                 except _tss_exception() as e:
-                    if _tpm_code(e.rc) == _RC_NV_DEFINED:
+                    if _tpm_code(e.rc) == TPM2_RC.NV_DEFINED:
                         continue
                     raise self._convert(e, "defining the NV counter (needs owner auth)") from e
         finally:
@@ -660,6 +775,31 @@ class Tpm2KeyStore(KeyStore):
             locked=locked,
             retry_after=_retry_after(props) if locked else None,
         )
+
+    # --- internals: a previous client's leftovers ---------------------------------
+
+    def _flush_leftovers(self) -> None:
+        """Flush every transient object and every session (loaded or saved) in the TPM.
+
+        Only for a TPM reached without a resource manager: there a client that was
+        killed leaves its objects and sessions loaded, and after two or three kills
+        the TPM's few slots are full and every command fails. It runs only when no
+        other store on this TCTI and state dir is open, in this process or another
+        (:class:`_ClientLock`), so what it flushes belongs to no live hsm-auth
+        client. Other programs on the same TPM are not seen: only one client can
+        use such a TPM safely, and one that keeps contexts across connections
+        (tpm2-tools without a resource manager) loses them here. Persistent objects
+        and NV indexes are untouched.
+        """
+        from tpm2_pytss import TPM2_HR, TPM2_HT
+
+        ectx = self._ectx
+        for kind in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION, TPM2_HT.SAVED_SESSION):
+            with self._tpm("listing what a previous TPM client left loaded"):
+                handles = _handles(ectx, kind << TPM2_HR.SHIFT)
+            for handle in handles:
+                with self._tpm("flushing what a previous TPM client left loaded"):
+                    ectx.flush_context(_esys_handle(ectx, handle))
 
     # --- internals: storage key and sessions -------------------------------------
 
@@ -878,7 +1018,7 @@ class Tpm2KeyStore(KeyStore):
                 handle, _esys_tr().OWNER, session1=self._auth_session(bool(self._owner_auth))
             )
         except _tss_exception() as e:
-            if _tpm_code(e.rc) != _RC_HANDLE:  # already gone
+            if _tpm_code(e.rc) != _tpm2_rc().HANDLE:  # already gone
                 raise self._convert(e, "deleting the NV counter (needs owner auth)") from e
 
     # --- internals: state files ---------------------------------------------------
@@ -1013,6 +1153,12 @@ def _esys_tr() -> Any:
     from tpm2_pytss import ESYS_TR
 
     return ESYS_TR
+
+
+def _tpm2_rc() -> Any:
+    from tpm2_pytss.constants import TPM2_RC
+
+    return TPM2_RC
 
 
 def _tss_exception() -> Any:

@@ -197,8 +197,10 @@ def bench_tpm2(n: int, baseline: float) -> None:
 
 
 def _raw_tpm(tcti: str, state_dir: str, enrolled, pin: str | None):  # type: ignore[no-untyped-def]
-    """Load the enrolled OTP key and counter into a second ESAPI context."""
-    from hsm_auth_backends.tpm2 import _Record, _srk_template
+    """Load the enrolled OTP key and counter into a second ESAPI context. It holds the
+    backend's client lock, as a store does, so the library's store (opened later)
+    does not take its objects for a killed client's leftovers and flush them."""
+    from hsm_auth_backends.tpm2 import _ClientLock, _Record, _srk_template
     from tpm2_pytss import (
         ESAPI,
         ESYS_TR,
@@ -216,6 +218,8 @@ def _raw_tpm(tcti: str, state_dir: str, enrolled, pin: str | None):  # type: ign
     record = _Record.from_json((Path(state_dir) / f"{otp_id}.json").read_text())
     nv_index = int(parse_attr_uri(enrolled.counter, "tpm2")[0]["nv-index"], 16)
     secret = (pin or "").encode()
+    clients = _ClientLock(Path(state_dir), tcti)
+    clients.share()
     ectx = ESAPI(tcti)
     srk, *_ = ectx.create_primary(None, TPM2B_PUBLIC(publicArea=_srk_template()), ESYS_TR.OWNER)
     key = ectx.load(
@@ -245,6 +249,7 @@ def _raw_tpm(tcti: str, state_dir: str, enrolled, pin: str | None):  # type: ign
             ectx.flush_context(session)
         ectx.flush_context(key)
         ectx.close()
+        clients.release()
 
     return raw, cleanup
 

@@ -4,6 +4,11 @@ device method (no user auth) and the pin method (auth value, DA-protected)."""
 from __future__ import annotations
 
 import itertools
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -113,9 +118,6 @@ def test_backends_shows_the_tpm_and_its_lockout_parameters(swtpm):
 
 
 def test_cli_reports_an_unreachable_tpm_in_one_line(tmp_path):
-    import subprocess
-    import sys
-
     home = tmp_path / "home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -135,3 +137,77 @@ def test_cli_reports_an_unreachable_tpm_in_one_line(tmp_path):
     assert result.returncode == 22  # TokenNotFound: no TPM at that TCTI
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (home / "authenticator" / "credentials.json").exists()
+
+
+# --- a killed client must not leave the TPM full (no resource manager on swtpm) ----------
+
+_BUSY_CHILD = r"""
+import sys
+from pathlib import Path
+
+from hsm_auth_backends.tpm2 import Tpm2KeyStore
+
+from hsm_auth.authenticator import Authenticator
+from hsm_auth.keystore import Authorization
+from hsm_auth.methods import Method
+
+auth_dir, tcti, state_dir, pin = sys.argv[1:]
+authenticator = Authenticator(Path(auth_dir))
+enrolled = {m.method: m for m in authenticator.enrolled}
+store = Tpm2KeyStore.open({"tcti": tcti, "state_dir": state_dir, "auth": "auto"})
+keys = [
+    (enrolled[Method.PIN], Authorization(pin=pin)),
+    (enrolled[Method.DEVICE], Authorization()),
+]
+ready = False
+while True:  # churn keys in and out of the TPM's object slots until killed
+    for method, auth in keys:
+        store.hmac(method.otp_key, b"m" * 1500, auth)  # > 1024 bytes: an HMAC sequence
+        store.sign(method.signing_key, b"x", auth)
+        store.counter_value(method.counter, auth)
+        if not ready:
+            print("busy", flush=True)
+            ready = True
+"""
+
+
+def _leftovers(tcti):
+    """Transient objects and sessions in the TPM, read directly through tpm2-pytss."""
+    from tpm2_pytss import ESAPI, TPM2_CAP, TPM2_HR, TPM2_HT
+
+    with ESAPI(tcti) as ectx:
+        found = []
+        for kind in (TPM2_HT.TRANSIENT, TPM2_HT.LOADED_SESSION, TPM2_HT.SAVED_SESSION):
+            _, data = ectx.get_capability(TPM2_CAP.HANDLES, kind << TPM2_HR.SHIFT, 64)
+            found += [int(h) for h in data.data.handles]
+    return found
+
+
+def test_tpm_stays_usable_after_ten_kills_in_a_row(swtpm, tmp_path, config, verifier, enrolled):
+    settings = config.methods[Method.DEVICE].settings
+    enrolled.close()  # swtpm serves one connection at a time
+    rng = random.Random(9)
+    for kill in range(10):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _BUSY_CHILD, str(tmp_path / "auth"), swtpm.tcti,
+             settings["state_dir"], OFFLINE_PIN],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "busy\n", (
+                child.stderr.read() if child.stderr else ""
+            )
+            time.sleep(rng.uniform(0, 0.05))  # the kill lands at a random instant mid-operation
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.wait()
+        assert child.returncode == -signal.SIGKILL, child.stderr.read() if child.stderr else ""
+        assert _leftovers(swtpm.tcti), f"kill {kill}: the child left nothing in the TPM"
+        with Authenticator(tmp_path / "auth", config) as a:
+            for method in (Method.DEVICE, Method.PIN):
+                session = verifier.start_session("alice", "after a kill", methods=[method])
+                request = a.start_offline_authentication(session.text)
+                pin = OFFLINE_PIN if method is Method.PIN else None
+                result = a.finish_offline_authentication(request, method, pin=pin)
+                assert verifier.verify(session.session_id, result.otp).atc == result.atc
+                a.sync(verifier.sync_message("alice", method))

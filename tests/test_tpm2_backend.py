@@ -310,7 +310,9 @@ def test_state_files_are_private_and_hold_no_plain_secret(
         text = path.read_text()
         assert key.hex() not in text and "pin-4711" not in text and b"pin-4711".hex() not in text
     assert state_dir.stat().st_mode & 0o777 == 0o700
-    assert not [p for p in state_dir.iterdir() if p.suffix != ".json"]  # no temp files left
+    left = [p for p in state_dir.iterdir() if p.suffix != ".json"]
+    assert [p.name.startswith(".clients-") and p.suffix == ".lock" for p in left] == [True]
+    assert left[0].stat().st_mode & 0o777 == 0o600  # the lock file; no temp files left
 
 
 def test_list_and_delete(store: Tpm2KeyStore) -> None:
@@ -360,6 +362,100 @@ def test_storage_key_reused_from_persistent_handle(swtpm: SwtpmProcess, open_sto
     second = open_store()
     second.sign(uri, b"x", PIN)  # the blob loads under the persistent SRK: same key
     assert second._srk_persistent
+
+
+# --- a previous client's leftovers (no resource manager) -----------------------------
+
+
+def _handles_in_tpm(tcti: str) -> dict[str, list[int]]:
+    """Transient objects, loaded and saved sessions, read directly with tpm2-pytss."""
+    from tpm2_pytss import ESAPI, TPM2_CAP, TPM2_HR, TPM2_HT
+
+    kinds = {
+        "transient": TPM2_HT.TRANSIENT,
+        "loaded-session": TPM2_HT.LOADED_SESSION,
+        "saved-session": TPM2_HT.SAVED_SESSION,
+    }
+    with ESAPI(tcti) as ectx:
+        out = {}
+        for name, kind in kinds.items():
+            _, data = ectx.get_capability(TPM2_CAP.HANDLES, kind << TPM2_HR.SHIFT, 64)
+            out[name] = [int(h) for h in data.data.handles]
+    return out
+
+
+def _leave_the_tpm_full(tcti: str) -> None:
+    """What a killed client leaves: every object slot taken (one by an HMAC sequence,
+    which has no public area to read), and sessions both loaded and saved."""
+    from hsm_auth_backends.tpm2 import _srk_template
+    from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2_SE, TPM2B_AUTH, TPM2B_PUBLIC
+
+    ectx = ESAPI(tcti)
+    for _ in range(2):
+        ectx.create_primary(None, TPM2B_PUBLIC(publicArea=_srk_template()), ESYS_TR.OWNER)
+    ectx.hash_sequence_start(TPM2B_AUTH(b""), TPM2_ALG.SHA256)
+    saved = ectx.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, "aes128cfb", TPM2_ALG.SHA256
+    )
+    ectx.context_save(saved)  # a saved session holds no session slot, only a context
+    for _ in range(3):  # every session slot (swtpm has three)
+        ectx.start_auth_session(
+            ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.HMAC, "aes128cfb", TPM2_ALG.SHA256
+        )
+    ectx.close()  # the connection ends; without a resource manager nothing is flushed
+
+
+def test_open_flushes_what_a_previous_client_left(swtpm: SwtpmProcess, open_store: Any) -> None:
+    _leave_the_tpm_full(swtpm.tcti)
+    left = _handles_in_tpm(swtpm.tcti)
+    assert len(left["transient"]) == 3 and left["loaded-session"] and left["saved-session"]
+    store = open_store()
+    otp, key = _enroll_otp(store, PIN)  # PIN: a salted HMAC session as well as objects
+    assert store.hmac(otp, b"m", PIN) == hmac.new(key, b"m", hashlib.sha256).digest()
+    store.close()
+    assert _handles_in_tpm(swtpm.tcti) == {
+        "transient": [],
+        "loaded-session": [],
+        "saved-session": [],
+    }
+
+
+def test_open_never_flushes_a_live_store(swtpm: SwtpmProcess, open_store: Any) -> None:
+    first = open_store()
+    otp, key = _enroll_otp(first, PIN)
+    assert first.hmac(otp, b"m", PIN) == hmac.new(key, b"m", hashlib.sha256).digest()
+    held = _handles_in_tpm(swtpm.tcti)
+    assert held["transient"] and held["loaded-session"]  # the SRK, the OTP key, a session
+    second = open_store()  # the first is live: nothing of it is flushed
+    assert _handles_in_tpm(swtpm.tcti) == held
+    assert first.hmac(otp, b"m", PIN) == hmac.new(key, b"m", hashlib.sha256).digest()
+    second.close()
+    first.close()
+    _leave_the_tpm_full(swtpm.tcti)
+    third = open_store()  # no live store any more: the leftovers go
+    assert third.hmac(otp, b"m", PIN) == hmac.new(key, b"m", hashlib.sha256).digest()
+
+
+@pytest.mark.parametrize(
+    ("tcti", "manager"),
+    [
+        ("device:/dev/tpmrm0", True),
+        ("device:/dev/tpmrm1", True),
+        ("tabrmd", True),
+        ("tabrmd:bus_name=com.intel.tss2.Tabrmd", True),
+        ("libtss2-tcti-tabrmd.so.0:", True),
+        ("device:/dev/tpm0", False),
+        ("device", False),
+        ("swtpm:path=/tmp/x/tpm.sock", False),
+        ("swtpm:port=2321", False),
+        ("mssim:host=localhost,port=2321", False),
+        ("libtss2-tcti-mssim.so.0:port=2321", False),
+    ],
+)
+def test_which_tctis_have_a_resource_manager(tcti: str, manager: bool) -> None:
+    from hsm_auth_backends.tpm2 import has_resource_manager
+
+    assert has_resource_manager(tcti) is manager
 
 
 # --- the counter -------------------------------------------------------------------
