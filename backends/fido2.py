@@ -27,7 +27,12 @@ Configuration (``[methods.biometric]`` / ``[methods.face]`` settings):
 * ``allow_pin_fallback`` — when true, and a PIN is given, the authenticator's
   PIN replaces built-in UV when that is blocked or not set up. Off by default:
   the PIN does not prove a fingerprint or a face.
-* ``prompts`` — print the prompts on stderr (default true).
+* ``prompts`` — pass "the authenticator waits for you" to the caller's
+  ``Authorization.interaction`` (:meth:`~hsm_auth.keystore.UserInteraction.prompt_up`;
+  default true). The backend never writes to the terminal itself: the CLI's
+  interaction prints the prompt on stderr. Before built-in user verification
+  the interaction is also asked for consent
+  (:meth:`~hsm_auth.keystore.UserInteraction.request_uv`).
 
 Credentials. One ES256 credential per enrolled method, made with
 ``hmac-secret`` and ``credProtect`` level 3 (userVerificationRequired: the
@@ -85,7 +90,6 @@ import hmac as _hmac
 import os
 import secrets
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -703,13 +707,13 @@ class Fido2KeyStore(KeyStore):
         event = threading.Event()
         prompted = threading.Event()
         prompt = auth.prompt or _DEFAULT_PROMPT
+        interaction = auth.interaction if self._cfg.prompts else None
 
         def on_keepalive(status: int) -> None:
             if status == _KEEPALIVE_UPNEEDED and not prompted.is_set():
                 prompted.set()
-                if self._cfg.prompts:
-                    print(f"{prompt}: touch / verify on your authenticator",
-                          file=sys.stderr, flush=True)
+                if interaction is not None:  # the library itself never writes to a terminal
+                    interaction.prompt_up(prompt)
 
         outcome: dict[str, Any] = {}
         done = threading.Event()  # not Thread.join: an interrupted join marks the thread stopped
@@ -855,6 +859,9 @@ class Fido2KeyStore(KeyStore):
                 "no fingerprint or face is enrolled on the authenticator "
                 "(PIN fallback is off: allow_pin_fallback)"
             )
+        consent = auth.interaction.request_uv if auth.interaction is not None else None
+        if uv_ready and consent is not None and not consent(auth.prompt or _DEFAULT_PROMPT):
+            raise Cancelled("user verification declined")
         agreement = self._ctap.client_pin(
             proto.VERSION, ClientPin.CMD.GET_KEY_AGREEMENT, event=event
         )

@@ -39,7 +39,7 @@ from .errors import (
     UntrustedMessage,
 )
 from .files import atomic_write_json, ensure_private_dir, read_json
-from .keystore import Authorization, Capability, KeyStore
+from .keystore import Authorization, Capability, KeyStore, UserInteraction
 from .methods import Method
 from .protocol import EnrollmentOffer, EnrollmentResponse, SyncMessage, VerificationData
 
@@ -117,11 +117,15 @@ class Authenticator:
         *,
         clock: Clock = time.time,
         warn: Warn | None = None,
+        interaction: UserInteraction | None = None,
     ) -> None:
+        """``interaction`` shows the user what a token waits for (the CLI's prints on
+        stderr); without one, nothing is shown."""
         self.directory = directory
         self.config = config or Config()
         self._clock = clock
         self._warn = warn or (lambda message: None)
+        self._interaction = interaction
         self._stores: dict[tuple[str, str], KeyStore] = {}
         self._state_file = directory / "credentials.json"
         self._verifiers, self._methods = self._load()
@@ -222,7 +226,9 @@ class Authenticator:
                     "warning: this token does not limit PIN retries (e.g. SoftHSM): "
                     "the offline PIN can be guessed without lockout"
                 )
-        return Authorization(pin=pin, prompt=PROMPTS[method] or None)
+        return Authorization(
+            pin=pin, prompt=PROMPTS[method] or None, interaction=self._interaction
+        )
 
     # --- enrollment -----------------------------------------------------------
 

@@ -26,6 +26,7 @@ from . import errors, qr, registry, textcode
 from .authenticator import Authenticator, OfflineRequest
 from .config import Paths
 from .errors import HsmAuthError, InvalidInput, PinRequired
+from .keystore import UserInteraction
 from .methods import Method
 from .verifier import Acceptance, Verifier
 
@@ -51,6 +52,16 @@ exit codes:
 """
 
 
+class TerminalInteraction(UserInteraction):
+    """The CLI's side of the library's prompts: one line on stderr when a token waits."""
+
+    def __init__(self, err: TextIO) -> None:
+        self._err = err
+
+    def prompt_up(self, prompt: str) -> None:
+        print(f"{prompt}: touch / verify on your authenticator", file=self._err, flush=True)
+
+
 @dataclass
 class Context:
     args: argparse.Namespace
@@ -68,8 +79,15 @@ class Context:
 
     def authenticator(self) -> Authenticator:
         return Authenticator(
-            self.paths.authenticator_dir, self.config(), warn=lambda m: print(m, file=self.err)
+            self.paths.authenticator_dir,
+            self.config(),
+            warn=lambda m: print(m, file=self.err),
+            interaction=self.interaction,
         )
+
+    @property
+    def interaction(self) -> TerminalInteraction:
+        return TerminalInteraction(self.err)
 
     def _verifier_setting(self, option: str, key: str) -> str | None:
         """``--db`` / ``--hsm``, else ``HSM_AUTH_VERIFIER_<KEY>``, else ``[verifier] key``."""
@@ -549,6 +567,7 @@ def cmd_login_enroll(ctx: Context) -> int:
             pin=pin,
             replace_existing=ctx.args.replace,
             warn=lambda m: print(m, file=ctx.err),
+            interaction=ctx.interaction,
         )
     ctx.emit(
         f"enrolled {ctx.args.user} for login with {method.value} ({cred.backend})",
@@ -572,7 +591,12 @@ def cmd_login_check(ctx: Context) -> int:
         needs_pin = any(c.method.needs_pin for c in creds if method in (None, c.method))
         pin = read_pin(ctx.args, ctx.err, "Login PIN: ") if needs_pin else None
         result = login(
-            authdir, ctx.args.user, pin=pin, method=method, warn=lambda m: print(m, file=ctx.err)
+            authdir,
+            ctx.args.user,
+            pin=pin,
+            method=method,
+            warn=lambda m: print(m, file=ctx.err),
+            interaction=ctx.interaction,
         )
     ctx.emit(
         f"login ok: {result.user} with {result.method.value} (counter {result.counter})",

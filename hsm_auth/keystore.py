@@ -48,17 +48,43 @@ class KeyKind(enum.Enum):
     COUNTER = "counter"  # the ATC
 
 
+class UserInteraction:
+    """How a backend reaches the user while a token waits for them.
+
+    The library never writes to a terminal: a front end (the CLI, an agent, a
+    GUI) passes one of these in :attr:`Authorization.interaction`, as
+    python-fido2's ``UserInteraction`` does for its client. Every hook has a
+    default that does nothing, so the interface can grow. Hooks may be called
+    from a worker thread; they must not block for long.
+    """
+
+    def prompt_up(self, prompt: str) -> None:
+        """The token waits for the user (touch it, or verify on it: finger, face).
+
+        ``prompt`` is :attr:`Authorization.prompt`, else the backend's default
+        text. Called at most once per operation."""
+
+    def request_uv(self, prompt: str) -> bool:
+        """The backend is about to ask the token for built-in user verification.
+
+        Return ``False`` to refuse: the operation raises
+        :class:`~hsm_auth.errors.Cancelled` before the token is asked."""
+        return True
+
+
 @dataclass(frozen=True)
 class Authorization:
     """What the user gives to unlock the token for one operation.
 
     ``pin`` is a secret: it is excluded from ``repr`` and never logged.
-    ``prompt`` is the text shown while waiting for user verification.
+    ``prompt`` is the text to show while the token waits for the user;
+    ``interaction`` shows it (``None``: nothing is shown, nobody is asked).
     """
 
     pin: str | None = field(default=None, repr=False)
     prompt: str | None = None
     timeout: float | None = None
+    interaction: UserInteraction | None = field(default=None, compare=False)
 
     @property
     def has_pin(self) -> bool:

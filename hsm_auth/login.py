@@ -86,7 +86,7 @@ from .errors import (
     StateError,
     UnknownMethod,
 )
-from .keystore import Authorization, Capability, KeyKind, KeyStore
+from .keystore import Authorization, Capability, KeyKind, KeyStore, UserInteraction
 from .methods import Method
 
 DEFAULT_AUTHDIR = Path("/etc/hsm-auth/login")
@@ -399,8 +399,10 @@ def choose_backend(config: Config, method: Method) -> tuple[str, Mapping[str, An
 def authorization(
     method: Method, store: KeyStore, settings: Mapping[str, Any], pin: str | None,
     *, prompt: str | None = None, timeout: float | None = None, warn: Warn | None = None,
+    interaction: UserInteraction | None = None,
 ) -> Authorization:
-    """The authorization a method needs; refuses a PIN the token does not protect."""
+    """The authorization a method needs; refuses a PIN the token does not protect.
+    ``interaction`` shows ``prompt`` while the token waits for the user."""
     if method is Method.PIN:
         if pin is None:
             raise PinRequired("the pin method needs the PIN")
@@ -412,7 +414,7 @@ def authorization(
                 )
             if warn is not None:
                 warn("warning: this token does not limit PIN retries (e.g. SoftHSM)")
-    return Authorization(pin=pin, prompt=prompt, timeout=timeout)
+    return Authorization(pin=pin, prompt=prompt, timeout=timeout, interaction=interaction)
 
 
 def _format_for(store: KeyStore) -> str:
@@ -428,7 +430,7 @@ def _format_for(store: KeyStore) -> str:
 def enroll(
     authdir: AuthDir, user: str, method: Method, config: Config, *, pin: str | None = None,
     replace_existing: bool = False, clock: Callable[[], float] = time.time,
-    warn: Warn | None = None,
+    warn: Warn | None = None, interaction: UserInteraction | None = None,
 ) -> LoginCredential:
     """Create a signing key and counter in the method's token and record them for ``user``.
 
@@ -444,7 +446,9 @@ def enroll(
             )
         with registry.load_backend(backend).open(settings) as store:
             store.require_method(method)
-            auth = authorization(method, store, settings, pin, warn=warn)
+            auth = authorization(
+                method, store, settings, pin, warn=warn, interaction=interaction
+            )
             fmt = _format_for(store)
             if fmt == ECDSA_P256_SHA256 and not {Capability.SIGN, Capability.COUNTER} <= (
                 store.capabilities()
@@ -506,6 +510,7 @@ def select(creds: list[LoginCredential], method: Method | None) -> LoginCredenti
 def login(
     authdir: AuthDir, user: str, *, pin: str | None = None, method: Method | None = None,
     prompt: str | None = None, timeout: float | None = None, warn: Warn | None = None,
+    interaction: UserInteraction | None = None,
 ) -> LoginResult:
     """Authenticate ``user`` locally: fresh challenge, signed in the token, verified
     with the enrolled key, counter forward, new counter stored. Raises on any failure.
@@ -521,7 +526,7 @@ def login(
         with registry.load_backend(cred.backend, cred.backend_ref).open(cred.settings) as store:
             auth = authorization(
                 cred.method, store, cred.settings, pin if cred.method.needs_pin else None,
-                prompt=prompt, timeout=timeout, warn=warn,
+                prompt=prompt, timeout=timeout, warn=warn, interaction=interaction,
             )
             host = socket.gethostname()
             challenge = secrets.token_bytes(CHALLENGE_BYTES)
