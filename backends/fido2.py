@@ -565,6 +565,7 @@ class Fido2KeyStore(KeyStore):
     name: ClassVar[str] = "fido2"
     priority: ClassVar[float] = 10.0
     methods: ClassVar[tuple[Method, ...]] = (Method.BIOMETRIC, Method.FACE)
+    uses_state_dir: ClassVar[bool] = True
     #: How workstation login (:mod:`hsm_auth.login`) checks this backend's proofs.
     login_format: ClassVar[str] = "fido2-assertion"
 

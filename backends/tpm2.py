@@ -419,6 +419,7 @@ class Tpm2KeyStore(KeyStore):
     name: ClassVar[str] = "tpm2"
     priority: ClassVar[float] = 20.0
     methods: ClassVar[tuple[Method, ...]] = (Method.DEVICE, Method.PIN)
+    uses_state_dir: ClassVar[bool] = True
 
     def __init__(self, ectx: Any, tcti: str, state_dir: Path, auth_mode: str, owner_auth: str):
         self._ectx: Any = ectx

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -64,6 +65,15 @@ class Paths:
         return Path(platformdirs.user_data_dir(APP))
 
     @property
+    def state_dir(self) -> Path:
+        """Where backends keep host-side state by default (TPM2 key blobs, FIDO2
+        credential records), one subdirectory per backend: ``DIR/state`` under a
+        home, else the platform's user state dir (``~/.local/state/hsm-auth``)."""
+        if self.home is not None:
+            return self.home / "state"
+        return Path(platformdirs.user_state_dir(APP))
+
+    @property
     def authenticator_dir(self) -> Path:
         return self.data_dir / "authenticator"
 
@@ -88,6 +98,9 @@ class Config:
     methods: Mapping[Method, MethodConfig] = field(default_factory=dict)
     environment: Mapping[str, str] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
+    #: Default parent of a backend's ``state_dir`` (see :attr:`Paths.state_dir`);
+    #: ``None``: each backend's own default.
+    state_dir: Path | None = None
 
     def method(self, method: Method) -> MethodConfig:
         configured = self.methods.get(method, MethodConfig(None))
@@ -125,10 +138,10 @@ def parse(data: Mapping[str, Any]) -> Config:
 def load(paths: Paths) -> Config:
     path = paths.config_file
     if not path.exists():
-        return Config()
+        return Config(state_dir=paths.state_dir)
     try:
         with path.open("rb") as f:
-            return parse(tomllib.load(f))
+            return dataclasses.replace(parse(tomllib.load(f)), state_dir=paths.state_dir)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
     except OSError as e:

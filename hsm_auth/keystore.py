@@ -152,6 +152,9 @@ class KeyStore(ABC):
     #: True where one PIN login unlocks a whole session (PKCS#11), so that callers
     #: open the store per PIN-authorized operation instead of keeping it logged in.
     pin_unlocks_session: ClassVar[bool] = False
+    #: The backend keeps host-side state in the setting ``state_dir``; when it is
+    #: not configured, enrollment sets it under the home's state dir (Paths.state_dir).
+    uses_state_dir: ClassVar[bool] = False
 
     @classmethod
     def priority_for(cls, method: Method) -> float:

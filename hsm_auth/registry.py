@@ -88,7 +88,9 @@ def choose_backend(config: Config, method: Method) -> tuple[str, Settings]:
     backend that serves it and probes OK (a TPM before a PKCS#11 token)."""
     chosen = config.method(method)
     if chosen.backend is not None:
-        return chosen.backend, chosen.settings
+        return chosen.backend, _with_state_dir(
+            config, load_backend(chosen.backend), chosen.settings
+        )
     candidates = []
     for name in backend_names():
         try:
@@ -104,6 +106,15 @@ def choose_backend(config: Config, method: Method) -> tuple[str, Settings]:
         except HsmAuthError as e:
             reasons.append(f"{cls.name}: {e}")
             continue
-        return cls.name, chosen.settings
+        return cls.name, _with_state_dir(config, cls, chosen.settings)
     detail = "; ".join(reasons) or "no installed backend serves it"
     raise BackendUnavailable(f"no backend available for the {method.value} method ({detail})")
+
+
+def _with_state_dir(config: Config, cls: type[KeyStore], settings: Settings) -> Settings:
+    """``settings`` with ``state_dir`` under the config's state dir (e.g. ``--home``)
+    where the backend keeps state and none is configured. Enrollment records the
+    result, so the method keeps finding its state wherever the defaults move."""
+    if not cls.uses_state_dir or config.state_dir is None or settings.get("state_dir"):
+        return settings
+    return {**settings, "state_dir": str(config.state_dir / cls.name)}
