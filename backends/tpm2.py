@@ -17,7 +17,7 @@ Storage key
     taken from the well-known persistent handle 0x81000001 when that holds
     the same public area, else made with TPM2_CreatePrimary on first use.
     The template carries ``noDA`` as the TCG one does: it has an empty auth
-    that nobody guesses. Every object this backend creates is DA-protected.
+    that nobody guesses (the rule under PINs below).
 
 Objects as TPM-wrapped blobs, not persistent handles
     Keys are kept as TPM2B_PUBLIC + TPM2B_PRIVATE (the private part encrypted
@@ -48,9 +48,15 @@ Keys
 PINs
     With ``auth = "pin"`` (or the default ``"auto"`` when a PIN is given) every
     object gets the offline PIN as its auth value; with ``"none"`` an empty
-    one. Nothing is ``noDA``: wrong PINs count against the TPM's
-    dictionary-attack lockout, reported as ``PinInvalid`` and ``PinLocked``
-    with a ``RetryStatus`` (tries left, seconds until the next try).
+    one. One rule (:func:`_dictionary_attack_rule`) decides the DA attributes:
+    an object or NV index with an auth value is never ``noDA``, so wrong PINs
+    count against the TPM's dictionary-attack lockout, reported as
+    ``PinInvalid`` and ``PinLocked`` with a ``RetryStatus`` (tries left,
+    seconds until the next try); one with an empty auth value (``device``) is
+    ``noDA``: there is nothing to guess, and the lockout, which is TPM-wide,
+    must not stop a PIN-less method. Device keys made before that rule are
+    DA-protected: in a lockout they fail with ``LockedOut``, whose message
+    names the cause and whose ``RetryStatus`` says when it ends.
     Authorizations use a salted HMAC session, so the PIN itself never crosses
     the bus.
 """
@@ -80,6 +86,7 @@ from hsm_auth.errors import (
     HsmAuthError,
     InvalidInput,
     KeyNotFound,
+    LockedOut,
     MechanismNotSupported,
     PinInvalid,
     PinLocked,
@@ -116,6 +123,7 @@ _HANDLES_PER_CALL = 64
 # UINT32 resource type, IESYSC_WITHOUT_MISC_RSRC = 0 carrying nothing more.
 _EMPTY_NAME = b"\x00\x00"
 _IESYSC_WITHOUT_MISC_RSRC = b"\x00\x00\x00\x00"
+_IN_LOCKOUT = "the TPM is in dictionary-attack lockout, caused by wrong PINs"
 _RC_CODE_BITS = 0xFFF
 _RC_FMT1_ERROR_BITS = 0x3F
 # Properties (TPM2_PT_*) read with TPM2_GetCapability.
@@ -267,7 +275,10 @@ def convert_tss_error(
     if code == TPM2_RC.BAD_AUTH:  # an object exempt from DA: no attempt was counted
         return PinInvalid(native_code=rc)
     if code == TPM2_RC.LOCKOUT:
-        return _locked(rc, "the TPM is in dictionary-attack lockout", _da_properties_or_none(ectx))
+        props = _da_properties_or_none(ectx)
+        if record is not None and record.has_pin:
+            return _locked(rc, _IN_LOCKOUT, props)
+        return _locked(rc, _IN_LOCKOUT, props, error=LockedOut)  # a key without a PIN
     if code == TPM2_RC.INTEGRITY and record is not None:
         return BackendError(
             f"the key blob {record.label!r} does not belong to this TPM's storage key",
@@ -307,15 +318,21 @@ def _pin_error(rc: int, props: dict[int, int] | None) -> HsmAuthError:
         return PinInvalid(native_code=rc)
     left = max(0, props[_PT_MAX_AUTH_FAIL] - props[_PT_LOCKOUT_COUNTER])
     if left == 0 or props[_PT_PERMANENT] & _PERMANENT_IN_LOCKOUT:
-        return _locked(rc, "wrong PIN; the TPM is now locked", props)
+        return _locked(rc, "wrong PIN; the TPM is now in dictionary-attack lockout", props)
     return PinInvalid(retry=RetryStatus(retries_left=left), native_code=rc)
 
 
-def _locked(rc: int, why: str, props: dict[int, int] | None) -> PinLocked:
+def _locked(
+    rc: int,
+    why: str,
+    props: dict[int, int] | None,
+    *,
+    error: type[PinLocked | LockedOut] = PinLocked,
+) -> PinLocked | LockedOut:
     wait = _retry_after(props) if props is not None else None
     if wait is None:
-        return PinLocked(f"{why} until the lockout is reset", native_code=rc)
-    return PinLocked(why, retry=RetryStatus(retries_left=0, retry_after=wait), native_code=rc)
+        return error(f"{why} until the lockout is reset", native_code=rc)
+    return error(why, retry=RetryStatus(retries_left=0, retry_after=wait), native_code=rc)
 
 
 def _connect(tcti: str) -> Any:
@@ -711,7 +728,9 @@ class Tpm2KeyStore(KeyStore):
                     TPMS_NV_PUBLIC(
                         nvIndex=index,
                         nameAlg=TPM2_ALG.SHA256,
-                        attributes=_COUNTER_ATTRS(TPMA_NV, TPM2_NT),
+                        attributes=_dictionary_attack_rule(
+                            _COUNTER_ATTRS(TPMA_NV, TPM2_NT), TPMA_NV.NO_DA, pin
+                        ),
                         dataSize=8,
                     )
                 )
@@ -900,12 +919,21 @@ class Tpm2KeyStore(KeyStore):
         auth: Authorization,
         data: bytearray | None,
     ) -> str:
-        from tpm2_pytss import TPM2B_AUTH, TPM2B_SENSITIVE_CREATE, TPMS_SENSITIVE_CREATE
+        from tpm2_pytss import (
+            TPM2B_AUTH,
+            TPM2B_SENSITIVE_CREATE,
+            TPMA_OBJECT,
+            TPMS_SENSITIVE_CREATE,
+        )
         from tpm2_pytss import TPM2B_SENSITIVE_DATA as Data
 
         pin = self._new_auth(auth)
         has_pin = bool(pin)
         secret = has_pin or data is not None
+        area = public.publicArea
+        area.objectAttributes = _dictionary_attack_rule(
+            area.objectAttributes, TPMA_OBJECT.NODA, pin
+        )
         srk = self._storage_key()
         sensitive = TPM2B_SENSITIVE_CREATE(
             TPMS_SENSITIVE_CREATE(
@@ -996,6 +1024,9 @@ class Tpm2KeyStore(KeyStore):
                 handle = self._ectx.tr_from_tpmpublic(record.nv_index)
                 public, _ = self._ectx.nv_read_public(handle)
             attrs = int(public.nvPublic.attributes) & ~int(TPMA_NV.WRITTEN)
+            # A counter without a PIN is NO_DA, or DA-protected if made before that rule.
+            if not record.has_pin:
+                attrs &= ~int(TPMA_NV.NO_DA)
             if attrs != int(_COUNTER_ATTRS(TPMA_NV, TPM2_NT)) or public.nvPublic.dataSize != 8:
                 raise CounterError(
                     f"NV index 0x{record.nv_index:08x} is not the counter {record.label!r}"
@@ -1080,10 +1111,23 @@ class Tpm2KeyStore(KeyStore):
         return convert_tss_error(e, what, tcti=self._tcti, record=record, ectx=self._ectx)
 
 
+def _dictionary_attack_rule(attributes: Any, no_da: Any, auth_value: bytes | bytearray) -> Any:
+    """The one owner of the dictionary-attack rule, for every object and NV index this
+    backend makes (``no_da`` is ``TPMA_OBJECT.NODA`` or ``TPMA_NV.NO_DA``): with an auth
+    value never ``noDA``, so wrong PINs run into the TPM's lockout; with an empty one
+    always ``noDA``, since there is nothing to guess and the lockout that wrong PINs
+    cause is TPM-wide: it must not stop the PIN-less ``device`` method."""
+    if not auth_value:
+        return attributes | no_da
+    if attributes & no_da:
+        raise BackendError("refusing to make a TPM object that has an auth value noDA")
+    return attributes
+
+
 def _COUNTER_ATTRS(tpma_nv: Any, tpm2_nt: Any) -> Any:
     # Read and increment with the index's own auth (the PIN); the owner may read
-    # (the value is not secret) and delete. Never NO_DA; not ORDERLY, so every
-    # increment is written to NV before the TPM answers.
+    # (the value is not secret) and delete. NO_DA by _dictionary_attack_rule; not
+    # ORDERLY, so every increment is written to NV before the TPM answers.
     return (
         tpma_nv.AUTHREAD
         | tpma_nv.AUTHWRITE
@@ -1102,15 +1146,17 @@ def _retry_after(props: dict[int, int]) -> float | None:
 def _srk_template() -> Any:
     from tpm2_pytss import TPMA_OBJECT, TPMT_PUBLIC
 
-    return TPMT_PUBLIC.parse(
-        "ecc256:aes128cfb",
-        objectAttributes=TPMA_OBJECT.FIXEDTPM
+    attributes = (
+        TPMA_OBJECT.FIXEDTPM
         | TPMA_OBJECT.FIXEDPARENT
         | TPMA_OBJECT.SENSITIVEDATAORIGIN
         | TPMA_OBJECT.USERWITHAUTH
-        | TPMA_OBJECT.NODA
         | TPMA_OBJECT.RESTRICTED
-        | TPMA_OBJECT.DECRYPT,
+        | TPMA_OBJECT.DECRYPT
+    )
+    return TPMT_PUBLIC.parse(
+        "ecc256:aes128cfb",
+        objectAttributes=_dictionary_attack_rule(attributes, TPMA_OBJECT.NODA, b""),
     )
 
 

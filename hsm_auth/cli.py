@@ -39,9 +39,9 @@ exit codes:
   4   unsupported message version      34  user verification failed
   5   expired offer/verification data  35  cancelled / timed out
   6   bad or unknown signature         36  login (sync) required
-  7   unknown or disallowed method     40  OTP refused (InvalidToken)
-  8   configuration error             130  interrupted
-  9   method enrolled already
+  7   unknown or disallowed method     37  locked out (TPM lockout)
+  8   configuration error              40  OTP refused (InvalidToken)
+  9   method enrolled already         130  interrupted
  10   local state missing or unsafe
  20   token/backend error
  21   backend unavailable

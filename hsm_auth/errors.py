@@ -211,6 +211,27 @@ class PinLocked(AuthorizationError):
         super().__init__(message, retry=replace(retry, locked=True), native_code=native_code)
 
 
+class LockedOut(AuthorizationError):
+    """The token refuses every authorization for now, whatever the method: a TPM in
+    dictionary-attack lockout, which wrong PINs on any of its keys cause (it is
+    TPM-wide), reached through a key that has no PIN of its own.
+
+    ``retry.locked`` is always true; ``retry.retry_after`` is set where the lockout
+    ends by itself."""
+
+    exit_code = 37
+    default_message = "the token is locked out"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry: RetryStatus = UNKNOWN_RETRIES,
+        native_code: int | str | None = None,
+    ) -> None:
+        super().__init__(message, retry=replace(retry, locked=True), native_code=native_code)
+
+
 class UserVerificationFailed(AuthorizationError):
     """FIDO2 user verification (fingerprint, face) failed, was refused or is blocked."""
 

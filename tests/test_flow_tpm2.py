@@ -3,6 +3,7 @@ device method (no user auth) and the pin method (auth value, DA-protected)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import signal
@@ -91,6 +92,31 @@ def test_tpm_wrong_pin_counts_down_then_locks(verifier, enrolled):
     assert locked.value.retry.retry_after is not None and locked.value.retry.retry_after > 0
     with pytest.raises(PinLocked):  # even the right PIN, while locked
         enrolled.finish_offline_authentication(request, Method.PIN, pin=OFFLINE_PIN)
+
+
+def test_wrong_pins_on_pin_do_not_lock_out_device(verifier, enrolled):
+    from hsm_auth.cli import describe
+
+    session = verifier.start_session("alice", "ctx", methods=[Method.PIN])
+    request = enrolled.start_offline_authentication(session.text)
+    with pytest.raises(PinLocked):  # the fixture sets 3 tries: the TPM is now in lockout
+        for _ in range(4):
+            with contextlib.suppress(PinInvalid):
+                enrolled.finish_offline_authentication(request, Method.PIN, pin="000000")
+    with pytest.raises(PinLocked) as locked:  # the right PIN, in the lockout
+        enrolled.finish_offline_authentication(request, Method.PIN, pin=OFFLINE_PIN)
+    assert describe(locked.value).startswith(
+        "the TPM is in dictionary-attack lockout, caused by wrong PINs (retry in "
+    )
+    for _ in range(2):  # the lockout is TPM-wide, but device keys have no PIN to guess
+        session = verifier.start_session("alice", "device in a lockout", methods=[Method.DEVICE])
+        request = enrolled.start_offline_authentication(session.text)
+        result = enrolled.finish_offline_authentication(request, Method.DEVICE)
+        assert verifier.verify(session.session_id, result.otp).atc == result.atc
+    from hsm_auth_backends.tpm2 import Tpm2KeyStore
+
+    with Tpm2KeyStore.open(enrolled.enrolled[0].settings) as store:
+        assert store.pin_status().locked  # still: the device OTPs did not need it lifted
 
 
 def test_wrong_tcti_is_a_clear_error(tmp_path, verifier):

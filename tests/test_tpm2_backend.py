@@ -539,10 +539,11 @@ def test_wrong_pins_then_lockout_then_recovery(store: Tpm2KeyStore) -> None:
     assert locked.value.retry.locked and wait is not None and 0 < wait <= 3
     assert describe(locked.value).endswith(f"(retry in {math.ceil(wait)} s)")
     assert "retry in" not in str(locked.value)
+    assert str(locked.value) == "the TPM is in dictionary-attack lockout, caused by wrong PINs"
     status = store.pin_status()
     assert status.enforced and status.locked and status.retries_left == 0
-    with pytest.raises(PinLocked):  # the empty-auth device key is DA-protected too
-        store.sign(device_key, b"x", NONE)
+    # The lockout is TPM-wide, but the empty-auth device key is noDA: it still works.
+    verify_signature(store.public_key(device_key, NONE), store.sign(device_key, b"x", NONE), b"x")
     time.sleep(wait + 0.3)
     assert not store.pin_status().locked
     assert store.hmac(otp, b"m", PIN) == hmac.new(key, b"m", hashlib.sha256).digest()
@@ -603,25 +604,80 @@ def _public_attributes(tcti: str, state_dir: Path) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("auth", [PIN, NONE], ids=["pin", "device"])
-def test_no_object_is_exempt_from_dictionary_attack(
-    swtpm: SwtpmProcess, open_store: Any, state_dir: Path, auth: Authorization
+def test_only_objects_without_an_auth_value_are_noda(
+    swtpm: SwtpmProcess, open_store: Any, state_dir: Path
 ) -> None:
+    """The public areas as the TPM reports them: every object and NV index made with
+    the PIN is DA-protected, every one made with an empty auth value is noDA."""
     from tpm2_pytss import TPMA_NV, TPMA_OBJECT
 
-    store = open_store()
-    store.generate_key("t/sign", KeyKind.SIGNING, auth)
-    _enroll_otp(store, auth)
-    store.create_counter("t/atc", auth)
-    store.close()  # swtpm serves one connection at a time
+    store = open_store()  # auth = "auto": the PIN, where one is given, is the auth value
+    for name, auth in (("pin", PIN), ("device", NONE)):
+        store.generate_key(f"{name}/sign", KeyKind.SIGNING, auth)
+        agreement = store.generate_key(f"{name}/ecdh", KeyKind.AGREEMENT, auth)
+        peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+        store.derive_otp_key(f"{name}/otp", agreement, peer, auth)
+        store.create_counter(f"{name}/atc", auth)
+    store.close()
     attributes = _public_attributes(swtpm.tcti, state_dir)
-    assert set(attributes) == {"t/sign", "t/ecdh", "t/otp", "t/atc"}
+    assert len(attributes) == 8
     for label, attrs in attributes.items():
-        if label == "t/atc":
-            assert not attrs & TPMA_NV.NO_DA and not attrs & TPMA_NV.ORDERLY, label
+        with_pin = label.startswith("pin/")
+        if label.endswith("/atc"):
+            assert bool(attrs & TPMA_NV.NO_DA) is not with_pin, label
+            assert not attrs & TPMA_NV.ORDERLY, label
         else:
-            assert not attrs & TPMA_OBJECT.NODA, label
+            assert bool(attrs & TPMA_OBJECT.NODA) is not with_pin, label
             assert attrs & TPMA_OBJECT.FIXEDTPM and attrs & TPMA_OBJECT.FIXEDPARENT, label
+
+
+def test_the_dictionary_attack_rule_refuses_noda_with_an_auth_value() -> None:
+    from hsm_auth_backends.tpm2 import _dictionary_attack_rule, _srk_template
+    from tpm2_pytss import TPMA_NV, TPMA_OBJECT
+
+    for no_da in (TPMA_OBJECT.NODA, TPMA_NV.NO_DA):
+        with pytest.raises(BackendError, match="noDA"):
+            _dictionary_attack_rule(no_da, no_da, b"1234")
+        assert not _dictionary_attack_rule(0, no_da, b"1234") & no_da
+        assert _dictionary_attack_rule(0, no_da, b"") & no_da
+    assert _srk_template().objectAttributes & TPMA_OBJECT.NODA  # empty auth, as TCG's SRK
+
+
+def test_old_da_protected_device_keys_name_the_lockout_and_its_end(
+    open_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Device keys enrolled before the noDA rule are DA-protected: in a lockout that
+    wrong PINs caused they fail with LockedOut, not "PIN locked", and say why and when."""
+    from hsm_auth_backends import tpm2
+
+    from hsm_auth.errors import LockedOut
+
+    store = open_store()
+    store._storage_key()  # the SRK as always (noDA), before the old rule applies
+    monkeypatch.setattr(tpm2, "_dictionary_attack_rule", lambda attrs, no_da, value: attrs)
+    old = store.enroll(Method.DEVICE, "old", ec.generate_private_key(ec.SECP256R1()).public_key(),
+                       NONE)  # fmt: skip
+    monkeypatch.undo()
+    otp, _ = _enroll_otp(store, PIN)
+    for _ in range(3):
+        with pytest.raises((PinInvalid, PinLocked)):
+            store.hmac(otp, b"m", WRONG)
+    for use in (
+        lambda: store.sign(old.signing_key, b"x", NONE),
+        lambda: store.hmac(old.otp_key, b"m", NONE),
+        lambda: store.counter_increment(old.counter, NONE),
+    ):
+        with pytest.raises(LockedOut) as err:
+            use()
+        assert not isinstance(err.value, PinLocked) and "PIN locked" not in describe(err.value)
+        assert str(err.value) == "the TPM is in dictionary-attack lockout, caused by wrong PINs"
+        wait = err.value.retry.retry_after
+        assert err.value.retry.locked and wait is not None and 0 < wait <= 3
+        assert describe(err.value) == (
+            f"the TPM is in dictionary-attack lockout, caused by wrong PINs "
+            f"(retry in {math.ceil(wait)} s)"
+        )
+        assert err.value.exit_code == 37
 
 
 # --- another TPM, interop with tpm2-tools ----------------------------------------------
