@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import hmac as _hmac
 import os
@@ -122,7 +121,14 @@ from hsm_auth.errors import (
     TokenNotFound,
     UserVerificationFailed,
 )
-from hsm_auth.files import atomic_write_json, check_private, ensure_private_dir, read_json
+from hsm_auth.files import (
+    atomic_write_json,
+    check_private,
+    check_state,
+    ensure_private_dir,
+    locked,
+    read_json,
+)
 from hsm_auth.keystore import (
     Authorization,
     Capability,
@@ -473,18 +479,12 @@ class _CredentialFile:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        try:
-            ensure_private_dir(self.directory)
-            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise StateError(f"cannot use the FIDO2 state directory {self.directory}") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        ensure_private_dir(self.directory)
+        with locked(self.directory / ".lock"):
             yield
-        finally:
-            os.close(fd)
 
     def load(self) -> dict[str, _Credential]:
+        check_state(self.directory, directory=True, missing_ok=True)
         if not self.path.exists():
             return {}
         check_private(self.path)

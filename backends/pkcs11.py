@@ -61,7 +61,6 @@ import hmac as _hmac
 import os
 import re
 import secrets
-import stat
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -90,6 +89,7 @@ from hsm_auth.errors import (
     StateError,
     TokenNotFound,
 )
+from hsm_auth.files import decode_pin, read_secret_file
 from hsm_auth.keystore import (
     Authorization,
     Capability,
@@ -358,31 +358,10 @@ def _read_pin_source(source: str) -> str:
         path = unquote(source[len("file:"):])
     else:
         raise ConfigError("pkcs11 uri: pin-source must be a file: URI")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as e:
-        raise StateError(f"cannot open the PIN file {path}: {e.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise StateError(f"the PIN file {path} is not a regular file")
-        if mode & 0o077:
-            raise StateError(
-                f"the PIN file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(mode):04o}); run chmod 600 on it"
-            )
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(4096)
-    finally:
-        os.close(fd)
-    try:
-        pin = data.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise StateError(f"the PIN file {path} is not UTF-8") from None
+    pin = decode_pin(read_secret_file(path), f"the PIN file {path}")
     if not pin:
         raise StateError(f"the PIN file {path} is empty")
     return pin
-
 
 # --- token discovery ------------------------------------------------------------
 

@@ -95,7 +95,7 @@ from hsm_auth.errors import (
     StateError,
     TokenNotFound,
 )
-from hsm_auth.files import atomic_write
+from hsm_auth.files import atomic_write, check_state, ensure_private_dir
 from hsm_auth.keystore import (
     Authorization,
     Capability,
@@ -485,10 +485,7 @@ class Tpm2KeyStore(KeyStore):
                 f"tpm2 setting auth must be 'pin', 'none' or 'auto', not {auth_mode!r}"
             )
         state_dir = _resolve_state_dir(settings)
-        try:
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"cannot create tpm2 state_dir {state_dir}: {e.strerror}") from e
+        ensure_private_dir(state_dir)
         tcti = _resolve_tcti(settings)
         clients = None if has_resource_manager(tcti) else _ClientLock(state_dir, tcti)
         try:
@@ -1068,6 +1065,7 @@ class Tpm2KeyStore(KeyStore):
 
     def _read(self, record_id: str) -> _Record:
         path = self._file(record_id)
+        check_state(path, missing_ok=True)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import hmac
 import os
@@ -38,7 +37,7 @@ from .errors import (
     UnknownMethod,
     UntrustedMessage,
 )
-from .files import atomic_write_json, ensure_private_dir, read_json
+from .files import atomic_write_json, check_state, ensure_private_dir, locked, read_json
 from .keystore import Authorization, Capability, KeyStore, UserInteraction
 from .methods import Method
 from .protocol import EnrollmentOffer, EnrollmentResponse, SyncMessage, VerificationData
@@ -133,6 +132,7 @@ class Authenticator:
     # --- state ----------------------------------------------------------------
 
     def _load(self) -> tuple[dict[bytes, PinnedVerifier], list[EnrolledMethod]]:
+        check_state(self.directory, directory=True, missing_ok=True)
         if not self._state_file.exists():
             return {}, []
         data = read_json(self._state_file)
@@ -352,12 +352,8 @@ class Authenticator:
         """An exclusive lock on ``<dir>/.lock``: a token counter is read and then
         written, so two processes must not advance it at the same instant."""
         ensure_private_dir(self.directory)
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.directory / ".lock"):
             yield
-        finally:
-            os.close(fd)
 
     # --- offline authentication ----------------------------------------------
 

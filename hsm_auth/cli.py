@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import config as configmod
-from . import errors, qr, registry, textcode
+from . import errors, files, qr, registry, textcode
 from .authenticator import Authenticator, OfflineRequest
 from .config import Paths
 from .errors import HsmAuthError, InvalidInput, PinRequired
@@ -143,17 +143,12 @@ def read_text_arg(value: str | None, stdin: TextIO) -> str:
 
 
 def read_pin(args: argparse.Namespace, err: TextIO, prompt: str = "Offline PIN: ") -> str:
+    """The PIN from ``--pin-file`` (refused if others can read or write it), ``--pin-fd``
+    (one line) or the terminal; a clear error for binary, oversized or empty input."""
     if getattr(args, "pin_file", None):
-        try:
-            pin = Path(args.pin_file).read_text()
-        except OSError as e:
-            raise InvalidInput(f"cannot read the PIN file: {e.strerror}") from None
+        pin = files.decode_pin(files.read_secret_file(args.pin_file), "the PIN file")
     elif getattr(args, "pin_fd", None) is not None:
-        try:
-            with os.fdopen(args.pin_fd, "r", closefd=False) as f:
-                pin = f.readline()
-        except OSError as e:
-            raise InvalidInput(f"cannot read the PIN from fd {args.pin_fd}: {e.strerror}") from None
+        pin = files.decode_pin(_read_pin_fd(args.pin_fd), f"fd {args.pin_fd}")
     else:
         try:
             with open("/dev/tty") as _tty:
@@ -162,11 +157,32 @@ def read_pin(args: argparse.Namespace, err: TextIO, prompt: str = "Offline PIN: 
             raise PinRequired(
                 "no terminal to ask for the PIN; use --pin-file or --pin-fd"
             ) from None
-        pin = getpass.getpass(prompt, stream=err)
-    pin = pin.rstrip("\r\n")
+        try:
+            typed = getpass.getpass(prompt, stream=err)
+        except EOFError:
+            raise PinRequired("no PIN given") from None
+        except UnicodeDecodeError:
+            raise InvalidInput("the PIN typed is not UTF-8 text") from None
+        pin = files.decode_pin(typed.encode("utf-8", "surrogateescape"), "the terminal")
     if not pin:
         raise PinRequired("the PIN is empty")
     return pin
+
+
+def _read_pin_fd(fd: int) -> bytes:
+    """One line (at most a PIN's length and its line end) from descriptor ``fd``."""
+    if not 0 <= fd < 2**31:
+        raise InvalidInput(f"--pin-fd {fd} is not a file descriptor number")
+    data = b""
+    while len(data) <= files.MAX_PIN_BYTES + 2 and not data.endswith(b"\n"):
+        try:
+            chunk = os.read(fd, 1)  # byte by byte: nothing after the line is consumed
+        except OSError as e:
+            raise InvalidInput(f"cannot read the PIN from fd {fd}: {e.strerror}") from None
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def read_otp(ctx: Context) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 import platformdirs
 
 from .errors import ConfigError
+from .files import check_state
 from .methods import Method
 
 APP = "hsm-auth"
@@ -84,6 +85,8 @@ class Paths:
     @classmethod
     def from_env(cls, home: str | os.PathLike[str] | None = None) -> Paths:
         chosen = home if home is not None else os.environ.get("HSM_AUTH_HOME")
+        if chosen:
+            check_state(Path(chosen).expanduser(), directory=True, missing_ok=True)
         return cls(Path(chosen).expanduser().resolve() if chosen else None)
 
 
@@ -137,6 +140,7 @@ def parse(data: Mapping[str, Any]) -> Config:
 
 def load(paths: Paths) -> Config:
     path = paths.config_file
+    check_state(path, missing_ok=True)  # a config names libraries to load: others can't write it
     if not path.exists():
         return Config(state_dir=paths.state_dir)
     try:

@@ -61,7 +61,6 @@ import os
 import re
 import secrets
 import socket
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -86,6 +85,7 @@ from .errors import (
     StateError,
     UnknownMethod,
 )
+from .files import check_parents, check_stat
 from .keystore import Authorization, Capability, KeyKind, KeyStore, UserInteraction
 from .methods import Method
 
@@ -267,36 +267,6 @@ def check_user_name(user: str) -> str:
     return user
 
 
-def _trusted_owner(uid: int) -> bool:
-    return uid in (0, os.geteuid())
-
-
-def _check_stat(st: os.stat_result, what: str, *, directory: bool) -> None:
-    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
-    if not kind_ok:
-        raise StateError(f"{what} is not a {'directory' if directory else 'regular file'}")
-    if not _trusted_owner(st.st_uid):
-        raise StateError(f"{what} is not owned by root")
-    if st.st_mode & 0o022:
-        raise StateError(
-            f"{what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-        )
-
-
-def _check_ancestors(path: Path) -> None:
-    """Every parent must be trusted: owned by root (or us), not writable by others
-    unless sticky and root-owned (``/tmp``)."""
-    for parent in path.parents:
-        st = os.lstat(parent)
-        if stat.S_ISLNK(st.st_mode):
-            continue  # a symlinked ancestor (/lib -> usr/lib) is resolved by its own parent check
-        if not _trusted_owner(st.st_uid):
-            raise StateError(f"{parent} is not owned by root")
-        writable = st.st_mode & 0o022
-        if writable and not (st.st_mode & stat.S_ISVTX and st.st_uid == 0):
-            raise StateError(f"{parent} is writable by group or others")
-
-
 class AuthDir:
     """The authfile directory, opened safely once (no symlinks, trusted modes)."""
 
@@ -305,7 +275,7 @@ class AuthDir:
         if create and not self.path.exists():
             self.path.mkdir(mode=0o755, parents=True)
         try:
-            _check_ancestors(self.path)
+            check_parents(self.path)
             self._fd = os.open(
                 self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             )
@@ -314,7 +284,7 @@ class AuthDir:
         except OSError as e:
             raise StateError(f"cannot open {self.path}: {e.strerror}") from None
         try:
-            _check_stat(os.fstat(self._fd), str(self.path), directory=True)
+            check_stat(os.fstat(self._fd), self.path, directory=True)
         except BaseException:
             os.close(self._fd)
             raise
@@ -351,7 +321,8 @@ class AuthDir:
         except OSError as e:
             raise StateError(f"cannot open the authfile for {name}: {e.strerror}") from None
         with os.fdopen(fd, "rb") as f:
-            _check_stat(os.fstat(f.fileno()), f"the authfile for {name}", directory=False)
+            check_stat(os.fstat(f.fileno()), self.path / name, directory=False,
+                       what="the authfile ")
             raw = f.read(_MAX_FILE + 1)
         if len(raw) > _MAX_FILE:
             raise StateError(f"the authfile for {name} is too large")

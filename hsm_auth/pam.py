@@ -58,7 +58,6 @@ from typing import Any
 
 DEFAULT_CONFIG = Path("/etc/hsm-auth/config.toml")
 DEFAULT_TIMEOUT = 30.0
-_PIN_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -118,10 +117,10 @@ def _arm_timeout(seconds: float) -> None:
 
 def read_config(path: Path) -> Mapping[str, Any]:
     """The config file as a dict ({} when absent); refuses symlinks and unsafe modes."""
-    import stat
-
     from .errors import ConfigError, StateError
+    from .files import check_parents, check_stat
 
+    check_parents(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -129,11 +128,7 @@ def read_config(path: Path) -> Mapping[str, Any]:
     except OSError as e:
         raise StateError(f"cannot open {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid()):
-            raise StateError(f"{path} is not a regular file owned by root")
-        if st.st_mode & 0o022:
-            raise StateError(f"{path} is writable by group or others")
+        check_stat(os.fstat(f.fileno()), path, directory=False)
         try:
             return tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
@@ -183,11 +178,13 @@ def read_authtok() -> str | None:
     """The PIN pam_exec wrote to stdin (``expose_authtok``), ``None`` if there is none.
 
     Never reads a terminal."""
+    from .files import MAX_PIN_BYTES, decode_pin
+
     if os.isatty(0):
         return None
     chunks = []
     size = 0
-    while size <= _PIN_MAX:
+    while size <= MAX_PIN_BYTES:
         try:
             chunk = os.read(0, 1024)
         except OSError:
@@ -198,13 +195,10 @@ def read_authtok() -> str | None:
         size += len(chunk)
         if b"\x00" in chunk:
             break
-    data = b"".join(chunks).split(b"\x00", 1)[0]
-    if not chunks or size > _PIN_MAX:
+    if not chunks:
         return None
-    try:
-        return data.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError:
-        return None
+    # too long or not UTF-8 is refused as such (not taken for "no PIN", i.e. cancelled)
+    return decode_pin(b"".join(chunks).split(b"\x00", 1)[0], "PAM (stdin)")
 
 
 def _log(message: str) -> None:

@@ -40,7 +40,7 @@ from .errors import (
     StateError,
     UnknownMethod,
 )
-from .files import atomic_write_json, ensure_private_dir, read_json
+from .files import atomic_write_json, check_state, ensure_private_dir, read_json, state_int
 from .methods import Method
 from .protocol import (
     MAX_CONTEXT,
@@ -115,16 +115,20 @@ class VerifierIdentity:
     def from_json(cls, data: object) -> VerifierIdentity:
         if not isinstance(data, dict):
             raise StateError("verifier identity is not an object")
+
+        def bounded(key: str, default: int, lo: int, hi: int) -> int:  # only an edit is outside
+            return state_int(data, key, default, lo, hi, "the verifier identity (identity.json)")
+
         try:
             return cls(
                 verifier_id=bytes.fromhex(data["verifier_id"]),
                 name=str(data["name"]),
                 suite=str(data.get("suite", ocra.OTP_SUITE)),
-                window=int(data.get("window", DEFAULT_WINDOW)),
-                lockout_threshold=int(data.get("lockout_threshold", DEFAULT_LOCKOUT)),
-                resync_window=int(data.get("resync_window", DEFAULT_RESYNC_WINDOW)),
-                session_ttl=int(data.get("session_ttl", DEFAULT_SESSION_TTL)),
-                offer_ttl=int(data.get("offer_ttl", DEFAULT_OFFER_TTL)),
+                window=bounded("window", DEFAULT_WINDOW, 1, 1000),
+                lockout_threshold=bounded("lockout_threshold", DEFAULT_LOCKOUT, 1, 100),
+                resync_window=bounded("resync_window", DEFAULT_RESYNC_WINDOW, 1, 10_000),
+                session_ttl=bounded("session_ttl", DEFAULT_SESSION_TTL, 10, 86_400),
+                offer_ttl=bounded("offer_ttl", DEFAULT_OFFER_TTL, 10, 30 * 86_400),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise StateError(f"verifier identity is malformed: {e.__class__.__name__}") from None
@@ -231,6 +235,7 @@ class Verifier:
         """Open the verifier in ``directory``. ``database`` is required when it was
         created on PostgreSQL (a DSN may carry a password, so it is not stored);
         ``hsm`` overrides the token URI recorded at init (e.g. another PIN file)."""
+        check_state(directory, directory=True, missing_ok=True)
         if not (directory / "identity.json").exists():
             raise StateError(f"no verifier in {directory}; run 'hsm-auth verifier init' first")
         raw = read_json(directory / "identity.json")
@@ -627,6 +632,8 @@ def _check_user(user: str) -> None:
 
 
 def _open_store(directory: Path, database: str | None) -> VerifierStore:
+    if not database:
+        check_state(directory / SQLITE_FILE, missing_ok=True)
     return open_store(database or (directory / SQLITE_FILE))
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cbor2
@@ -15,6 +16,7 @@ import pytest
 from hsm_auth import textcode
 from hsm_auth.demo import prepare
 from hsm_auth.testing.softhsm import softhsm_available
+from hsm_auth.verifier import Verifier
 
 pytestmark = pytest.mark.softhsm
 
@@ -149,13 +151,9 @@ def test_bad_verification_data_has_its_own_exit_code_and_changes_nothing(home, c
 
 
 def test_expired_verification_data(home):
-    identity = home / "verifier" / "identity.json"
-    saved = identity.read_text()
-    identity.write_text(json.dumps({**json.loads(saved), "session_ttl": -5}))
-    try:
-        _, data = session(home)
-    finally:
-        identity.write_text(saved)
+    # an hour ago (an identity edited to a negative session_ttl is refused as unsafe state)
+    with Verifier.open(home / "verifier", clock=lambda: time.time() - 3600) as verifier:
+        data = verifier.start_session("alice", "Log in to ws").text
     assert "expired" in fails(home, 5, "start", data)
 
 
@@ -164,6 +162,7 @@ def test_wrong_pin_unknown_method_and_missing_pin(home, tmp_path):
     before = snapshot(home)
     wrong = tmp_path / "wrong.pin"
     wrong.write_text("000000")
+    wrong.chmod(0o600)  # a PIN file others can read is refused before the token is tried
     assert "wrong PIN" in fails(
         home, 32, "finish", "--method", "pin", "--pin-file", str(wrong), data
     )

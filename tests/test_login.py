@@ -246,6 +246,7 @@ def test_cli_login_enroll_and_check(tmp_path, softhsm_env):
     assert json.loads(r.stdout)["counter"] > start
     bad = tmp_path / "bad"
     bad.write_text("000000")
+    bad.chmod(0o600)
     r = cli("check", "--user", "erin", "--pin-file", str(bad))
     assert r.returncode == 32 and "Traceback" not in r.stderr
     r = cli("check", "--user", "nobody", "--pin-file", str(pin_file))
