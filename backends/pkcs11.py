@@ -21,24 +21,35 @@ token object, sensitive and not extractable, usable only for
 the host (SoftHSM has no ``CKM_ECDSA_SHA256``), returned DER-encoded.
 
 The application transaction counter (ATC). PKCS#11 has no counter object
-that applications can advance, so each enrollment's ATC is a ``CKO_DATA``
-token object, private (readable only after login):
+that applications can advance, and SoftHSM rewrites an object's file in place
+(a kill during the write leaves it empty and the object is gone), so each
+enrollment's ATC is **two** ``CKO_DATA`` token objects, private (readable only
+after login), written alternately:
 
-* ``CKA_APPLICATION`` = ``"hsm-auth-atc"`` marks it;
-* ``CKA_VALUE`` = a random 16-byte id followed by the UTF-8 label; it is set
-  once at creation (SoftHSM makes ``CKA_VALUE`` read-only afterwards) and is
-  the counter's identity: its URI is
-  ``pkcs11:token=...;serial=...;type=data;x-atc-id=<32 hex digits>``;
-* ``CKA_LABEL`` = the counter value in decimal, starting at ``0``.
+* ``CKA_APPLICATION`` = ``"hsm-auth-atc"`` marks them;
+* ``CKA_VALUE`` = a random 16-byte id, ``0x00``, the slot (``0`` or ``1``),
+  then the UTF-8 label; set once at creation (SoftHSM makes ``CKA_VALUE``
+  read-only afterwards). The id is the counter's identity, so both objects are
+  one counter URI: ``pkcs11:token=...;serial=...;type=data;x-atc-id=<32 hex>``;
+* ``CKA_LABEL`` = ``<value>:<check>``, the value in decimal and as check the
+  first 16 hex digits of SHA-256 over a tag, the id, the slot and the value
+  (8 bytes): a torn, garbled or misplaced label does not check.
 
-Advancing writes value + 1 into ``CKA_LABEL`` with ``C_SetAttributeValue`` (a
-durable write in the token, about 0.3 ms on SoftHSM) and returns the new value
-only after that call returned, so an OTP is never computed for a value that
-is not stored. A reader that finds several objects with the same id (left by
-a tool that replaces objects by "create new, destroy old") takes the highest
-value, so such a crash can never move the counter backwards. Two processes
-advancing the same counter at the same instant are not serialised by the
-token: run one authenticator per token.
+The counter's value is the highest valid value of its objects. Advancing writes
+value + 1 (``C_SetAttributeValue``, a durable write) into the object that does
+NOT hold the current value, recreating it if it vanished, and returns the new
+value only after that call returned, so an OTP is never computed for a value
+that is not stored. A torn write can therefore lose only the value being
+written, never move the counter back or make it vanish. Since every writer
+writes the slot not holding the highest value, a store that finds the slot it
+would write next unchanged since it last saw it knows nobody advanced the
+counter meanwhile: an OTP costs one label read, one label write and the HMAC;
+anything else makes it read all the counter's objects again. Counters of
+earlier versions (one object, ``CKA_VALUE`` = id + label, a bare decimal in
+``CKA_LABEL``) are read as slot 0, whose bare value counts only while no
+checked value exists; the first advance adds slot 1, the second rewrites the
+old object in the new format. Two processes advancing the same counter at the
+same instant are not serialised by the token: the authenticator holds a lock.
 
 Sessions. A store opens one R/W session and logs the user in once (PIN from
 ``Authorization.pin``, else ``pin-source``); the login and the object handles
@@ -49,7 +60,10 @@ it: the first login is checked by the token, later ones (and later PINs given
 to a logged-in store) are compared with a keyed hash of the PIN that the
 token accepted. Login goes through ``C_Login`` directly (ctypes) so that a
 wrong PIN never leaks a session (python-pkcs11 0.10 does) and the native
-return code is kept.
+return code is kept. SoftHSM rewrites its ``token.object`` in place at every
+``C_Login``: a kill during a login leaves it empty and the whole token is lost,
+which no client can prevent; token discovery skips such a token so that the
+others still work.
 """
 
 from __future__ import annotations
@@ -62,7 +76,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NoReturn
@@ -98,6 +112,7 @@ from hsm_auth.keystore import (
     KeyStore,
     PinStatus,
     Settings,
+    check_counter_limit,
 )
 from hsm_auth.methods import Method
 from hsm_auth.uri import Pkcs11Uri
@@ -416,9 +431,16 @@ def _token_matches(lib: Any, token: Any, uri: Pkcs11Uri) -> bool:
 
 
 def _matching_tokens(lib: Any, uri: Pkcs11Uri) -> list[Any]:
+    import pkcs11
+
     found = []
     for slot in lib.get_slots(token_present=True):
-        token = slot.get_token()
+        try:
+            token = slot.get_token()
+        except pkcs11.PKCS11Error:
+            # One broken token (SoftHSM: a token.object emptied by a kill during
+            # C_Login) must not hide the others.
+            continue
         if int(token.flags) & _CKF_TOKEN_INITIALIZED and _token_matches(lib, token, uri):
             found.append(token)
     return found
@@ -470,6 +492,89 @@ def _public_from_point(value: bytes) -> ec.EllipticCurvePublicKey:
         raise BackendError("the token holds a public key that is not a P-256 point") from None
 
 
+# --- the ATC: two objects written alternately ----------------------------------
+
+#: After the 16-byte id in CKA_VALUE: the two-object format (then the slot, the label).
+#: Without it, CKA_VALUE is an older one-object counter (id + label), read as slot 0.
+_ATC_SLOTTED = b"\x00"
+_ATC_SLOTS = (0, 1)
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+_ATC_LABEL = re.compile(r"([0-9]{1,20}):([0-9a-f]{16})")
+
+
+@dataclass(frozen=True)
+class _AtcMeta:
+    """What an ATC object's CKA_VALUE says: set once at creation, never rewritten."""
+
+    ident: bytes
+    slot: int
+    label: bytes  # the enrollment's label (UTF-8)
+    legacy: bool  # made by the one-object scheme: its CKA_LABEL may be a bare decimal
+
+
+@dataclass(frozen=True)
+class _AtcObject:
+    obj: Any
+    meta: _AtcMeta
+
+
+@dataclass
+class _AtcState:
+    """One counter as this store last read or wrote it: per slot, the object to
+    write and the checked value it holds (``None``: absent, or damaged)."""
+
+    objects: list[Any | None]
+    values: list[int | None]
+    label: bytes
+    fallback: int | None  # an older one-object counter's unchecked value
+
+    @property
+    def current(self) -> int | None:
+        valid = [v for v in self.values if v is not None]
+        return max(valid) if valid else self.fallback
+
+    @property
+    def target(self) -> int:
+        """The slot to write next: the one NOT holding the current value."""
+        valid = [v for v in self.values if v is not None]
+        if not valid:
+            return 1  # only an older one-object counter (slot 0) holds a value
+        return 1 - self.values.index(max(valid))
+
+
+def _parse_atc_value(value: bytes) -> _AtcMeta | None:
+    if len(value) < _ID_LEN:
+        return None
+    ident, rest = value[:_ID_LEN], value[_ID_LEN:]
+    if len(rest) >= 2 and rest[:1] == _ATC_SLOTTED and rest[1] in _ATC_SLOTS:
+        return _AtcMeta(ident, rest[1], rest[2:], legacy=False)
+    return _AtcMeta(ident, 0, rest, legacy=True)
+
+
+def _atc_check(ident: bytes, slot: int, value: int) -> str:
+    """Binds a value to one slot of one counter, so that a torn or misplaced write
+    never reads as valid. Not a secret: whoever can write the token can write it."""
+    data = b"hsm-auth-atc\x00" + ident + bytes([slot]) + value.to_bytes(8, "big")
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _atc_label(ident: bytes, slot: int, value: int) -> str:
+    return f"{value}:{_atc_check(ident, slot, value)}"
+
+
+def _atc_checked(ident: bytes, slot: int, text: str) -> int | None:
+    """The value in a CKA_LABEL ``<decimal>:<check>``, or ``None`` when it does not check."""
+    found = _ATC_LABEL.fullmatch(text)
+    if found is None:
+        return None
+    value = int(found.group(1))
+    if value > _COUNTER_MAX or not _hmac.compare_digest(
+        found.group(2), _atc_check(ident, slot, value)
+    ):
+        return None
+    return value
+
+
 @dataclass(frozen=True)
 class _Ref:
     """What a key URI names, once parsed and checked to be on this token."""
@@ -512,6 +617,7 @@ class Pkcs11KeyStore(KeyStore):
         self._refs: dict[str, _Ref] = {}  # URI text -> parsed reference
         self._objects: dict[tuple[str, bytes], Any] = {}  # (kind, id) -> python-pkcs11 object
         self._publics: dict[bytes, ec.EllipticCurvePublicKey] = {}
+        self._atcs: dict[bytes, _AtcState] = {}  # counter id -> its objects and values
 
     # --- lifecycle --------------------------------------------------------
 
@@ -568,6 +674,7 @@ class Pkcs11KeyStore(KeyStore):
             self._closed = True
             self._refs.clear()
             self._objects.clear()
+            self._atcs.clear()
             with _LOCK:
                 if self._logged_in:
                     self._release_login()
@@ -801,10 +908,12 @@ class Pkcs11KeyStore(KeyStore):
                 keys.append(KeyInfo(self._uri("secret-key", got[attr.ID], label), KeyKind.OTP,
                                     label))
             seen: set[bytes] = set()
-            for _obj, ident, label in self._atc_objects():
-                if ident not in seen:
-                    seen.add(ident)
-                    keys.append(KeyInfo(self._uri("data", ident, None), KeyKind.COUNTER, label))
+            for copy in self._atc_objects():  # two objects (or one, if older): one counter
+                if copy.meta.ident not in seen:
+                    seen.add(copy.meta.ident)
+                    label = copy.meta.label.decode("utf-8", "replace")
+                    keys.append(KeyInfo(self._uri("data", copy.meta.ident, None),
+                                        KeyKind.COUNTER, label))
         return keys
 
     def delete_key(self, uri: str, auth: Authorization) -> None:
@@ -812,7 +921,8 @@ class Pkcs11KeyStore(KeyStore):
         with self._call("C_DestroyObject", auth):
             ref = self._ref(uri)
             if ref.kind == "data":
-                victims = [obj for obj, ident, _ in self._atc_objects() if ident == ref.id]
+                victims = [copy.obj for copy in self._atc_objects(ref.id)]
+                self._atcs.pop(ref.id, None)
             else:
                 kinds = {"private": ("private", "public"), "public": ("public",),
                          "secret-key": ("secret-key",)}.get(ref.kind, ())
@@ -915,83 +1025,165 @@ class Pkcs11KeyStore(KeyStore):
 
     # --- counter ----------------------------------------------------------
 
-    def _atc_objects(self) -> list[tuple[Any, bytes, str]]:
-        """Every ATC object: (object, id, label). One C_FindObjects."""
+    def _atc_objects(self, ident: bytes | None = None) -> list[_AtcObject]:
+        """Every ATC object (of counter ``ident`` when given): one C_FindObjects, then
+        one CKA_VALUE read per object. An object that vanishes meanwhile is skipped."""
         attr, cls = self._p11.Attribute, self._p11.ObjectClass
         found = []
         for obj in self._session.get_objects(
             {attr.CLASS: cls.DATA, attr.APPLICATION: ATC_APPLICATION}
         ):
-            value = bytes(obj[attr.VALUE])
-            if len(value) >= _ID_LEN:
-                found.append((obj, value[:_ID_LEN], value[_ID_LEN:].decode("utf-8", "replace")))
+            try:
+                value = bytes(obj[attr.VALUE])
+            except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
+                continue
+            parsed = _parse_atc_value(value)
+            if parsed is not None and (ident is None or parsed.ident == ident):
+                found.append(_AtcObject(obj, parsed))
         return found
 
-    @staticmethod
-    def _value_of(obj: Any, label_attr: Any) -> int:
-        text = obj[label_attr]
-        if not (isinstance(text, str) and text.isdigit() and len(text) <= 20):
-            raise CounterError("the counter object in the token holds no decimal value")
-        return int(text)
+    def _label_of(self, obj: Any) -> str | None:
+        """An ATC object's CKA_LABEL, or ``None`` if the object is gone or unreadable."""
+        try:
+            text = obj[self._p11.Attribute.LABEL]
+        except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid, ValueError):
+            return None
+        return text if isinstance(text, str) else None
 
-    def _counter(self, uri: str) -> Any:
+    def _read_atc(self, ident: bytes) -> _AtcState:
+        """Find and read every object of one counter: per slot, the copy with the
+        highest valid value (else a damaged copy to overwrite, else none)."""
+        copies = self._atc_objects(ident)
+        if not copies:
+            self._atcs.pop(ident, None)
+            raise KeyNotFound(f"no counter with that id on token {self._label!r}")
+        state = _AtcState([None, None], [None, None], copies[0].meta.label, None)
+        for copy in copies:
+            slot = copy.meta.slot
+            text = self._label_of(copy.obj)
+            if text is None:
+                continue
+            value = _atc_checked(ident, slot, text)
+            if value is not None:
+                best = state.values[slot]
+                if best is None or value > best:
+                    state.values[slot], state.objects[slot] = value, copy.obj
+                continue
+            if state.values[slot] is None and state.objects[slot] is None:
+                state.objects[slot] = copy.obj  # damaged: overwrite it rather than add one
+            if copy.meta.legacy and _DECIMAL.fullmatch(text):
+                state.fallback = max(state.fallback or 0, int(text))
+        if state.current is None:
+            self._atcs.pop(ident, None)
+            raise CounterError("the counter's objects in the token hold no valid value")
+        self._atcs[ident] = state
+        return state
+
+    def _atc_state(self, ident: bytes) -> _AtcState:
+        """The counter's state, read with as few calls as is safe. Every writer writes
+        the slot that does not hold the highest value, so if the slot this store would
+        write next still holds what this store last saw there, nobody advanced the
+        counter meanwhile: one CKA_LABEL read. Anything else reads everything again."""
+        state = self._atcs.get(ident)
+        if state is not None:
+            target = state.target
+            obj, seen = state.objects[target], state.values[target]
+            if obj is not None and seen is not None:
+                text = self._label_of(obj)
+                if text is not None and _atc_checked(ident, target, text) == seen:
+                    return state
+        return self._read_atc(ident)
+
+    def _write_atc(self, ident: bytes, state: _AtcState, value: int) -> None:
+        """Store ``value`` in the slot not holding the current value (recreating that
+        slot's object if it vanished): durable in the token when this returns."""
+        target = state.target
+        text = _atc_label(ident, target, value)
+        obj = state.objects[target]
+        if obj is not None:
+            try:
+                obj[self._p11.Attribute.LABEL] = text
+            except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
+                obj = None
+        if obj is None:
+            obj = self._create_atc_object(ident, target, state.label, text)
+        state.objects[target], state.values[target] = obj, value
+
+    def _create_atc_object(self, ident: bytes, slot: int, label: bytes, text: str) -> Any:
+        attr, cls = self._p11.Attribute, self._p11.ObjectClass
+        return self._session.create_object(
+            {
+                attr.CLASS: cls.DATA,
+                attr.TOKEN: True,
+                attr.PRIVATE: True,
+                attr.MODIFIABLE: True,
+                attr.APPLICATION: ATC_APPLICATION,
+                attr.VALUE: ident + _ATC_SLOTTED + bytes([slot]) + label,
+                attr.LABEL: text,
+            }
+        )
+
+    def _counter_ref(self, uri: str) -> _Ref:
         ref = self._ref(uri)
         if ref.kind != "data":
             raise InvalidInput("a counter URI has type=data and an x-atc-id")
-        cached = self._objects.get(("data", ref.id))
-        if cached is not None:
-            return cached
-        label_attr = self._p11.Attribute.LABEL
-        copies = [obj for obj, ident, _ in self._atc_objects() if ident == ref.id]
-        if not copies:
-            raise KeyNotFound(f"no counter with that id on token {self._label!r}")
-        best = max(copies, key=lambda obj: self._value_of(obj, label_attr))
-        self._objects[("data", ref.id)] = best
-        return best
+        return ref
+
+    def _advance(self, uri: str, limit: int | None) -> int:
+        ref = self._counter_ref(uri)
+        state = self._atc_state(ref.id)
+        current = state.current
+        assert current is not None
+        check_counter_limit(current, limit)
+        if current >= _COUNTER_MAX:
+            raise CounterError("the counter is exhausted (2**64 - 1)")
+        try:
+            self._write_atc(ref.id, state, current + 1)
+        except self._p11.PKCS11Error as e:
+            self._atcs.pop(ref.id, None)
+            raise CounterError(
+                f"the counter could not be advanced: {_describe(_code_of(e))}",
+                native_code=_code_of(e),
+            ) from e
+        return current + 1
 
     def create_counter(self, label: str, auth: Authorization) -> str:
-        attr, cls = self._p11.Attribute, self._p11.ObjectClass
         with self._call("C_CreateObject", auth):
             ident = secrets.token_bytes(_ID_LEN)
-            obj = self._session.create_object(
-                {
-                    attr.CLASS: cls.DATA,
-                    attr.TOKEN: True,
-                    attr.PRIVATE: True,
-                    attr.MODIFIABLE: True,
-                    attr.APPLICATION: ATC_APPLICATION,
-                    attr.VALUE: ident + label.encode("utf-8"),
-                    attr.LABEL: "0",
-                }
-            )
-            self._objects[("data", ident)] = obj
+            raw = label.encode("utf-8")
+            objects: list[Any] = []
+            try:
+                for slot in _ATC_SLOTS:
+                    text = _atc_label(ident, slot, 0)
+                    objects.append(self._create_atc_object(ident, slot, raw, text))
+            except BaseException:
+                for obj in objects:
+                    with contextlib.suppress(self._p11.PKCS11Error):
+                        obj.destroy()
+                raise
+            self._atcs[ident] = _AtcState(list(objects), [0, 0], raw, None)
         return self._uri("data", ident, None)
 
     def counter_value(self, uri: str, auth: Authorization) -> int:
         with self._call("C_GetAttributeValue", auth):
-            ref = self._ref(uri)
-            try:
-                return self._value_of(self._counter(uri), self._p11.Attribute.LABEL)
-            except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
-                self._objects.pop(("data", ref.id), None)
-                raise
+            value = self._atc_state(self._counter_ref(uri).id).current
+        assert value is not None
+        return value
 
     def counter_increment(self, uri: str, auth: Authorization) -> int:
-        label_attr = self._p11.Attribute.LABEL
         with self._call("C_SetAttributeValue", auth):
-            ref = self._ref(uri)
-            obj = self._counter(uri)
-            try:
-                value = self._value_of(obj, label_attr) + 1
-                if value > _COUNTER_MAX:
-                    raise CounterError("the counter is exhausted (2**64 - 1)")
-                obj[label_attr] = str(value)  # durable in the token when this returns
-            except (self._p11.ObjectHandleInvalid, self._p11.KeyHandleInvalid):
-                self._objects.pop(("data", ref.id), None)
-                raise
-            except self._p11.PKCS11Error as e:
-                raise CounterError(
-                    f"the counter could not be advanced: {_describe(_code_of(e))}",
-                    native_code=_code_of(e),
-                ) from e
-        return value
+            return self._advance(uri, None)
+
+    def counted_hmac(
+        self,
+        otp_key: str,
+        counter: str,
+        message_for: Callable[[int], bytes],
+        auth: Authorization,
+        *,
+        limit: int | None = None,
+    ) -> tuple[int, bytes]:
+        """One CKA_LABEL read (see :meth:`_atc_state`), the label write, the HMAC."""
+        with self._call("C_SetAttributeValue", auth):
+            value = self._advance(counter, limit)
+        return value, self.hmac(otp_key, message_for(value), auth)

@@ -110,6 +110,7 @@ def bench_pkcs11(n: int, baseline: float) -> None:
             type(m)(**{**m.__dict__, "window": 10**9}) for m in auth._methods
         ]
         import pkcs11
+        from hsm_auth_backends.pkcs11 import ATC_APPLICATION, _atc_checked, _atc_label
         from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
         lib = pkcs11.lib(token.module_path)
@@ -126,27 +127,40 @@ def bench_pkcs11(n: int, baseline: float) -> None:
                     Attribute.PRIVATE: True,
                 },
             )
-            counter = session.create_object(
-                {
-                    Attribute.CLASS: ObjectClass.DATA,
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.LABEL: "0",
-                    Attribute.APPLICATION: "bench-atc",
-                    Attribute.VALUE: b"bench",
-                }
-            )
-            state = {"c": 0}
+            # The same counter scheme as the backend: two objects, (value, check) in
+            # CKA_LABEL, written alternately; the slot to write is read first, to see
+            # that nobody else advanced the counter (see Pkcs11KeyStore._atc_state).
+            ident = os.urandom(16)
+            slots = [
+                session.create_object(
+                    {
+                        Attribute.CLASS: ObjectClass.DATA,
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: True,
+                        Attribute.MODIFIABLE: True,
+                        Attribute.APPLICATION: ATC_APPLICATION,
+                        Attribute.VALUE: ident + b"\x00" + bytes([slot]) + b"bench/atc",
+                        Attribute.LABEL: _atc_label(ident, slot, 0),
+                    }
+                )
+                for slot in (0, 1)
+            ]
+            values = [0, 0]
 
             def raw() -> bytes:
-                state["c"] = int(counter[Attribute.LABEL]) + 1
-                counter[Attribute.LABEL] = str(state["c"])
+                current = max(values)
+                target = 1 - values.index(current)
+                if _atc_checked(ident, target, slots[target][Attribute.LABEL]) != values[target]:
+                    raise RuntimeError("bench counter changed underneath")
+                slots[target][Attribute.LABEL] = _atc_label(ident, target, current + 1)
+                values[target] = current + 1
                 return bytes(key.sign(DATA, mechanism=Mechanism.SHA256_HMAC))
 
             library, floor = per_op_pair(
                 lambda: auth.finish_offline_authentication(request, Method.DEVICE), raw, n
             )
-            counter.destroy()
+            for obj in slots:
+                obj.destroy()
             key.destroy()
         auth.close()
     report("pkcs11/SoftHSM", library, floor, baseline)

@@ -19,11 +19,20 @@ GROUP = "hsm_auth.backends"
 BUILTIN_PREFIX = "hsm_auth_backends."
 
 
-def _entry_points() -> Any:
-    # importlib.metadata scans every installed distribution (tens of ms): only on demand.
-    from importlib.metadata import entry_points
+_ENTRY_POINTS: Any = None
+#: name -> class, once loaded: a process asks for the same backend for every OTP.
+_CLASSES: dict[str, type[KeyStore]] = {}
 
-    return entry_points(group=GROUP)
+
+def _entry_points() -> Any:
+    # importlib.metadata scans every installed distribution (about 1 ms, more on a
+    # big environment): only on demand, and once per process.
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None:
+        from importlib.metadata import entry_points
+
+        _ENTRY_POINTS = entry_points(group=GROUP)
+    return _ENTRY_POINTS
 
 
 @dataclass(frozen=True)
@@ -52,8 +61,18 @@ def load_backend(name: str, reference: str | None = None) -> type[KeyStore]:
 
     ``reference`` (from :func:`backend_reference`, recorded at enrollment) lets a
     built-in backend load without scanning the installed distributions: the PAM
-    helper starts faster. Anything else goes through the entry points.
+    helper starts faster. Anything else goes through the entry points. The class is
+    kept for the process: later calls cost a dictionary lookup.
     """
+    cached = _CLASSES.get(name)
+    if cached is not None:
+        return cached
+    cls = _load_backend(name, reference)
+    _CLASSES[name] = cls
+    return cls
+
+
+def _load_backend(name: str, reference: str | None) -> type[KeyStore]:
     if reference and reference.startswith(BUILTIN_PREFIX):
         module, _, attr = reference.partition(":")
         try:

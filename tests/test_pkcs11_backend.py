@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from hsm_auth_backends.pkcs11 import ATC_APPLICATION, Pkcs11KeyStore
+from hsm_auth_backends.pkcs11 import Pkcs11KeyStore
 
 from hsm_auth.errors import (
     BackendUnavailable,
@@ -319,43 +319,6 @@ def test_uri_of_another_token_is_key_not_found(store: Pkcs11KeyStore, auth: Auth
         store.sign(other, b"x", auth)
     with pytest.raises(InvalidInput):
         store.sign("pkcs11:object=elsewhere;type=private", b"x", auth)
-
-
-def test_counter_tolerates_duplicates_by_taking_the_highest(
-    store: Pkcs11KeyStore, auth: Authorization, softhsm_token: SoftHsmToken
-) -> None:
-    import pkcs11
-
-    counter = store.create_counter("dup", auth)
-    store.counter_increment(counter, auth)
-    store.close()
-    # A crash of a "create new, destroy old" writer leaves two objects, 7 and 1.
-    a = pkcs11.Attribute
-    lib = pkcs11.lib(softhsm_token.module_path)
-    with lib.get_token(token_label=softhsm_token.label).open(
-        rw=True, user_pin=softhsm_token.user_pin
-    ) as session:
-        (original,) = session.get_objects(
-            {a.CLASS: pkcs11.ObjectClass.DATA, a.APPLICATION: ATC_APPLICATION}
-        )
-        session.create_object(
-            {
-                a.CLASS: pkcs11.ObjectClass.DATA,
-                a.TOKEN: True,
-                a.PRIVATE: True,
-                a.APPLICATION: ATC_APPLICATION,
-                a.VALUE: original[a.VALUE],
-                a.LABEL: "7",
-            }
-        )
-    with Pkcs11KeyStore.open(_settings(softhsm_token)) as fresh:
-        assert fresh.counter_value(counter, auth) == 7
-        assert fresh.counter_increment(counter, auth) == 8
-        counters = [k for k in fresh.list_keys(auth) if k.kind is KeyKind.COUNTER]
-        assert [k.label for k in counters] == ["dup"]
-        fresh.delete_key(counter, auth)
-        with pytest.raises(KeyNotFound):
-            fresh.counter_value(counter, auth)
 
 
 def test_counter_survives_a_fresh_process(

@@ -50,3 +50,18 @@ def test_configured_backend_wins_and_unavailable_lists_every_reason(monkeypatch,
     with pytest.raises(BackendUnavailable) as e:
         registry.choose_backend(Config(), Method.DEVICE)
     assert "tpm2:" in str(e.value) and "pkcs11:" in str(e.value)
+
+
+def test_a_loaded_backend_is_kept_for_the_process(monkeypatch):
+    """Every OTP asks for its backend: after the first load, no entry-point scan."""
+    import importlib.metadata
+
+    cls = registry.load_backend("pkcs11")
+
+    def scan(**kwargs):
+        raise AssertionError("entry points scanned again")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", scan)
+    monkeypatch.setattr(registry, "_ENTRY_POINTS", None)
+    assert registry.load_backend("pkcs11") is cls
+    assert registry.load_backend("pkcs11", registry.BUILTIN_PREFIX + "x:y") is cls
