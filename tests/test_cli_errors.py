@@ -86,6 +86,7 @@ def _home(path: Path, methods: list[Method]) -> Home:
     ok(path, "verifier", "init")
     wrong = path / "wrong.pin"
     wrong.write_text("000000")
+    wrong.chmod(0o600)  # a PIN file others can read is refused before the PIN is tried
     for method in methods:
         _enroll(path, method, path / "offline.pin")
     return Home(path, path / "offline.pin", wrong)
