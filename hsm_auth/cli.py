@@ -8,27 +8,31 @@ an exit code (listed in ``hsm-auth --help``).
 
 from __future__ import annotations
 
+# Start-up time is part of the interface (``bench/startup.py``): at module level
+# only what parsing the command line needs. Each command imports what it uses
+# (the verifier, QR codes, backends, config, json, logging): ``--help`` stays cheap.
 import argparse
 import contextlib
-import getpass
-import json
-import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from . import config as configmod
-from . import errors, files, qr, registry, textcode
-from .authenticator import Authenticator, OfflineRequest
-from .config import Paths
+from . import errors, textcode
 from .errors import HsmAuthError, InvalidInput, PinRequired
-from .keystore import UserInteraction
 from .methods import Method
-from .verifier import Acceptance, Verifier
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from . import config as configmod
+    from .authenticator import Authenticator, OfflineRequest
+    from .config import Paths
+    from .keystore import UserInteraction
+    from .verifier import Acceptance, Verifier
 
 EXIT_CODES = """\
 exit codes:
@@ -52,14 +56,18 @@ exit codes:
 """
 
 
-class TerminalInteraction(UserInteraction):
-    """The CLI's side of the library's prompts: one line on stderr when a token waits."""
+def terminal_interaction(err: TextIO) -> UserInteraction:
+    """The CLI's side of the library's prompts: one line on stderr when a token waits.
 
-    def __init__(self, err: TextIO) -> None:
-        self._err = err
+    Defined on first use: the keystore module imports cryptography, which
+    parsing the command line (``--help``) does not need."""
+    from .keystore import UserInteraction
 
-    def prompt_up(self, prompt: str) -> None:
-        print(f"{prompt}: touch / verify on your authenticator", file=self._err, flush=True)
+    class TerminalInteraction(UserInteraction):
+        def prompt_up(self, prompt: str) -> None:
+            print(f"{prompt}: touch / verify on your authenticator", file=err, flush=True)
+
+    return TerminalInteraction()
 
 
 @dataclass
@@ -70,14 +78,20 @@ class Context:
 
     @property
     def paths(self) -> Paths:
+        from .config import Paths
+
         return Paths.from_env(self.args.home)
 
     def config(self) -> configmod.Config:
+        from . import config as configmod
+
         cfg = configmod.load(self.paths)
         cfg.apply_environment()
         return cfg
 
     def authenticator(self) -> Authenticator:
+        from .authenticator import Authenticator
+
         return Authenticator(
             self.paths.authenticator_dir,
             self.config(),
@@ -86,8 +100,8 @@ class Context:
         )
 
     @property
-    def interaction(self) -> TerminalInteraction:
-        return TerminalInteraction(self.err)
+    def interaction(self) -> UserInteraction:
+        return terminal_interaction(self.err)
 
     def _verifier_setting(self, option: str, key: str) -> str | None:
         """``--db`` / ``--hsm``, else ``HSM_AUTH_VERIFIER_<KEY>``, else ``[verifier] key``."""
@@ -111,12 +125,16 @@ class Context:
         return self._verifier_setting("hsm", "hsm")
 
     def verifier(self) -> Verifier:
+        from .verifier import Verifier
+
         return Verifier.open(
             self.paths.verifier_dir, database=self.verifier_database(), hsm=self.verifier_hsm()
         )
 
     def emit(self, human: str, machine: dict[str, Any]) -> None:
         if self.args.json:
+            import json
+
             print(json.dumps(machine, sort_keys=True), file=self.out)
         elif human:
             print(human, file=self.out)
@@ -145,6 +163,8 @@ def read_text_arg(value: str | None, stdin: TextIO) -> str:
 def read_pin(args: argparse.Namespace, err: TextIO, prompt: str = "Offline PIN: ") -> str:
     """The PIN from ``--pin-file`` (refused if others can read or write it), ``--pin-fd``
     (one line) or the terminal; a clear error for binary, oversized or empty input."""
+    from . import files
+
     if getattr(args, "pin_file", None):
         pin = files.decode_pin(files.read_secret_file(args.pin_file), "the PIN file")
     elif getattr(args, "pin_fd", None) is not None:
@@ -157,6 +177,8 @@ def read_pin(args: argparse.Namespace, err: TextIO, prompt: str = "Offline PIN: 
             raise PinRequired(
                 "no terminal to ask for the PIN; use --pin-file or --pin-fd"
             ) from None
+        import getpass
+
         try:
             typed = getpass.getpass(prompt, stream=err)
         except EOFError:
@@ -171,6 +193,8 @@ def read_pin(args: argparse.Namespace, err: TextIO, prompt: str = "Offline PIN: 
 
 def _read_pin_fd(fd: int) -> bytes:
     """One line (at most a PIN's length and its line end) from descriptor ``fd``."""
+    from . import files
+
     if not 0 <= fd < 2**31:
         raise InvalidInput(f"--pin-fd {fd} is not a file descriptor number")
     data = b""
@@ -218,6 +242,8 @@ def parse_session_id(text: str) -> bytes:
 
 
 def cmd_backends(ctx: Context) -> int:
+    from . import registry
+
     cfg = ctx.config()
     statuses = []
     for name in registry.backend_names():
@@ -241,6 +267,8 @@ def cmd_backends(ctx: Context) -> int:
 
 
 def cmd_verifier_init(ctx: Context) -> int:
+    from .verifier import Verifier
+
     v = Verifier.init(
         ctx.paths.verifier_dir,
         ctx.args.name,
@@ -295,6 +323,8 @@ def cmd_verifier_session(ctx: Context) -> int:
     finally:
         v.close()
     target = ctx.args.qr
+    if target:
+        from . import qr
     if target == "terminal":
         print(qr.terminal(session.text), file=ctx.err)
     elif target:
@@ -833,6 +863,22 @@ def error_json(error: HsmAuthError) -> dict[str, Any]:
     return doc
 
 
+#: Commands that read local state and check signatures only. No module they load
+#: logs, so they skip importing and configuring logging unless --debug is given
+#: (start-up time, ``bench/startup.py``); tests/test_startup.py keeps this true.
+_LOAD_NOTHING_THAT_LOGS = frozenset({cmd_start, cmd_sync, cmd_methods})
+
+
+def _configure_logging(debug: bool, err: TextIO) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.ERROR,
+        stream=err,
+        format="%(name)s: %(message)s",
+    )
+
+
 def main(
     argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -843,11 +889,8 @@ def main(
     for name, default in (("home", None), ("json", False), ("debug", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.ERROR,
-        stream=err,
-        format="%(name)s: %(message)s",
-    )
+    if args.debug or args.func not in _LOAD_NOTHING_THAT_LOGS:
+        _configure_logging(args.debug, err)
     ctx = Context(args, out, err)
     try:
         code: int = args.func(ctx)
@@ -856,6 +899,8 @@ def main(
         if args.debug:
             raise
         if args.json:
+            import json
+
             print(json.dumps(error_json(e), sort_keys=True), file=out)
         print(f"hsm-auth: error: {describe(e)}", file=err)
         return e.exit_code

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import platformdirs
 
 from .errors import ConfigError
 from .files import check_state
@@ -54,6 +51,8 @@ class Paths:
         env = os.environ.get("HSM_AUTH_CONFIG")
         if env:
             return Path(env)
+        import platformdirs  # only when no home is given: it costs start-up time
+
         user = Path(platformdirs.user_config_dir(APP)) / "config.toml"
         if user.exists() or not SYSTEM_CONFIG.exists():
             return user
@@ -63,6 +62,8 @@ class Paths:
     def data_dir(self) -> Path:
         if self.home is not None:
             return self.home
+        import platformdirs
+
         return Path(platformdirs.user_data_dir(APP))
 
     @property
@@ -72,6 +73,8 @@ class Paths:
         home, else the platform's user state dir (``~/.local/state/hsm-auth``)."""
         if self.home is not None:
             return self.home / "state"
+        import platformdirs
+
         return Path(platformdirs.user_state_dir(APP))
 
     @property
@@ -143,6 +146,8 @@ def load(paths: Paths) -> Config:
     check_state(path, missing_ok=True)  # a config names libraries to load: others can't write it
     if not path.exists():
         return Config(state_dir=paths.state_dir)
+    import tomllib  # only when there is a file to parse
+
     try:
         with path.open("rb") as f:
             return dataclasses.replace(parse(tomllib.load(f)), state_dir=paths.state_dir)

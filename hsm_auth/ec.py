@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .errors import DecodeError, UntrustedMessage
 
@@ -22,6 +21,10 @@ COORD = 32
 
 def encode_point(public: ec.EllipticCurvePublicKey) -> bytes:
     """SEC1 compressed point (33 bytes): compact enough for QR codes."""
+    # Imported here: the serialization package costs ~4 ms of CLI start-up
+    # (it pulls in SSH keys and ciphers), and checking a signature never needs it.
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return public.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
 
 
