@@ -68,7 +68,7 @@ import json
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -104,6 +104,7 @@ from hsm_auth.keystore import (
     KeyStore,
     PinStatus,
     Settings,
+    check_counter_limit,
 )
 from hsm_auth.methods import Method
 from hsm_auth.uri import format_attr_uri, parse_attr_uri
@@ -450,6 +451,7 @@ class Tpm2KeyStore(KeyStore):
         self._session: Any = None
         self._loaded: OrderedDict[str, Any] = OrderedDict()  # record id -> ESYS_TR
         self._nv: dict[int, Any] = {}  # NV index -> ESYS_TR
+        self._records: dict[str, _Record] = {}  # URI -> its state file, read once
         self._cache_size = 1
         self._clients: _ClientLock | None = None
 
@@ -668,10 +670,12 @@ class Tpm2KeyStore(KeyStore):
             _wipe(secret)
 
     def hmac(self, uri: str, data: bytes, auth: Authorization) -> bytes:
+        record = self._record(uri, KeyKind.OTP)
+        return self._hmac(record, self._load(record, auth), data)
+
+    def _hmac(self, record: _Record, handle: Any, data: bytes) -> bytes:
         from tpm2_pytss import TPM2_ALG, TPM2B_AUTH, TPM2B_MAX_BUFFER
 
-        record = self._record(uri, KeyKind.OTP)
-        handle = self._load(record, auth)
         with self._tpm("computing the HMAC", record):
             if len(data) <= _MAX_HMAC_BUFFER:
                 mac = self._ectx.hmac(
@@ -773,10 +777,40 @@ class Tpm2KeyStore(KeyStore):
 
     def counter_increment(self, uri: str, auth: Authorization) -> int:
         record = self._record(uri, KeyKind.COUNTER)
-        handle = self._nv_handle(record, auth)
+        return self._increment(record, self._nv_handle(record, auth))
+
+    def _increment(self, record: _Record, handle: Any) -> int:
         with self._tpm("incrementing the counter", record):
             self._ectx.nv_increment(handle, handle, session1=self._auth_session(record.has_pin))
             return self._nv_read(handle, record.has_pin)
+
+    def counted_hmac(
+        self,
+        otp_key: str,
+        counter: str,
+        message_for: Callable[[int], bytes],
+        auth: Authorization,
+        *,
+        limit: int | None = None,
+    ) -> tuple[int, bytes]:
+        """TPM2_NV_Read (only with a ``limit``: refuse before advancing), then
+        TPM2_NV_Increment and TPM2_NV_Read, then TPM2_HMAC: the counter is written
+        through to NV before the MAC exists. The value is read back after the
+        increment, not taken as the first read + 1, because anyone holding the
+        index's auth (for ``device`` an empty one; a login proof, made without the
+        authenticator's lock) may have advanced it in between. Both objects are
+        found, and the OTP key loaded, before the counter moves, so a missing or
+        foreign key costs no counter value."""
+        key_record = self._record(otp_key, KeyKind.OTP)
+        counter_record = self._record(counter, KeyKind.COUNTER)
+        nv = self._nv_handle(counter_record, auth)
+        key = self._load(key_record, auth)
+        if limit is not None:
+            with self._tpm("reading the counter", counter_record):
+                current = self._nv_read(nv, counter_record.has_pin)
+            check_counter_limit(current, limit)
+        value = self._increment(counter_record, nv)
+        return value, self._hmac(key_record, key, message_for(value))
 
     # --- PIN --------------------------------------------------------------------
 
@@ -988,6 +1022,8 @@ class Tpm2KeyStore(KeyStore):
                 self._ectx.flush_context(handle)
 
     def _forget(self, record_id: str) -> None:
+        for uri in [u for u, r in self._records.items() if r.id == record_id]:
+            del self._records[uri]
         handle = self._loaded.pop(record_id, None)
         if handle is not None:
             with self._tpm("flushing a key"):
@@ -1081,8 +1117,14 @@ class Tpm2KeyStore(KeyStore):
         return record
 
     def _record(self, uri: str, *kinds: KeyKind) -> _Record:
-        path, _ = parse_attr_uri(uri, "tpm2")
-        record = self._read(path.get("id", ""))
+        """The object a URI names. Its state file is read (and checked) once per open
+        store: a record never changes after it is written, and deleting it here
+        forgets it (:meth:`_forget`)."""
+        record = self._records.get(uri)
+        if record is None:
+            path, _ = parse_attr_uri(uri, "tpm2")
+            record = self._read(path.get("id", ""))
+            self._records[uri] = record
         if record.kind not in kinds:
             wanted = " or ".join(k.value for k in kinds)
             raise InvalidInput(f"{record.label!r} is a {record.kind.value} object, not {wanted}")

@@ -167,9 +167,11 @@ def bench_pkcs11(n: int, baseline: float) -> None:
 
 
 def bench_tpm2(n: int, baseline: float) -> None:
-    """swtpm: the library vs TPM2_NV_Increment + TPM2_NV_Read + TPM2_HMAC through
-    tpm2-pytss, with the same session kind (password for the device method's empty
-    auth; a salted HMAC session for the pin method, so the PIN never crosses the bus)."""
+    """swtpm: the library vs the same TPM commands through tpm2-pytss directly:
+    TPM2_NV_Read (the offline-use limit, checked before the counter moves),
+    TPM2_NV_Increment, TPM2_NV_Read (the value the TPM holds after it) and TPM2_HMAC,
+    with the same session kind (password for the device method's empty auth; a
+    salted HMAC session for the pin method, so the PIN never crosses the bus)."""
     from hsm_auth.testing.swtpm import running_swtpm, set_da_parameters, swtpm_available
 
     reason = swtpm_available()
@@ -252,9 +254,16 @@ def _raw_tpm(tcti: str, state_dir: str, enrolled, pin: str | None):  # type: ign
     ectx.flush_context(srk)  # swtpm has three object slots; the library holds two
     question = hashlib.sha256(b"raw").hexdigest()
 
+    def read() -> int:
+        return int.from_bytes(bytes(ectx.nv_read(nv, 8, 0, nv, session1=session)), "big")
+
+    limit = read() + 10**9  # as the library's, lifted for the bench
+
     def raw() -> bytes:
+        if read() + 1 > limit:
+            raise RuntimeError("offline-use limit")
         ectx.nv_increment(nv, nv, session1=session)
-        value = int.from_bytes(bytes(ectx.nv_read(nv, 8, 0, nv, session1=session)), "big")
+        value = read()
         data = SUITE.data_input(counter=value, question=question)
         return bytes(ectx.hmac(key, TPM2B_MAX_BUFFER(data), TPM2_ALG.NULL, session1=session))
 

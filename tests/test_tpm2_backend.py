@@ -517,6 +517,60 @@ def test_counter_on_another_tpm_is_not_found(swtpm: SwtpmProcess, open_store: An
             moved.close()
 
 
+def test_counted_hmac_finds_both_objects_before_the_counter_moves(
+    store: Tpm2KeyStore, state_dir: Path
+) -> None:
+    otp, _ = _enroll_otp(store, PIN)
+    counter = store.create_counter("t/atc", PIN)
+    value = store.counter_value(counter, PIN)
+    state_dir.joinpath(otp.split("id=")[1][:16] + ".json").unlink()
+    fresh = Tpm2KeyStore.open({"tcti": store.tcti, "state_dir": str(state_dir)})
+    try:
+        with pytest.raises(KeyNotFound):
+            fresh.counted_hmac(otp, counter, lambda c: b"m", PIN, limit=value + 5)
+        assert fresh.counter_value(counter, PIN) == value  # no value spent
+    finally:
+        fresh.close()
+
+
+_OPENED: list[str] | None = None
+
+
+def _count_opens(event: str, args: tuple[Any, ...]) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, Path)):
+        _OPENED.append(str(args[0]))
+
+
+def test_an_otp_reads_each_state_file_once_per_open_store(
+    store: Tpm2KeyStore, state_dir: Path
+) -> None:
+    """Seen through the interpreter's audit events: the first OTP of an open store
+    reads the OTP key's and the counter's state files once each, later ones none."""
+    global _OPENED
+    import sys
+
+    sys.addaudithook(_count_opens)  # audit hooks stay for the process: gated by _OPENED
+    otp, key = _enroll_otp(store, NONE)
+    counter = store.create_counter("t/atc", NONE)
+    store.close()
+    reopened = Tpm2KeyStore.open({"tcti": store.tcti, "state_dir": str(state_dir)})
+    try:
+        reads = []
+        for _ in range(3):
+            _OPENED = []
+            value, mac = reopened.counted_hmac(
+                otp, counter, lambda c: c.to_bytes(8, "big"), NONE, limit=2**40
+            )
+            reads.append(sorted(p for p in _OPENED if p.endswith(".json")))
+            _OPENED = None
+            assert mac == hmac.new(key, value.to_bytes(8, "big"), hashlib.sha256).digest()
+        ids = sorted(str(state_dir / (u.split("id=")[1][:16] + ".json")) for u in (otp, counter))
+        assert reads == [ids, [], []]
+    finally:
+        _OPENED = None
+        reopened.close()
+
+
 # --- PIN and dictionary-attack lockout ------------------------------------------------
 
 
