@@ -70,6 +70,47 @@ def terminal_interaction(err: TextIO) -> UserInteraction:
     return TerminalInteraction()
 
 
+DESCRIPTION = """\
+Hardware-backed offline authentication: OTPs and signatures made inside PKCS#11
+tokens, TPM 2.0 chips and FIDO2 authenticators.
+
+Try it without hardware: `hsm-auth demo` runs the whole offline flow on a
+SoftHSM token, a swtpm TPM 2.0 and the software FIDO2 authenticator."""
+
+DEMO_HELP = (
+    "run the whole offline flow on throw-away tokens: SoftHSM (pin), swtpm (device; "
+    "SoftHSM without swtpm) and the software FIDO2 authenticator (biometric, face)"
+)
+
+METHOD_HELP = "device, pin, biometric or face"
+USER_HELP = "the user's name at the verifier"
+SESSION_HELP = "the session id (hex) that `verifier session` printed"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: read from the installed package's metadata only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("hsm-auth")
+        except PackageNotFoundError:
+            text = "unknown (not installed)"
+        print(f"hsm-auth {text}", file=sys.stdout)
+        parser.exit()
+
+
 @dataclass
 class Context:
     args: argparse.Namespace
@@ -657,6 +698,9 @@ def cmd_login_check(ctx: Context) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
+        "--version", action=_VersionAction, help="print the installed version and exit"
+    )
+    common.add_argument(
         "--home", default=argparse.SUPPRESS, help="keep all state under DIR (or HSM_AUTH_HOME)"
     )
     common.add_argument(
@@ -674,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="hsm-auth",
-        description="Hardware-backed offline authentication (PKCS#11, TPM2, FIDO2).",
+        description=DESCRIPTION,
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
@@ -699,12 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add(sub, "demo", cmd_demo, "run the whole offline flow on embedded SoftHSM tokens")
+    add(sub, "demo", cmd_demo, DEMO_HELP)
     add(sub, "backends", cmd_backends, "list backends and why any is unavailable")
     add(sub, "methods", cmd_methods, "list the methods enrolled on this authenticator")
 
     p = add(sub, "enroll", cmd_enroll, "enroll a method from a verifier's offer", [pin])
-    p.add_argument("--method", required=True, help="device, pin, biometric or face")
+    p.add_argument("--method", required=True, help=METHOD_HELP)
     p.add_argument("--offer", help="the offer text, @FILE, or - for stdin (default)")
     p.add_argument("--replace", action="store_true", help="replace an enrolled method")
 
@@ -712,7 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
 
     p = add(sub, "finish", cmd_finish, "authenticate and print the OTP", [pin])
-    p.add_argument("--method", required=True)
+    p.add_argument(
+        "--method",
+        required=True,
+        help=f"{METHOD_HELP}: an enrolled one that the verification data allows "
+        "(`start` lists them)",
+    )
     p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
 
     p = add(sub, "sync", cmd_sync, "apply a verifier's sync message after an online login")
@@ -739,9 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
         return add(vsub, name, func, help_text, [vopt])
 
     p = vadd("init", cmd_verifier_init, "create the verifier's identity, keys and database")
-    p.add_argument("--name", default="hsm-auth verifier")
+    p.add_argument(
+        "--name", default="hsm-auth verifier", help="the name authenticators show the user"
+    )
     p = vadd("offer", cmd_verifier_offer, "print an enrollment offer for a user")
-    p.add_argument("--user", required=True)
+    p.add_argument("--user", required=True, help=USER_HELP)
     p.add_argument("--methods", help="comma-separated methods the offer allows (default: all)")
     p.add_argument("--replace", action="store_true", help="allow replacing an enrolled method")
     p = vadd("enroll", cmd_verifier_enroll, "record an enrollment response")
@@ -751,14 +802,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_verifier_session,
         "start an offline session (prints the verification data)",
     )
-    p.add_argument("--user", required=True)
+    p.add_argument("--user", required=True, help=USER_HELP)
     p.add_argument(
         "--context", required=True, help="what the user approves, shown on the authenticator"
     )
     p.add_argument("--methods", help="comma-separated allowed methods (default: all enrolled)")
     p.add_argument("--qr", help="terminal, png:PATH or svg:PATH")
     p = vadd("verify", cmd_verifier_verify, "check an OTP for a session")
-    p.add_argument("--session", required=True)
+    p.add_argument("--session", required=True, help=SESSION_HELP)
     p.add_argument(
         "--otp", default="-", help="the OTP, or - (default) to read it from stdin / the terminal"
     )
@@ -767,12 +818,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_verifier_resync,
         "resynchronize from two consecutive OTPs of one session",
     )
-    p.add_argument("--session", required=True)
-    p.add_argument("--otp", required=True)
-    p.add_argument("--next-otp", required=True)
+    p.add_argument("--session", required=True, help=SESSION_HELP)
+    p.add_argument("--otp", required=True, help="an OTP of that session")
+    p.add_argument("--next-otp", required=True, help="the OTP the authenticator made next")
     p = vadd("sync", cmd_verifier_sync, "print a sync message for the authenticator")
-    p.add_argument("--user", required=True)
-    p.add_argument("--method", required=True)
+    p.add_argument("--user", required=True, help=USER_HELP)
+    p.add_argument("--method", required=True, help=METHOD_HELP)
     p = vadd(
         "purge",
         cmd_verifier_purge,
@@ -786,22 +837,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep what expired less than this long ago (default 3600)",
     )
     p = vadd("unlock", cmd_verifier_unlock, "unlock a locked credential")
-    p.add_argument("--user", required=True)
-    p.add_argument("--method", required=True)
+    p.add_argument("--user", required=True, help=USER_HELP)
+    p.add_argument("--method", required=True, help=METHOD_HELP)
     p = vadd(
         "credentials",
         cmd_verifier_credentials,
         "list credentials, counters and lockout state",
     )
-    p.add_argument("--user")
+    p.add_argument("--user", help="only this user's")
     p = vadd("revoke", cmd_verifier_revoke, "revoke (delete) a user's method")
-    p.add_argument("--user", required=True)
-    p.add_argument("--method", required=True)
+    p.add_argument("--user", required=True, help=USER_HELP)
+    p.add_argument("--method", required=True, help=METHOD_HELP)
     p = vadd("show", cmd_verifier_show, "show a user's counters, lockout state and recent events")
-    p.add_argument("--user", required=True)
+    p.add_argument("--user", required=True, help=USER_HELP)
     p.add_argument("--recent", type=int, default=20, help="how many audit events (default 20)")
     p = vadd("audit", cmd_verifier_audit, "print audit records as JSON lines (oldest first)")
-    p.add_argument("--user")
+    p.add_argument("--user", help="only this user's")
     p.add_argument("--limit", type=int, default=100, help="the newest N records (default 100)")
 
     lp = sub.add_parser("login", help="workstation login (PAM)", parents=[common])
@@ -811,8 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("check", cmd_login_check, "run a login check as the PAM helper does"),
     ):
         p = add(lsub, name, func, text, [pin])
-        p.add_argument("--user", required=True)
-        p.add_argument("--method", required=name == "enroll")
+        p.add_argument("--user", required=True, help="the local account")
+        p.add_argument("--method", required=name == "enroll", help=METHOD_HELP)
         p.add_argument(
             "--authdir",
             "--authfile",

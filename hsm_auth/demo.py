@@ -15,6 +15,7 @@ plus a verifier and an authenticator. The demo tokens' PINs are given to
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -143,15 +144,18 @@ def _add_fido2(home: Path, tokens: DemoTokens) -> None:
 
 
 def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -> int:
+    """Run the demo; progress on ``out`` (on ``err`` with ``as_json``, where ``out``
+    gets one JSON document: every method's backend, ATCs and outcome)."""
     home = paths.data_dir / "demo"
     if home.exists():
         shutil.rmtree(home)
+    shown = err if as_json else out
 
     def step(text: str) -> None:
-        print(f"==> {text}", file=out)
+        print(f"==> {text}", file=shown)
 
     step(f"creating tokens, a verifier and an authenticator in {home}")
-    failures = 0
+    results: list[dict[str, Any]] = []
     with prepare(home) as tokens:
         for note in tokens.notes:
             step(note)
@@ -168,12 +172,16 @@ def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -
                 _, offer = verifier.create_offer(USER, methods=[method])
                 cred = verifier.accept_enrollment(a.add_or_update(method, offer, pin=pin))
                 step(f"enrolled {method.value} (backend {cred.backend}, initial ATC {cred.atc})")
-            for i, method in enumerate(methods):
+                results.append(
+                    {"method": method.value, "backend": cred.backend, "initial_atc": cred.atc}
+                )
+            for i, (method, result_doc) in enumerate(zip(methods, results, strict=True)):
                 session = verifier.start_session(USER, CONTEXT, methods=methods)
                 step(f"verifier started session {session.session_id.hex()}")
-                if i == 0:  # one QR code is enough to show
-                    print(qr.terminal(session.text), file=out)
-                print(session.text, file=out)
+                if not as_json:
+                    if i == 0:  # one QR code is enough to show
+                        print(qr.terminal(session.text), file=out)
+                    print(session.text, file=out)
                 request = a.start_offline_authentication(session.text)
                 step(f"authenticator shows {request.verifier_name!r}: {request.context!r}")
                 pin = tokens.offline_pin if method.needs_pin else None
@@ -181,14 +189,26 @@ def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -
                 step(f"OTP from the {method.value} token: {result.otp} (ATC {result.atc})")
                 ok = verifier.verify(session.session_id, result.otp)
                 step(f"verifier accepted {ok.user} with {ok.method.value} (ATC {ok.atc})")
+                result_doc.update(atc=ok.atc, accepted=True, replay_refused=False)
                 try:
                     verifier.verify(session.session_id, result.otp)
                 except InvalidToken:
                     step("replaying the same OTP: refused, as it must be")
+                    result_doc["replay_refused"] = True
                 else:
                     print("error: the replayed OTP was accepted", file=err)
-                    failures += 1
-    if failures:
+    passed = all(r.get("replay_refused") for r in results)
+    if as_json:
+        doc = {
+            "passed": passed,
+            "home": str(home),
+            "user": USER,
+            "context": CONTEXT,
+            "notes": tokens.notes,
+            "methods": results,
+        }
+        print(json.dumps(doc, sort_keys=True), file=out)
+    if not passed:
         return 1
     step(f"demo passed for {', '.join(m.value for m in methods)}; state kept in {home}")
     return 0
