@@ -87,6 +87,9 @@ def flow(tmp: Path, config: Config, method: Method, pin: str | None = None):  # 
 
 
 def bench_pkcs11(n: int, baseline: float) -> None:
+    """SoftHSM: the library vs the backend's own counter scheme through python-pkcs11
+    (two ATC objects written alternately: read the label of the one to write, write
+    value + 1 with its check there, then CKM_SHA256_HMAC)."""
     from hsm_auth.testing.softhsm import init_token, softhsm_available, softhsm_environment
     from hsm_auth.uri import Pkcs11Uri
 

@@ -75,6 +75,9 @@ class EnrolledMethod:
     window: int
     synced_atc: int
     created: int
+    #: The backend's entry point (``module:class``) at enrollment: loads it without
+    #: an entry-point scan (``None`` in credentials written by earlier versions).
+    backend_ref: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -180,13 +183,14 @@ class Authenticator:
 
     @contextlib.contextmanager
     def _store(
-        self, backend: str, settings: Mapping[str, Any], method: Method
+        self, backend: str, settings: Mapping[str, Any], method: Method,
+        reference: str | None = None,
     ) -> Iterator[KeyStore]:
         """The open store for ``backend``/``settings``, kept for later operations, except
         where a PIN unlocks a whole session (PKCS#11): then the store is opened for this
         operation only and closed (logged out) after it, so that every use of the pin
         method is a fresh login that the token itself checks and counts."""
-        cls = registry.load_backend(backend)
+        cls = registry.load_backend(backend, reference)  # kept per process by the registry
         if method.needs_pin and cls.pin_unlocks_session:
             with cls.open(settings) as once:
                 yield once
@@ -322,6 +326,7 @@ class Authenticator:
                     window=offer.window,
                     synced_atc=enrollment.initial_atc,
                     created=int(self._clock()),
+                    backend_ref=registry.backend_reference(backend),
                 )
                 verifiers = dict(self._verifiers)
                 verifiers[offer.verifier_id] = PinnedVerifier(
@@ -388,7 +393,9 @@ class Authenticator:
         assert enrolled is not None
         suite = _suite(enrolled.suite)
         question = request.data.question.hex()
-        with self._store(enrolled.backend, enrolled.settings, method) as store:
+        with self._store(
+            enrolled.backend, enrolled.settings, method, enrolled.backend_ref
+        ) as store:
             auth = self._authorization(method, store, enrolled.settings, pin)
             limit = enrolled.synced_atc + enrolled.window
             with self._exclusive():  # one OTP at a time per authenticator, across processes
