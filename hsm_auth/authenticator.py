@@ -37,7 +37,14 @@ from .errors import (
     UnknownMethod,
     UntrustedMessage,
 )
-from .files import atomic_write_json, check_state, ensure_private_dir, locked, read_json
+from .files import (
+    atomic_write_json,
+    check_state,
+    ensure_private_dir,
+    locked,
+    read_json,
+    state_int,
+)
 from .keystore import Authorization, Capability, KeyStore, UserInteraction
 from .methods import Method
 from .protocol import EnrollmentOffer, EnrollmentResponse, SyncMessage, VerificationData
@@ -88,8 +95,11 @@ class EnrolledMethod:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EnrolledMethod:
+        where = "credentials.json"  # bounds: values only an edit could give
         return cls(
-            **{**d, "verifier_id": bytes.fromhex(d["verifier_id"]), "method": Method(d["method"])}
+            **{**d, "verifier_id": bytes.fromhex(d["verifier_id"]), "method": Method(d["method"]),
+               "window": state_int(d, "window", None, 1, 1000, where),
+               "synced_atc": state_int(d, "synced_atc", None, 0, 2**63 - 1, where)}
         )
 
 

@@ -29,7 +29,6 @@ import json
 import os
 import pwd
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +252,8 @@ def read_json(path: Path) -> Any:
 
 def atomic_write(path: Path, data: bytes, mode: int = PRIVATE_MODE) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never half."""
+    import tempfile  # only writers need it (CLI start-up)
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -315,10 +316,12 @@ def decode_pin(data: bytes, source: str) -> str:
     return pin
 
 
-def state_int(data: dict[str, Any], key: str, default: int, lo: int, hi: int,
+def state_int(data: dict[str, Any], key: str, default: int | None, lo: int, hi: int,
               where: str) -> int:
     """An integer setting read from a state file, refused outside ``lo..hi`` (a value
-    only an edit could put there)."""
+    only an edit could put there); ``default`` None: the key is required."""
+    if key not in data and default is None:
+        raise StateError(f"{where}: {key} is missing")
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         shown = repr(value)[:40]

@@ -336,6 +336,25 @@ def test_identity_values_only_an_edit_could_give_are_refused(
     assert run(home, "verifier", "credentials").returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("window", 10**9), ("window", 0), ("window", 1e3), ("synced_atc", -1), ("synced_atc", None)],
+)
+def test_credential_values_only_an_edit_could_give_are_refused(
+    home: Path, key: str, value: object
+) -> None:
+    path = home / "authenticator" / "credentials.json"
+    saved = path.read_bytes()
+    data = json.loads(saved)
+    data["methods"][0][key] = value
+    path.write_text(json.dumps(data))
+    try:
+        state_refused(home, ("methods",), "credentials.json", key)
+    finally:
+        path.write_bytes(saved)
+    assert run(home, "methods").returncode == 0
+
+
 def test_a_lock_file_symlink_is_not_followed(home: Path, tmp_path: Path) -> None:
     lock = home / "authenticator" / ".lock"
     target = tmp_path / "planted"

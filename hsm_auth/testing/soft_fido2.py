@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
@@ -82,7 +81,7 @@ from fido2.hid import CAPABILITY, CTAPHID
 from fido2.webauthn import AttestedCredentialData, AuthenticatorData
 
 from hsm_auth.errors import InvalidInput, StateError
-from hsm_auth.files import atomic_write
+from hsm_auth.files import atomic_write, locked
 
 __all__ = [
     "ENV_STATE_FILE",
@@ -1208,13 +1207,8 @@ class SoftAuthenticator(CtapDevice):
     @staticmethod
     @contextlib.contextmanager
     def _lock_path(path: Path) -> Iterator[None]:
-        lock = path.with_name(path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(path.with_name(path.name + ".lock")):
             yield
-        finally:
-            os.close(fd)  # closing releases the lock
 
     def _read(self) -> _State:
         try:
