@@ -1,21 +1,27 @@
 """Verifier throughput, in one run:
 
 1. OCRA checks/s of pure computation (key known, no ECDH, no database): the floor;
-2. the same with the per-check ECDH that derives the OTP key (file keys);
-3. durable verifications/s on SQLite, 1 process (WAL, synchronous=FULL), with
+2. the same with the ECDH that derives the OTP key (file keys): on every check
+   (a cache miss), and with the derived key cached (``OtpKeyCache``);
+3. memory: RSS growth of a fresh process that checks N distinct credentials
+   once each (file keys), the cache's share of it, and the checks/s of that
+   first pass (all misses) and of a second one;
+4. durable verifications/s on SQLite, 1 process (WAL, synchronous=FULL), with
    group commit (``Verifier.verify_many``) and, for comparison, one commit each;
-4. durable verifications/s on PostgreSQL (a throw-away server started here,
+5. durable verifications/s on PostgreSQL (a throw-away server started here,
    fsync=on, synchronous_commit=on) with 1 and 2 processes.
 
 Every verification is a real one: a fresh session, a valid OTP, compare-and-swap
 of the ATC and the burn of the session committed before the result is counted.
 
     .venv/bin/python bench/verifier.py [--users 2000] [--rounds 5] [--batch 256]
+                                       [--distinct 100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -47,20 +53,70 @@ def ocra_floor(n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def with_ecdh(n: int) -> float:
+def with_ecdh(n: int, cache_bytes: int) -> float:
+    """Checks/s of one credential, its key derived on each check (``cache_bytes=0``) or cached."""
     from hsm_auth.verifier_keys import FileVerifierKeys
 
-    keys = FileVerifierKeys(cec.generate_private_key(ec.CURVE), cec.generate_private_key(ec.CURVE))
+    keys = FileVerifierKeys(
+        cec.generate_private_key(ec.CURVE), cec.generate_private_key(ec.CURVE),
+        cache_bytes=cache_bytes,
+    )
     device = cec.generate_private_key(ec.CURVE)
     cred = CredentialRecord(
         "u", Method.DEVICE, "x", b"", ec.encode_point(device.public_key()), None, SUITE.text, 0, 0
     )
-    data = SUITE.data_input(counter=1, question=hashlib.sha256(b"q").hexdigest())
+    question = hashlib.sha256(b"q").hexdigest()
     start = time.perf_counter()
-    for _ in range(n):
+    for i in range(n):
         with keys.otp_macs(cred) as mac:
-            ocra.truncate(mac(data), SUITE.digits)
+            ocra.truncate(mac(SUITE.data_input(counter=i, question=question)), SUITE.digits)
     return n / (time.perf_counter() - start)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise SystemExit("bench: no VmRSS in /proc/self/status")
+
+
+def distinct_credentials(n: int) -> dict[str, float]:
+    """In a fresh process: RSS growth and checks/s over ``n`` distinct credentials."""
+    from hsm_auth.verifier_keys import FileVerifierKeys
+
+    keys = FileVerifierKeys(cec.generate_private_key(ec.CURVE), cec.generate_private_key(ec.CURVE))
+    creds = [
+        CredentialRecord(
+            "u", Method.DEVICE, "x", b"",
+            ec.encode_point(cec.generate_private_key(ec.CURVE).public_key()),
+            None, SUITE.text, 0, 0,
+        )
+        for _ in range(n)
+    ]
+    data = SUITE.data_input(counter=1, question=hashlib.sha256(b"q").hexdigest())
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for cred in creds:
+            with keys.otp_macs(cred) as mac:
+                ocra.truncate(mac(data), SUITE.digits)
+        return n / (time.perf_counter() - start)
+
+    gc.collect()
+    before = _rss_bytes()
+    first = one_pass()
+    grown = _rss_bytes() - before
+    second = one_pass()
+    cache = getattr(keys, "otp_keys", None)
+    return {
+        "before": before,
+        "grown": grown,
+        "first": first,
+        "second": second,
+        "cached": len(cache) if cache is not None else -1,
+        "cache_bytes": cache.nbytes if cache is not None else -1,
+    }
 
 
 def populate(v: Verifier, users: int, rounds: int, prefix: str) -> list[list[tuple[bytes, str]]]:
@@ -146,11 +202,24 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--distinct", type=int, default=100_000, help="credentials for the RSS run")
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
     print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"OCRA checks/s, pure computation (floor)         : {ocra_floor(100_000):10,.0f}")
-    print(f"OCRA checks/s with per-check ECDH (file keys)   : {with_ecdh(10_000):10,.0f}")
+    print(f"OCRA checks/s, ECDH on every check (file keys)  : {with_ecdh(10_000, 0):10,.0f}")
+    print(f"OCRA checks/s, derived key cached (file keys)   : {with_ecdh(100_000, 2**20):10,.0f}")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process for RSS
+        m = pool.apply(distinct_credentials, (args.distinct,))
+    print(
+        f"{args.distinct:,} distinct credentials, file keys: RSS {m['before'] / 2**20:.0f} MB -> "
+        f"{(m['before'] + m['grown']) / 2**20:.0f} MB (+{m['grown'] / 2**20:.1f} MB; "
+        f"cache {m['cached']:,} keys, {m['cache_bytes'] / 2**20:.1f} MB counted)"
+    )
+    print(
+        f"  checks/s over them: first pass (ECDH each) {m['first']:,.0f}, "
+        f"second pass {m['second']:,.0f}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="hsm-auth-bench-") as tmp:
         v = Verifier.init(Path(tmp) / "sqlite", "bench")

@@ -4,9 +4,11 @@ session key, HMACs there and destroys it."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import json
+import types
 
 import pytest
 from _verifier_device import Clock, enroll
@@ -97,3 +99,74 @@ def test_cli_init_with_hsm_and_admin_commands(tmp_path, hsm_uri, capsys):
     assert cli.main(["--home", home, "verifier", "show", "--user", "carol", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["credentials"][0]["failures_until_lockout"] == 10
+
+
+# --- no derived key is cached on the host ------------------------------------------
+
+
+def _reachable_bytes(*roots: object) -> list[bytes]:
+    """Every bytes-like value reachable from ``roots`` through objects, containers,
+    hsm_auth classes and the closures and defaults of hsm_auth functions (not
+    through other modules, which is where a cache of ours would not live)."""
+    seen: set[int] = set()
+    found: list[bytes] = []
+    stack = list(roots)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            found.append(bytes(obj))
+        elif isinstance(obj, types.ModuleType):
+            if obj.__name__.startswith(("hsm_auth", "hsm_auth_backends")):
+                stack.extend(vars(obj).values())
+        elif isinstance(obj, type):
+            if obj.__module__.startswith(("hsm_auth", "hsm_auth_backends")):
+                stack.extend(vars(obj).values())
+        elif isinstance(obj, types.FunctionType):
+            if obj.__module__.startswith(("hsm_auth", "hsm_auth_backends")):
+                stack.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
+                stack.extend(obj.__defaults__ or ())
+                stack.extend((obj.__kwdefaults__ or {}).values())
+                stack.append(getattr(obj, "__wrapped__", None))
+        elif not isinstance(obj, (types.BuiltinFunctionType, types.CodeType, types.FrameType)):
+            stack.extend(gc.get_referents(obj))
+    return found
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
+
+
+def _holds(values: list[bytes], secret: bytes) -> bool:
+    return any(secret in v for v in values)
+
+
+def test_hsm_mode_keeps_no_derived_key_on_the_host(tmp_path, verifier):
+    import hsm_auth.verifier as verifier_module
+    import hsm_auth.verifier_keys as keys_module
+
+    device = enroll(verifier, "alice")
+    fido = enroll(verifier, "bob", Method.FACE, wrapped=True)  # unwrapped on the host per check
+    for user, dev in (("alice", device), ("bob", fido)):
+        for _ in range(2):
+            s = verifier.start_session(user, "Log in")
+            verifier.verify(s.session_id, dev.otp(s))
+    values = _reachable_bytes(verifier, verifier_module, keys_module)
+    assert verifier.identity.verifier_id in values  # the walk does reach the verifier's state
+    assert not _holds(values, device.otp_key)
+    assert not _holds(values, fido.otp_key)
+
+
+def test_the_walk_finds_a_cached_key_with_file_keys(tmp_path):
+    """The control: file keys do cache the derived key, and the walk above sees it."""
+    with Verifier.init(tmp_path / "file-verifier", "file", clock=Clock()) as v:
+        device = enroll(v, "carol")
+        s = v.start_session("carol", "Log in")
+        v.verify(s.session_id, device.otp(s))
+        assert _holds(_reachable_bytes(v), device.otp_key)
