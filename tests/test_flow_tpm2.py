@@ -177,23 +177,29 @@ from hsm_auth.authenticator import Authenticator
 from hsm_auth.keystore import Authorization
 from hsm_auth.methods import Method
 
-auth_dir, tcti, state_dir, pin = sys.argv[1:]
+auth_dir, tcti, state_dir, pin, device_text, pin_text, mode = sys.argv[1:]
 authenticator = Authenticator(Path(auth_dir))
+if mode == "otp":  # whole OTPs through the library: counter update, then the HMAC
+    requests = [
+        (authenticator.start_offline_authentication(device_text), Method.DEVICE, None),
+        (authenticator.start_offline_authentication(pin_text), Method.PIN, pin),
+    ]
+    while True:
+        for request, method, secret in requests:
+            authenticator.finish_offline_authentication(request, method, pin=secret)
+            print("otp", flush=True)
 enrolled = {m.method: m for m in authenticator.enrolled}
 store = Tpm2KeyStore.open({"tcti": tcti, "state_dir": state_dir, "auth": "auto"})
 keys = [
     (enrolled[Method.PIN], Authorization(pin=pin)),
     (enrolled[Method.DEVICE], Authorization()),
 ]
-ready = False
 while True:  # churn keys in and out of the TPM's object slots until killed
     for method, auth in keys:
         store.hmac(method.otp_key, b"m" * 1500, auth)  # > 1024 bytes: an HMAC sequence
         store.sign(method.signing_key, b"x", auth)
         store.counter_value(method.counter, auth)
-        if not ready:
-            print("busy", flush=True)
-            ready = True
+    print("busy", flush=True)
 """
 
 
@@ -210,20 +216,32 @@ def _leftovers(tcti):
 
 
 def test_tpm_stays_usable_after_ten_kills_in_a_row(swtpm, tmp_path, config, verifier, enrolled):
+    """SIGKILL a real process at a random instant, alternately inside whole OTPs
+    (counter update and HMAC, device and pin) and inside a loop that churns keys,
+    sessions and an HMAC sequence; after every kill, with what it left still loaded,
+    a full OTP of each method is accepted by the verifier."""
     settings = config.methods[Method.DEVICE].settings
-    enrolled.close()  # swtpm serves one connection at a time
+    enrolled.close()  # no store of ours is open: the next one is the TPM's first client
     rng = random.Random(9)
     for kill in range(10):
+        mode = "otp" if kill % 2 == 0 else "churn"
+        texts = [
+            verifier.start_session("alice", "the child's", methods=[m]).text
+            for m in (Method.DEVICE, Method.PIN)
+        ]
         child = subprocess.Popen(
             [sys.executable, "-c", _BUSY_CHILD, str(tmp_path / "auth"), swtpm.tcti,
-             settings["state_dir"], OFFLINE_PIN],
+             settings["state_dir"], OFFLINE_PIN, *texts, mode],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
-            assert child.stdout is not None and child.stdout.readline() == "busy\n", (
-                child.stderr.read() if child.stderr else ""
-            )
-            time.sleep(rng.uniform(0, 0.05))  # the kill lands at a random instant mid-operation
+            assert child.stdout is not None
+            for _ in range(rng.randint(1, 3) if mode == "otp" else 1):
+                assert child.stdout.readline() in ("otp\n", "busy\n"), (
+                    child.stderr.read() if child.stderr else ""
+                )
+            # the kill lands at a random instant inside the next OTP / round
+            time.sleep(rng.uniform(0, 0.004 if mode == "otp" else 0.05))
             child.send_signal(signal.SIGKILL)
         finally:
             child.wait()
