@@ -37,7 +37,7 @@ from hsm_auth.verifier import Verifier
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
 
-KILLS = 60  # kills that must land inside an OTP, at distinct instants
+KILLS = 60  # kills that must land inside an OTP, at distinct (OTP, microsecond) points
 OTPS = 4  # per child: fewer than the verifier's look-ahead window (10)
 KILLEE = Path(__file__).with_name("_otp_killee.py")
 
@@ -139,6 +139,7 @@ def test_sigkill_during_otp_never_loses_the_counter(softhsm_env, tmp_path):  # t
         assert status == 0 and lines[-1] == "done", lines
         stamps = [int(x.split()[1 if x.startswith("ready") else 3]) for x in lines[:-1]]
         span = (stamps[-1] - stamps[0]) / 1e9
+        cold = (stamps[1] - stamps[0]) / 1e9  # the first OTP finds and reads the objects
         high = max(int(x.split()[1]) for x in lines if x.startswith("otp "))
         assert store.counter_value(counter, no_pin) == high
         last = next_otp_is_accepted()
@@ -146,8 +147,10 @@ def test_sigkill_during_otp_never_loses_the_counter(softhsm_env, tmp_path):  # t
         inside: list[tuple[int, int]] = []  # (OTP index, ns into it) per kill inside an OTP
         torn = 0  # kills after which one of the two counter objects was gone or damaged
         attempt = 0
-        while len(inside) < KILLS and attempt < 4 * KILLS:
-            delay = span * ((attempt * 0.618034) % 1.0)  # a low-discrepancy sweep of [0, span)
+        while len({(i, ns // 1000) for i, ns in inside}) < KILLS and attempt < 4 * KILLS:
+            # A low-discrepancy sweep, alternately of the first OTP and of the others.
+            start, width = (0.0, cold) if attempt % 2 else (cold, span - cold)
+            delay = start + width * ((attempt * 0.618034) % 1.0)
             attempt += 1
             recreate = attempt % 3 == 0
             if recreate:  # as a torn write leaves it: the slot to write next is gone
@@ -181,4 +184,4 @@ def test_sigkill_during_otp_never_loses_the_counter(softhsm_env, tmp_path):  # t
     print(f"\n{len(inside)} kills inside an OTP in {attempt} runs, {len(points)} distinct "
           f"(OTP, us) points, per OTP index {[sum(i == k for i, _ in inside) for k in range(OTPS)]}"
           f", {torn} real kills left one counter object gone or damaged; final ATC {last}")
-    assert len(inside) >= KILLS and len(points) >= 50
+    assert len(points) >= KILLS
