@@ -259,6 +259,10 @@ def test_a_symlinked_parent_owned_by_another_user_is_refused(tmp_path: Path) -> 
     os.lchown(link, NOBODY, -1)
     state_refused(link / "home", ("verifier", "credentials"),
                   f"{link} (above", "symbolic link owned by nobody")
+    os.lchown(link, 0, -1)
+    ok(link / "home", "verifier", "credentials")
+    os.chown(real, NOBODY, -1)  # where a trusted symlink leads is checked as well
+    state_refused(link / "home", ("verifier", "credentials"), f"{real} (above", "owned by nobody")
 
 
 # --- files ---------------------------------------------------------------------------
