@@ -26,7 +26,8 @@ from . import ec, textcode
 from .errors import DecodeError, UnsupportedVersion
 from .methods import Method
 
-VERSION = 1
+#: 2: the enrollment offer names the methods the user has enrolled at the verifier.
+VERSION = 2
 MAX_MESSAGE = 4096
 MAX_CONTEXT = 200  # characters of context text (it must fit a QR code)
 
@@ -140,6 +141,16 @@ def _methods(v: Any) -> tuple[Method, ...]:
     return out
 
 
+def _method_set(v: Any, name: str) -> tuple[Method, ...]:
+    """Like :func:`_methods`, but the set may be empty."""
+    if not isinstance(v, list) or len(v) > len(Method):
+        raise DecodeError(f"bad field {name}")
+    try:
+        return _methods(v) if v else ()
+    except DecodeError:
+        raise DecodeError(f"bad field {name}") from None
+
+
 def _method(v: Any) -> Method:
     return _methods([v])[0]
 
@@ -166,7 +177,7 @@ class _Message:
             v = getattr(self, f.name)
             if isinstance(v, Method):
                 v = v.code
-            elif isinstance(v, tuple) and v and isinstance(v[0], Method):
+            elif isinstance(v, tuple) and all(isinstance(m, Method) for m in v):
                 v = [m.code for m in v]
             out.append(v)
         return out
@@ -205,7 +216,11 @@ class _Message:
 
 @dataclass(frozen=True)
 class EnrollmentOffer(_Message):
-    """Verifier → authenticator: an invitation to enroll one method (signed, short-lived)."""
+    """Verifier → authenticator: an invitation to enroll one method (signed, short-lived).
+
+    ``enrolled`` names the methods the user had enrolled at the verifier when it made
+    the offer: without ``replace`` the verifier will refuse those, so the
+    authenticator refuses them too, before it creates any key."""
 
     KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_OFFER
 
@@ -220,6 +235,7 @@ class EnrollmentOffer(_Message):
     methods: tuple[Method, ...]
     replace: bool
     expires: int
+    enrolled: tuple[Method, ...] = ()
     signature: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
@@ -236,6 +252,7 @@ class EnrollmentOffer(_Message):
             methods=_methods(v[8]),
             replace=_bool(v[9], "replace"),
             expires=_int(v[10], "expires"),
+            enrolled=_method_set(v[11], "enrolled"),
             signature=signature,
         )
 

@@ -298,6 +298,9 @@ class Verifier:
             methods=tuple(dict.fromkeys(methods)),
             replace=replace,
             expires=self._now() + self.identity.offer_ttl,
+            # What accept_enrollment will refuse without replace: the authenticator
+            # refuses it before creating keys that would be left over.
+            enrolled=tuple(c.method for c in self.store.credentials(user)),
         )
         text = offer.to_text(self.keys.sign_raw)
         record = AuditRecord(

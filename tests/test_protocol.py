@@ -15,6 +15,7 @@ from hsm_auth import ec, textcode
 from hsm_auth.errors import DecodeError, UnsupportedVersion, UntrustedMessage
 from hsm_auth.methods import Method
 from hsm_auth.protocol import (
+    VERSION,
     EnrollmentOffer,
     EnrollmentResponse,
     SyncMessage,
@@ -173,7 +174,7 @@ def test_decoders_raise_only_decode_errors_on_arbitrary_bytes(data):
     )
 )
 def test_decoders_raise_only_decode_errors_on_arbitrary_cbor_bodies(value):
-    body = cbor2.dumps([1, 3, value] if not isinstance(value, list) else [1, 3, *value])
+    body = cbor2.dumps([VERSION, 3, value] if not isinstance(value, list) else [VERSION, 3, *value])
     for wire in (cbor2.dumps([body, b"s" * 64]), cbor2.dumps(value)):
         with contextlib.suppress(DecodeError):
             VerificationData.decode(wire)
