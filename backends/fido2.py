@@ -1293,15 +1293,15 @@ class Fido2KeyStore(KeyStore):
                 result.auth_data,
                 result.signature,
             )
-        except BaseException:
-            self.delete_key(otp_uri, auth)
+            return Enrollment(
+                signing_key=self._uri(record, KeyKind.SIGNING),
+                signing_public=record.public_key,
+                otp_key=otp_uri,
+                counter=self._uri(record, KeyKind.COUNTER),
+                initial_atc=record.atc,  # 0: the ATC is the host's, per credential
+                otp_key_for_verifier=wrapped,
+                attestation=attestation,
+            )
+        except BaseException:  # incl. KeyboardInterrupt: forget the new credential
+            self.roll_back([otp_uri], auth)
             raise
-        return Enrollment(
-            signing_key=self._uri(record, KeyKind.SIGNING),
-            signing_public=record.public_key,
-            otp_key=otp_uri,
-            counter=self._uri(record, KeyKind.COUNTER),
-            initial_atc=record.atc,  # 0: the ATC is the host's, per credential
-            otp_key_for_verifier=wrapped,
-            attestation=attestation,
-        )

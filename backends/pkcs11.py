@@ -890,16 +890,27 @@ class Pkcs11KeyStore(KeyStore):
         p11 = self._p11
         attr, cls = p11.Attribute, p11.ObjectClass
         keys: list[KeyInfo] = []
+        pairs: set[bytes] = set()
         with self._call("C_FindObjects", auth):
             for obj in self._session.get_objects(
                 {attr.CLASS: cls.PRIVATE_KEY, attr.KEY_TYPE: p11.KeyType.EC}
             ):
                 got = obj.get_attributes([attr.ID, attr.LABEL, attr.SIGN, attr.DERIVE])
+                pairs.add(got[attr.ID])
                 kind = KeyKind.SIGNING if got[attr.SIGN] else KeyKind.AGREEMENT
                 if not (got[attr.SIGN] or got[attr.DERIVE]):
                     continue
                 label = got[attr.LABEL]
                 keys.append(KeyInfo(self._uri("private", got[attr.ID], label), kind, label))
+            # A public half without its private key (a kill inside C_GenerateKeyPair).
+            for obj in self._session.get_objects(
+                {attr.CLASS: cls.PUBLIC_KEY, attr.KEY_TYPE: p11.KeyType.EC}
+            ):
+                got = obj.get_attributes([attr.ID, attr.LABEL, attr.VERIFY])
+                if got[attr.ID] not in pairs:
+                    kind = KeyKind.SIGNING if got[attr.VERIFY] else KeyKind.AGREEMENT
+                    label = got[attr.LABEL]
+                    keys.append(KeyInfo(self._uri("public", got[attr.ID], label), kind, label))
             for obj in self._session.get_objects(
                 {attr.CLASS: cls.SECRET_KEY, attr.KEY_TYPE: p11.KeyType.GENERIC_SECRET}
             ):

@@ -64,6 +64,7 @@ PINs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -720,11 +721,19 @@ class Tpm2KeyStore(KeyStore):
         has_pin = bool(pin)
         secret = has_pin or bool(self._owner_auth)
         ectx = self._ectx
-        handle = index = None
+        handle = None
+        # The state file is written before the NV index is defined, so that a process
+        # killed in between leaves a file naming the index (found and deleted as an
+        # orphan), never an NV index that no file names.
+        record = _Record(
+            id=secrets.token_hex(8), kind=KeyKind.COUNTER, label=label, has_pin=has_pin
+        )
         try:
             ectx.tr_set_auth(_esys_tr().OWNER, self._owner_auth)
             for _ in range(16):
                 index = NV_OWNER_FIRST + secrets.randbelow(NV_OWNER_LAST - NV_OWNER_FIRST + 1)
+                record = dataclasses.replace(record, nv_index=index)
+                self._write(record)
                 public = TPM2B_NV_PUBLIC(
                     TPMS_NV_PUBLIC(
                         nvIndex=index,
@@ -747,19 +756,16 @@ class Tpm2KeyStore(KeyStore):
                     if _tpm_code(e.rc) == TPM2_RC.NV_DEFINED:
                         continue
                     raise self._convert(e, "defining the NV counter (needs owner auth)") from e
+        except HsmAuthError:  # the TPM refused: nothing defined, only the file to remove
+            self._file(record.id).unlink(missing_ok=True)
+            raise
         finally:
             _wipe(pin)
-        if handle is None or index is None:
+        if handle is None:
+            self._file(record.id).unlink(missing_ok=True)
             raise CounterError("no free NV index found in the owner range")
-        record = _Record(
-            id=secrets.token_hex(8),
-            kind=KeyKind.COUNTER,
-            label=label,
-            has_pin=has_pin,
-            nv_index=index,
-        )
+        index = record.nv_index
         try:
-            self._write(record)
             self._nv[index] = handle
             # TPM_NT_COUNTER has no value until the first increment (TPMA_NV_WRITTEN).
             self.counter_increment(self._uri(record), auth)

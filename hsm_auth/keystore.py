@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar
@@ -304,24 +304,52 @@ class KeyStore(ABC):
         missing -= self.capabilities()
         if missing:
             raise MechanismNotSupported(", ".join(sorted(c.value for c in missing)))
-        signing = self.generate_key(f"{label}/sign", KeyKind.SIGNING, auth)
-        agreement = self.generate_key(f"{label}/ecdh", KeyKind.AGREEMENT, auth)
-        otp_key = self.derive_otp_key(f"{label}/otp", agreement, verifier_agreement_public, auth)
-        counter = self.create_counter(f"{label}/atc", auth)
-        return Enrollment(
-            signing_key=signing,
-            signing_public=self.public_key(signing, auth),
-            otp_key=otp_key,
-            counter=counter,
-            initial_atc=self.counter_value(counter, auth),
-            agreement_key=agreement,
-            agreement_public=self.public_key(agreement, auth),
-        )
+        created: list[str] = []
+        try:
+            signing = self.generate_key(f"{label}/sign", KeyKind.SIGNING, auth)
+            created.append(signing)
+            agreement = self.generate_key(f"{label}/ecdh", KeyKind.AGREEMENT, auth)
+            created.append(agreement)
+            otp_key = self.derive_otp_key(
+                f"{label}/otp", agreement, verifier_agreement_public, auth
+            )
+            created.append(otp_key)
+            counter = self.create_counter(f"{label}/atc", auth)
+            created.append(counter)
+            return Enrollment(
+                signing_key=signing,
+                signing_public=self.public_key(signing, auth),
+                otp_key=otp_key,
+                counter=counter,
+                initial_atc=self.counter_value(counter, auth),
+                agreement_key=agreement,
+                agreement_public=self.public_key(agreement, auth),
+            )
+        except BaseException:  # incl. KeyboardInterrupt: nothing half-enrolled stays
+            self.roll_back(created, auth)
+            raise
 
     def unenroll(self, enrollment: Enrollment, auth: Authorization) -> None:
-        """Delete everything :meth:`enroll` created (used to roll back a failed enrollment)."""
+        """Delete everything :meth:`enroll` created (used to roll back a failed enrollment).
+
+        Tries every key even when one fails, then raises the first error."""
         uris = [enrollment.signing_key, enrollment.otp_key, enrollment.counter]
         if enrollment.agreement_key:
             uris.append(enrollment.agreement_key)
-        for uri in uris:
-            self.delete_key(uri, auth)
+        errors = self.roll_back(dict.fromkeys(uris), auth)
+        if errors:
+            raise errors[0]
+
+    def roll_back(self, uris: Iterable[str], auth: Authorization) -> list[Exception]:
+        """Delete ``uris`` (newest first), on the way out of a failed operation: an
+        error deleting one does not stop the others and is returned, not raised, so
+        that it never hides the error being handled. What this cannot delete (the
+        process killed first) stays labelled in the token for
+        :meth:`hsm_auth.authenticator.Authenticator.prune_orphans`."""
+        errors: list[Exception] = []
+        for uri in reversed(list(uris)):
+            try:
+                self.delete_key(uri, auth)
+            except Exception as e:  # collected for the caller
+                errors.append(e)
+        return errors
