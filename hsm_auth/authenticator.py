@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import functools
 import hmac
 import os
@@ -45,7 +46,15 @@ from .files import (
     read_json,
     state_int,
 )
-from .keystore import Authorization, Capability, KeyStore, UserInteraction
+from .keystore import (
+    NO_AUTH,
+    Authorization,
+    Capability,
+    KeyInfo,
+    KeyKind,
+    KeyStore,
+    UserInteraction,
+)
 from .methods import Method
 from .protocol import EnrollmentOffer, EnrollmentResponse, SyncMessage, VerificationData
 
@@ -85,6 +94,7 @@ class EnrolledMethod:
     #: The backend's entry point (``module:class``) at enrollment: loads it without
     #: an entry-point scan (``None`` in credentials written by earlier versions).
     backend_ref: str | None = None
+    label: str = ""  # the keys' label prefix (hsm-auth/<user>/<method>/<random>); "" if older
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -101,6 +111,95 @@ class EnrolledMethod:
                "window": state_int(d, "window", None, 1, 1000, where),
                "synced_atc": state_int(d, "synced_atc", None, 0, 2**63 - 1, where)}
         )
+
+
+#: Enrollment keys are labelled ``hsm-auth/<user>/<method>/<random>/<role>`` (FIDO2: no
+#: role). Workstation login's keys (:mod:`hsm_auth.login`, recorded in authfiles) are
+#: ``hsm-auth-login/…``: outside this namespace, never listed or pruned here.
+KEY_NAMESPACE = "hsm-auth/"
+_ROLES = frozenset({"sign", "ecdh", "otp", "atc"})
+
+
+def enrollment_label(key_label: str) -> str:
+    """The label prefix that one enrollment gave all its keys."""
+    head, _, role = key_label.rpartition("/")
+    return head if role in _ROLES and head else key_label
+
+
+@dataclass(frozen=True)
+class PendingKeys:
+    """Keys that may be in a token while no enrolled method names them: an enrollment
+    under way (recorded **before** its first key is made) or the old keys of a replaced
+    method (until they are deleted). A kill leaves this record behind, so that
+    :meth:`Authenticator.prune_orphans` knows exactly which keys it left."""
+
+    backend: str
+    settings: Mapping[str, Any]
+    user: str
+    method: Method
+    label: str  # the enrollment's label prefix ("" when unknown)
+    uris: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "settings": dict(self.settings),
+            "user": self.user,
+            "method": self.method.value,
+            "label": self.label,
+            "uris": list(self.uris),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PendingKeys:
+        return cls(
+            str(d["backend"]),
+            dict(d["settings"]),
+            str(d["user"]),
+            Method(d["method"]),
+            str(d["label"]),
+            tuple(str(u) for u in d["uris"]),
+        )
+
+
+class KeyState(enum.Enum):
+    ENROLLED = "enrolled"  # an enrolled method uses it
+    ORPHAN = "orphan"  # left by an enrollment or replacement here that did not finish
+    UNCLAIMED = "unclaimed"  # hsm-auth label, but nothing here made it (another home?)
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """A key with an hsm-auth label, found in a token (``hsm-auth keys list``)."""
+
+    backend: str
+    uri: str
+    kind: KeyKind
+    label: str
+    state: KeyState
+
+
+@dataclass(frozen=True)
+class KeyReport:
+    """What :meth:`Authenticator.keys` found; ``unreachable`` names the tokens it could
+    not list (backend, reason): their keys are not in ``keys``."""
+
+    keys: tuple[TokenKey, ...]
+    unreachable: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def orphans(self) -> tuple[TokenKey, ...]:
+        return tuple(k for k in self.keys if k.state is KeyState.ORPHAN)
+
+
+@dataclass
+class _Token:
+    backend: str
+    settings: Mapping[str, Any]
+    method: Method
+    auth: Authorization = NO_AUTH
+    keys: list[KeyInfo] = field(default_factory=list)
+    listed: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,12 +239,16 @@ class Authenticator:
         self._interaction = interaction
         self._stores: dict[tuple[str, str], KeyStore] = {}
         self._state_file = directory / "credentials.json"
+        self._pending: list[PendingKeys] = []  # set by _load
         self._verifiers, self._methods = self._load()
 
     # --- state ----------------------------------------------------------------
 
     def _load(self) -> tuple[dict[bytes, PinnedVerifier], list[EnrolledMethod]]:
+        """The pinned verifiers and enrolled methods (and, into ``_pending``, the keys
+        that operations still under way, or killed, may have left)."""
         check_state(self.directory, directory=True, missing_ok=True)
+        self._pending = []
         if not self._state_file.exists():
             return {}, []
         data = read_json(self._state_file)
@@ -157,11 +260,18 @@ class Authenticator:
                 for v in data["verifiers"]
             }
             methods = [EnrolledMethod.from_json(m) for m in data["methods"]]
+            self._pending = [PendingKeys.from_json(p) for p in data.get("pending", [])]
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{self._state_file} is malformed ({e.__class__.__name__})") from None
         return verifiers, methods
 
-    def _save(self, verifiers: dict[bytes, PinnedVerifier], methods: list[EnrolledMethod]) -> None:
+    def _save(
+        self,
+        verifiers: dict[bytes, PinnedVerifier],
+        methods: list[EnrolledMethod],
+        pending: list[PendingKeys] | None = None,
+    ) -> None:
+        pending = self._pending if pending is None else pending
         atomic_write_json(
             self._state_file,
             {
@@ -175,9 +285,10 @@ class Authenticator:
                     for v in verifiers.values()
                 ],
                 "methods": [m.to_json() for m in methods],
+                "pending": [p.to_json() for p in pending],
             },
         )
-        self._verifiers, self._methods = verifiers, methods
+        self._verifiers, self._methods, self._pending = verifiers, methods, pending
 
     @property
     def enrolled(self) -> list[EnrolledMethod]:
@@ -282,6 +393,11 @@ class Authenticator:
             raise AlreadyEnrolled(
                 "the verifier's offer does not allow replacing an enrolled method"
             )
+        if method in offer.enrolled and not offer.replace:  # refused before any key is made
+            raise AlreadyEnrolled(
+                f"{offer.user!r} has the {method.value} method enrolled at "
+                f"{offer.verifier_name!r} already, and the offer does not allow replacing it"
+            )
 
         backend, settings = registry.choose_backend(self.config, method)
         with self._store(backend, settings, method) as store:
@@ -289,14 +405,21 @@ class Authenticator:
             auth = self._authorization(method, store, settings, pin)
             from .webauthn_proof import enrollment_binding  # only enrollment needs it (x509 import)
 
-            label = f"hsm-auth/{offer.user}/{method.value}/{os.urandom(3).hex()}"
-            enrollment = store.enroll(
-                method,
-                label,
-                ec.decode_point(offer.verifier_agreement_key),
-                auth,
-                binding=enrollment_binding(offer.offer_id, offer.user, method),
-            )
+            label = f"{KEY_NAMESPACE}{offer.user}/{method.value}/{os.urandom(3).hex()}"
+            intent = PendingKeys(backend, dict(settings), offer.user, method, label)
+            self._save(self._verifiers, self._methods, [*self._pending, intent])
+            retired: PendingKeys | None = None
+            try:
+                enrollment = store.enroll(
+                    method,
+                    label,
+                    ec.decode_point(offer.verifier_agreement_key),
+                    auth,
+                    binding=enrollment_binding(offer.offer_id, offer.user, method),
+                )
+            except BaseException:  # store.enroll rolled back what it made
+                self._settle(store, intent, auth)
+                raise
             try:
                 response = EnrollmentResponse(
                     verifier_id=offer.verifier_id,
@@ -337,30 +460,172 @@ class Authenticator:
                     synced_atc=enrollment.initial_atc,
                     created=int(self._clock()),
                     backend_ref=registry.backend_reference(backend),
+                    label=label,
                 )
                 verifiers = dict(self._verifiers)
                 verifiers[offer.verifier_id] = PinnedVerifier(
                     offer.verifier_id, offer.verifier_name, offer.verifier_signing_key
                 )
                 methods = [m for m in self._methods if m is not existing] + [record]
-                self._save(verifiers, methods)
+                pending = [p for p in self._pending if p != intent]
+                if existing is not None:  # its keys are deleted below; until then, recorded
+                    retired = PendingKeys(
+                        existing.backend,
+                        dict(existing.settings),
+                        existing.user,
+                        existing.method,
+                        existing.label,
+                        _uris(existing),
+                    )
+                    pending.append(retired)
+                self._save(verifiers, methods, pending)
             except BaseException:
-                store.unenroll(enrollment, auth)  # nothing half-enrolled stays in the token
+                with contextlib.suppress(Exception):  # never hide the error being handled
+                    store.unenroll(enrollment, auth)  # nothing half-enrolled stays in the token
+                self._settle(store, intent, auth)
                 raise
-        if existing is not None:
-            self._delete_keys(existing, pin)
+        if existing is not None and retired is not None and self._delete_keys(existing, pin):
+            self._forget_pending(retired)
         return text
 
-    def _delete_keys(self, enrolled: EnrolledMethod, pin: str | None) -> None:
+    def _settle(self, store: KeyStore, intent: PendingKeys, auth: Authorization) -> None:
+        """After a failed enrollment: forget ``intent`` if the token holds none of its keys
+        (else ``hsm-auth keys prune`` finds them). Best effort, never raises."""
+        with contextlib.suppress(Exception):
+            if not any(enrollment_label(k.label) == intent.label for k in store.list_keys(auth)):
+                self._forget_pending(intent)
+
+    def _forget_pending(self, *entries: PendingKeys) -> None:
+        self._save(self._verifiers, self._methods, [p for p in self._pending if p not in entries])
+
+    def _delete_keys(self, enrolled: EnrolledMethod, pin: str | None) -> bool:
+        """Delete a replaced method's keys; True if all are gone."""
         auth = Authorization(pin=pin)
-        uris = (enrolled.signing_key, enrolled.otp_key, enrolled.counter, enrolled.agreement_key)
+        done = True
         with self._store(enrolled.backend, enrolled.settings, enrolled.method) as store:
-            for uri in uris:
-                if uri:
+            for uri in _uris(enrolled):
+                try:
+                    store.delete_key(uri, auth)
+                except HsmAuthError as e:
+                    done = False
+                    self._warn(f"warning: could not delete an old key ({e})")
+        return done
+
+    # --- keys in tokens (orphans) ------------------------------------------------
+
+    def keys(self, *, pin: str | None = None) -> KeyReport:
+        """Every key with an hsm-auth label in the tokens this authenticator uses (those
+        the config names, the enrolled methods use, or a pending record names), each
+        marked enrolled, orphan or unclaimed. ``pin`` opens tokens that need their
+        user PIN to list private objects. Holds the lock, so an enrollment under way in
+        another process is seen finished or not at all."""
+        with self._exclusive():
+            self._verifiers, self._methods = self._load()
+            found, unreachable, _ = self._survey(pin)
+        return KeyReport(tuple(k for _, k in found), tuple(unreachable))
+
+    def prune_orphans(self, *, pin: str | None = None, unclaimed: bool = False) -> KeyReport:
+        """Delete the orphans that :meth:`keys` finds (with ``unclaimed``, the unclaimed
+        keys too) and return what was deleted; ``unreachable`` names tokens that could
+        not be listed, or where a key failed to delete. Keys an enrolled method uses are
+        never touched. Holds the lock from listing to the last deletion, so an
+        enrollment in another process is never pruned halfway."""
+        with self._exclusive():
+            self._verifiers, self._methods = self._load()
+            found, unreachable, tokens = self._survey(pin)
+            doomed = {KeyState.ORPHAN, *([KeyState.UNCLAIMED] if unclaimed else [])}
+            deleted: list[TokenKey] = []
+            for token_key, token in tokens.items():
+                victims = [k for t, k in found if t is token and k.state in doomed]
+                if not victims:
+                    continue
+                if any(k.state is KeyState.UNCLAIMED for k in victims) and not _accounted(
+                    token, token_key, self._methods
+                ):
+                    unreachable.append(
+                        (
+                            token.backend,
+                            "an enrolled method's keys were not found in this token, so "
+                            "its unclaimed keys are kept",
+                        )
+                    )
+                    victims = [k for k in victims if k.state is KeyState.ORPHAN]
+                try:
+                    with self._store(token.backend, token.settings, token.method) as store:
+                        for key in victims:
+                            store.delete_key(key.uri, token.auth)
+                            deleted.append(key)
+                except HsmAuthError as e:
+                    unreachable.append((token.backend, str(e)))
+            gone = {k.uri for k in deleted}
+            left = [k for _, k in found if k.uri not in gone]
+            listed = {_token_key(t.backend, t.settings) for t in tokens.values() if t.listed}
+            settled = [
+                p
+                for p in self._pending
+                if _token_key(p.backend, p.settings) in listed
+                and not any(_claims(p, k) for k in left)
+            ]
+            if settled:
+                self._forget_pending(*settled)
+        return KeyReport(tuple(deleted), tuple(unreachable))
+
+    def _survey(
+        self, pin: str | None
+    ) -> tuple[list[tuple[_Token, TokenKey]], list[tuple[str, str]], dict[str, _Token]]:
+        tokens: dict[str, _Token] = {}
+
+        def add(backend: str, settings: Mapping[str, Any], method: Method) -> None:
+            key = _token_key(backend, settings)
+            if key not in tokens or (method.needs_pin and not tokens[key].method.needs_pin):
+                tokens[key] = _Token(backend, dict(settings), method)
+
+        unreachable: list[tuple[str, str]] = []
+        for method in Method:
+            configured = self.config.method(method)
+            if configured.backend is not None:  # configured: no probing, only its settings
+                try:
+                    add(*registry.choose_backend(self.config, method), method)
+                except HsmAuthError as e:
+                    unreachable.append((configured.backend, str(e)))
+        for m in self._methods:
+            add(m.backend, m.settings, m.method)
+        for p in self._pending:
+            add(p.backend, p.settings, p.method)
+
+        for token in tokens.values():
+            try:
+                with self._store(token.backend, token.settings, token.method) as store:
                     try:
-                        store.delete_key(uri, auth)
-                    except HsmAuthError as e:
-                        self._warn(f"warning: could not delete an old key ({e})")
+                        token.keys = store.list_keys(NO_AUTH)
+                    except PinRequired:
+                        if pin is None:
+                            raise
+                        token.auth = Authorization(pin=pin)
+                        token.keys = store.list_keys(token.auth)
+                token.listed = True
+            except HsmAuthError as e:
+                unreachable.append((token.backend, str(e)))
+
+        used_uris = {u for m in self._methods for u in _uris(m)}
+        used_labels = {m.label for m in self._methods if m.label}
+        seen: dict[str, tuple[_Token, KeyInfo]] = {}
+        for token in tokens.values():
+            for info in token.keys:
+                if (info.label or "").startswith(KEY_NAMESPACE) or info.uri in used_uris:
+                    seen.setdefault(info.uri, (token, info))
+        # Methods recorded before labels were: their keys' labels, found by URI.
+        used_labels |= {enrollment_label(i.label) for _, i in seen.values() if i.uri in used_uris}
+        found = []
+        for token, info in seen.values():
+            if info.uri in used_uris or enrollment_label(info.label) in used_labels:
+                state = KeyState.ENROLLED
+            elif any(_claims(p, info) for p in self._pending):
+                state = KeyState.ORPHAN
+            else:
+                state = KeyState.UNCLAIMED
+            found.append((token, TokenKey(token.backend, info.uri, info.kind, info.label, state)))
+        return found, unreachable, tokens
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -447,6 +712,33 @@ class Authenticator:
         updated = dataclasses.replace(enrolled, synced_atc=max(enrolled.synced_atc, message.atc))
         self._save(self._verifiers, [updated if m is enrolled else m for m in self._methods])
         return updated
+
+
+def _token_key(backend: str, settings: Mapping[str, Any]) -> str:
+    return repr((backend, sorted(settings.items())))
+
+
+def _claims(pending: PendingKeys, key: KeyInfo | TokenKey) -> bool:
+    """Whether ``key`` is one that the operation recorded in ``pending`` made or kept."""
+    if key.uri in pending.uris:
+        return True
+    return bool(pending.label) and enrollment_label(key.label or "") == pending.label
+
+
+def _accounted(token: _Token, token_key: str, methods: list[EnrolledMethod]) -> bool:
+    """Every method enrolled on this token was found in its listing: otherwise its keys
+    are listed under other URIs (a changed config?) and "unclaimed" may be wrong."""
+    uris = {k.uri for k in token.keys}
+    labels = {enrollment_label(k.label or "") for k in token.keys}
+    return all(
+        set(_uris(m)) & uris or (m.label and m.label in labels)
+        for m in methods
+        if _token_key(m.backend, m.settings) == token_key
+    )
+
+
+def _uris(m: EnrolledMethod) -> tuple[str, ...]:
+    return tuple(u for u in (m.signing_key, m.otp_key, m.counter, m.agreement_key) if u)
 
 
 @functools.lru_cache(maxsize=8)

@@ -619,6 +619,86 @@ def cmd_methods(ctx: Context) -> int:
     return 0
 
 
+def _keys_pin(ctx: Context) -> str | None:
+    """A PIN only when one is given: most tokens list their keys without one."""
+    if getattr(ctx.args, "pin_file", None) or getattr(ctx.args, "pin_fd", None) is not None:
+        return read_pin(ctx.args, ctx.err)
+    return None
+
+
+def _key_rows(keys: Sequence[Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "backend": k.backend,
+            "state": k.state.value,
+            "kind": k.kind.value,
+            "label": k.label,
+            "uri": k.uri,
+        }
+        for k in keys
+    ]
+
+
+def _key_lines(rows: list[dict[str, Any]]) -> list[str]:
+    return [f"{r['state']:9} {r['backend']:7} {r['kind']:9} {r['label']}" for r in rows]
+
+
+def _report_unreachable(ctx: Context, unreachable: Sequence[tuple[str, str]]) -> None:
+    if not ctx.args.json:
+        for backend, reason in unreachable:
+            print(f"hsm-auth: not listed ({backend}): {reason}", file=ctx.err)
+
+
+def cmd_keys_list(ctx: Context) -> int:
+    with ctx.authenticator() as a:
+        report = a.keys(pin=_keys_pin(ctx))
+    rows = _key_rows(report.keys)
+    lines = _key_lines(rows) or ["no hsm-auth keys in the configured tokens"]
+    if report.orphans:
+        lines.append(f"{len(report.orphans)} orphaned (hsm-auth keys prune removes them)")
+    _report_unreachable(ctx, report.unreachable)
+    ctx.emit(
+        "\n".join(lines),
+        {
+            "keys": rows,
+            "orphans": len(report.orphans),
+            "unreachable": [{"backend": b, "reason": r} for b, r in report.unreachable],
+        },
+    )
+    return 0
+
+
+def cmd_keys_prune(ctx: Context) -> int:
+    pin = _keys_pin(ctx)
+    with ctx.authenticator() as a:
+        if ctx.args.yes:
+            report = a.prune_orphans(pin=pin, unclaimed=ctx.args.unclaimed)
+            victims = report.keys
+        else:  # a dry run: what --yes would delete now
+            report = a.keys(pin=pin)
+            doomed = {"orphan", "unclaimed"} if ctx.args.unclaimed else {"orphan"}
+            victims = tuple(k for k in report.keys if k.state.value in doomed)
+    rows = _key_rows(victims)
+    if ctx.args.yes:
+        human = "\n".join([f"deleted {len(rows)} keys", *_key_lines(rows)])
+    elif rows:
+        human = "\n".join(
+            [f"would delete {len(rows)} keys:", *_key_lines(rows), "run again with --yes"]
+        )
+    else:
+        human = "nothing to delete"
+    _report_unreachable(ctx, report.unreachable)
+    ctx.emit(
+        human,
+        {
+            "deleted" if ctx.args.yes else "would_delete": rows,
+            "dry_run": not ctx.args.yes,
+            "unreachable": [{"backend": b, "reason": r} for b, r in report.unreachable],
+        },
+    )
+    return 0
+
+
 def cmd_demo(ctx: Context) -> int:
     from .demo import run_demo
 
@@ -746,6 +826,31 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "demo", cmd_demo, DEMO_HELP)
     add(sub, "backends", cmd_backends, "list backends and why any is unavailable")
     add(sub, "methods", cmd_methods, "list the methods enrolled on this authenticator")
+
+    kp = sub.add_parser("keys", help="hsm-auth keys in tokens; orphans", parents=[common])
+    ksub = kp.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    add(
+        ksub,
+        "list",
+        cmd_keys_list,
+        "list the keys with hsm-auth labels in the configured tokens: enrolled, orphan "
+        "(left by an enrollment that was killed or failed) or unclaimed (not made here)",
+        [pin],
+    )
+    p = add(
+        ksub,
+        "prune",
+        cmd_keys_prune,
+        "delete orphaned keys (shows what it would delete unless --yes is given)",
+        [pin],
+    )
+    p.add_argument("--yes", action="store_true", help="delete them (default: only show them)")
+    p.add_argument(
+        "--unclaimed",
+        action="store_true",
+        help="also delete unclaimed keys (careful: another hsm-auth home on the same token "
+        "may use them)",
+    )
 
     p = add(sub, "enroll", cmd_enroll, "enroll a method from a verifier's offer", [pin])
     p.add_argument("--method", required=True, help=METHOD_HELP)
