@@ -158,7 +158,7 @@ def _tamper(text: str) -> str:
 def _wrong_version(text: str) -> str:
     body, sig = cbor2.loads(textcode.decode(text))
     fields = cbor2.loads(body)
-    fields[0] = 2
+    fields[0] += 1  # a version this side does not speak
     return textcode.encode(cbor2.dumps([cbor2.dumps(fields), sig]))
 
 
