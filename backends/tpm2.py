@@ -26,7 +26,8 @@ Objects as TPM-wrapped blobs, not persistent handles
     Persistent handles would need owner auth for TPM2_EvictControl and take
     scarce NV slots (a few per TPM, shared with the platform); a blob needs
     neither, and it is useless off this TPM: only this TPM's storage key can
-    load it. Loaded handles are cached in the open instance. The only NV
+    load it. Loaded handles, and state files once read, are kept by the open
+    instance (a state file never changes after it is written). The only NV
     object is the ATC, which must live in the TPM to be monotonic.
 
 Keys
@@ -96,7 +97,7 @@ from hsm_auth.errors import (
     StateError,
     TokenNotFound,
 )
-from hsm_auth.files import atomic_write, check_state, ensure_private_dir
+from hsm_auth.files import atomic_write, check_state, ensure_private_dir, open_lock_file
 from hsm_auth.keystore import (
     Authorization,
     Capability,
@@ -128,18 +129,6 @@ _IESYSC_WITHOUT_MISC_RSRC = b"\x00\x00\x00\x00"
 _IN_LOCKOUT = "the TPM is in dictionary-attack lockout, caused by wrong PINs"
 _RC_CODE_BITS = 0xFFF
 _RC_FMT1_ERROR_BITS = 0x3F
-# Properties (TPM2_PT_*) read with TPM2_GetCapability.
-_PT_MANUFACTURER = 0x105
-_PT_VENDOR_STRING_1 = 0x106
-_PT_FIRMWARE_VERSION_1 = 0x10B
-_PT_FIRMWARE_VERSION_2 = 0x10C
-_PT_HR_TRANSIENT_MIN = 0x10E
-_PT_PERMANENT = 0x200
-_PT_LOCKOUT_COUNTER = 0x20E
-_PT_MAX_AUTH_FAIL = 0x20F
-_PT_LOCKOUT_INTERVAL = 0x210
-_PT_LOCKOUT_RECOVERY = 0x211
-_PERMANENT_IN_LOCKOUT = 1 << 9
 
 _KIND_TYPE = {
     KeyKind.SIGNING: "private",
@@ -310,16 +299,27 @@ def _da_properties_or_none(ectx: Any) -> dict[int, int] | None:
 
 
 def _da_properties(ectx: Any) -> dict[int, int]:
-    props = _properties(ectx, _PT_PERMANENT, 1)
-    props |= _properties(ectx, _PT_LOCKOUT_COUNTER, 4)
+    """TPM2_PT.PERMANENT and the four dictionary-attack properties from LOCKOUT_COUNTER."""
+    from tpm2_pytss.constants import TPM2_PT
+
+    props = _properties(ectx, TPM2_PT.PERMANENT, 1)
+    props |= _properties(ectx, TPM2_PT.LOCKOUT_COUNTER, 4)
     return props
+
+
+def _lockout_state(props: dict[int, int]) -> tuple[int, bool]:
+    """Failures left before the lockout, and whether the TPM is in it."""
+    from tpm2_pytss.constants import TPM2_PT, TPMA_PERMANENT
+
+    left = max(0, props[TPM2_PT.MAX_AUTH_FAIL] - props[TPM2_PT.LOCKOUT_COUNTER])
+    return left, left == 0 or bool(props[TPM2_PT.PERMANENT] & TPMA_PERMANENT.INLOCKOUT)
 
 
 def _pin_error(rc: int, props: dict[int, int] | None) -> HsmAuthError:
     if props is None:
         return PinInvalid(native_code=rc)
-    left = max(0, props[_PT_MAX_AUTH_FAIL] - props[_PT_LOCKOUT_COUNTER])
-    if left == 0 or props[_PT_PERMANENT] & _PERMANENT_IN_LOCKOUT:
+    left, locked = _lockout_state(props)
+    if locked:
         return _locked(rc, "wrong PIN; the TPM is now in dictionary-attack lockout", props)
     return PinInvalid(retry=RetryStatus(retries_left=left), native_code=rc)
 
@@ -368,18 +368,16 @@ class _ClientLock:
         import hashlib
 
         digest = hashlib.sha256(tcti.encode()).hexdigest()[:16]
-        path = state_dir / f".clients-{digest}.lock"
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            self._fd: int | None = os.open(path, flags, 0o600)
-        except OSError as e:
-            raise StateError(f"cannot open the lock file {path}: {e.strerror}") from e
+        self._fd: int | None = open_lock_file(state_dir / f".clients-{digest}.lock")
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.first = True
         except BlockingIOError:
             self.first = False
             self.share()
+        except BaseException:
+            self.release()
+            raise
 
     def share(self) -> None:
         import fcntl
@@ -462,22 +460,25 @@ class Tpm2KeyStore(KeyStore):
     def probe(cls, settings: Settings) -> Mapping[str, str]:
         tcti = _resolve_tcti(settings)
         ectx = _connect(tcti)
+        from tpm2_pytss.constants import TPM2_PT, TPM2_PT_FIRMWARE, TPM2_PT_VENDOR
+
         try:
             with _converted("reading TPM properties", tcti):
-                fixed = _properties(ectx, _PT_MANUFACTURER, 8)
-                var = _properties(ectx, _PT_MAX_AUTH_FAIL, 3)
+                fixed = _properties(ectx, TPM2_PT.MANUFACTURER, 8)
+                var = _properties(ectx, TPM2_PT.MAX_AUTH_FAIL, 3)
         finally:
             ectx.close()
-        v1, v2 = fixed.get(_PT_FIRMWARE_VERSION_1, 0), fixed.get(_PT_FIRMWARE_VERSION_2, 0)
-        vendor = _ascii(*(fixed.get(_PT_VENDOR_STRING_1 + i, 0) for i in range(4)))
+        v1 = fixed.get(TPM2_PT_FIRMWARE.VERSION_1, 0)
+        v2 = fixed.get(TPM2_PT_FIRMWARE.VERSION_2, 0)
+        vendor = _ascii(*(fixed.get(TPM2_PT_VENDOR.STRING_1 + i, 0) for i in range(4)))
         return {
             "tcti": tcti,
-            "manufacturer": _ascii(fixed.get(_PT_MANUFACTURER, 0)),
+            "manufacturer": _ascii(fixed.get(TPM2_PT.MANUFACTURER, 0)),
             "vendor": vendor,
             "firmware": f"{v1 >> 16}.{v1 & 0xFFFF}.{v2 >> 16}.{v2 & 0xFFFF}",
-            "max_auth_fail": str(var.get(_PT_MAX_AUTH_FAIL, 0)),
-            "lockout_interval": f"{var.get(_PT_LOCKOUT_INTERVAL, 0)} s",
-            "lockout_recovery": f"{var.get(_PT_LOCKOUT_RECOVERY, 0)} s",
+            "max_auth_fail": str(var.get(TPM2_PT.MAX_AUTH_FAIL, 0)),
+            "lockout_interval": f"{var.get(TPM2_PT.LOCKOUT_INTERVAL, 0)} s",
+            "lockout_recovery": f"{var.get(TPM2_PT.LOCKOUT_RECOVERY, 0)} s",
         }
 
     @classmethod
@@ -500,9 +501,11 @@ class Tpm2KeyStore(KeyStore):
         store = cls(ectx, tcti, state_dir, auth_mode, str(settings.get("owner_auth", "")))
         store._clients = clients
         try:
+            from tpm2_pytss.constants import TPM2_PT_HR
+
             with _converted("reading TPM properties", tcti):
-                transient = _properties(store._ectx, _PT_HR_TRANSIENT_MIN, 1).get(
-                    _PT_HR_TRANSIENT_MIN, 3
+                transient = _properties(store._ectx, TPM2_PT_HR.TRANSIENT_MIN, 1).get(
+                    TPM2_PT_HR.TRANSIENT_MIN, 3
                 )
             if clients is not None and clients.first:
                 store._flush_leftovers()
@@ -823,8 +826,7 @@ class Tpm2KeyStore(KeyStore):
     def pin_status(self) -> PinStatus:
         with self._tpm("reading the lockout state"):
             props = _da_properties(self._ectx)
-        retries = max(0, props[_PT_MAX_AUTH_FAIL] - props[_PT_LOCKOUT_COUNTER])
-        locked = bool(props[_PT_PERMANENT] & _PERMANENT_IN_LOCKOUT) or retries == 0
+        retries, locked = _lockout_state(props)
         return PinStatus(
             enforced=True,
             retries_left=retries,
@@ -1185,7 +1187,9 @@ def _COUNTER_ATTRS(tpma_nv: Any, tpm2_nt: Any) -> Any:
 def _retry_after(props: dict[int, int]) -> float | None:
     # The TPM forgets one failure per lockout interval after the last one; the
     # wait can only be shorter than one interval. 0 means only a reset helps.
-    interval = props.get(_PT_LOCKOUT_INTERVAL, 0)
+    from tpm2_pytss.constants import TPM2_PT
+
+    interval = props.get(TPM2_PT.LOCKOUT_INTERVAL, 0)
     return float(interval) if interval else None
 
 

@@ -188,6 +188,18 @@ def ensure_private_dir(path: Path) -> Path:
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created 0600, never through a
     symlink; the caller has checked its directory with :func:`ensure_private_dir`)."""
+    fd = open_lock_file(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def open_lock_file(path: Path) -> int:
+    """The descriptor of the lock file ``path`` to ``flock``: created 0600, never
+    through a symlink, refused unless :func:`check_stat` accepts it. Closing it
+    releases any lock held on it."""
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, PRIVATE_MODE)
@@ -197,10 +209,10 @@ def locked(path: Path) -> Iterator[None]:
         raise StateError(f"cannot open the lock file {_p(path)}: {e.strerror}") from None
     try:
         check_stat(os.fstat(fd), path, directory=False)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --- reading and writing --------------------------------------------------------------

@@ -436,6 +436,21 @@ def test_open_never_flushes_a_live_store(swtpm: SwtpmProcess, open_store: Any) -
     assert third.hmac(otp, b"m", PIN) == hmac.new(key, b"m", hashlib.sha256).digest()
 
 
+def test_the_client_lock_file_is_never_followed_through_a_symlink(
+    swtpm: SwtpmProcess, state_dir: Path, tmp_path: Path
+) -> None:
+    from hsm_auth.errors import StateError
+
+    first = Tpm2KeyStore.open({"tcti": swtpm.tcti, "state_dir": str(state_dir)})
+    first.close()
+    (lock,) = state_dir.glob(".clients-*.lock")
+    lock.unlink()
+    lock.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StateError, match="symbolic link"):
+        Tpm2KeyStore.open({"tcti": swtpm.tcti, "state_dir": str(state_dir)})
+    assert not (tmp_path / "elsewhere").exists()
+
+
 @pytest.mark.parametrize(
     ("tcti", "manager"),
     [
