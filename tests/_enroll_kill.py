@@ -7,7 +7,8 @@ tpm2-pytss), or a native call made from the backend module (before it runs and
 after it returns), counted from the moment ``KeyStore.enroll`` starts until the
 authenticator saves the enrolled method. ``N = 0`` kills nothing: the process
 prints how many steps it counted on stderr (last line) and exits with the CLI's
-code.
+code. ``N < 0`` pauses at step ``-N`` instead of dying: it creates
+``OFFER_FILE.paused`` and goes on once ``OFFER_FILE.go`` exists.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -59,6 +61,11 @@ def main() -> int:
         state["count"] += 1
         if state["count"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        elif state["count"] == -kill_at:
+            Path(f"{offer_file}.paused").touch()
+            deadline = time.monotonic() + 60
+            while not Path(f"{offer_file}.go").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
 
     sys.setprofile(hook)
     try:
