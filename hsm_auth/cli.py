@@ -19,14 +19,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from . import errors, textcode
 from .errors import HsmAuthError, InvalidInput, PinRequired
 from .methods import Method
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Collection, Sequence
 
     from . import config as configmod
     from .authenticator import Authenticator, OfflineRequest
@@ -775,8 +775,123 @@ def cmd_login_check(ctx: Context) -> int:
 # --- parser -----------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size()`` finds it: ``COLUMNS``,
+    else the width of the terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, given the width it would ask shutil for: importing
+    shutil (with bz2 and lzma) costs every command 2 ms of start-up."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        super().__init__(
+            prog, indent_increment, max_help_position, _columns() - 2 if width is None else width
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser with :class:`_Formatter` unless told otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+class _Partial(Exception):
+    """A parser built for some commands only cannot answer: build them all."""
+
+
+class _PartialParser(_Parser):
+    """The parser :func:`build_parser` makes with ``only``: it answers only a
+    command line that parses without error or help; anything else goes to the
+    whole parser, so that messages, usage and help are exactly its own."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _Partial(message)
+
+    def print_help(self, file: Any = None) -> None:
+        raise _Partial("help")
+
+
+class _Skipped(argparse.ArgumentParser):
+    """Stands in for the parser of a command that a partial parser leaves out:
+    what is added to it is dropped."""
+
+    def __init__(self) -> None:  # nothing of ArgumentParser is used
+        pass
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        return None
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def add_mutually_exclusive_group(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def add_subparsers(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def add_parser(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def set_defaults(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _command_words(argv: Sequence[str]) -> set[str]:
+    """The first two words of ``argv`` past the global options (the command and,
+    for a group such as ``verifier``, its sub-command); empty when unsure."""
+    words: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--json", "--debug"):
+            continue
+        if arg == "--home":
+            next(args, None)
+            continue
+        if arg.startswith("--home="):
+            continue
+        if arg.startswith("-") or len(words) == 2:
+            break
+        words.append(arg)
+    return set(words)
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``build_parser().parse_args(argv)``, building only the parsers of the
+    command ``argv`` names when that parses: building all of them is a tenth of
+    the start-up time of ``hsm-auth start`` (``bench/startup.py``)."""
+    words = _command_words(sys.argv[1:] if argv is None else argv)
+    if words:
+        try:
+            return build_parser(only=words).parse_args(argv)
+        except _Partial:
+            pass
+    return build_parser().parse_args(argv)
+
+
+def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The command line. With ``only``, a :class:`_PartialParser` holding just
+    the commands named there (and the groups): see :func:`parse_command_line`."""
+    common = _Parser(add_help=False)
     common.add_argument(
         "--version", action=_VersionAction, help="print the installed version and exit"
     )
@@ -790,17 +905,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and logs"
     )
 
-    pin = argparse.ArgumentParser(add_help=False)
+    pin = _Parser(add_help=False)
     pin.add_argument("--pin-file", metavar="PATH", help="read the PIN from this file")
     pin.add_argument(
         "--pin-fd", metavar="FD", type=int, help="read the PIN from this file descriptor"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = (_Parser if only is None else _PartialParser)(
         prog="hsm-auth",
         description=DESCRIPTION,
         epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -812,13 +927,15 @@ def build_parser() -> argparse.ArgumentParser:
         help_text: str,
         parents: Sequence[Any] = (),
     ) -> argparse.ArgumentParser:
+        if only is not None and (name not in only or isinstance(parent, _Skipped)):
+            return _Skipped()
         p: argparse.ArgumentParser = parent.add_parser(
             name,
             help=help_text,
             description=help_text,
             parents=[common, *parents],
             epilog=EXIT_CODES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Formatter,
         )
         p.set_defaults(func=func)
         return p
@@ -872,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "sync", cmd_sync, "apply a verifier's sync message after an online login")
     p.add_argument("data", nargs="?", help="sync message, @FILE, or - for stdin")
 
-    vopt = argparse.ArgumentParser(add_help=False)
+    vopt = _Parser(add_help=False)
     vopt.add_argument(
         "--db",
         metavar="DSN",
@@ -1040,8 +1157,7 @@ def main(
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(argv)
     for name, default in (("home", None), ("json", False), ("debug", False)):
         if not hasattr(args, name):
             setattr(args, name, default)

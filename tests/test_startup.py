@@ -7,6 +7,9 @@ which modules were imported at all.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from hsm_auth import cli
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Paths
 from hsm_auth.config import load as load_config
@@ -146,3 +150,49 @@ def test_verifier_commands_still_configure_logging(tmp_path: Path):
     modules = imported("--home", str(home), "verifier", "init")
     assert {"hsm_auth.verifier", "logging"} <= modules
     assert loaded(modules, ("qrcode", "importlib.metadata")) == []
+
+
+# --- the partial parser answers exactly as the whole one ---------------------------
+
+
+def _command_paths(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, (*path, name))
+
+
+def _outcome(parse, argv: list[str]):  # type: ignore[no-untyped-def]
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            result = sorted(vars(parse(argv)).items())
+    except SystemExit as e:
+        result = [("exit", e.code)]
+    return result, out.getvalue(), err.getvalue()
+
+
+def test_parsing_a_command_alone_gives_what_the_whole_parser_gives(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    paths = list(_command_paths(cli.build_parser()))
+    assert ("verifier", "session") in paths and ("start",) in paths
+    tails = (
+        [], ["--help"], ["--bogus"], ["--home"], ["--home", "/h", "--json"], ["--version"],
+        ["HA1:X"], ["--user", "u", "--method", "device"], ["--pin-fd", "x"], ["start"],
+    )
+    compared = 0
+    for path in paths:
+        for tail in tails:
+            for argv in ([*path, *tail], ["--home", "/h", *path, *tail], ["--debug", *path, *tail]):
+                full = _outcome(lambda a: cli.build_parser().parse_args(a), argv)
+                assert _outcome(cli.parse_command_line, argv) == full, argv
+                compared += 1
+    assert compared > 500
+
+
+def test_the_partial_parser_builds_only_the_named_command():
+    parser = cli.build_parser(only={"start", "HA1:X"})
+    assert list(_command_paths(parser)) == [(), ("start",), ("verifier",), ("login",)]
+    args = cli.parse_command_line(["--home", "/h", "start", "HA1:X"])
+    assert (args.func, args.data, args.home) == (cli.cmd_start, "HA1:X", "/h")
