@@ -207,7 +207,7 @@ def bench_tpm2(n: int, baseline: float) -> None:
                     ),
                     raw,
                     n,
-                    rounds=5,
+                    rounds=10,
                 )
             finally:
                 cleanup()
