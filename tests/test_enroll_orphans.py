@@ -469,6 +469,36 @@ def test_prune_waits_for_an_enrollment_under_way_and_leaves_its_keys(softhsm, tm
         assert {k.state for k in a.keys().keys} == {KeyState.ENROLLED}
 
 
+@pytest.mark.softhsm
+def test_a_public_key_without_its_private_half_is_found_and_pruned(softhsm):
+    """What a kill inside C_GenerateKeyPair can leave (SoftHSM writes one file per
+    object): made here with python-pkcs11 directly."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    home, token = softhsm
+    with _authenticator(home) as a:
+        assert a.keys().keys == ()  # (loads the token into this process's library)
+    found = pkcs11.lib(token.module_path).get_token(token_label=token.label)
+    with found.open(user_pin=token.user_pin, rw=True) as session:
+        curve = encode_named_curve_parameters("secp256r1")
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: curve}, local=True
+        )
+        _, private = params.generate_keypair(
+            id=b"\x01" * 16, label="hsm-auth/alice/device/abcdef/sign", store=True
+        )
+        private.destroy()
+        assert {o.object_class for o in session.get_objects()} == {ObjectClass.PUBLIC_KEY}
+    with _authenticator(home) as a:
+        [key] = a.keys().keys
+        assert (key.state, key.label) == (KeyState.UNCLAIMED, "hsm-auth/alice/device/abcdef/sign")
+        assert "type=public" in key.uri
+        assert a.prune_orphans(unclaimed=True).keys == (key,)
+    assert _softhsm_objects(token) == set()
+
+
 # --- the CLI ------------------------------------------------------------------------------
 
 
