@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import ec, ocra, registry
+from . import ec, registry
 from .config import Config
 from .errors import (
     AlreadyEnrolled,
@@ -57,6 +57,9 @@ from .keystore import (
 )
 from .methods import Method
 from .protocol import EnrollmentOffer, EnrollmentResponse, SyncMessage, VerificationData
+
+if TYPE_CHECKING:
+    from . import ocra
 
 Clock = Callable[[], float]
 Warn = Callable[[str], None]
@@ -382,7 +385,7 @@ class Authenticator:
             raise ExpiredMessage("the enrollment offer has expired")
         if method not in offer.methods:
             raise UnknownMethod(f"the verifier does not offer the {method.value} method")
-        ocra.OcraSuite.parse(offer.suite)
+        _suite(offer.suite)
         existing = self._find(offer.verifier_id, method)
         if existing is not None and not replace:
             raise AlreadyEnrolled(
@@ -690,7 +693,7 @@ class Authenticator:
                         atc=e.atc,
                         limit=limit,
                     ) from None
-        return OfflineOtp(ocra.truncate(mac, suite.digits), method, atc)
+        return OfflineOtp(_truncate(mac, suite.digits), method, atc)
 
     def sync(self, text: str) -> EnrolledMethod:
         """Apply a verifier's signed sync message: offline uses count from its ATC again."""
@@ -741,9 +744,19 @@ def _uris(m: EnrolledMethod) -> tuple[str, ...]:
     return tuple(u for u in (m.signing_key, m.otp_key, m.counter, m.agreement_key) if u)
 
 
+# OCRA is imported on first use: `start` (checking verification data) needs
+# none of it, and it is 1 ms of that command's start-up (bench/startup.py).
 @functools.lru_cache(maxsize=8)
 def _suite(text: str) -> ocra.OcraSuite:
+    from . import ocra
+
     return ocra.OcraSuite.parse(text)
+
+
+def _truncate(mac: bytes, digits: int) -> str:
+    from . import ocra
+
+    return ocra.truncate(mac, digits)
 
 
 __all__ = [

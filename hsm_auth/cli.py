@@ -940,11 +940,18 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         p.set_defaults(func=func)
         return p
 
+    def group(name: str, help_text: str) -> argparse.ArgumentParser:
+        """A command with sub-commands (``verifier``, ``login``, …)."""
+        if only is not None and name not in only:
+            return _Skipped()
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, parents=[common])
+        return p
+
     add(sub, "demo", cmd_demo, DEMO_HELP)
     add(sub, "backends", cmd_backends, "list backends and why any is unavailable")
     add(sub, "methods", cmd_methods, "list the methods enrolled on this authenticator")
 
-    kp = sub.add_parser("keys", help="hsm-auth keys in tokens; orphans", parents=[common])
+    kp = group("keys", "hsm-auth keys in tokens; orphans")
     ksub = kp.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     add(
         ksub,
@@ -1003,7 +1010,7 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         "default: [verifier] hsm or HSM_AUTH_VERIFIER_HSM, else a 0600 key file)",
     )
 
-    vp = sub.add_parser("verifier", help="the verifier side", parents=[common])
+    vp = group("verifier", "the verifier side")
     vsub = vp.add_subparsers(dest="verifier_command", required=True, metavar="COMMAND")
 
     def vadd(name: str, func: Callable[[Context], int], help_text: str) -> argparse.ArgumentParser:
@@ -1077,7 +1084,7 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p.add_argument("--user", help="only this user's")
     p.add_argument("--limit", type=int, default=100, help="the newest N records (default 100)")
 
-    lp = sub.add_parser("login", help="workstation login (PAM)", parents=[common])
+    lp = group("login", "workstation login (PAM)")
     lsub = lp.add_subparsers(dest="login_command", required=True, metavar="COMMAND")
     for name, func, text in (
         ("enroll", cmd_login_enroll, "enroll a user for workstation login"),

@@ -51,6 +51,7 @@ NOT_FOR_START = (
     "hsm_auth.verifier_keys",
     "hsm_auth.store",
     "hsm_auth.qr",
+    "hsm_auth.ocra",  # only making an OTP needs it
     "hsm_auth_backends.pkcs11",
     "pkcs11",
     "asn1crypto",
