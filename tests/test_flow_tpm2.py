@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import random
 import signal
 import subprocess
@@ -255,3 +256,55 @@ def test_tpm_stays_usable_after_ten_kills_in_a_row(swtpm, tmp_path, config, veri
                 result = a.finish_offline_authentication(request, method, pin=pin)
                 assert verifier.verify(session.session_id, result.otp).atc == result.atc
                 a.sync(verifier.sync_message("alice", method))
+
+
+def test_cli_lockout_names_its_cause_and_device_still_works(swtpm, tmp_path):
+    """The CLI on one swtpm (3 tries, 2 s): wrong PINs on pin end in one line that
+    names the lockout's cause and when it ends; device OTPs are still accepted."""
+    home = tmp_path / "home"
+    home.mkdir()
+    method = f'backend = "tpm2"\ntcti = "{swtpm.tcti}"\nauth = "auto"\n'
+    (home / "config.toml").write_text(f"[methods.device]\n{method}\n[methods.pin]\n{method}")
+    for name, text in (("right.pin", OFFLINE_PIN), ("wrong.pin", "000000")):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)
+    right = ("--pin-file", str(tmp_path / "right.pin"))
+    wrong = ("--pin-file", str(tmp_path / "wrong.pin"))
+
+    def run(*args, stdin=""):
+        return subprocess.run(
+            [sys.executable, "-m", "hsm_auth", "--home", str(home), *args],
+            input=stdin, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    def ok(*args, stdin=""):
+        done = run(*args, stdin=stdin)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def error(code, *args):
+        done = run(*args)
+        assert done.returncode == code and "Traceback" not in done.stderr, done.stderr
+        (line,) = [x for x in done.stderr.splitlines() if x.startswith("hsm-auth: error: ")]
+        return line.removeprefix("hsm-auth: error: ")
+
+    def session(m):
+        out = ok("--json", "verifier", "session", "--user", "alice", "--context", "c",
+                 "--methods", m)  # fmt: skip
+        doc = json.loads(out)
+        return doc["session"], doc["data"]
+
+    ok("verifier", "init")
+    for m, extra in (("device", ()), ("pin", right)):
+        offer = ok("verifier", "offer", "--user", "alice", "--methods", m)
+        ok("verifier", "enroll", stdin=ok("enroll", "--method", m, *extra, stdin=offer))
+    _, data = session("pin")
+    assert error(32, "finish", "--method", "pin", *wrong, data) == "wrong PIN (2 retries left)"
+    error(32, "finish", "--method", "pin", *wrong, data)
+    error(33, "finish", "--method", "pin", *wrong, data)
+    cause = "the TPM is in dictionary-attack lockout, caused by wrong PINs"
+    assert error(33, "finish", "--method", "pin", *right, data) == f"{cause} (retry in 2 s)"
+    for _ in range(2):
+        sid, data = session("device")
+        otp = ok("finish", "--method", "device", data)
+        assert "accepted" in ok("verifier", "verify", "--session", sid, "--otp", otp)
