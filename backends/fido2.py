@@ -563,6 +563,9 @@ class Fido2KeyStore(KeyStore):
     """A FIDO2 authenticator with built-in user verification (see the module doc)."""
 
     name: ClassVar[str] = "fido2"
+    setting_names: ClassVar[frozenset[str] | None] = frozenset(
+        {"device", "rp_id", "timeout", "allow_pin_fallback", "prompts", "state_dir"}
+    )
     priority: ClassVar[float] = 10.0
     methods: ClassVar[tuple[Method, ...]] = (Method.BIOMETRIC, Method.FACE)
     uses_state_dir: ClassVar[bool] = True

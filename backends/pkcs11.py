@@ -588,6 +588,7 @@ class Pkcs11KeyStore(KeyStore):
     """Keys, OTP keys and the ATC in a PKCS#11 token. See the module docstring."""
 
     name: ClassVar[str] = "pkcs11"
+    setting_names: ClassVar[frozenset[str] | None] = frozenset({"uri", "allow_unenforced_pin"})
     priority: ClassVar[float] = 10.0
     methods: ClassVar[tuple[Method, ...]] = (Method.PIN, Method.DEVICE)
     pin_unlocks_session: ClassVar[bool] = True

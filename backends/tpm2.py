@@ -434,6 +434,9 @@ class Tpm2KeyStore(KeyStore):
     """Keys and the ATC in a TPM 2.0, reached through a TCTI. See the module docstring."""
 
     name: ClassVar[str] = "tpm2"
+    setting_names: ClassVar[frozenset[str] | None] = frozenset(
+        {"tcti", "state_dir", "auth", "owner_auth"}
+    )
     priority: ClassVar[float] = 20.0
     methods: ClassVar[tuple[Method, ...]] = (Method.DEVICE, Method.PIN)
     uses_state_dir: ClassVar[bool] = True

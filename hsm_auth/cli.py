@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import math
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -184,21 +185,95 @@ class Context:
 # --- input helpers ----------------------------------------------------------
 
 
+#: The most text a message argument, file or stdin may hold: protocol messages are
+#: at most 4 KiB (6.6 KiB as text), so anything much larger is not one of ours.
+MAX_TEXT = 64 * 1024
+
+
+def _read_bounded(read: Callable[[int], bytes | str], what: str) -> str:
+    try:
+        data = read(MAX_TEXT + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"cannot read {what}: {getattr(e, 'strerror', None) or e}") from None
+    if len(data) > MAX_TEXT:
+        raise InvalidInput(f"{what} holds more than {MAX_TEXT} bytes: not hsm-auth data")
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{what} is not UTF-8 text") from None
+
+
+def _read_text_file(path: str) -> str:
+    """A small regular file (never a FIFO, device or directory: no hang, bounded memory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (OSError, ValueError) as e:  # ValueError: an embedded NUL
+        reason = getattr(e, "strerror", None) or e
+        raise InvalidInput(f"cannot read {path[:200]}: {reason}") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        raise InvalidInput(f"{path[:200]} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        return _read_bounded(f.read, path[:200])
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):  # too long, a NUL, absent: not a file, so data
+        return False
+
+
 def read_text_arg(value: str | None, stdin: TextIO) -> str:
-    """A message given inline (``HA1:…``), as ``-`` (stdin), or in a file (``FILE``, ``@FILE``)."""
+    """A message given inline (``HA1:…``), as ``-`` (stdin), or in a file (``FILE``, ``@FILE``).
+
+    At most :data:`MAX_TEXT` is read from a file or stdin; ``@FILE`` must be a
+    regular file. A plain argument names a file only when one exists there."""
     if value is None or value == "-":
         if stdin.isatty():
             raise InvalidInput("no data given (pass it as an argument, a FILE, or on stdin)")
-        return stdin.read().strip()
-    path = value[1:] if value.startswith("@") else value
-    if value.startswith("@") or (
-        not value.strip().upper().startswith(textcode.PREFIX) and Path(path).is_file()
-    ):
-        try:
-            return Path(path).read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        binary = getattr(stdin, "buffer", None)
+        return _read_bounded(binary.read if binary is not None else stdin.read, "stdin").strip()
+    if value.startswith("@"):
+        return _read_text_file(value[1:]).strip()
+    if not value.strip().upper().startswith(textcode.PREFIX) and _is_file(value):
+        return _read_text_file(value).strip()
+    if len(value) > MAX_TEXT:
+        raise InvalidInput(f"the argument holds more than {MAX_TEXT} characters: not hsm-auth data")
     return value.strip()
+
+
+def text_arg(value: str) -> str:
+    """An argument that is text, not a path: valid UTF-8 (argv that is not decodes to
+    lone surrogates, which no text field can store) and not absurdly long."""
+    if len(value) > MAX_TEXT:
+        raise argparse.ArgumentTypeError(f"longer than {MAX_TEXT} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8") from None
+    return value
+
+
+def count_arg(most: int) -> Callable[[str], int]:
+    """An argument type: a whole number from 0 to ``most``."""
+
+    def count(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:  # also more than 4300 digits
+            n = -1
+        if not 0 <= n <= most:
+            raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {most}")
+        return n
+
+    return count
 
 
 def read_pin(args: argparse.Namespace, err: TextIO, prompt: str = "Offline PIN: ") -> str:
@@ -289,12 +364,13 @@ def cmd_backends(ctx: Context) -> int:
     statuses = []
     for name in registry.backend_names():
         settings: dict[str, Any] = {}
+        configured: Method | None = None
         for method in Method:
             mc = cfg.method(method)
             if mc.backend == name:
-                settings = dict(mc.settings)
+                settings, configured = dict(mc.settings), method
                 break
-        statuses.append(registry.probe_backend(name, settings))
+        statuses.append(registry.probe_backend(name, settings, configured))
     lines = []
     for s in statuses:
         state = "available" if s.available else f"unavailable: {s.reason}"
@@ -356,6 +432,11 @@ def cmd_verifier_enroll(ctx: Context) -> int:
 
 
 def cmd_verifier_session(ctx: Context) -> int:
+    target = ctx.args.qr
+    if target:
+        from . import qr
+    if target and target != "terminal":
+        qr.image_target(target)  # a bad target fails before a session is made
     v = ctx.verifier()
     try:
         session = v.start_session(
@@ -363,9 +444,6 @@ def cmd_verifier_session(ctx: Context) -> int:
         )
     finally:
         v.close()
-    target = ctx.args.qr
-    if target:
-        from . import qr
     if target == "terminal":
         print(qr.terminal(session.text), file=ctx.err)
     elif target:
@@ -807,11 +885,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser with :class:`_Formatter` unless told otherwise."""
+    """An ArgumentParser with :class:`_Formatter` unless told otherwise, held to the
+    CLI's contract: an error is one ``hsm-auth: error:`` line and exit 2."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"hsm-auth: error: {message} (see {self.prog} --help)\n")
 
 
 class _Partial(Exception):
@@ -977,7 +1059,7 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
 
     p = add(sub, "enroll", cmd_enroll, "enroll a method from a verifier's offer", [pin])
-    p.add_argument("--method", required=True, help=METHOD_HELP)
+    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
     p.add_argument("--offer", help="the offer text, @FILE, or - for stdin (default)")
     p.add_argument("--replace", action="store_true", help="replace an enrolled method")
 
@@ -987,6 +1069,7 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p = add(sub, "finish", cmd_finish, "authenticate and print the OTP", [pin])
     p.add_argument(
         "--method",
+        type=text_arg,
         required=True,
         help=f"{METHOD_HELP}: an enrolled one that the verification data allows "
         "(`start` lists them)",
@@ -1018,11 +1101,16 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
 
     p = vadd("init", cmd_verifier_init, "create the verifier's identity, keys and database")
     p.add_argument(
-        "--name", default="hsm-auth verifier", help="the name authenticators show the user"
+        "--name",
+        type=text_arg,
+        default="hsm-auth verifier",
+        help="the name authenticators show the user",
     )
     p = vadd("offer", cmd_verifier_offer, "print an enrollment offer for a user")
-    p.add_argument("--user", required=True, help=USER_HELP)
-    p.add_argument("--methods", help="comma-separated methods the offer allows (default: all)")
+    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
+    p.add_argument(
+        "--methods", type=text_arg, help="comma-separated methods the offer allows (default: all)"
+    )
     p.add_argument("--replace", action="store_true", help="allow replacing an enrolled method")
     p = vadd("enroll", cmd_verifier_enroll, "record an enrollment response")
     p.add_argument("response", nargs="?", help="the response text, @FILE, or - for stdin (default)")
@@ -1031,28 +1119,38 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         cmd_verifier_session,
         "start an offline session (prints the verification data)",
     )
-    p.add_argument("--user", required=True, help=USER_HELP)
+    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
     p.add_argument(
-        "--context", required=True, help="what the user approves, shown on the authenticator"
+        "--context",
+        required=True,
+        type=text_arg,
+        help="what the user approves, shown on the authenticator",
     )
-    p.add_argument("--methods", help="comma-separated allowed methods (default: all enrolled)")
+    p.add_argument(
+        "--methods", type=text_arg, help="comma-separated allowed methods (default: all enrolled)"
+    )
     p.add_argument("--qr", help="terminal, png:PATH or svg:PATH")
     p = vadd("verify", cmd_verifier_verify, "check an OTP for a session")
-    p.add_argument("--session", required=True, help=SESSION_HELP)
+    p.add_argument("--session", type=text_arg, required=True, help=SESSION_HELP)
     p.add_argument(
-        "--otp", default="-", help="the OTP, or - (default) to read it from stdin / the terminal"
+        "--otp",
+        default="-",
+        type=text_arg,
+        help="the OTP, or - (default) to read it from stdin / the terminal",
     )
     p = vadd(
         "resync",
         cmd_verifier_resync,
         "resynchronize from two consecutive OTPs of one session",
     )
-    p.add_argument("--session", required=True, help=SESSION_HELP)
-    p.add_argument("--otp", required=True, help="an OTP of that session")
-    p.add_argument("--next-otp", required=True, help="the OTP the authenticator made next")
+    p.add_argument("--session", type=text_arg, required=True, help=SESSION_HELP)
+    p.add_argument("--otp", type=text_arg, required=True, help="an OTP of that session")
+    p.add_argument(
+        "--next-otp", type=text_arg, required=True, help="the OTP the authenticator made next"
+    )
     p = vadd("sync", cmd_verifier_sync, "print a sync message for the authenticator")
-    p.add_argument("--user", required=True, help=USER_HELP)
-    p.add_argument("--method", required=True, help=METHOD_HELP)
+    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
+    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
     p = vadd(
         "purge",
         cmd_verifier_purge,
@@ -1060,29 +1158,36 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     p.add_argument(
         "--grace",
-        type=int,
+        type=count_arg(2**31),
         default=3600,
         metavar="SECONDS",
         help="keep what expired less than this long ago (default 3600)",
     )
     p = vadd("unlock", cmd_verifier_unlock, "unlock a locked credential")
-    p.add_argument("--user", required=True, help=USER_HELP)
-    p.add_argument("--method", required=True, help=METHOD_HELP)
+    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
+    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
     p = vadd(
         "credentials",
         cmd_verifier_credentials,
         "list credentials, counters and lockout state",
     )
-    p.add_argument("--user", help="only this user's")
+    p.add_argument("--user", type=text_arg, help="only this user's")
     p = vadd("revoke", cmd_verifier_revoke, "revoke (delete) a user's method")
-    p.add_argument("--user", required=True, help=USER_HELP)
-    p.add_argument("--method", required=True, help=METHOD_HELP)
+    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
+    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
     p = vadd("show", cmd_verifier_show, "show a user's counters, lockout state and recent events")
-    p.add_argument("--user", required=True, help=USER_HELP)
-    p.add_argument("--recent", type=int, default=20, help="how many audit events (default 20)")
+    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
+    p.add_argument(
+        "--recent", type=count_arg(10_000), default=20, help="how many audit events (default 20)"
+    )
     p = vadd("audit", cmd_verifier_audit, "print audit records as JSON lines (oldest first)")
-    p.add_argument("--user", help="only this user's")
-    p.add_argument("--limit", type=int, default=100, help="the newest N records (default 100)")
+    p.add_argument("--user", type=text_arg, help="only this user's")
+    p.add_argument(
+        "--limit",
+        type=count_arg(1_000_000),
+        default=100,
+        help="the newest N records (default 100)",
+    )
 
     lp = group("login", "workstation login (PAM)")
     lsub = lp.add_subparsers(dest="login_command", required=True, metavar="COMMAND")
@@ -1091,8 +1196,8 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         ("check", cmd_login_check, "run a login check as the PAM helper does"),
     ):
         p = add(lsub, name, func, text, [pin])
-        p.add_argument("--user", required=True, help="the local account")
-        p.add_argument("--method", required=name == "enroll", help=METHOD_HELP)
+        p.add_argument("--user", type=text_arg, required=True, help="the local account")
+        p.add_argument("--method", type=text_arg, required=name == "enroll", help=METHOD_HELP)
         p.add_argument(
             "--authdir",
             "--authfile",

@@ -1,10 +1,16 @@
 """Configuration: TOML, found lazily.
 
-Lookup order: ``--home DIR`` / ``HSM_AUTH_HOME`` (everything under one
-directory: ``DIR/config.toml``), else ``HSM_AUTH_CONFIG``, else the platform's
-user config dir (platformdirs), else ``/etc/hsm-auth/config.toml``.
-Environment variables override single values:
+Which file: ``HSM_AUTH_CONFIG`` when set (it names the file, whatever the
+home), else ``DIR/config.toml`` under ``--home DIR`` / ``HSM_AUTH_HOME``, else
+the platform's user config dir (platformdirs), else
+``/etc/hsm-auth/config.toml``. The home decides where state lives; the
+config file only says how. Environment variables override single values:
 ``HSM_AUTH_<METHOD>_BACKEND`` (e.g. ``HSM_AUTH_DEVICE_BACKEND=tpm2``).
+
+The file is checked against a schema (:data:`SCHEMA`): an unknown table or
+key is an error naming it and the known ones. A method's settings are checked
+against its backend's :attr:`~hsm_auth.keystore.KeyStore.setting_names` when
+the backend is chosen (:func:`check_settings`).
 
 Example::
 
@@ -25,12 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import stat
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownMethod
 from .files import check_state
 from .methods import Method
 
@@ -46,11 +53,11 @@ class Paths:
 
     @property
     def config_file(self) -> Path:
-        if self.home is not None:
-            return self.home / "config.toml"
         env = os.environ.get("HSM_AUTH_CONFIG")
         if env:
             return Path(env)
+        if self.home is not None:
+            return self.home / "config.toml"
         import platformdirs  # only when no home is given: it costs start-up time
 
         user = Path(platformdirs.user_config_dir(APP)) / "config.toml"
@@ -88,9 +95,16 @@ class Paths:
     @classmethod
     def from_env(cls, home: str | os.PathLike[str] | None = None) -> Paths:
         chosen = home if home is not None else os.environ.get("HSM_AUTH_HOME")
-        if chosen:
-            check_state(Path(chosen).expanduser(), directory=True, missing_ok=True)
-        return cls(Path(chosen).expanduser().resolve() if chosen else None)
+        if not chosen:
+            return cls(None)
+        try:
+            path = Path(chosen).expanduser().resolve()
+            path.exists()  # raises for a name too long, a loop, ...
+        except (OSError, ValueError, RuntimeError) as e:
+            reason = getattr(e, "strerror", None) or e
+            raise ConfigError(f"unusable home directory {str(chosen)[:80]!r}: {reason}") from None
+        check_state(Path(chosen).expanduser(), directory=True, missing_ok=True)
+        return cls(path)
 
 
 @dataclass(frozen=True)
@@ -111,8 +125,10 @@ class Config:
     def method(self, method: Method) -> MethodConfig:
         configured = self.methods.get(method, MethodConfig(None))
         override = os.environ.get(f"HSM_AUTH_{method.name}_BACKEND")
-        if override:
-            return MethodConfig(override, configured.settings)
+        if override and override != configured.backend:
+            # The configured settings belong to the configured backend, if any.
+            settings = configured.settings if configured.backend is None else {}
+            return MethodConfig(override, settings)
         return configured
 
     def apply_environment(self) -> None:
@@ -121,37 +137,153 @@ class Config:
             os.environ.setdefault(key, value)
 
 
+#: What a config file may hold: table -> {key: the types its value may have}.
+#: ``[methods.<method>]`` tables hold ``backend`` and :data:`CORE_SETTINGS`, the
+#: rest is the backend's (:func:`check_settings`); ``[environment]`` maps names
+#: to strings.
+SCHEMA: Mapping[str, Mapping[str, tuple[type, ...]]] = {
+    "verifier": {"database": (str,), "hsm": (str,)},
+    "login": {
+        "authdir": (str,),
+        "timeout": (int, float),
+        "remote": (str,),
+        "unenrolled": (str,),
+        "cue": (str,),
+        "method": (str,),
+        "cancel": (str,),
+    },
+}
+TABLES = ("environment", "login", "methods", "verifier")
+#: Method settings the core itself reads, whatever the backend.
+CORE_SETTINGS: Mapping[str, tuple[type, ...]] = {
+    "backend": (str,),
+    "allow_unenforced_pin": (bool,),
+}
+MAX_FILE = 1 << 20
+_MAX_DEPTH = 8
+
+
+def _unknown(key: str, where: str, known: Any) -> ConfigError:
+    names = ", ".join(sorted(known)) or "none"
+    return ConfigError(f"unknown key {key[:40]!r} in {where} (known: {names})")
+
+
+def _depth(value: Any, limit: int) -> int:
+    if isinstance(value, dict | list):
+        if limit <= 0:
+            raise ConfigError("the config file nests tables or arrays too deeply")
+        items = value.values() if isinstance(value, dict) else value
+        return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+    return 0
+
+
+def _check_types(
+    table: Mapping[str, Any], schema: Mapping[str, tuple[type, ...]], where: str
+) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            raise _unknown(key, where, schema)
+        types = schema[key]
+        if (type(value) is bool and bool not in types) or not isinstance(value, types):
+            wanted = " or ".join(dict.fromkeys(_TYPE_NAMES[t] for t in types))
+            raise ConfigError(f"{where} {key} must be {wanted}")
+
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "a number", float: "a number"}
+
+
+def _environment_name(name: str) -> bool:
+    return bool(name) and "=" not in name and "\0" not in name and name.isprintable()
+
+
 def parse(data: Mapping[str, Any]) -> Config:
+    """Check ``data`` (a parsed TOML document) against :data:`SCHEMA`; raise
+    :class:`ConfigError` naming the first problem."""
+    if not isinstance(data, dict):
+        raise ConfigError("the config file must be a TOML document")
+    _depth(data, _MAX_DEPTH)
+    for key, value in data.items():
+        if key not in TABLES:
+            raise _unknown(key, "the config file", TABLES)
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table")
+    for key, schema in SCHEMA.items():
+        _check_types(data.get(key, {}), schema, f"[{key}]")
     methods: dict[Method, MethodConfig] = {}
-    section = data.get("methods", {})
-    if not isinstance(section, dict):
-        raise ConfigError("[methods] must be a table")
-    for name, table in section.items():
-        method = Method.parse(name)
+    for name, table in data.get("methods", {}).items():
+        try:
+            method = Method.parse(name)
+        except UnknownMethod:
+            raise _unknown(name, "[methods]", [m.value for m in Method]) from None
         if not isinstance(table, dict):
             raise ConfigError(f"[methods.{name}] must be a table")
         backend = table.get("backend")
         if backend is not None and not isinstance(backend, str):
             raise ConfigError(f"[methods.{name}] backend must be a string")
+        _check_types(
+            {k: v for k, v in table.items() if k in CORE_SETTINGS},
+            CORE_SETTINGS,
+            f"[methods.{name}]",
+        )
         settings = {k: v for k, v in table.items() if k != "backend"}
         methods[method] = MethodConfig(backend, settings)
     env = data.get("environment", {})
-    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-        raise ConfigError("[environment] must map names to strings")
+    for name, value in env.items():
+        if not _environment_name(name):
+            raise ConfigError(
+                f"[environment] name {name[:40]!r} is not a variable name (empty, '=' or NUL)"
+            )
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"[environment] {name} must be a string without NUL")
     return Config(methods, dict(env), dict(data))
+
+
+def check_settings(
+    method: Method, backend: str, known: Collection[str] | None, settings: Mapping[str, Any]
+) -> None:
+    """Refuse a method setting that neither the core nor the backend knows.
+
+    ``known`` is the backend class's ``setting_names``; ``None`` (a backend
+    that does not declare them) leaves its settings unchecked."""
+    if known is None:
+        return
+    allowed = set(CORE_SETTINGS) | set(known)
+    for key in settings:
+        if key not in allowed:
+            raise _unknown(key, f"[methods.{method.value}] (backend {backend})", allowed)
 
 
 def load(paths: Paths) -> Config:
     path = paths.config_file
     check_state(path, missing_ok=True)  # a config names libraries to load: others can't write it
-    if not path.exists():
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
         return Config(state_dir=paths.state_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_FILE + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_FILE:
+        raise ConfigError(f"{path} is larger than {MAX_FILE} bytes")
     import tomllib  # only when there is a file to parse
 
     try:
-        with path.open("rb") as f:
-            return dataclasses.replace(parse(tomllib.load(f)), state_dir=paths.state_dir)
+        document = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    try:
+        return dataclasses.replace(parse(document), state_dir=paths.state_dir)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

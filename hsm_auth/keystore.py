@@ -156,6 +156,11 @@ class KeyStore(ABC):
     #: not configured, enrollment sets it under the home's state dir (Paths.state_dir).
     uses_state_dir: ClassVar[bool] = False
 
+    #: The ``[methods.<m>]`` settings this backend reads (besides the core's
+    #: ``backend`` and ``allow_unenforced_pin``): any other key is a config error
+    #: naming the known ones. ``None``: not declared, the settings go unchecked.
+    setting_names: ClassVar[frozenset[str] | None] = None
+
     @classmethod
     def priority_for(cls, method: Method) -> float:
         """Rank among the backends that serve ``method`` (higher wins when unconfigured)."""

@@ -106,6 +106,19 @@ Warn = Callable[[str], None]
 # --- records ------------------------------------------------------------------
 
 
+def _json_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+def _json_int(value: Any) -> int:
+    """A counter or time: an integer in [0, 2**63), never a float (``1e999`` is infinity)."""
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise ValueError("expected an integer in [0, 2**63)")
+    return value
+
+
 @dataclass(frozen=True)
 class LoginCredential:
     """One method enrolled for login: public key, key/counter URIs, last counter."""
@@ -141,21 +154,24 @@ class LoginCredential:
         if not isinstance(d, dict):
             raise StateError("an authfile credential is not an object")
         try:
+            settings = d.get("settings") or {}
+            if not isinstance(settings, dict):
+                raise TypeError("settings")
             cred = cls(
-                method=Method.parse(str(d["method"])),
-                backend=str(d["backend"]),
-                settings=dict(d.get("settings") or {}),
-                signing_key=str(d["signing_key"]),
-                counter_uri=None if d.get("counter_uri") is None else str(d["counter_uri"]),
-                public_key=bytes.fromhex(str(d["public_key"])),
-                format=str(d["format"]),
-                counter=int(d["counter"]),
-                created=int(d.get("created", 0)),
-                backend_ref=str(d.get("backend_ref", "")),
+                method=Method.parse(_json_str(d["method"])),
+                backend=_json_str(d["backend"]),
+                settings=settings,
+                signing_key=_json_str(d["signing_key"]),
+                counter_uri=None if d.get("counter_uri") is None else _json_str(d["counter_uri"]),
+                public_key=bytes.fromhex(_json_str(d["public_key"])),
+                format=_json_str(d["format"]),
+                counter=_json_int(d["counter"]),
+                created=_json_int(d.get("created", 0)),
+                backend_ref=_json_str(d.get("backend_ref", "")),
             )
         except (KeyError, TypeError, ValueError, UnknownMethod) as e:
             raise StateError(f"malformed authfile credential ({e.__class__.__name__})") from None
-        if cred.format not in FORMATS or cred.counter < 0:
+        if cred.format not in FORMATS:
             raise StateError("malformed authfile credential (format or counter)")
         return cred
 
@@ -333,8 +349,9 @@ class AuthDir:
             creds = data["credentials"]
             if not isinstance(creds, list):
                 raise ValueError("credentials")
-        except (ValueError, AttributeError, KeyError, TypeError) as e:
-            raise StateError(f"the authfile for {name} is malformed ({e})") from None
+        except (ValueError, AttributeError, KeyError, TypeError, RecursionError) as e:
+            reason = e.__class__.__name__ if isinstance(e, RecursionError) else str(e)[:80]
+            raise StateError(f"the authfile for {name} is malformed ({reason})") from None
         return [LoginCredential.from_json(c) for c in creds]
 
     def write(self, user: str, creds: list[LoginCredential]) -> None:

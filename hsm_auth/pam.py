@@ -233,7 +233,7 @@ def authenticate(argv: Sequence[str], env: Mapping[str, str]) -> str:
     _arm_timeout(opts.timeout)
     if opts.remote == "deny" and is_remote(env):
         raise _Refused(f"remote session refused for {user} (remote = deny)")
-    config = parse_config({k: v for k, v in raw.items() if k != "login"})
+    config = parse_config(raw)
     config.apply_environment()
     method = Method.parse(opts.method) if opts.method else None
     with AuthDir(opts.authdir) as authdir:

@@ -46,15 +46,36 @@ def terminal(text: str) -> str:
     return "\n".join(rows)
 
 
-def write_image(text: str, target: str) -> Path:
-    """``target`` is ``png:PATH`` or ``svg:PATH``."""
+def image_target(target: str) -> tuple[str, Path]:
+    """``png:PATH`` / ``svg:PATH`` as (kind, path); refused before any work is done
+    when malformed or when PATH is a directory."""
     kind, _, path_text = target.partition(":")
     if kind not in ("png", "svg") or not path_text:
         raise InvalidInput("--qr takes terminal, png:PATH or svg:PATH")
     path = Path(path_text)
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError) as e:  # a name too long, a NUL
+        reason = _reason(e)
+        raise InvalidInput(f"cannot write the QR code to {path_text[:80]!r}: {reason}") from None
+    if is_dir or path_text.endswith("/"):
+        raise InvalidInput(f"--qr {kind}:PATH names a directory ({path_text[:80]}); give a file")
+    return kind, path
+
+
+def _reason(e: BaseException) -> str:
+    return str(getattr(e, "strerror", None) or e)
+
+
+def write_image(text: str, target: str) -> Path:
+    """``target`` is ``png:PATH`` or ``svg:PATH``."""
+    kind, path = image_target(target)
     factory = PyPNGImage if kind == "png" else SvgPathImage
     image = _qr(text).make_image(image_factory=factory)
     buf = io.BytesIO()
     image.save(buf)
-    atomic_write(path, buf.getvalue(), mode=0o644)
+    try:
+        atomic_write(path, buf.getvalue(), mode=0o644)
+    except (OSError, ValueError) as e:
+        raise InvalidInput(f"cannot write the QR code to {str(path)[:80]}: {_reason(e)}") from None
     return path

@@ -9,7 +9,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config
+from .config import Config, check_settings
 from .errors import BackendUnavailable, ConfigError, HsmAuthError
 from .keystore import KeyStore, Settings
 from .methods import Method
@@ -94,9 +94,18 @@ def _load_backend(name: str, reference: str | None) -> type[KeyStore]:
     return cls
 
 
-def probe_backend(name: str, settings: Settings) -> BackendStatus:
+def checked_settings(cls: type[KeyStore], method: Method, settings: Settings) -> Settings:
+    """``settings`` for ``method`` on ``cls``, refused if they hold a key it does not know."""
+    check_settings(method, cls.name, cls.setting_names, settings)
+    return settings
+
+
+def probe_backend(name: str, settings: Settings, method: Method | None = None) -> BackendStatus:
     try:
-        details = load_backend(name).probe(settings)
+        cls = load_backend(name)
+        if method is not None:
+            checked_settings(cls, method, settings)
+        details = cls.probe(settings)
     except HsmAuthError as e:
         return BackendStatus(name, False, str(e))
     return BackendStatus(name, True, "", dict(details))
@@ -107,8 +116,9 @@ def choose_backend(config: Config, method: Method) -> tuple[str, Settings]:
     backend that serves it and probes OK (a TPM before a PKCS#11 token)."""
     chosen = config.method(method)
     if chosen.backend is not None:
+        cls = load_backend(chosen.backend)
         return chosen.backend, _with_state_dir(
-            config, load_backend(chosen.backend), chosen.settings
+            config, cls, checked_settings(cls, method, chosen.settings)
         )
     candidates = []
     for name in backend_names():
@@ -125,7 +135,8 @@ def choose_backend(config: Config, method: Method) -> tuple[str, Settings]:
         except HsmAuthError as e:
             reasons.append(f"{cls.name}: {e}")
             continue
-        return cls.name, _with_state_dir(config, cls, chosen.settings)
+        settings = checked_settings(cls, method, chosen.settings)
+        return cls.name, _with_state_dir(config, cls, settings)
     detail = "; ".join(reasons) or "no installed backend serves it"
     raise BackendUnavailable(f"no backend available for the {method.value} method ({detail})")
 

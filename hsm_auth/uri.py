@@ -32,7 +32,10 @@ _QUERY_SAFE = _UNRESERVED + _RES_AVAIL + "/?|"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 _BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*\Z")
-_LIBRARY_VERSION = re.compile(r"[0-9]+(\.[0-9]+)?\Z")
+_LIBRARY_VERSION = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?\Z")
+_SLOT_ID = re.compile(r"[0-9]{1,20}\Z")  # a CK_SLOT_ID (CK_ULONG); ASCII digits only
+#: Longest URI accepted (a module path and a PIN file path fit many times over).
+MAX_URI = 4096
 
 # Path attribute name -> dataclass field, in the order str() writes them.
 _PATH_FIELDS = {
@@ -93,6 +96,12 @@ def _split_uri(text: str, scheme: str) -> tuple[str, str]:
     text = text.strip()
     if "\n" in text or "\r" in text:
         raise InvalidInput(f"a {scheme}: URI must be one line")
+    if len(text) > MAX_URI:
+        raise InvalidInput(f"a {scheme}: URI is longer than {MAX_URI} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from argv that was not UTF-8
+        raise InvalidInput(f"a {scheme}: URI must be valid UTF-8 text") from None
     head, colon, rest = text.partition(":")
     if not colon or head.lower() != scheme.lower():
         raise InvalidInput(f"not a {scheme}: URI")
@@ -168,7 +177,7 @@ class Pkcs11Uri:
                 f"invalid pkcs11: URI type {self.type[:20]!r} "
                 f"(one of {', '.join(sorted(OBJECT_TYPES))})"
             )
-        if self.slot_id is not None and self.slot_id < 0:
+        if self.slot_id is not None and not 0 <= self.slot_id < 2**64:
             raise InvalidInput("invalid pkcs11: URI slot-id")
         if self.library_version is not None and not _LIBRARY_VERSION.match(self.library_version):
             raise InvalidInput("invalid pkcs11: URI library-version (expected M or M.N)")
@@ -192,8 +201,10 @@ class Pkcs11Uri:
                 values["id"] = _decode_bytes(raw, what)
             elif name == "slot-id":
                 decoded = _decode_text(raw, what)
-                if not decoded.isdigit():
-                    raise InvalidInput("invalid pkcs11: URI slot-id (expected a decimal number)")
+                if not _SLOT_ID.match(decoded) or int(decoded) >= 2**64:
+                    raise InvalidInput(
+                        "invalid pkcs11: URI slot-id (expected a decimal number below 2**64)"
+                    )
                 values["slot_id"] = int(decoded)
             elif name in _PATH_FIELDS:
                 values[_PATH_FIELDS[name]] = _decode_text(raw, what)

@@ -40,15 +40,16 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from . import cbor
 from . import ec as ecutil
-from .errors import DecodeError, UntrustedMessage
+from .errors import UntrustedMessage
 from .methods import Method
 from .verifier_keys import WRAP_INFO
 
@@ -163,12 +164,8 @@ class _AuthData:
     extensions: Mapping[Any, Any] | None
 
 
-def _no_tags(decoder: Any, tag: Any) -> Any:
-    raise DecodeError("unexpected CBOR tag")
-
-
 def _decode_one(stream: io.BytesIO) -> Any:
-    return cbor2.CBORDecoder(stream, tag_hook=_no_tags).decode()
+    return cbor.decode_from(stream, maps=True)
 
 
 def _parse_auth_data(data: bytes) -> _AuthData:
@@ -234,7 +231,7 @@ def _check_statement(
         raise UntrustedMessage("packed attestation: malformed x5c")
     try:
         leaf = x509.load_der_x509_certificate(x5c[0]).public_key()
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):  # garbage, or a key type cryptography lacks
         raise UntrustedMessage("packed attestation: malformed certificate") from None
     if not isinstance(leaf, ec.EllipticCurvePublicKey):
         raise UntrustedMessage("packed attestation: the certificate key is not EC")
@@ -262,7 +259,7 @@ def verify_enrollment_attestation(
     if not isinstance(attestation, bytes) or not 0 < len(attestation) <= _MAX_ATTESTATION:
         raise UntrustedMessage("missing or oversized FIDO2 enrollment proof")
     try:
-        top = cbor2.loads(attestation, tag_hook=_no_tags)
+        top = cbor.loads(attestation, maps=True)
         if not (isinstance(top, dict) and set(top) == {"fmt", "authData", "attStmt", "assertion"}):
             raise UntrustedMessage("not a FIDO2 enrollment proof")
         fmt, mc_data, stmt, assertion = (
