@@ -564,7 +564,8 @@ class Fido2KeyStore(KeyStore):
 
     name: ClassVar[str] = "fido2"
     setting_names: ClassVar[frozenset[str] | None] = frozenset(
-        {"device", "rp_id", "timeout", "allow_pin_fallback", "prompts", "state_dir"}
+        {"device", "rp_id", "timeout", "allow_pin_fallback", "prompts", "state_dir",
+         ALLOW_SOFT_SETTING}
     )
     priority: ClassVar[float] = 10.0
     methods: ClassVar[tuple[Method, ...]] = (Method.BIOMETRIC, Method.FACE)
