@@ -1158,7 +1158,7 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     p.add_argument(
         "--grace",
-        type=count_arg(2**31),
+        type=int,
         default=3600,
         metavar="SECONDS",
         help="keep what expired less than this long ago (default 3600)",
