@@ -495,7 +495,7 @@ class _CredentialFile:
                 raise ValueError("version")
             records = (_Credential.from_json(d, version) for d in data["credentials"])
             return {c.key: c for c in records}
-        except (AttributeError, KeyError, TypeError, ValueError, InvalidInput):
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError, InvalidInput):
             raise StateError(f"{self.path} is malformed") from None
 
     def save(self, credentials: Mapping[str, _Credential]) -> None:

@@ -1119,9 +1119,11 @@ class Tpm2KeyStore(KeyStore):
             raise KeyNotFound(f"no tpm2 object with id {record_id} in {self._state_dir}") from None
         except OSError as e:
             raise StateError(f"cannot read {path}: {e.strerror}") from e
+        except UnicodeDecodeError:
+            raise StateError(f"{path} is not a tpm2 object file (not UTF-8)") from None
         try:
             record = _Record.from_json(text)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise StateError(f"{path} is not a tpm2 object file ({e})") from e
         if record.id != record_id:
             raise StateError(f"{path} names another object")

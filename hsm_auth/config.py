@@ -281,6 +281,8 @@ def load(paths: Paths) -> Config:
         raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise ConfigError(f"{path}: a number is too large") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
     try:

@@ -258,7 +258,7 @@ def read_json(path: Path) -> Any:
     assert data is not None
     try:
         return json.loads(data)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise StateError(f"{_p(path)} is unreadable: {e.__class__.__name__}") from e
 
 
@@ -300,6 +300,9 @@ def read_secret_file(path: str | os.PathLike[str], what: str = "the PIN file") -
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except (OSError, ValueError) as e:
         raise StateError(f"cannot open {what} {_p(path)}: {_reason(e)}") from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode):  # os.fdopen would raise IsADirectoryError
+        os.close(fd)
+        raise StateError(f"{what} {_p(path)} is a directory; give a file")
     with os.fdopen(fd, "rb") as f:
         os.set_blocking(fd, True)
         st = os.fstat(fd)

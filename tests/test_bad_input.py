@@ -352,6 +352,13 @@ def test_login_check_on_an_authfile_with_counter_1e999(tmp_path):
     )
 
 
+def test_a_pin_file_that_is_a_directory_is_a_state_error(tmp_path):
+    from hsm_auth.files import read_secret_file
+
+    with pytest.raises(StateError, match="is a directory"):
+        read_secret_file(tmp_path)
+
+
 def test_textcode_refuses_non_ascii_and_surrogates():
     for text in ("HA1:\udcff", "HA1:\u00b2\u00b2", "HA1:" + "A" * 9):
         with pytest.raises(DecodeError):

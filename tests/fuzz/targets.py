@@ -1,0 +1,287 @@
+"""The decoders that take outside input, each as a fuzz target ``(bytes) -> None``.
+
+A target may return or raise :class:`~hsm_auth.errors.HsmAuthError`; anything
+else is a finding. Each comes with seeds: valid inputs to mutate from.
+Targets that read files write the input to a private temporary directory
+first, so that the real reading code (size limits, UTF-8, JSON) is fuzzed too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cbor2
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hsm_auth import cbor, config, ocra, protocol, qr, textcode, uri
+from hsm_auth import ec as ecutil
+from hsm_auth.errors import HsmAuthError, StateError
+from hsm_auth.methods import Method
+from hsm_auth.webauthn_proof import encode_enrollment_attestation, verify_enrollment_attestation
+
+Target = Callable[[bytes], object]
+
+
+@dataclass(frozen=True)
+class FuzzTarget:
+    name: str
+    run: Target
+    seeds: tuple[bytes, ...]
+
+
+def _text(data: bytes) -> str:
+    """Bytes as argv gives them: UTF-8, undecodable bytes as lone surrogates."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+# --- seeds ----------------------------------------------------------------------
+
+_KEY = ec.derive_private_key(7, ec.SECP256R1())
+_POINT = ecutil.encode_point(_KEY.public_key())
+_VID = b"\x01" * 16
+
+
+def _sign(body: bytes) -> bytes:
+    return b"\x00" * 64
+
+
+def _messages() -> dict[str, bytes]:
+    offer = protocol.EnrollmentOffer(
+        verifier_id=_VID, verifier_name="v", user="alice", offer_id=b"\x02" * 16,
+        verifier_signing_key=_POINT, verifier_agreement_key=_POINT,
+        suite="OCRA-1:HOTP-SHA256-8:C-QH64",
+        window=10, methods=(Method.DEVICE, Method.PIN), replace=False, expires=2**40,
+    )
+    response = protocol.EnrollmentResponse(
+        verifier_id=_VID, offer_id=b"\x02" * 16, user="alice", method=Method.DEVICE,
+        backend="pkcs11", signing_key=_POINT, agreement_key=_POINT, wrapped_otp_key=None,
+        initial_atc=0, attestation=None,
+    )
+    data = protocol.VerificationData(
+        verifier_id=_VID, challenge=b"\x03" * 16, context="Log in",
+        methods=(Method.DEVICE,), expires=2**40,
+    )
+    sync = protocol.SyncMessage(
+        verifier_id=_VID, user="alice", method=Method.PIN, atc=5, expires=2**40
+    )
+    return {
+        "offer": offer.encode(_sign), "response": response.encode(_sign),
+        "data": data.encode(_sign), "sync": sync.encode(_sign),
+    }
+
+
+def _attestation() -> bytes:
+    numbers = _KEY.public_key().public_numbers()
+    x, y = numbers.x.to_bytes(32, "big"), numbers.y.to_bytes(32, "big")
+    cose = {1: 2, 3: -7, -1: 1, -2: x, -3: y}
+    cred_id = b"\x04" * 16
+    auth_data = (
+        b"\x11" * 32 + bytes([0x45 | 0x80]) + struct.pack(">I", 1) + b"\x22" * 16
+        + struct.pack(">H", len(cred_id)) + cred_id + cbor2.dumps(cose)
+        + cbor2.dumps({"hmac-secret": True, "credProtect": 3})
+    )
+    return encode_enrollment_attestation(
+        "packed", auth_data, {"alg": -7, "sig": b"\x30\x06\x02\x01\x01\x02\x01\x01"},
+        b"\x11" * 32 + b"\x05" + struct.pack(">I", 2), b"\x30\x06\x02\x01\x01\x02\x01\x01",
+    )
+
+
+_CONFIG = b'''[methods.device]
+backend = "pkcs11"
+uri = "pkcs11:token=t?module-path=/usr/lib/softhsm/libsofthsm2.so"
+
+[methods.pin]
+backend = "tpm2"
+tcti = "swtpm:path=/run/s.sock"
+allow_unenforced_pin = true
+
+[environment]
+SOFTHSM2_CONF = "/etc/softhsm2.conf"
+
+[verifier]
+database = "postgresql://localhost/x"
+
+[login]
+authdir = "/etc/hsm-auth/login"
+timeout = 5
+'''
+
+_LOGIN_CRED = {
+    "method": "device", "backend": "pkcs11", "settings": {"uri": "pkcs11:token=t"},
+    "signing_key": "pkcs11:token=t;id=%01;type=private", "counter_uri": None,
+    "public_key": _POINT.hex(),
+    "format": "ecdsa-p256-sha256", "counter": 3, "created": 1, "backend_ref": "",
+}
+
+
+# --- file-reading targets ---------------------------------------------------------
+
+_DIR = Path(tempfile.mkdtemp(prefix="hsm-auth-fuzz-"))
+os.chmod(_DIR, 0o700)
+
+
+def _write(name: str, data: bytes) -> Path:
+    path = _DIR / name
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+    return path
+
+
+def _config_file(data: bytes) -> None:
+    _write("config.toml", data)
+    config.load(config.Paths(_DIR))
+
+
+def _authfile(data: bytes) -> None:
+    from hsm_auth.login import AuthDir
+
+    authdir = _DIR / "login"
+    authdir.mkdir(mode=0o755, exist_ok=True)
+    _write("login/alice", data).chmod(0o644)
+    with AuthDir(authdir) as d:
+        for cred in d.read("alice") or []:
+            _ = cred.public
+
+
+def _authenticator_state(data: bytes) -> None:
+    from hsm_auth.authenticator import Authenticator
+
+    state = _DIR / "authenticator"
+    state.mkdir(mode=0o700, exist_ok=True)
+    _write("authenticator/credentials.json", data)
+    Authenticator(state, config.Config())
+
+
+def _verifier_identity(data: bytes) -> None:
+    from hsm_auth.files import read_json
+    from hsm_auth.verifier import VerifierIdentity
+
+    VerifierIdentity.from_json(read_json(_write("identity.json", data)))
+
+
+def _fido2_state(data: bytes) -> None:
+    from hsm_auth_backends.fido2 import STATE_FILE, _CredentialFile
+
+    state = _DIR / "fido2"
+    state.mkdir(mode=0o700, exist_ok=True)
+    _write(f"fido2/{STATE_FILE}", data)
+    _CredentialFile(state).load()
+
+
+def _tpm2_record(data: bytes) -> None:
+    from hsm_auth_backends.tpm2 import Tpm2KeyStore
+
+    state = _DIR / "tpm2"
+    state.mkdir(mode=0o700, exist_ok=True)
+    _write(f"tpm2/{'0' * 32}.json", data)
+    store = Tpm2KeyStore.__new__(Tpm2KeyStore)  # only its state-file reader is used
+    store._state_dir = state
+    store._read("0" * 32)
+
+
+# --- the targets ----------------------------------------------------------------
+
+
+def _decode_all(data: bytes) -> None:
+    for kind in (protocol.EnrollmentOffer, protocol.EnrollmentResponse,
+                 protocol.VerificationData, protocol.SyncMessage):
+        with contextlib.suppress(HsmAuthError):
+            kind.decode(data)
+    protocol.message_kind(data)
+
+
+def _from_text(data: bytes) -> None:
+    text = _text(data)
+    for kind in (protocol.EnrollmentOffer, protocol.VerificationData):
+        with contextlib.suppress(HsmAuthError):
+            kind.from_text(text)
+    protocol.SyncMessage.from_text(text)
+
+
+def _attestation_target(data: bytes) -> None:
+    verify_enrollment_attestation(data, _POINT, b"binding", b"\x02" * 60, initial_atc=0)
+
+
+def _uri(data: bytes) -> None:
+    text = _text(data)
+    with contextlib.suppress(HsmAuthError):
+        uri.Pkcs11Uri.parse(text)
+    uri.parse_attr_uri(text, "tpm2")
+
+
+def _methods(data: bytes) -> None:
+    from hsm_auth.cli import parse_methods, parse_session_id
+
+    text = _text(data)
+    with contextlib.suppress(HsmAuthError):
+        parse_session_id(text)
+    with contextlib.suppress(HsmAuthError):
+        Method.from_code(int.from_bytes(data[:2], "big"))
+    parse_methods(text)
+
+
+def _qr_target(data: bytes) -> None:
+    qr.image_target(_text(data))
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def targets() -> list[FuzzTarget]:
+    messages = _messages()
+    texts = tuple(textcode.encode(m).encode() for m in messages.values())
+    return [
+        FuzzTarget("cbor", lambda d: (cbor.loads(d), cbor.loads(d, maps=True)),
+                   tuple(messages.values())),
+        FuzzTarget("protocol", _decode_all, tuple(messages.values())),
+        FuzzTarget("protocol-text", _from_text, texts),
+        FuzzTarget("textcode", lambda d: textcode.decode(_text(d)), texts),
+        FuzzTarget("attestation", _attestation_target, (_attestation(),)),
+        FuzzTarget("uri", _uri, (
+            b"pkcs11:token=a%20b;id=%01%02;slot-id=3;type=private?module-path=/x.so&pin-source=file:/p",
+            b"tpm2:handle=0x81000001;id=abc?tcti=swtpm:path=/s.sock",
+        )),
+        FuzzTarget("ocra-suite", lambda d: ocra.OcraSuite.parse(_text(d)), (
+            b"OCRA-1:HOTP-SHA256-8:C-QH64", b"OCRA-1:HOTP-SHA1-6:QN08-PSHA1-S064-T1M",
+        )),
+        FuzzTarget("methods", _methods, (b"device,pin", b"00112233445566778899aabbccddeeff")),
+        FuzzTarget("qr-target", _qr_target, (b"png:/nonexistent/q.png", b"svg:q.svg")),
+        FuzzTarget("config", _config_file, (_CONFIG,)),
+        FuzzTarget("authfile", _authfile, (
+            _json({"version": 1, "user": "alice", "credentials": [_LOGIN_CRED]}),
+        )),
+        FuzzTarget("authenticator-state", _authenticator_state, (
+            _json({"version": 1, "verifiers": [{"verifier_id": "01" * 16, "name": "v",
+                                                 "signing_key": _POINT.hex()}],
+                   "methods": []}),
+        )),
+        FuzzTarget("verifier-identity", _verifier_identity, (
+            _json({"verifier_id": "01" * 16, "name": "v", "lockout_threshold": 5}),
+        )),
+        FuzzTarget("fido2-state", _fido2_state, (
+            _json({"version": 2, "credentials": [{
+                "id": "AQID", "rp_id": "hsm-auth", "label": "l", "public": _POINT.hex(),
+                "last_sign_count": 1, "atc": 0, "roles": ["otp"], "aaguid": "00" * 16}]}),
+        )),
+        FuzzTarget("tpm2-record", _tpm2_record, (
+            _json({"format": 1, "id": "0" * 32, "kind": "counter", "label": "l", "pin": False,
+                   "nv_index": "0x01000000"}),
+        )),
+    ]
+
+
+def expected(error: BaseException) -> bool:
+    """Whether ``error`` keeps the contract (only HsmAuthError subclasses)."""
+    return isinstance(error, HsmAuthError)
+
+
+__all__ = ["FuzzTarget", "StateError", "expected", "targets"]
