@@ -42,7 +42,8 @@ Keys
     inside an AES-CFB parameter-encrypted session salted to the storage key,
     and lives on the host in a bytearray that is wiped right after.
     ATC: an NV index of type TPM_NT_COUNTER in the owner range 0x01000000-
-    0x013FFFFF (recorded in the URI), read and incremented with its own auth.
+    0x013FFFFF (recorded in the URI), read and incremented with its own auth
+    (the offline-use limit check reads it as the owner: see ``_peek``).
     A TPM counter starts at the highest value any counter on the TPM ever
     had, not at 0: the real value is reported (the verifier gets the initial ATC).
 
@@ -454,6 +455,7 @@ class Tpm2KeyStore(KeyStore):
         self._loaded: OrderedDict[str, Any] = OrderedDict()  # record id -> ESYS_TR
         self._nv: dict[int, Any] = {}  # NV index -> ESYS_TR
         self._records: dict[str, _Record] = {}  # URI -> its state file, read once
+        self._owner_reads = True  # see _peek
         self._cache_size = 1
         self._clients: _ClientLock | None = None
 
@@ -818,9 +820,7 @@ class Tpm2KeyStore(KeyStore):
         nv = self._nv_handle(counter_record, auth)
         key = self._load(key_record, auth)
         if limit is not None:
-            with self._tpm("reading the counter", counter_record):
-                current = self._nv_read(nv, counter_record.has_pin)
-            check_counter_limit(current, limit)
+            check_counter_limit(self._peek(counter_record, nv), limit)
         value = self._increment(counter_record, nv)
         return value, self._hmac(key_record, key, message_for(value))
 
@@ -1078,6 +1078,30 @@ class Tpm2KeyStore(KeyStore):
             self._nv[record.nv_index] = handle
         self._ectx.tr_set_auth(handle, value)
         return handle
+
+    def _peek(self, record: _Record, handle: Any) -> int:
+        """The counter's value for the offline-use limit, a check that needs neither
+        the PIN nor response integrity (a forged value can only refuse, or let the
+        TPM-checked increment run). With an empty owner auth it is read as the owner
+        (TPMA_NV_OWNERREAD) in a password session, which spares the pin method one
+        command's salted-HMAC-session work. Where the owner has a password (not
+        configured: that one would need a session of its own) or the owner hierarchy
+        is disabled, the TPM refuses without counting a DA failure, and this store
+        reads with the index's own auth from then on."""
+        if self._owner_reads and not self._owner_auth:
+            from tpm2_pytss.constants import TPM2_RC
+
+            owner = _esys_tr().OWNER
+            self._ectx.tr_set_auth(owner, b"")
+            try:
+                data = self._ectx.nv_read(handle, 8, 0, owner, session1=_esys_tr().PASSWORD)
+                return int.from_bytes(bytes(data), "big")
+            except _tss_exception() as e:
+                if _tpm_code(e.rc) not in (TPM2_RC.BAD_AUTH, TPM2_RC.HIERARCHY):
+                    raise self._convert(e, "reading the counter", record) from e
+                self._owner_reads = False
+        with self._tpm("reading the counter", record):
+            return self._nv_read(handle, record.has_pin)
 
     def _nv_read(self, handle: Any, secret: bool) -> int:
         data = self._ectx.nv_read(handle, 8, 0, handle, session1=self._auth_session(secret))

@@ -29,6 +29,7 @@ from hsm_auth.errors import (
     BackendUnavailable,
     InvalidInput,
     KeyNotFound,
+    LoginRequired,
     PinInvalid,
     PinLocked,
     PinRequired,
@@ -584,6 +585,40 @@ def test_an_otp_reads_each_state_file_once_per_open_store(
     finally:
         _OPENED = None
         reopened.close()
+
+
+def test_limit_check_falls_back_when_the_owner_has_a_password(
+    swtpm: SwtpmProcess, open_store: Any
+) -> None:
+    """The limit check reads the counter as the owner with an empty password; on a TPM
+    whose owner has one (not configured here) that is refused with no DA failure
+    counted, and the store reads with the index's own auth (the PIN) instead."""
+    from hsm_auth_backends.tpm2 import SRK_PERSISTENT_HANDLE, _srk_template
+    from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_AUTH, TPM2B_PUBLIC
+
+    store = open_store()
+    otp, key = _enroll_otp(store, PIN)
+    counter = store.create_counter("t/atc", PIN)
+    store.close()
+    with ESAPI(swtpm.tcti) as ectx:  # the SRK at its persistent handle needs no owner auth
+        primary, *_ = ectx.create_primary(
+            None, TPM2B_PUBLIC(publicArea=_srk_template()), ESYS_TR.OWNER
+        )
+        ectx.evict_control(ESYS_TR.OWNER, primary, SRK_PERSISTENT_HANDLE)
+        ectx.flush_context(primary)
+        ectx.hierarchy_change_auth(ESYS_TR.OWNER, TPM2B_AUTH(b"owner-password"))
+    store = open_store()
+    for _ in range(3):
+        start = store.counter_value(counter, PIN)
+        value, mac = store.counted_hmac(
+            otp, counter, lambda c: c.to_bytes(8, "big"), PIN, limit=start + 1
+        )
+        assert value == start + 1
+        assert mac == hmac.new(key, value.to_bytes(8, "big"), hashlib.sha256).digest()
+        with pytest.raises(LoginRequired):
+            store.counted_hmac(otp, counter, lambda c: b"m", PIN, limit=value)
+    assert store.pin_status().retries_left == 3  # no failure counted
+    assert not store._owner_reads  # it fell back, once
 
 
 # --- PIN and dictionary-attack lockout ------------------------------------------------
