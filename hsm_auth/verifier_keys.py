@@ -110,7 +110,7 @@ class OtpKeyCache:
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
-            raise ValueError("max_bytes must not be negative")
+            raise InvalidInput("the OTP key cache size must not be negative")
         self.max_bytes = max_bytes
         self._entries: OrderedDict[bytes, bytes] = OrderedDict()
         self._bytes = 0

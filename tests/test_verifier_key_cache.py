@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
 from hsm_auth import ec
+from hsm_auth.errors import DecodeError, InvalidInput
 from hsm_auth.methods import Method
 from hsm_auth.store import CredentialRecord
 from hsm_auth.verifier_keys import FileVerifierKeys, OtpKeyCache, wrap_otp_key
@@ -57,7 +58,7 @@ def test_an_entry_larger_than_the_budget_and_a_zero_budget_cache_nothing():
     off = OtpKeyCache(0)
     off.put(b"a" + bytes(33), bytes(32))
     assert off.get(b"a" + bytes(33)) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidInput):
         OtpKeyCache(-1)
 
 
@@ -129,7 +130,7 @@ def test_file_keys_cache_unwrapped_keys_too_and_never_a_bad_one():
     assert len(keys.otp_keys) == 1
     bad = bytearray(cred.wrapped_otp_key or b"")
     bad[-1] ^= 1
-    with pytest.raises(Exception, match="does not decrypt"):
+    with pytest.raises(DecodeError, match="does not decrypt"):
         keys.otp_mac(_credential(None, bytes(bad)), data)
     assert len(keys.otp_keys) == 1
 
