@@ -325,6 +325,9 @@ def _read_pin_fd(fd: int) -> bytes:
     return data
 
 
+MAX_OTP_LINE = 256
+
+
 def read_otp(ctx: Context) -> str:
     """The OTP from ``--otp``, else from stdin (a pipe) or typed at the terminal
     (kept out of argv, where other users could see it in the process list)."""
@@ -332,7 +335,10 @@ def read_otp(ctx: Context) -> str:
         return str(ctx.args.otp)
     if sys.stdin.isatty():
         print("OTP: ", end="", file=ctx.err, flush=True)
-    line = sys.stdin.readline().strip()
+    try:
+        line = sys.stdin.readline(MAX_OTP_LINE).strip()  # bounded: stdin may be /dev/zero
+    except (OSError, UnicodeDecodeError):
+        raise InvalidInput("cannot read the OTP from stdin") from None
     if not line:
         raise InvalidInput("no OTP given (--otp, or one line on stdin)")
     return line
@@ -780,7 +786,10 @@ def cmd_keys_prune(ctx: Context) -> int:
 def cmd_demo(ctx: Context) -> int:
     from .demo import run_demo
 
-    return run_demo(ctx.paths, out=ctx.out, err=ctx.err, as_json=ctx.args.json)
+    try:
+        return run_demo(ctx.paths, out=ctx.out, err=ctx.err, as_json=ctx.args.json)
+    except RuntimeError as e:  # how the emulator fixtures (swtpm, softhsm2-util) fail
+        raise errors.BackendUnavailable(f"the demo could not start its emulators: {e}") from None
 
 
 # --- workstation login (hsm_auth.login) -----------------------------------------

@@ -98,6 +98,10 @@ class Paths:
         if not chosen:
             return cls(None)
         try:
+            os.fspath(chosen).encode("utf-8")  # state records and config files hold it as text
+        except UnicodeEncodeError:
+            raise ConfigError("the home directory's path must be valid UTF-8") from None
+        try:
             path = Path(chosen).expanduser().resolve()
             path.exists()  # raises for a name too long, a loop, ...
         except (OSError, ValueError, RuntimeError) as e:

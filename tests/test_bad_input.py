@@ -92,6 +92,28 @@ def test_a_long_home_or_db_is_one_error(tmp_path):
     assert "File name too long" in line
 
 
+def test_an_otp_from_dev_zero_or_a_home_that_is_not_utf8(verifier_home, tmp_path):
+    with open("/dev/zero", "rb") as zero:
+        result = subprocess.run(
+            [sys.executable, "-m", "hsm_auth", "--home", str(verifier_home), "verifier", "verify",
+             "--session", "00" * 16], stdin=zero, capture_output=True, timeout=30, check=False,
+        )
+    one_error(result)
+    line = one_error(run(None, "--home", str(tmp_path) + os.fsdecode(b"/\xff"), "methods"))
+    assert "UTF-8" in line
+
+
+def test_demo_in_a_home_too_deep_for_the_swtpm_socket(tmp_path):
+    from hsm_auth.testing.swtpm import swtpm_available
+
+    if swtpm_available():
+        pytest.skip(swtpm_available())
+    home = tmp_path.joinpath(*["d" * 40] * 3)
+    home.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    assert "socket is too long" in one_error(run(home, "demo", env=env, timeout=120))
+
+
 def test_dev_zero_and_a_fifo_are_refused_at_once(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
