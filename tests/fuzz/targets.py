@@ -9,7 +9,9 @@ first, so that the real reading code (size limits, UTF-8, JSON) is fuzzed too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -232,6 +234,52 @@ def _qr_target(data: bytes) -> None:
     qr.image_target(_text(data))
 
 
+_VERIFIER: list[object] = []
+
+
+@functools.cache
+def _verifier_enroll_seeds() -> tuple[bytes, ...]:
+    """A real verifier (file keys, SQLite) and responses to its offer, signed by a key
+    that is not the enrolled one: the whole check runs, up to proof of possession."""
+    from hsm_auth.verifier import Verifier
+
+    v = Verifier.init(_DIR / "verifier", "fuzz")
+    _VERIFIER.append(v)
+    seeds = []
+    for method, agreement, wrapped, attestation in (
+        (Method.DEVICE, _POINT, None, None),
+        (Method.BIOMETRIC, None, b"\x02" * 93, _attestation()),
+    ):
+        offer, _ = v.create_offer("alice", methods=[method])
+        response = protocol.EnrollmentResponse(
+            verifier_id=v.identity.verifier_id, offer_id=offer.offer_id, user="alice",
+            method=method, backend="pkcs11", signing_key=_POINT, agreement_key=agreement,
+            wrapped_otp_key=wrapped, initial_atc=0, attestation=attestation,
+        )
+        sign = None if attestation else _sign_by_another_key
+        seeds.append(response.to_text(sign).encode())
+    return tuple(seeds)
+
+
+def _sign_by_another_key(body: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+
+    other = ec.derive_private_key(11, ec.SECP256R1())
+    return ecutil.der_to_raw(other.sign(body, ec.ECDSA(hashes.SHA256())))
+
+
+def _verifier_enroll(data: bytes) -> None:
+    from hsm_auth.verifier import Verifier
+
+    verifier = _VERIFIER[0]
+    assert isinstance(verifier, Verifier)
+    logging.disable(logging.CRITICAL)  # the audit log of each refusal
+    try:
+        verifier.accept_enrollment(_text(data))
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _json(obj: object) -> bytes:
     return json.dumps(obj).encode()
 
@@ -246,6 +294,7 @@ def targets() -> list[FuzzTarget]:
         FuzzTarget("protocol-text", _from_text, texts),
         FuzzTarget("textcode", lambda d: textcode.decode(_text(d)), texts),
         FuzzTarget("attestation", _attestation_target, (_attestation(),)),
+        FuzzTarget("verifier-enroll", _verifier_enroll, _verifier_enroll_seeds()),
         FuzzTarget("uri", _uri, (
             b"pkcs11:token=a%20b;id=%01%02;slot-id=3;type=private?module-path=/x.so&pin-source=file:/p",
             b"tpm2:handle=0x81000001;id=abc?tcti=swtpm:path=/s.sock",
