@@ -484,6 +484,9 @@ class Tpm2KeyStore(KeyStore):
             "max_auth_fail": str(var.get(TPM2_PT.MAX_AUTH_FAIL, 0)),
             "lockout_interval": f"{var.get(TPM2_PT.LOCKOUT_INTERVAL, 0)} s",
             "lockout_recovery": f"{var.get(TPM2_PT.LOCKOUT_RECOVERY, 0)} s",
+            "resource_manager": "yes"
+            if has_resource_manager(tcti)
+            else "no (one client at a time; open flushes what killed clients left)",
         }
 
     @classmethod

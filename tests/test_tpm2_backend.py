@@ -205,6 +205,7 @@ def test_probe_reports_tpm_details(swtpm_tcti: str) -> None:
     assert status.details["max_auth_fail"] == "3"  # set by the fixture
     assert status.details["lockout_interval"] == "2 s"
     assert status.details["firmware"].count(".") == 3
+    assert status.details["resource_manager"].startswith("no (one client at a time")
 
 
 @pytest.mark.parametrize(
