@@ -161,7 +161,13 @@ class Context:
         return configured
 
     def verifier_database(self) -> str | None:
-        return self._verifier_setting("db", "database")
+        dsn = self._verifier_setting("db", "database")
+        if dsn is not None and ("://" in dsn or "=" in dsn):  # a DSN is text, unlike a path
+            try:
+                dsn.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput("the database DSN is not valid UTF-8") from None
+        return dsn
 
     def verifier_hsm(self) -> str | None:
         return self._verifier_setting("hsm", "hsm")

@@ -288,17 +288,18 @@ class AuthDir:
 
     def __init__(self, path: Path, *, create: bool = False) -> None:
         self.path = Path(os.path.abspath(path))
-        if create and not self.path.exists():
-            self.path.mkdir(mode=0o755, parents=True)
         try:
+            if create and not self.path.exists():
+                self.path.mkdir(mode=0o755, parents=True)
             check_parents(self.path)
             self._fd = os.open(
                 self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             )
         except FileNotFoundError:
             raise StateError(f"the login authfile directory {self.path} does not exist") from None
-        except OSError as e:
-            raise StateError(f"cannot open {self.path}: {e.strerror}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the path (from the config)
+            reason = getattr(e, "strerror", None) or e
+            raise StateError(f"cannot open {str(self.path)[:200]}: {reason}") from None
         try:
             check_stat(os.fstat(self._fd), self.path, directory=True)
         except BaseException:

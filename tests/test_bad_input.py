@@ -148,6 +148,8 @@ def test_arguments_that_are_not_utf8_huge_counts_and_directories(tmp_path):
     one_error(run(tmp_path, "verifier", "session", "--user", "a", "--context", "c",
                   "--qr", f"svg:{tmp_path}"))
     one_error(run(tmp_path, "no-such-command"))
+    dsn = "postgresql://" + surrogate + "@localhost/x"
+    assert "DSN" in one_error(run(tmp_path, "verifier", "audit", "--db", dsn))
 
 
 # --- CBOR ----------------------------------------------------------------------
@@ -379,6 +381,18 @@ def test_a_pin_file_that_is_a_directory_is_a_state_error(tmp_path):
 
     with pytest.raises(StateError, match="is a directory"):
         read_secret_file(tmp_path)
+
+
+def test_login_authdirs_too_long_or_with_a_nul(tmp_path):
+    long = str(tmp_path / ("9" * 5000))
+    for command in ("enroll", "check"):
+        extra = ["--method", "device"] if command == "enroll" else []
+        line = one_error(run(tmp_path, "login", command, "--user", "alice", *extra,
+                             "--authdir", long))
+        assert "File name too long" in line
+    (tmp_path / "config.toml").write_text('[login]\nauthdir = "/tmp/a\\u0000b"\n')
+    (tmp_path / "config.toml").chmod(0o600)
+    assert "null" in one_error(run(tmp_path, "login", "check", "--user", "alice"))
 
 
 def test_textcode_refuses_non_ascii_and_surrogates():

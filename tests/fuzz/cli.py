@@ -61,6 +61,7 @@ def hostile_values(scratch: Path) -> list[str]:
         "HA1:", "HA1:AAAAAAAAA", "HA1:" + "A" * 5000, "HA1:4GBAC", "ha1:zz!z",
         "pkcs11:slot-id=\u00b2", "pkcs11:token=" + "\udcff", "device,\udcff", "device,device",
         "00" * 100, "zz", "alice", "device", "pin", str(scratch / "authdir"),
+        "postgresql://\udcff@localhost/x", "host=\udcff",
     ]
 
 
