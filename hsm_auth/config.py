@@ -257,6 +257,25 @@ def check_settings(
             raise _unknown(key, f"[methods.{method.value}] (backend {backend})", allowed)
 
 
+def read_document(raw: bytes, where: str) -> dict[str, Any]:
+    """``raw`` (at most :data:`MAX_FILE` + 1 bytes of a config file) as a TOML
+    document; every way it can be wrong is a :class:`ConfigError` naming ``where``."""
+    if len(raw) > MAX_FILE:
+        raise ConfigError(f"{where} is larger than {MAX_FILE} bytes")
+    import tomllib  # only when there is a file to parse
+
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 (byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise ConfigError(f"{where}: a number is too large") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+
+
 def load(paths: Paths) -> Config:
     path = paths.config_file
     check_state(path, missing_ok=True)  # a config names libraries to load: others can't write it
@@ -275,20 +294,7 @@ def load(paths: Paths) -> Config:
         raise ConfigError(f"{path}: {e.strerror}") from None
     finally:
         os.close(fd)
-    if len(raw) > MAX_FILE:
-        raise ConfigError(f"{path} is larger than {MAX_FILE} bytes")
-    import tomllib  # only when there is a file to parse
-
-    try:
-        document = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except ValueError:  # an integer of more than 4300 digits
-        raise ConfigError(f"{path}: a number is too large") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply") from None
+    document = read_document(raw, str(path))
     try:
         return dataclasses.replace(parse(document), state_dir=paths.state_dir)
     except ConfigError as e:

@@ -50,7 +50,6 @@ import argparse
 import os
 import signal
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +116,8 @@ def _arm_timeout(seconds: float) -> None:
 
 def read_config(path: Path) -> Mapping[str, Any]:
     """The config file as a dict ({} when absent); refuses symlinks and unsafe modes."""
-    from .errors import ConfigError, StateError
+    from .config import MAX_FILE, read_document
+    from .errors import StateError
     from .files import check_parents, check_stat
 
     check_parents(path)
@@ -129,10 +129,8 @@ def read_config(path: Path) -> Mapping[str, Any]:
         raise StateError(f"cannot open {path}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         check_stat(os.fstat(f.fileno()), path, directory=False)
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        raw = f.read(MAX_FILE + 1)
+    return read_document(raw, str(path))
 
 
 def options(args: argparse.Namespace, table: Mapping[str, Any]) -> Options:

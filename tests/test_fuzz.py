@@ -43,6 +43,8 @@ REGRESSIONS = [
     ("authenticator-state", b'{"a":' * 5000),
     ("fido2-state", b'{"version": 1, "credentials": [{"sign_count": 1e999}]}'),  # OverflowError
     ("config", b"[login]\ntimeout = " + b"9" * 5000 + b"\n"),  # ValueError: int digits
+    ("pam-config", b"[login]\ncue = \"\xff\"\n"),  # UnicodeDecodeError (tomllib.load)
+    ("pam-config", b"a = " + b"[" * 5000),  # RecursionError
 ]
 
 

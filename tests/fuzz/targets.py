@@ -142,6 +142,15 @@ def _config_file(data: bytes) -> None:
     config.load(config.Paths(_DIR))
 
 
+def _pam_config(data: bytes) -> None:
+    """What ``hsm-auth-pam`` does with its config before it touches a token."""
+    from hsm_auth import pam
+
+    raw = pam.read_config(_write("pam.toml", data))
+    pam.options(pam._parser().parse_args([]), raw.get("login", {}))
+    config.parse(raw)
+
+
 def _authfile(data: bytes) -> None:
     from hsm_auth.login import AuthDir
 
@@ -305,6 +314,7 @@ def targets() -> list[FuzzTarget]:
         FuzzTarget("methods", _methods, (b"device,pin", b"00112233445566778899aabbccddeeff")),
         FuzzTarget("qr-target", _qr_target, (b"png:/nonexistent/q.png", b"svg:q.svg")),
         FuzzTarget("config", _config_file, (_CONFIG,)),
+        FuzzTarget("pam-config", _pam_config, (_CONFIG,)),
         FuzzTarget("authfile", _authfile, (
             _json({"version": 1, "user": "alice", "credentials": [_LOGIN_CRED]}),
         )),
