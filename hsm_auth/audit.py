@@ -35,6 +35,8 @@ class Event(enum.Enum):
     LOCKOUT = "lockout"
     UNLOCK = "unlock"
     REVOKE = "revoke"
+    SYNC = "sync"  # a sync session opened (after an online login)
+    SYNCED = "synced"  # a sync report applied: the ATC moved to the token's
 
 
 class Reason(enum.Enum):
@@ -49,6 +51,8 @@ class Reason(enum.Enum):
     CREDENTIAL_GONE = "credential-gone"  # revoked or replaced while checking
     CONTENTION = "contention"  # the ATC kept moving under us
     ALREADY_ENROLLED = "already-enrolled"
+    NOT_SYNC = "not-sync"  # an OTP for a sync session, or a sync report for another session
+    SYNC_STALE = "sync-stale"  # a sync report at or below the ATC accepted already
 
 
 @dataclass(frozen=True)

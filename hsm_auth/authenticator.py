@@ -56,7 +56,14 @@ from .keystore import (
     UserInteraction,
 )
 from .methods import Method
-from .protocol import EnrollmentOffer, EnrollmentResponse, SyncMessage, VerificationData
+from .protocol import (
+    EnrollmentOffer,
+    EnrollmentResponse,
+    SyncMessage,
+    SyncReport,
+    VerificationData,
+    sync_question,
+)
 
 if TYPE_CHECKING:
     from . import ocra
@@ -695,26 +702,59 @@ class Authenticator:
                     ) from None
         return OfflineOtp(_truncate(mac, suite.digits), method, atc)
 
-    def sync(self, text: str) -> EnrolledMethod:
-        """Apply a verifier's signed sync message: offline uses count from its ATC again."""
-        with self._exclusive():
-            self._verifiers, self._methods = self._load()
-            return self._sync(text)
+    def sync(self, text: str, *, pin: str | None = None) -> SyncResult:
+        """Answer a verifier's signed sync message (sent after an online login).
 
-    def _sync(self, text: str) -> EnrolledMethod:
+        The token advances its counter and MACs a :class:`SyncReport` for the new
+        value with the OTP key (so the pin method needs the PIN, biometric and
+        face a verification, as for an OTP); offline uses then count from that
+        value. Give the report to the verifier (:meth:`Verifier.apply_sync`), which
+        moves its ATC there: OTPs made here and never submitted stop mattering."""
+        with self._exclusive():  # the counter and credentials.json, as one step
+            self._verifiers, self._methods = self._load()
+            return self._sync(text, pin)
+
+    def _sync(self, text: str, pin: str | None) -> SyncResult:
         message, signed = SyncMessage.from_text(text)
         pinned = self._verifiers.get(message.verifier_id)
         if pinned is None:
             raise UntrustedMessage("sync message from an unknown verifier")
         ec.verify(ec.decode_point(pinned.signing_key), signed.signature, signed.body)
         if message.expires < self._clock():
-            raise ExpiredMessage("the sync message has expired")
+            raise ExpiredMessage("the sync message has expired; ask the verifier for a new one")
         enrolled = self._find(message.verifier_id, message.method)
         if enrolled is None or enrolled.user != message.user:
             raise UnknownMethod(f"the {message.method.value} method is not enrolled here")
-        updated = dataclasses.replace(enrolled, synced_atc=max(enrolled.synced_atc, message.atc))
+        suite = _suite(enrolled.suite)
+        question = sync_question(message.session_id, message.user, message.method).hex()
+        with self._store(enrolled.backend, enrolled.settings, message.method) as store:
+            auth = self._authorization(message.method, store, enrolled.settings, pin)
+            atc, mac = store.counted_hmac(  # no limit: this is how offline use resumes
+                enrolled.otp_key,
+                enrolled.counter,
+                lambda c: suite.data_input(counter=c, question=question),
+                auth,
+            )
+        report = SyncReport(
+            verifier_id=message.verifier_id,
+            session_id=message.session_id,
+            user=message.user,
+            method=message.method,
+            atc=atc,
+        ).to_text(lambda body: mac)
+        updated = dataclasses.replace(enrolled, synced_atc=atc)
         self._save(self._verifiers, [updated if m is enrolled else m for m in self._methods])
-        return updated
+        return SyncResult(updated, report, unsubmitted=max(0, atc - 1 - message.atc))
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What :meth:`Authenticator.sync` did: the updated method, the report for the
+    verifier, and how many OTPs the verifier had not seen (made, never submitted)."""
+
+    method: EnrolledMethod
+    report: str
+    unsubmitted: int
 
 
 def _token_key(backend: str, settings: Mapping[str, Any]) -> str:
@@ -766,4 +806,5 @@ __all__ = [
     "OfflineOtp",
     "OfflineRequest",
     "PinnedVerifier",
+    "SyncResult",
 ]

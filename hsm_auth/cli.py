@@ -509,6 +509,15 @@ def cmd_verifier_sync(ctx: Context) -> int:
     return 0
 
 
+def cmd_verifier_sync_report(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        ok = v.apply_sync(read_text_arg(ctx.args.report, sys.stdin))
+    finally:
+        v.close()
+    return _emit_acceptance(ctx, "synced", ok)
+
+
 def cmd_verifier_purge(ctx: Context) -> int:
     v = ctx.verifier()
     try:
@@ -686,11 +695,27 @@ def cmd_finish(ctx: Context) -> int:
 
 
 def cmd_sync(ctx: Context) -> int:
-    with ctx.authenticator() as a:
-        updated = a.sync(read_text_arg(ctx.args.data, sys.stdin))
+    text = read_text_arg(ctx.args.data, sys.stdin)
+    from .protocol import SyncMessage
+
+    method = SyncMessage.from_text(text)[0].method  # signature checked by sync()
+    pin = method_pin(ctx, method)
+    with ctx.authenticator() as a, pin_hint(method):
+        result = a.sync(text, pin=pin)
+    print(
+        f"synced {method.value}: offline use counts from ATC {result.method.synced_atc} "
+        f"({result.unsubmitted} OTPs were never submitted); give this report to the verifier "
+        "(hsm-auth verifier sync-report):",
+        file=ctx.err,
+    )
     ctx.emit(
-        f"synced {updated.method.value}: offline uses count from ATC {updated.synced_atc}",
-        {"method": updated.method.value, "synced_atc": updated.synced_atc},
+        result.report,
+        {
+            "method": method.value,
+            "synced_atc": result.method.synced_atc,
+            "unsubmitted": result.unsubmitted,
+            "report": result.report,
+        },
     )
     return 0
 
@@ -1091,7 +1116,13 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
 
-    p = add(sub, "sync", cmd_sync, "apply a verifier's sync message after an online login")
+    p = add(
+        sub,
+        "sync",
+        cmd_sync,
+        "answer a verifier's sync message after an online login (prints the report)",
+        [pin],
+    )
     p.add_argument("data", nargs="?", help="sync message, @FILE, or - for stdin")
 
     vopt = _Parser(add_help=False)
@@ -1163,9 +1194,19 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p.add_argument(
         "--next-otp", type=text_arg, required=True, help="the OTP the authenticator made next"
     )
-    p = vadd("sync", cmd_verifier_sync, "print a sync message for the authenticator")
+    p = vadd(
+        "sync",
+        cmd_verifier_sync,
+        "after an online login: print a sync message for the authenticator (hsm-auth sync)",
+    )
     p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
     p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
+    p = vadd(
+        "sync-report",
+        cmd_verifier_sync_report,
+        "apply the authenticator's sync report: the ATC moves to the token's",
+    )
+    p.add_argument("report", nargs="?", help="the report text, @FILE, or - for stdin (default)")
     p = vadd(
         "purge",
         cmd_verifier_purge,

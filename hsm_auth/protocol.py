@@ -40,6 +40,7 @@ class MessageType(enum.IntEnum):
     ENROLLMENT_RESPONSE = 2
     VERIFICATION_DATA = 3
     SYNC = 4
+    SYNC_REPORT = 5
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,11 @@ class VerificationData(_Message):
 
 @dataclass(frozen=True)
 class SyncMessage(_Message):
-    """Verifier → authenticator after an online login: the ATC the verifier has accepted."""
+    """Verifier → authenticator after an online login (signed by the verifier).
+
+    ``atc`` is the ATC the verifier has accepted; ``session_id`` names the sync
+    session the verifier opened, which the authenticator's :class:`SyncReport`
+    answers (once, before ``expires``)."""
 
     KIND: ClassVar[MessageType] = MessageType.SYNC
 
@@ -333,6 +338,7 @@ class SyncMessage(_Message):
     user: str
     method: Method
     atc: int
+    session_id: bytes
     expires: int
     signature: bytes = field(default=b"", repr=False, compare=False)
 
@@ -343,9 +349,64 @@ class SyncMessage(_Message):
             user=_text(v[1], "user", max_len=64),
             method=_method(v[2]),
             atc=_int(v[3], "atc"),
-            expires=_int(v[4], "expires"),
+            session_id=_bytes(v[4], "session_id", min_len=16, max_len=32),
+            expires=_int(v[5], "expires"),
             signature=signature,
         )
+
+
+#: Length of the MAC that authenticates a sync report (HMAC-SHA256, not truncated).
+SYNC_MAC_BYTES = 32
+
+
+@dataclass(frozen=True)
+class SyncReport(_Message):
+    """Authenticator → verifier, answering a :class:`SyncMessage`: the token's ATC.
+
+    Its ``signature`` field is not an ECDSA signature but the **full** HMAC-SHA256
+    that the token computed with the method's OTP key, after advancing its counter
+    to ``atc``, over the OCRA data input for counter ``atc`` and the question
+    :func:`sync_question` (session id, user, method). The verifier, which derives
+    the same OTP key, recomputes it at exactly ``atc``: every body field is bound
+    (``atc`` as the counter, the rest through the question), and the same
+    mechanism works on every backend (a FIDO2 credential signs only assertions)."""
+
+    KIND: ClassVar[MessageType] = MessageType.SYNC_REPORT
+
+    verifier_id: bytes
+    session_id: bytes
+    user: str
+    method: Method
+    atc: int
+    signature: bytes = field(default=b"", repr=False, compare=False)
+
+    @classmethod
+    def _from_values(cls, v: list[Any], signature: bytes) -> SyncReport:
+        if len(signature) != SYNC_MAC_BYTES:
+            raise DecodeError("bad sync report MAC")
+        return cls(
+            verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
+            session_id=_bytes(v[1], "session_id", min_len=16, max_len=32),
+            user=_text(v[2], "user", max_len=64),
+            method=_method(v[3]),
+            atc=_int(v[4], "atc", lo=1),
+            signature=signature,
+        )
+
+    @property
+    def question(self) -> bytes:
+        return sync_question(self.session_id, self.user, self.method)
+
+
+def sync_question(session_id: bytes, user: str, method: Method) -> bytes:
+    """The OCRA question of a sync report. Its own domain prefix keeps it apart from
+    every :func:`otp_question`, so a sync MAC never doubles as a session's OTP."""
+    name = user.encode("utf-8")
+    h = hashlib.sha256(b"hsm-auth/sync-question/v1")
+    h.update(struct.pack(">H", len(session_id)) + session_id)
+    h.update(struct.pack(">H", len(name)) + name)
+    h.update(struct.pack(">B", method.code))
+    return h.digest()
 
 
 def message_kind(data: bytes) -> MessageType:

@@ -47,6 +47,7 @@ from .protocol import (
     EnrollmentOffer,
     EnrollmentResponse,
     SyncMessage,
+    SyncReport,
     VerificationData,
     otp_question,
 )
@@ -79,6 +80,9 @@ SESSION_ID_BYTES = 16
 #: How often a check whose compare-and-swap lost to a concurrent counter change is re-run.
 MAX_ROUNDS = 4
 SQLITE_FILE = "verifier.db"
+#: The context of a sync session: a control character, which no session started
+#: by :meth:`Verifier.start_session` can have, so it is told apart without a column.
+SYNC_CONTEXT = "\x1esync"
 #: Expired sessions and offers are kept this long (seconds) before they are purged,
 #: so that a late attempt is still audited as "expired", not "unknown".
 PURGE_GRACE = 3600
@@ -520,6 +524,8 @@ class Verifier:
             return Note(base.refused(Reason.SESSION_USED))
         if session.expires < now:
             return Note(base.refused(Reason.SESSION_EXPIRED))
+        if session.context == SYNC_CONTEXT:  # answered by a sync report, never by an OTP
+            return Note(base.refused(Reason.NOT_SYNC))
         creds = [c for c in creds_by_user.get(session.user, []) if c.method in session.methods]
         usable = [c for c in creds if not c.locked]
         if not usable:
@@ -611,16 +617,106 @@ class Verifier:
         return UserState(user, tuple(creds), tuple(self.store.audit_records(user, recent)))
 
     def sync_message(self, user: str, method: Method) -> str:
-        """Signed message telling the authenticator which ATC the verifier has accepted."""
+        """After an online login: a signed sync message for the authenticator, and
+        the single-use sync session (``offer_ttl`` long) that its report answers.
+
+        The authenticator answers with a :class:`SyncReport` in which the token
+        states its current ATC, authenticated with the method's OTP key;
+        :meth:`apply_sync` then moves the stored ATC there, so the next OTP is in
+        the window again however many OTPs were made and never submitted."""
         cred = self.credential(user, method)
+        session_id = os.urandom(SESSION_ID_BYTES)
+        expires = self._now() + self.identity.offer_ttl
         message = SyncMessage(
             verifier_id=self.identity.verifier_id,
             user=user,
             method=method,
             atc=cred.atc,
-            expires=self._now() + self.identity.offer_ttl,
+            session_id=session_id,
+            expires=expires,
         )
-        return message.to_text(self.keys.sign_raw)
+        text = message.to_text(self.keys.sign_raw)
+        record = AuditRecord(self._now(), Event.SYNC, user, method.value, session_id.hex())
+        self.store.put_session(
+            SessionRecord(session_id, user, session_id, SYNC_CONTEXT, (method,), expires), record
+        )
+        audit.emit([record])
+        return text
+
+    def apply_sync(self, text: str) -> Acceptance:
+        """Apply an authenticator's sync report: the stored ATC moves forward to the
+        ATC the token reports, burning the sync session (compare-and-swap, one
+        transaction). Raises :class:`InvalidToken` for a bad MAC, a used, expired or
+        unknown sync session, a locked credential or a report that would not move
+        the ATC forward; the reason goes to the audit trail."""
+        report, signed = SyncReport.from_text(text)
+        if not hmac.compare_digest(report.verifier_id, self.identity.verifier_id):
+            raise InvalidInput("this sync report is for another verifier")
+        now = self._now()
+        for _ in range(MAX_ROUNDS):
+            sessions, creds = self.store.snapshot([report.session_id])
+            change = self._decide_sync(
+                report, signed.signature, sessions.get(report.session_id), creds, now
+            )
+            [outcome] = self.store.apply([change])
+            audit.emit(outcome.records)
+            if outcome.status is Status.STALE:
+                continue  # the ATC moved under us (an OTP was accepted): check again
+            if outcome.status is Status.DONE and isinstance(change, Accept):
+                return Acceptance(report.user, report.method, report.atc)
+            raise InvalidToken()
+        refused = AuditRecord(
+            now,
+            Event.REFUSE,
+            report.user,
+            report.method.value,
+            report.session_id.hex(),
+            Reason.CONTENTION,
+        )
+        self.store.apply([Note(refused)])
+        audit.emit([refused])
+        raise InvalidToken()
+
+    def _decide_sync(
+        self,
+        report: SyncReport,
+        mac: bytes,
+        session: SessionRecord | None,
+        creds_by_user: dict[str, list[CredentialRecord]],
+        now: int,
+    ) -> Change:
+        sid = report.session_id.hex()
+        base = AuditRecord(now, Event.REFUSE, report.user, report.method.value, sid)
+        if session is None:
+            return Note(base.refused(Reason.UNKNOWN_SESSION))
+        if (
+            session.context != SYNC_CONTEXT
+            or session.user != report.user
+            or (report.method not in session.methods)
+        ):
+            return Note(base.refused(Reason.NOT_SYNC))
+        if session.used:
+            return Note(base.refused(Reason.SESSION_USED))
+        if session.expires < now:
+            return Note(base.refused(Reason.SESSION_EXPIRED))
+        cred = next(
+            (c for c in creds_by_user.get(session.user, []) if c.method is report.method), None
+        )
+        if cred is None:
+            return Note(base.refused(Reason.CREDENTIAL_GONE))
+        if cred.locked:
+            return Note(base.refused(Reason.LOCKED))
+        if not cred.atc < report.atc <= MAX_ATC - self.identity.resync_window - 1:
+            return Note(base.refused(Reason.SYNC_STALE))
+        data = self._suite.data_input(counter=report.atc, question=report.question.hex())
+        with self.keys.otp_macs(cred) as mac_of:
+            good = hmac.compare_digest(mac_of(data), mac)
+        if not good:
+            return Failure(
+                (cred.id,), self.identity.lockout_threshold, base.refused(Reason.NO_MATCH)
+            )
+        record = AuditRecord(now, Event.SYNCED, cred.user, cred.method.value, sid, atc=report.atc)
+        return Accept(session.session_id, cred.id, cred.atc, report.atc, now, record)
 
 
 def _unwrap(result: Result) -> Acceptance:

@@ -159,10 +159,11 @@ def test_use_elsewhere_moves_neither_the_window_nor_the_offline_count(  # type: 
     session, request = _request(verifier, enrolled, Method.BIOMETRIC)
     with pytest.raises(LoginRequired, match=f"{window} offline uses"):
         enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
-    enrolled.sync(verifier.sync_message("alice", Method.BIOMETRIC))
+    synced = enrolled.sync(verifier.sync_message("alice", Method.BIOMETRIC))
+    assert verifier.apply_sync(synced.report).atc == window + 1  # the report used ATC window+1
     result = enrolled.finish_offline_authentication(request, Method.BIOMETRIC)
-    assert result.atc == window + 1
-    assert verifier.verify(session.session_id, result.otp).atc == window + 1
+    assert result.atc == window + 2
+    assert verifier.verify(session.session_id, result.otp).atc == window + 2
 
 
 def test_failed_uv_gives_retries_left_and_releases_no_otp(verifier, enrolled, devices):  # type: ignore[no-untyped-def]

@@ -228,9 +228,10 @@ def test_login_required_after_window_offline_uses_until_synced(verifier, enrolle
     with pytest.raises(LoginRequired):
         enrolled.finish_offline_authentication(request, Method.DEVICE)
     assert verifier.verify(session.session_id, otps[-1].otp).atc == window
-    enrolled.sync(verifier.sync_message("alice", Method.DEVICE))
+    synced = enrolled.sync(verifier.sync_message("alice", Method.DEVICE))
+    assert verifier.apply_sync(synced.report).atc == window + 1
     again = enrolled.finish_offline_authentication(request, Method.DEVICE)
-    assert again.atc == window + 1
+    assert again.atc == window + 2
 
 
 def test_absent_token_is_a_clear_error(tmp_path, verifier, clock):

@@ -255,7 +255,8 @@ def test_tpm_stays_usable_after_ten_kills_in_a_row(swtpm, tmp_path, config, veri
                 pin = OFFLINE_PIN if method is Method.PIN else None
                 result = a.finish_offline_authentication(request, method, pin=pin)
                 assert verifier.verify(session.session_id, result.otp).atc == result.atc
-                a.sync(verifier.sync_message("alice", method))
+                synced = a.sync(verifier.sync_message("alice", method), pin=pin)
+                verifier.apply_sync(synced.report)
 
 
 def test_cli_lockout_names_its_cause_and_device_still_works(swtpm, tmp_path):

@@ -19,9 +19,11 @@ from hsm_auth.protocol import (
     EnrollmentOffer,
     EnrollmentResponse,
     SyncMessage,
+    SyncReport,
     VerificationData,
     message_kind,
     otp_question,
+    sync_question,
 )
 
 KEY = cec.generate_private_key(cec.SECP256R1())
@@ -86,7 +88,7 @@ def test_wrong_version_is_refused():
 
 
 def test_wrong_message_type_is_refused():
-    offer_like = SyncMessage(os.urandom(8), "alice", Method.PIN, 5, 1).encode(signer(KEY))
+    offer_like = SyncMessage(os.urandom(8), "alice", Method.PIN, 5, os.urandom(16), 1).encode(signer(KEY))
     assert message_kind(offer_like).name == "SYNC"
     with pytest.raises(DecodeError, match="expected verification data"):
         VerificationData.decode(offer_like)
@@ -121,8 +123,16 @@ def test_all_messages_round_trip():
         None,
     )
     assert EnrollmentResponse.decode(response.encode(None))[0] == response
-    sync = SyncMessage(offer.verifier_id, "alice", Method.PIN, 42, 99)
+    sync = SyncMessage(offer.verifier_id, "alice", Method.PIN, 42, os.urandom(16), 99)
     assert SyncMessage.decode(sync.encode(signer(KEY)))[0] == sync
+    report = SyncReport(offer.verifier_id, sync.session_id, "alice", Method.PIN, 43)
+    decoded, signed = SyncReport.decode(report.encode(lambda body: b"m" * 32))
+    assert decoded == report and signed.signature == b"m" * 32
+    with pytest.raises(DecodeError):  # the MAC is a full HMAC-SHA256
+        SyncReport.decode(report.encode(lambda body: b"m" * 8))
+    assert sync_question(sync.session_id, "alice", Method.PIN) != otp_question(
+        sync.session_id, "alice"
+    )
 
 
 def test_response_needs_exactly_one_way_to_the_otp_key():
