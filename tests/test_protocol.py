@@ -88,7 +88,9 @@ def test_wrong_version_is_refused():
 
 
 def test_wrong_message_type_is_refused():
-    offer_like = SyncMessage(os.urandom(8), "alice", Method.PIN, 5, os.urandom(16), 1).encode(signer(KEY))
+    offer_like = SyncMessage(os.urandom(8), "alice", Method.PIN, 5, os.urandom(16), 1).encode(
+        signer(KEY)
+    )
     assert message_kind(offer_like).name == "SYNC"
     with pytest.raises(DecodeError, match="expected verification data"):
         VerificationData.decode(offer_like)
