@@ -85,7 +85,7 @@ DEMO_HELP = (
 
 METHOD_HELP = "device, pin, biometric or face"
 USER_HELP = "the user's name at the verifier"
-SESSION_HELP = "the session id (hex) that `verifier session` printed"
+SESSION_HELP = "the session id (hex) that `verifier session` printed, or @FILE (--id-file)"
 
 
 class _VersionAction(argparse.Action):
@@ -357,6 +357,8 @@ def parse_methods(text: str | None) -> list[Method] | None:
 
 
 def parse_session_id(text: str) -> bytes:
+    if text.startswith("@"):  # the file `verifier session --id-file` wrote
+        text = read_text_arg(text, sys.stdin)
     try:
         sid = bytes.fromhex(text.strip())
     except ValueError:
@@ -461,8 +463,14 @@ def cmd_verifier_session(ctx: Context) -> int:
     elif target:
         path = qr.write_image(session.text, target)
         print(f"QR code written to {path}", file=ctx.err)
+    human = f"session {session.session_id.hex()}\n{session.text}"
+    if ctx.args.id_file:
+        from .files import atomic_write
+
+        atomic_write(Path(ctx.args.id_file), f"{session.session_id.hex()}\n".encode())
+        human = session.text  # stdout: only what goes to the authenticator
     ctx.emit(
-        f"session {session.session_id.hex()}\n{session.text}",
+        human,
         {
             "session": session.session_id.hex(),
             "data": session.text,
@@ -811,6 +819,67 @@ def cmd_keys_prune(ctx: Context) -> int:
             "unreachable": [{"backend": b, "reason": r} for b, r in report.unreachable],
         },
     )
+    return 0
+
+
+def cmd_token_init(ctx: Context) -> int:
+    from . import tokens
+
+    method = Method.parse(ctx.args.method)
+    if ctx.args.softhsm is not None:
+        pin = None
+        if method is Method.PIN:
+            pin = read_pin(ctx.args, ctx.err, "Offline PIN for the new token (its user PIN): ")
+        elif ctx.args.pin_file or ctx.args.pin_fd is not None:
+            raise InvalidInput(
+                "--pin-file/--pin-fd are for --method pin; the device token's user PIN is "
+                "generated into a 0600 file that its pin-source names"
+            )
+        result = tokens.init_softhsm(
+            ctx.paths, ctx.args.softhsm, method, pin=pin, replace=ctx.args.replace
+        )
+        what = f"SoftHSM token {ctx.args.softhsm!r}"
+    else:
+        if ctx.args.pin_file or ctx.args.pin_fd is not None:
+            raise InvalidInput(
+                "--pin-file/--pin-fd are for --softhsm --method pin; a TPM key's PIN is "
+                "set when the method is enrolled"
+            )
+        result = tokens.init_swtpm(
+            ctx.paths, Path(ctx.args.swtpm), method, replace=ctx.args.replace
+        )
+        what = f"swtpm in {ctx.args.swtpm}"
+    for note in result.notes:
+        print(f"note: {note}", file=ctx.err)
+    ctx.emit(
+        f"{what} serves the {method.value} method; [methods.{method.value}] written to "
+        f"{result.config_file}",
+        {
+            "method": method.value,
+            "backend": result.backend,
+            "settings": dict(result.settings),
+            "environment": dict(result.environment),
+            "config": str(result.config_file),
+        },
+    )
+    return 0
+
+
+def cmd_token_stop(ctx: Context) -> int:
+    from . import tokens
+
+    stopped = tokens.stop_swtpm(Path(ctx.args.swtpm))
+    ctx.emit(
+        f"swtpm in {ctx.args.swtpm} {'stopped' if stopped else 'was not running'}",
+        {"stopped": stopped},
+    )
+    return 0
+
+
+def cmd_token_udev_rules(ctx: Context) -> int:
+    from . import tokens
+
+    print(tokens.udev_rules(), end="", file=ctx.out)
     return 0
 
 
@@ -1176,6 +1245,12 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         "--methods", type=text_arg, help="comma-separated allowed methods (default: all enrolled)"
     )
     p.add_argument("--qr", help="terminal, png:PATH or svg:PATH")
+    p.add_argument(
+        "--id-file",
+        metavar="FILE",
+        help="write the session id to FILE (verify --session @FILE); stdout then "
+        "carries only the verification data",
+    )
     p = vadd("verify", cmd_verifier_verify, "check an OTP for a session")
     p.add_argument("--session", type=text_arg, required=True, help=SESSION_HELP)
     p.add_argument(
@@ -1243,6 +1318,38 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         type=count_arg(1_000_000),
         default=100,
         help="the newest N records (default 100)",
+    )
+
+    tp = group("token", "software tokens to try hsm-auth (SoftHSM, swtpm)")
+    tsub = tp.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    p = add(
+        tsub,
+        "init",
+        cmd_token_init,
+        "create a SoftHSM token or start a swtpm for a method and write its "
+        "[methods.X] table to the config file (other tables and keys are kept). "
+        "These are the emulators of hsm_auth.testing, as CI uses them: keys are files "
+        "on disk, for trying hsm-auth out, never for protecting anything. SoftHSM: the "
+        "token lives under the data dir (DIR/softhsm with --home), its SO PIN is random "
+        "and discarded; for device its user PIN is random, in a 0600 file that the uri's "
+        "pin-source names; for pin it is the offline PIN you give. swtpm: it runs on "
+        "DIR/tpm.sock with its state in DIR until 'hsm-auth token stop --swtpm DIR'",
+        [pin],
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--softhsm", metavar="LABEL", help="create a SoftHSM token with this label")
+    which.add_argument("--swtpm", metavar="DIR", help="start a swtpm with its state in DIR")
+    p.add_argument("--method", default="device", help="device (default) or pin")
+    p.add_argument(
+        "--replace", action="store_true", help="overwrite the method's table in the config"
+    )
+    p = add(tsub, "stop", cmd_token_stop, "stop a swtpm started by 'token init --swtpm DIR'")
+    p.add_argument("--swtpm", metavar="DIR", required=True)
+    add(
+        tsub,
+        "udev-rules",
+        cmd_token_udev_rules,
+        "print the udev rules that give the seat's user access to tokens (see README)",
     )
 
     lp = group("login", "workstation login (PAM)")

@@ -66,6 +66,19 @@ class Paths:
         return SYSTEM_CONFIG
 
     @property
+    def writable_config_file(self) -> Path:
+        """The config file that commands writing configuration update: the home's,
+        else ``HSM_AUTH_CONFIG``, else the user's (never ``/etc``)."""
+        if self.home is not None:
+            return self.home / "config.toml"
+        env = os.environ.get("HSM_AUTH_CONFIG")
+        if env:
+            return Path(env)
+        import platformdirs
+
+        return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+    @property
     def data_dir(self) -> Path:
         if self.home is not None:
             return self.home

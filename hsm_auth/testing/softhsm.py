@@ -83,6 +83,17 @@ class SoftHsmToken:
         return str(Pkcs11Uri(token=self.label, module_path=self.module_path))
 
 
+def softhsm_conf_text(token_dir: Path) -> str:
+    """A ``softhsm2.conf``: file backend, tokens in ``token_dir``, log level ERROR
+    (also used by ``hsm-auth token init --softhsm``)."""
+    return (
+        f"directories.tokendir = {token_dir}\n"
+        "objectstore.backend = file\n"
+        "log.level = ERROR\n"
+        "slots.removable = false\n"
+    )
+
+
 @contextlib.contextmanager
 def softhsm_environment(tmpdir: str | os.PathLike[str]) -> Iterator[SoftHsmEnv]:
     """Write a ``softhsm2.conf`` (file backend, log level ERROR) with its token
@@ -91,13 +102,7 @@ def softhsm_environment(tmpdir: str | os.PathLike[str]) -> Iterator[SoftHsmEnv]:
     token_dir = directory / "tokens"
     token_dir.mkdir(parents=True, exist_ok=True)
     conf = directory / _CONF
-    conf.write_text(
-        f"directories.tokendir = {token_dir}\n"
-        "objectstore.backend = file\n"
-        "log.level = ERROR\n"
-        "slots.removable = false\n",
-        encoding="utf-8",
-    )
+    conf.write_text(softhsm_conf_text(token_dir), encoding="utf-8")
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)
     try:

@@ -121,15 +121,7 @@ class SwtpmProcess:
         if proc is None:
             return
         if proc.poll() is None and self.ctrl_socket.exists():
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    ["swtpm_ioctl", "--unix", str(self.ctrl_socket), "-s"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    timeout=timeout,
-                    check=False,
-                )
+            request_shutdown(self.ctrl_socket, timeout)
         self._reap(proc, timeout)
 
     def kill(self) -> None:
@@ -173,6 +165,24 @@ class SwtpmProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def request_shutdown(ctrl_socket: Path, timeout: float = 5.0) -> None:
+    """Ask the swtpm behind ``ctrl_socket`` to shut down (``swtpm_ioctl -s``)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(
+            ["swtpm_ioctl", "--unix", str(ctrl_socket), "-s"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+
+
+def socket_accepts(path: Path) -> bool:
+    """True once a server listens on the UNIX socket ``path``."""
+    return _accepts(path)
 
 
 def _accepts(path: Path) -> bool:
