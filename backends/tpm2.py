@@ -223,7 +223,10 @@ def _import_pytss() -> Any:
     try:
         import tpm2_pytss
     except ImportError as e:
-        raise BackendUnavailable(f"tpm2-pytss is not installed ({e})") from e
+        raise BackendUnavailable(
+            "tpm2-pytss is not installed (pip install 'hsm-auth[tpm2]', which builds "
+            f"against libtss2-dev): {e}"
+        ) from e
     return tpm2_pytss
 
 

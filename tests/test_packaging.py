@@ -3,6 +3,7 @@ names, and the udev rules as package data (one file: udev/ links to it)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -48,3 +49,29 @@ def test_the_wheel_carries_the_rules_and_the_license(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hsm_auth/data/70-hsm-auth.rules" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith("/LICENSE") for n in names)
+
+
+def test_without_tpm_and_fido2_libraries_the_core_works_and_backends_explains(tmp_path):
+    """``pip install hsm-auth[pkcs11]``: tpm2-pytss and python-fido2 absent (shadowed
+    here by modules that fail to import, as a missing package does)."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for name in ("tpm2_pytss", "fido2"):
+        (blocked / f"{name}.py").write_text(f"raise ImportError(\"No module named '{name}'\")\n")
+    env = {**os.environ, "PYTHONPATH": str(blocked)}
+    code = "import hsm_auth, hsm_auth.authenticator, hsm_auth.verifier, hsm_auth.cli"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "hsm_auth", "--home", str(tmp_path / "h"), "backends"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "tpm2-pytss is not installed (pip install 'hsm-auth[tpm2]'" in lines["tpm2"]
+    assert "python-fido2 is not installed (pip install 'hsm-auth[fido2]')" in lines["fido2"]
+    assert "pkcs11" in lines
