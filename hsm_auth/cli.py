@@ -1344,7 +1344,7 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         "--replace", action="store_true", help="overwrite the method's table in the config"
     )
     p = add(tsub, "stop", cmd_token_stop, "stop a swtpm started by 'token init --swtpm DIR'")
-    p.add_argument("--swtpm", metavar="DIR", required=True)
+    p.add_argument("--swtpm", metavar="DIR", required=True, help="the DIR given to token init")
     add(
         tsub,
         "udev-rules",
