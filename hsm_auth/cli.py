@@ -467,7 +467,13 @@ def cmd_verifier_session(ctx: Context) -> int:
     if ctx.args.id_file:
         from .files import atomic_write
 
-        atomic_write(Path(ctx.args.id_file), f"{session.session_id.hex()}\n".encode())
+        try:
+            atomic_write(Path(ctx.args.id_file), f"{session.session_id.hex()}\n".encode())
+        except (OSError, ValueError) as e:
+            raise InvalidInput(
+                f"cannot write the session id to {ctx.args.id_file!r}: "
+                f"{getattr(e, 'strerror', None) or e}"
+            ) from None
         human = session.text  # stdout: only what goes to the authenticator
     ctx.emit(
         human,

@@ -212,7 +212,7 @@ def init_swtpm(
         raise HsmAuthError(f"swtpm cannot run here: {reason}")
     config_file = paths.writable_config_file
     _check_replace(config_file, method, replace)
-    directory = ensure_private_dir(directory.expanduser().absolute())
+    directory = ensure_private_dir(_swtpm_dir(directory))
     tpm = SwtpmProcess(directory)
     notes = [SOFTWARE_WARNING]
     if socket_accepts(tpm.socket):
@@ -235,18 +235,43 @@ def stop_swtpm(directory: Path, timeout: float = 5.0) -> bool:
     """Stop the swtpm serving ``directory``; False if none was running."""
     from .testing.swtpm import SwtpmProcess, request_shutdown, socket_accepts
 
-    tpm = SwtpmProcess(directory.expanduser().absolute())
-    if not socket_accepts(tpm.ctrl_socket):
+    tpm = SwtpmProcess(_swtpm_dir(directory))
+    try:
+        if not tpm.state_dir.is_dir():
+            raise InvalidInput(f"{tpm.state_dir} is not a directory 'token init --swtpm' made")
+        if not socket_accepts(tpm.ctrl_socket):
+            (tpm.state_dir / _SWTPM_PID).unlink(missing_ok=True)
+            return False
+        request_shutdown(tpm.ctrl_socket, timeout)
+        deadline = time.monotonic() + timeout
+        while socket_accepts(tpm.socket):
+            if time.monotonic() > deadline:
+                raise StateError(f"the swtpm on {tpm.socket} did not stop")
+            time.sleep(0.01)
         (tpm.state_dir / _SWTPM_PID).unlink(missing_ok=True)
-        return False
-    request_shutdown(tpm.ctrl_socket, timeout)
-    deadline = time.monotonic() + timeout
-    while socket_accepts(tpm.socket):
-        if time.monotonic() > deadline:
-            raise StateError(f"the swtpm on {tpm.socket} did not stop")
-        time.sleep(0.01)
-    (tpm.state_dir / _SWTPM_PID).unlink(missing_ok=True)
+    except OSError as e:
+        raise StateError(f"{tpm.state_dir}: {e.strerror or e}") from None
     return True
+
+
+#: sun_path of a UNIX socket holds 108 bytes with the terminating NUL.
+_MAX_SOCKET_PATH = 107
+
+
+def _swtpm_dir(directory: Path) -> Path:
+    """``directory`` made absolute, refused when its control socket's path cannot
+    be a UNIX socket address (or the path is not one at all)."""
+    try:
+        absolute = directory.expanduser().absolute()
+        longest = len(os.fsencode(absolute / "tpm.sock.ctrl"))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise InvalidInput(f"not a usable directory: {e}") from None
+    if longest > _MAX_SOCKET_PATH:
+        raise InvalidInput(
+            f"{absolute} is too long: the socket paths under it must fit in "
+            f"{_MAX_SOCKET_PATH} bytes (a UNIX socket's limit)"
+        )
+    return absolute
 
 
 # --- the config file ----------------------------------------------------------------

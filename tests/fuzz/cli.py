@@ -92,7 +92,9 @@ def hostile_argvs(seed: int, per_command: int, scratch: Path) -> Iterator[list[s
         positionals = [a for a in parser._actions if not a.option_strings]
         for _ in range(per_command):
             argv = list(words)
-            if words == ("demo",):  # the demo makes real tokens: only argparse-level hostility
+            # the demo and token init make real tokens (and start swtpm): only
+            # argparse-level hostility
+            if words in (("demo",), ("token", "init")):
                 argv += [rng.choice(["--bogus", "--pin-fd", "extra"]), rng.choice(values)]
                 yield argv
                 continue

@@ -71,11 +71,16 @@ def _messages() -> dict[str, bytes]:
         methods=(Method.DEVICE,), expires=2**40,
     )
     sync = protocol.SyncMessage(
-        verifier_id=_VID, user="alice", method=Method.PIN, atc=5, expires=2**40
+        verifier_id=_VID, user="alice", method=Method.PIN, atc=5, session_id=b"\x05" * 16,
+        expires=2**40,
+    )
+    report = protocol.SyncReport(
+        verifier_id=_VID, session_id=b"\x05" * 16, user="alice", method=Method.PIN, atc=6
     )
     return {
         "offer": offer.encode(_sign), "response": response.encode(_sign),
         "data": data.encode(_sign), "sync": sync.encode(_sign),
+        "report": report.encode(lambda body: b"\x06" * 32),
     }
 
 
@@ -203,7 +208,7 @@ def _tpm2_record(data: bytes) -> None:
 
 def _decode_all(data: bytes) -> None:
     for kind in (protocol.EnrollmentOffer, protocol.EnrollmentResponse,
-                 protocol.VerificationData, protocol.SyncMessage):
+                 protocol.VerificationData, protocol.SyncMessage, protocol.SyncReport):
         with contextlib.suppress(HsmAuthError):
             kind.decode(data)
     protocol.message_kind(data)
