@@ -20,12 +20,23 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 pytestmark = pytest.mark.softhsm
 
 
-def offline_flow_block() -> str:
+def sh_blocks() -> list[str]:
+    """The ``sh`` blocks of "The offline flow" (up to its first subsection)."""
     text = README.read_text(encoding="utf-8")
     section = text.split("\n## The offline flow\n", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```sh\n(.*?)```", section, re.S)
-    assert match, "no sh block in 'The offline flow'"
-    return match.group(1)
+    section = section.split("\n### ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    assert blocks, "no sh block in 'The offline flow'"
+    return blocks
+
+
+def offline_flow_block() -> str:
+    return sh_blocks()[0]
+
+
+def sync_block() -> str:
+    [block] = [b for b in sh_blocks() if "hsm-auth sync" in b]
+    return block
 
 
 def fresh_env(root: Path) -> dict[str, str]:
@@ -72,3 +83,35 @@ def test_the_offline_flow_runs_as_written(tmp_path):
     assert len(otp) == 8 and otp.isdigit()
     # everything it made is in the user's home (the platform dirs) or the work dir
     assert (Path(env["HOME"]) / ".config" / "hsm-auth" / "config.toml").is_file()
+
+    # then the sync block, as written, and one more OTP through the same flow
+    then = (
+        sync_block()
+        + "\n"
+        + "\n".join(
+            line
+            for line in offline_flow_block().splitlines()
+            if line.startswith(
+                (
+                    "hsm-auth verifier session",
+                    "    --id-file",
+                    "hsm-auth finish",
+                    "hsm-auth verifier verify",
+                )
+            )
+        )
+    )
+    result = subprocess.run(
+        ["bash", "-euc", then],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "synced: alice with device (ATC 2)", result.stdout
+    assert lines[-1] == "accepted: alice with device (ATC 3)", result.stdout
