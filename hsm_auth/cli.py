@@ -85,6 +85,23 @@ DEMO_HELP = (
 
 METHOD_HELP = "device, pin, biometric or face"
 USER_HELP = "the user's name at the verifier"
+EMULATOR_INIT_HELP = """\
+Create a SoftHSM token or start a swtpm for a method, and write the method's
+[methods.X] table into the config file (every other table, key and comment
+is kept; atomic).
+
+These are the emulators of hsm_auth.testing, as CI uses them: their keys are
+files on disk. For trying hsm-auth out, never for protecting anything.
+
+  --softhsm LABEL  a token under the data dir (DIR/softhsm with --home), with
+                   its own softhsm2.conf ([environment] SOFTHSM2_CONF). The SO
+                   PIN is random and discarded. device: the user PIN is random,
+                   in a 0600 file that the uri's pin-source names. pin: the
+                   user PIN is the offline PIN you give (prompt, --pin-file,
+                   --pin-fd). No PIN is put on any command line.
+  --swtpm DIR      a TPM 2.0 on the UNIX socket DIR/tpm.sock, state in DIR,
+                   left running until 'hsm-auth token stop --swtpm DIR'.
+"""
 SESSION_HELP = "the session id (hex) that `verifier session` printed, or @FILE (--id-file)"
 
 
@@ -1332,16 +1349,10 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         tsub,
         "init",
         cmd_token_init,
-        "create a SoftHSM token or start a swtpm for a method and write its "
-        "[methods.X] table to the config file (other tables and keys are kept). "
-        "These are the emulators of hsm_auth.testing, as CI uses them: keys are files "
-        "on disk, for trying hsm-auth out, never for protecting anything. SoftHSM: the "
-        "token lives under the data dir (DIR/softhsm with --home), its SO PIN is random "
-        "and discarded; for device its user PIN is random, in a 0600 file that the uri's "
-        "pin-source names; for pin it is the offline PIN you give. swtpm: it runs on "
-        "DIR/tpm.sock with its state in DIR until 'hsm-auth token stop --swtpm DIR'",
+        "create a SoftHSM token or start a swtpm for a method (a software token)",
         [pin],
     )
+    p.description = EMULATOR_INIT_HELP
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--softhsm", metavar="LABEL", help="create a SoftHSM token with this label")
     which.add_argument("--swtpm", metavar="DIR", help="start a swtpm with its state in DIR")

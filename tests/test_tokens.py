@@ -213,3 +213,10 @@ def test_udev_rules_command_prints_the_packaged_rules(tmp_path):
     out = ok(tmp_path / "home", "token", "udev-rules")
     assert out == tokens.udev_rules().strip()
     assert 'TAG+="uaccess"' in out
+
+
+def test_token_init_help_says_these_are_the_test_emulators(tmp_path):
+    text = " ".join(ok(tmp_path / "home", "token", "init", "--help").split())
+    assert "These are the emulators of hsm_auth.testing" in text
+    assert "never for protecting anything" in text
+    assert "No PIN is put on any command line" in text
