@@ -88,6 +88,10 @@ def test_a_long_message_argument_is_data_not_a_file_name(verifier_home, command)
 def test_a_long_home_or_db_is_one_error(tmp_path):
     one_error(run(tmp_path, "--home", "H" * 5000, "methods"))
     one_error(run(tmp_path, "verifier", "credentials", "--db", "D" * 5000))
+    (tmp_path / "file").touch()
+    assert "File exists" in one_error(
+        run(tmp_path, "verifier", "init", "--db", str(tmp_path / "file" / "v.db"))
+    )
     line = one_error(run(None, "methods", env={"HSM_AUTH_HOME": "H" * 5000}))
     assert "File name too long" in line
 

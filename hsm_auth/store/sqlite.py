@@ -79,7 +79,11 @@ class SqliteStore(SqlStore):
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2)
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except (OSError, ValueError) as e:  # a file where a directory should be, a NUL...
+            reason = getattr(e, "strerror", None) or e
+            raise StateError(f"verifier database {str(path)[:200]}: {reason}") from None
         self.path = path
         self._lock = threading.RLock()
         try:
