@@ -58,7 +58,10 @@ one attribute read, one attribute write and one HMAC. PKCS#11 login state
 is per process and token, so stores on the same token in one process share
 it: the first login is checked by the token, later ones (and later PINs given
 to a logged-in store) are compared with a keyed hash of the PIN that the
-token accepted. Login goes through ``C_Login`` directly (ctypes) so that a
+token accepted. A ``CKR_USER_ALREADY_LOGGED_IN`` answer (another session of
+the process, not one of our stores, is logged in) checked nothing and never
+accepts a PIN: the store logs the application out and in again, so that the
+token checks the PIN in that very call. Login goes through ``C_Login`` directly (ctypes) so that a
 wrong PIN never leaks a session (python-pkcs11 0.10 does) and the native
 return code is kept. SoftHSM rewrites its ``token.object`` in place at every
 ``C_Login``: a kill during a login leaves it empty and the whole token is lost,
@@ -143,6 +146,7 @@ _CKR_PIN_LEN_RANGE = 0xA2
 _CKR_PIN_EXPIRED = 0xA3
 _CKR_PIN_LOCKED = 0xA4
 _CKR_USER_ALREADY_LOGGED_IN = 0x100
+_CKR_USER_NOT_LOGGED_IN = 0x101
 _CKU_USER = 1
 
 # The mechanisms this backend uses (CKM_* values, PKCS#11 v2.40).
@@ -710,14 +714,33 @@ class Pkcs11KeyStore(KeyStore):
                 entry.count += 1
             else:
                 rv = _native(self._cfg.module).login(self._session.handle, pin)
+                owned = rv == _CKR_OK
                 if rv == _CKR_USER_ALREADY_LOGGED_IN:
-                    _LOGINS[key] = _Login(1, tag, owned=False)  # someone else's login
-                elif rv != _CKR_OK:
+                    rv = self._login_again(pin)  # someone else's login checked nothing
+                if rv != _CKR_OK:
                     self._raise_login_error(rv)
-                else:
-                    _LOGINS[key] = _Login(1, tag, owned=True)
+                _LOGINS[key] = _Login(1, tag, owned=owned)
         self._logged_in = True
         self._pin_tag = tag
+
+    def _login_again(self, pin: str) -> int:
+        """``C_Login`` answered ``CKR_USER_ALREADY_LOGGED_IN``: another session of this
+        process (not one of our stores) is logged in, and the token checked nothing. A
+        PIN counts only when the token checked it in this very call, so log the
+        application out and in again with ``pin``. A wrong PIN leaves the token logged
+        out (the other session too: it shares the login); the right one restores it.
+        Returns the second ``C_Login``'s code; refuses when someone logged in between."""
+        native = _native(self._cfg.module)
+        rv = native.logout(self._session.handle)
+        if rv not in (_CKR_OK, _CKR_USER_NOT_LOGGED_IN):
+            raise convert_error(_RvError(rv), "C_Logout")
+        rv = native.login(self._session.handle, pin)
+        if rv == _CKR_USER_ALREADY_LOGGED_IN:
+            raise StateError(
+                "another session of this process logged in to the token while hsm-auth "
+                "had it check the PIN; the PIN was not checked, try again"
+            )
+        return rv
 
     def _raise_login_error(self, rv: int) -> NoReturn:
         flags = self._token_flags()
