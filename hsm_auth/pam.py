@@ -227,11 +227,11 @@ def authenticate(argv: Sequence[str], env: Mapping[str, str]) -> str:
 
     check_user_name(user)
     raw = read_config(args.config)
+    config = parse_config(raw)  # the schema first: options() may then trust [login]'s types
     opts = options(args, raw.get("login", {}))
     _arm_timeout(opts.timeout)
     if opts.remote == "deny" and is_remote(env):
         raise _Refused(f"remote session refused for {user} (remote = deny)")
-    config = parse_config(raw)
     config.apply_environment()
     method = Method.parse(opts.method) if opts.method else None
     with AuthDir(opts.authdir) as authdir:

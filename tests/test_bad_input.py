@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -403,3 +404,16 @@ def test_textcode_refuses_non_ascii_and_surrogates():
     for text in ("HA1:\udcff", "HA1:\u00b2\u00b2", "HA1:" + "A" * 9):
         with pytest.raises(DecodeError):
             textcode.decode(text)
+
+
+def test_pam_helper_checks_the_config_schema_before_using_login_options(tmp_path):
+    from hsm_auth import pam
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[login]\nauthdir = 5\n")
+    cfg.chmod(0o600)
+    try:
+        with pytest.raises(ConfigError, match="authdir must be a string"):
+            pam.authenticate(["--config", str(cfg)], {"PAM_TYPE": "auth", "PAM_USER": "alice"})
+    finally:
+        signal.alarm(0)  # authenticate may have armed the helper's timeout (SIG_DFL kills)

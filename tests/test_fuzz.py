@@ -45,6 +45,7 @@ REGRESSIONS = [
     ("config", b"[login]\ntimeout = " + b"9" * 5000 + b"\n"),  # ValueError: int digits
     ("pam-config", b"[login]\ncue = \"\xff\"\n"),  # UnicodeDecodeError (tomllib.load)
     ("pam-config", b"a = " + b"[" * 5000),  # RecursionError
+    ("pam-config", b"[login]\nauthdir = 5\n"),  # TypeError: Path(5) (found by atheris)
 ]
 
 

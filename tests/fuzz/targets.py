@@ -152,8 +152,8 @@ def _pam_config(data: bytes) -> None:
     from hsm_auth import pam
 
     raw = pam.read_config(_write("pam.toml", data))
+    config.parse(raw)  # in this order, as pam.authenticate does
     pam.options(pam._parser().parse_args([]), raw.get("login", {}))
-    config.parse(raw)
 
 
 def _authfile(data: bytes) -> None:
