@@ -20,9 +20,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
-from . import errors, textcode
+from . import display, errors, textcode
 from .errors import HsmAuthError, InvalidInput, PinRequired
 from .methods import Method
 
@@ -1444,11 +1444,27 @@ def _configure_logging(debug: bool, err: TextIO) -> None:
     )
 
 
+class _TerminalText:
+    """The CLI's stdout and stderr: every text goes through :func:`hsm_auth.display.escape`,
+    so no raw control character (a C1 CSI, a bidi override, ...) of a context, a name or
+    an error message reaches a terminal, whatever wrote it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(display.escape(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, ...
+        return getattr(self._stream, name)
+
+
 def main(
     argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
+    out = cast(TextIO, _TerminalText(out or sys.stdout))
+    err = cast(TextIO, _TerminalText(err or sys.stderr))
     args = parse_command_line(argv)
     for name, default in (("home", None), ("json", False), ("debug", False)):
         if not hasattr(args, name):

@@ -22,14 +22,14 @@ from typing import Any, ClassVar, TypeVar
 
 import cbor2
 
-from . import cbor, ec, textcode
+from . import cbor, display, ec, textcode
 from .errors import DecodeError, UnsupportedVersion
 from .methods import Method
 
 #: 2: the enrollment offer names the methods the user has enrolled at the verifier.
 VERSION = 2
 MAX_MESSAGE = 4096
-MAX_CONTEXT = 200  # characters of context text (it must fit a QR code)
+MAX_CONTEXT = display.MAX_CONTEXT
 
 #: Signs the body bytes and returns a raw r||s signature.
 RawSigner = Callable[[bytes], bytes]
@@ -101,8 +101,12 @@ def _opt_bytes(v: Any, name: str, *, max_len: int = 2048) -> bytes | None:
 
 
 def _text(v: Any, name: str, *, max_len: int = 256) -> str:
-    if not isinstance(v, str) or len(v) > max_len or any(ord(c) < 32 for c in v):
+    # Every text field may be shown: the display-text policy (hsm_auth.display).
+    if not isinstance(v, str):
         raise DecodeError(f"bad field {name}")
+    why = display.problem(v, max_len=max_len)
+    if why is not None:
+        raise DecodeError(f"bad field {name}: it {why}")
     return v
 
 
@@ -233,8 +237,8 @@ class EnrollmentOffer(_Message):
     def _from_values(cls, v: list[Any], signature: bytes) -> EnrollmentOffer:
         return cls(
             verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            verifier_name=_text(v[1], "verifier_name", max_len=64),
-            user=_text(v[2], "user", max_len=64),
+            verifier_name=_text(v[1], "verifier_name", max_len=display.MAX_NAME),
+            user=_text(v[2], "user", max_len=display.MAX_NAME),
             offer_id=_bytes(v[3], "offer_id", min_len=16, max_len=32),
             verifier_signing_key=_point(v[4], "verifier_signing_key"),
             verifier_agreement_key=_point(v[5], "verifier_agreement_key"),
@@ -279,7 +283,7 @@ class EnrollmentResponse(_Message):
         return cls(
             verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
             offer_id=_bytes(v[1], "offer_id", min_len=16, max_len=32),
-            user=_text(v[2], "user", max_len=64),
+            user=_text(v[2], "user", max_len=display.MAX_NAME),
             method=_method(v[3]),
             backend=_text(v[4], "backend", max_len=32),
             signing_key=_point(v[5], "signing_key"),
@@ -346,7 +350,7 @@ class SyncMessage(_Message):
     def _from_values(cls, v: list[Any], signature: bytes) -> SyncMessage:
         return cls(
             verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            user=_text(v[1], "user", max_len=64),
+            user=_text(v[1], "user", max_len=display.MAX_NAME),
             method=_method(v[2]),
             atc=_int(v[3], "atc"),
             session_id=_bytes(v[4], "session_id", min_len=16, max_len=32),
@@ -387,7 +391,7 @@ class SyncReport(_Message):
         return cls(
             verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
             session_id=_bytes(v[1], "session_id", min_len=16, max_len=32),
-            user=_text(v[2], "user", max_len=64),
+            user=_text(v[2], "user", max_len=display.MAX_NAME),
             method=_method(v[3]),
             atc=_int(v[4], "atc", lo=1),
             signature=signature,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import audit, ec, ocra
+from . import audit, display, ec, ocra
 from .audit import AuditRecord, Event, Reason
 from .errors import (
     AlreadyEnrolled,
@@ -207,8 +207,7 @@ class Verifier:
         ensure_private_dir(directory)
         if (directory / "identity.json").exists():
             raise StateError(f"a verifier exists already in {directory}")
-        if not name or len(name) > 64:
-            raise InvalidInput("verifier name must be 1 to 64 characters")
+        display.check(name, "the verifier name", max_len=display.MAX_NAME)
         store = _open_store(directory, database)
         try:
             keys: VerifierKeys
@@ -290,6 +289,9 @@ class Verifier:
         _check_user(user)
         if not methods:
             raise InvalidInput("an offer needs at least one method")
+        # identity.json may come from a version that did not check the name.
+        name = self.identity.name
+        display.check(name, "the verifier name (identity.json)", max_len=display.MAX_NAME)
         offer = EnrollmentOffer(
             verifier_id=self.identity.verifier_id,
             verifier_name=self.identity.name,
@@ -392,8 +394,7 @@ class Verifier:
     ) -> Session:
         """Start an offline session: random challenge + context, signed, single use."""
         _check_user(user)
-        if not context or len(context) > MAX_CONTEXT or any(ord(c) < 32 for c in context):
-            raise InvalidInput(f"context must be 1 to {MAX_CONTEXT} printable characters")
+        display.check(context, "the context", max_len=MAX_CONTEXT)
         enrolled = {c.method for c in self.store.credentials(user)}
         if not enrolled:
             raise UnknownMethod(f"{user!r} has no enrolled method")
@@ -726,8 +727,10 @@ def _unwrap(result: Result) -> Acceptance:
 
 
 def _check_user(user: str) -> None:
-    if not user or len(user) > 64 or any(ord(c) < 33 for c in user):
-        raise InvalidInput("user name must be 1 to 64 printable characters without spaces")
+    display.check(user, "the user name", max_len=display.MAX_NAME)
+    space = next((c for c in user if c.isspace()), None)
+    if space is not None:
+        raise InvalidInput(f"the user name contains {display.code_point(space)} (a space)")
 
 
 def _open_store(directory: Path, database: str | None) -> VerifierStore:
