@@ -1025,7 +1025,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"hsm-auth: error: {message} (see {self.prog} --help)\n")
+        line = f"hsm-auth: error: {message} (see {self.prog} --help)"  # may quote argv
+        self.exit(2, display.escape(line, keep="") + "\n")
 
 
 class _Partial(Exception):

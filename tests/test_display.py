@@ -264,3 +264,12 @@ def test_cli_writes_no_raw_control_character(home: Path, tmp_path: Path) -> None
         assert not _raw_refused(out)
     finally:
         state.write_bytes(saved)
+
+
+def test_cli_usage_errors_quote_argv_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["start", "HA1:X", "Pay\u009b2K\nLog in\u202e"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hsm-auth: error: unrecognized arguments")
+    assert "Pay\\u009b2K\\u000aLog in\\u202e" in err and not _raw_refused(err)
