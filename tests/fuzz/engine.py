@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .targets import FuzzTarget, expected, targets
+from .targets import FuzzTarget, cleanup, expected, targets
 
 #: Bytes that make decoders take unusual paths: CBOR heads for tags (bignums,
 #: dates, shared refs, sets), indefinite lengths, floats, huge lengths; UTF-8
@@ -142,6 +142,7 @@ def fuzz_atheris(inputs: int, only: Iterable[str] | None = None) -> Findings:
             report()
             sys.stdout.flush()
             shutil.rmtree(corpus, ignore_errors=True)
+            cleanup()
             os._exit(1 if findings.count else 0)
 
     corpus = tempfile.mkdtemp(prefix="hsm-auth-corpus-")  # the seeds, behind their target byte

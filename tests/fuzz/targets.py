@@ -8,11 +8,13 @@ first, so that the real reading code (size limits, UTF-8, JSON) is fuzzed too.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable
@@ -132,6 +134,12 @@ _LOGIN_CRED = {
 
 _DIR = Path(tempfile.mkdtemp(prefix="hsm-auth-fuzz-"))
 os.chmod(_DIR, 0o700)
+atexit.register(shutil.rmtree, _DIR, True)
+
+
+def cleanup() -> None:
+    """Remove the scratch directory now (for exits that skip ``atexit``)."""
+    shutil.rmtree(_DIR, ignore_errors=True)
 
 
 def _write(name: str, data: bytes) -> Path:
