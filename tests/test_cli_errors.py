@@ -5,14 +5,13 @@ And the software FIDO2 authenticator refused unless the config allows it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _cli import cli_ok, run_cli
+from _cli import error_line as one_error_line
 
 from hsm_auth.demo import prepare, write_config
 from hsm_auth.methods import Method
@@ -21,40 +20,13 @@ from hsm_auth.testing.softhsm import softhsm_available
 pytestmark = pytest.mark.softhsm
 
 
-def run(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "HSM_AUTH_HOME")}
-    env.pop("HSM_AUTH_SOFT_FIDO2", None)
-    return subprocess.run(
-        [sys.executable, "-m", "hsm_auth", "--home", str(home), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(home: Path, *args: str, stdin: str = "") -> str:
-    result = run(home, *args, stdin=stdin)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def error_line(home: Path, code: int, *args: str, stdin: str = "") -> str:
-    """The one ``hsm-auth: error:`` line of a failing command (and nothing else on stderr
-    but the verifier's name and context that ``finish`` shows first)."""
-    result = run(home, *args, stdin=stdin)
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1, result.stderr
-    assert errors[0].startswith("hsm-auth: error: ")
-    return errors[0].removeprefix("hsm-auth: error: ")
+    """The one ``hsm-auth: error:`` line of a failing command, without its prefix."""
+    return one_error_line(run_cli(home, *args, stdin=stdin), code)
 
 
 def error_json(home: Path, code: int, *args: str) -> dict[str, object]:
-    result = run(home, "--json", *args)
+    result = run_cli(home, "--json", *args)
     assert result.returncode == code, result.stderr
     doc: dict[str, object] = json.loads(result.stdout)
     return doc
@@ -68,22 +40,22 @@ class Home:
 
 
 def _enroll(home: Path, method: Method, pin_file: Path) -> None:
-    offer = ok(home, "verifier", "offer", "--user", "alice", "--methods", method.value)
+    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", method.value)
     extra = ["--pin-file", str(pin_file)] if method.needs_pin else []
-    response = ok(home, "enroll", "--method", method.value, *extra, stdin=offer)
-    ok(home, "verifier", "enroll", stdin=response)
+    response = cli_ok(home, "enroll", "--method", method.value, *extra, stdin=offer)
+    cli_ok(home, "verifier", "enroll", stdin=response)
 
 
 def _session(home: Path, method: Method) -> str:
     out = json.loads(
-        ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "ctx",
+        cli_ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "ctx",
            "--methods", method.value)
     )
     return str(out["data"])
 
 
 def _home(path: Path, methods: list[Method]) -> Home:
-    ok(path, "verifier", "init")
+    cli_ok(path, "verifier", "init")
     wrong = path / "wrong.pin"
     wrong.write_text("000000")
     wrong.chmod(0o600)  # a PIN file others can read is refused before the PIN is tried
@@ -201,8 +173,8 @@ def test_software_authenticator_needs_the_setting(softhsm_home: Home, tmp_path: 
     (other / "config.toml").write_text(
         config.replace("allow_software_authenticator = true\n", "")
     )
-    ok(other, "verifier", "init")
-    offer = ok(other, "verifier", "offer", "--user", "bob", "--methods", "biometric")
+    cli_ok(other, "verifier", "init")
+    offer = cli_ok(other, "verifier", "offer", "--user", "bob", "--methods", "biometric")
     line = error_line(other, 8, "enroll", "--method", "biometric", stdin=offer)
     assert "software FIDO2 authenticator" in line
     assert line.endswith("set allow_software_authenticator = true for this method to use it")

@@ -7,38 +7,17 @@ from __future__ import annotations
 import os
 import pty
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _cli import cli_env, error_line, run_cli
 
 from hsm_auth.demo import prepare
 from hsm_auth.testing.softhsm import softhsm_available
 
 pytestmark = pytest.mark.softhsm
-
-
-def run(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    return subprocess.run(
-        [sys.executable, "-m", "hsm_auth", "--home", str(home), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
-def error_line(result: subprocess.CompletedProcess[str], code: int) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("hsm-auth: error: ")
-    return last
 
 
 @pytest.fixture
@@ -49,12 +28,12 @@ def home(tmp_path):
     home = tmp_path / "home"
     with prepare(home, tpm=False, fido2=False):
         pass
-    assert run(home, "verifier", "init", "--name", "PINs").returncode == 0
+    assert run_cli(home, "verifier", "init", "--name", "PINs").returncode == 0
     return home
 
 
 def offer(home: Path, method: str) -> str:
-    result = run(home, "verifier", "offer", "--user", "alice", "--methods", method)
+    result = run_cli(home, "verifier", "offer", "--user", "alice", "--methods", method)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -62,7 +41,7 @@ def offer(home: Path, method: str) -> str:
 def test_a_pin_option_is_refused_for_the_device_method(home):
     pin_file = home / "offline.pin"
     line = error_line(
-        run(
+        run_cli(
             home,
             "enroll",
             "--method",
@@ -77,7 +56,7 @@ def test_a_pin_option_is_refused_for_the_device_method(home):
     assert "pin-source=file:PATH" in line and "[methods.device]" in line
     assert not (home / "authenticator" / "credentials.json").exists()  # nothing enrolled
     line = error_line(
-        run(home, "enroll", "--method", "device", "--pin-fd", "0", stdin=offer(home, "device")),
+        run_cli(home, "enroll", "--method", "device", "--pin-fd", "0", stdin=offer(home, "device")),
         2,
     )
     assert "--pin-file/--pin-fd are for the pin method only" in line
@@ -89,7 +68,8 @@ def test_a_device_token_without_pin_source_says_where_the_pin_goes(home):
     start = text.index("&pin-source=")
     end = text.index('"', start)
     config.write_text(text[:start] + text[end:])  # the device uri without its pin-source
-    line = error_line(run(home, "enroll", "--method", "device", stdin=offer(home, "device")), 31)
+    result = run_cli(home, "enroll", "--method", "device", stdin=offer(home, "device"))
+    line = error_line(result, 31)
     assert "Authorization" not in line
     assert line.endswith(
         "the token needs its user PIN: set pin-source=file:PATH (a 0600 file holding the "
@@ -99,7 +79,7 @@ def test_a_device_token_without_pin_source_says_where_the_pin_goes(home):
 
 def _pty_run(home: Path, args: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:
     """Run the CLI with a controlling terminal; answer the first PIN prompt."""
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    env = cli_env()
     pid, fd = pty.fork()
     if pid == 0:  # the child: its terminal is the pty
         try:

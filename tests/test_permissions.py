@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli import PREFIX, cli_ok, error_line, run_cli
 
 from hsm_auth.demo import prepare
 from hsm_auth.testing.softhsm import softhsm_available
@@ -32,36 +33,9 @@ NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 
 
-def run(
-    home: Path | str, *args: str, stdin: str = "", pass_fds: tuple[int, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "HSM_AUTH_HOME")}
-    return subprocess.run(
-        [sys.executable, "-m", "hsm_auth", "--home", str(home), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-        pass_fds=pass_fds,
-    )
-
-
-def ok(home: Path | str, *args: str, stdin: str = "") -> str:
-    result = run(home, *args, stdin=stdin)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def refused(result: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
     """The run failed with ``code`` and one error line holding ``words``; that line."""
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("hsm-auth:")]
-    assert len(errors) == 1, result.stderr
-    line = errors[0]
-    assert line.startswith("hsm-auth: error: ") and result.stderr.rstrip().endswith(line)
+    line = PREFIX + error_line(result, code)
     for word in words:
         assert word in line, (word, line)
     return line
@@ -69,7 +43,7 @@ def refused(result: subprocess.CompletedProcess[str], code: int, *words: str) ->
 
 def state_refused(home: Path | str, args: tuple[str, ...], *words: str) -> str:
     """A state refusal: exit 10 and stderr exactly the one line."""
-    result = run(home, *args)
+    result = run_cli(home, *args)
     line = refused(result, 10, *words)
     assert result.stderr.strip() == line
     return line
@@ -118,25 +92,25 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip(reason)
     home = tmp_path_factory.mktemp("perm") / "home"
     with prepare(home) as tokens:
-        ok(home, "verifier", "init", "--name", "perms")
+        cli_ok(home, "verifier", "init", "--name", "perms")
         for method in ("device", "pin", "biometric"):
             if method == "biometric" and "fido2" not in str(tokens.methods):
                 continue
-            offer = ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
+            offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
             pin = ["--pin-file", str(home / "offline.pin")] if method == "pin" else []
-            response = ok(home, "enroll", "--method", method, *pin, stdin=offer)
-            ok(home, "verifier", "enroll", stdin=response)
+            response = cli_ok(home, "enroll", "--method", method, *pin, stdin=offer)
+            cli_ok(home, "verifier", "enroll", stdin=response)
         yield home
 
 
 def session(home: Path) -> str:
-    out = ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "perm")
+    out = cli_ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "perm")
     data: str = json.loads(out)["data"]
     return data
 
 
 def otp(home: Path, method: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return run(home, "finish", "--method", method, *extra, session(home))
+    return run_cli(home, "finish", "--method", method, *extra, session(home))
 
 
 def test_the_home_as_made_by_the_library_is_accepted(home: Path) -> None:
@@ -166,7 +140,7 @@ def test_a_state_directory_others_can_write_is_refused(
     with chmod(d, 0o770):
         state_refused(home, args, "mode 0770", f"chmod 700 {d}")
     with chmod(d, 0o755):  # readable is not writable: the files that are secret are 0600
-        assert run(home, *args).returncode == 0
+        assert run_cli(home, *args).returncode == 0
 
 
 def test_a_home_others_can_write_is_refused(home: Path) -> None:
@@ -198,12 +172,12 @@ def test_a_backend_state_directory_others_can_write_is_refused(
         pytest.skip(f"{sub}: that backend is not available here")
     data = session(home)
     with chmod(d, 0o777):
-        line = refused(run(home, "finish", "--method", method, data), 10,
+        line = refused(run_cli(home, "finish", "--method", method, data), 10,
                        f"{d} is writable by group or others", f"chmod 700 {d}")
         assert "OTP" not in line
     with replaced_by_symlink(d):
-        refused(run(home, "finish", "--method", method, data), 10, f"{d} is a symbolic link")
-    assert run(home, "finish", "--method", method, data).returncode == 0
+        refused(run_cli(home, "finish", "--method", method, data), 10, f"{d} is a symbolic link")
+    assert run_cli(home, "finish", "--method", method, data).returncode == 0
 
 
 @as_root
@@ -242,9 +216,9 @@ def test_sticky_and_trusted_symlinked_parents_are_accepted(tmp_path: Path) -> No
     real.mkdir()
     (tmp_path / "via").symlink_to(real)  # a symlink above the home, owned by us
     home = tmp_path / "via" / "home"
-    ok(home, "verifier", "init")
+    cli_ok(home, "verifier", "init")
     assert (real / "home" / "verifier" / "identity.json").exists()
-    ok(home, "verifier", "credentials")
+    cli_ok(home, "verifier", "credentials")
     sticky.chmod(0o777)  # not sticky: anyone may rename "real"
     state_refused(home, ("verifier", "credentials"), f"{sticky} (above", f"chmod go-w {sticky}")
 
@@ -253,14 +227,14 @@ def test_sticky_and_trusted_symlinked_parents_are_accepted(tmp_path: Path) -> No
 def test_a_symlinked_parent_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()
-    ok(real / "home", "verifier", "init")
+    cli_ok(real / "home", "verifier", "init")
     link = tmp_path / "via"
     link.symlink_to(real)
     os.lchown(link, NOBODY, -1)
     state_refused(link / "home", ("verifier", "credentials"),
                   f"{link} (above", "symbolic link owned by nobody")
     os.lchown(link, 0, -1)
-    ok(link / "home", "verifier", "credentials")
+    cli_ok(link / "home", "verifier", "credentials")
     os.chown(real, NOBODY, -1)  # where a trusted symlink leads is checked as well
     state_refused(link / "home", ("verifier", "credentials"), f"{real} (above", "owned by nobody")
 
@@ -287,7 +261,7 @@ def test_a_state_file_others_can_write_is_refused(
         state_refused(home, args, "mode 0620")
     with replaced_by_symlink(path):
         state_refused(home, args, f"{path} is a symbolic link")
-    assert run(home, *args).returncode == 0
+    assert run_cli(home, *args).returncode == 0
 
 
 @as_root
@@ -337,7 +311,7 @@ def test_identity_values_only_an_edit_could_give_are_refused(
         state_refused(home, ("verifier", "credentials"), "identity.json", key)
     finally:
         path.write_bytes(saved)
-    assert run(home, "verifier", "credentials").returncode == 0
+    assert run_cli(home, "verifier", "credentials").returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -356,7 +330,7 @@ def test_credential_values_only_an_edit_could_give_are_refused(
         state_refused(home, ("methods",), "credentials.json", key)
     finally:
         path.write_bytes(saved)
-    assert run(home, "methods").returncode == 0
+    assert run_cli(home, "methods").returncode == 0
 
 
 def test_a_lock_file_symlink_is_not_followed(home: Path, tmp_path: Path) -> None:
@@ -426,7 +400,7 @@ def test_bad_pin_fd_content_is_one_clear_error(home: Path, case: str) -> None:
             os.write(w, content)
         os.close(w)
         w = -1
-        result = run(home, "finish", "--method", "pin", "--pin-fd", str(r), session(home),
+        result = run_cli(home, "finish", "--method", "pin", "--pin-fd", str(r), session(home),
                      pass_fds=(r,))
     finally:
         os.close(r)
@@ -458,7 +432,7 @@ def test_a_pin_fd_gives_one_line(home: Path) -> None:
     os.write(w, pin + b"\nmore lines that are not the PIN\n")
     os.close(w)
     try:
-        result = run(home, "finish", "--method", "pin", "--pin-fd", str(r), session(home),
+        result = run_cli(home, "finish", "--method", "pin", "--pin-fd", str(r), session(home),
                      pass_fds=(r,))
     finally:
         os.close(r)

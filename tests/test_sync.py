@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import cbor2
 import pytest
+from _cli import cli_ok, run_cli
 
 from hsm_auth import textcode
 from hsm_auth.authenticator import Authenticator
@@ -177,25 +175,6 @@ def test_an_old_report_never_moves_the_atc_back(verifier, auth):
 # --- the same sequence through the CLI, as a user runs it ----------------------
 
 
-def _run(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    return subprocess.run(
-        [sys.executable, "-m", "hsm_auth", "--home", str(home), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
-def _ok(home: Path, *args: str, stdin: str = "") -> str:
-    result = _run(home, *args, stdin=stdin)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def test_cli_login_required_then_sync_then_accepted(tmp_path):
     reason = softhsm_available()
     if reason:
@@ -203,29 +182,30 @@ def test_cli_login_required_then_sync_then_accepted(tmp_path):
     home = tmp_path / "home"
     with prepare(home, tpm=False, fido2=False):
         pass
-    _ok(home, "verifier", "init", "--name", "CLI")
-    offer = _ok(home, "verifier", "offer", "--user", "alice", "--methods", "device")
-    _ok(home, "verifier", "enroll", stdin=_ok(home, "enroll", "--method", "device", stdin=offer))
+    cli_ok(home, "verifier", "init", "--name", "CLI")
+    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", "device")
+    response = cli_ok(home, "enroll", "--method", "device", stdin=offer)
+    cli_ok(home, "verifier", "enroll", stdin=response)
 
     def session() -> tuple[str, str]:
         out = json.loads(
-            _ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "ws")
+            cli_ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "ws")
         )
         return out["session"], out["data"]
 
     for _ in range(10):
-        _ok(home, "finish", "--method", "device", session()[1])  # never submitted
-    refused = _run(home, "finish", "--method", "device", session()[1])
+        cli_ok(home, "finish", "--method", "device", session()[1])  # never submitted
+    refused = run_cli(home, "finish", "--method", "device", session()[1])
     assert refused.returncode == 36, refused.stderr
-    sync = _ok(home, "verifier", "sync", "--user", "alice", "--method", "device")
-    report = _run(home, "sync", sync)
+    sync = cli_ok(home, "verifier", "sync", "--user", "alice", "--method", "device")
+    report = run_cli(home, "sync", sync)
     assert report.returncode == 0, report.stderr
     assert "10 OTPs were never submitted" in report.stderr
-    assert "synced: alice with device (ATC 11)" in _ok(
+    assert "synced: alice with device (ATC 11)" in cli_ok(
         home, "verifier", "sync-report", stdin=report.stdout
     )
     sid, data = session()
-    otp = _ok(home, "finish", "--method", "device", data)
-    assert "accepted: alice with device (ATC 12)" in _ok(
+    otp = cli_ok(home, "finish", "--method", "device", data)
+    assert "accepted: alice with device (ATC 12)" in cli_ok(
         home, "verifier", "verify", "--session", sid, stdin=otp + "\n"
     )

@@ -5,14 +5,13 @@ enroll and make OTPs on them."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from _cli import cli_ok, run_cli
 
 from hsm_auth import tokens
 from hsm_auth.config import Paths
@@ -22,34 +21,15 @@ from hsm_auth.testing.softhsm import softhsm_available
 from hsm_auth.testing.swtpm import socket_accepts, swtpm_available
 
 
-def run(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    return subprocess.run(
-        [sys.executable, "-m", "hsm_auth", "--home", str(home), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(home: Path, *args: str, stdin: str = "") -> str:
-    result = run(home, *args, stdin=stdin)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result.stdout.strip()
-
-
 def flow(home: Path, method: str, *pin: str) -> str:
-    offer = ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
-    ok(home, "verifier", "enroll", stdin=ok(home, "enroll", "--method", method, *pin, stdin=offer))
+    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
+    response = cli_ok(home, "enroll", "--method", method, *pin, stdin=offer)
+    cli_ok(home, "verifier", "enroll", stdin=response)
     session = json.loads(
-        ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "c")
+        cli_ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "c")
     )
-    otp = ok(home, "finish", "--method", method, *pin, session["data"])
-    return ok(home, "verifier", "verify", "--session", session["session"], stdin=otp + "\n")
+    otp = cli_ok(home, "finish", "--method", method, *pin, session["data"])
+    return cli_ok(home, "verifier", "verify", "--session", session["session"], stdin=otp + "\n")
 
 
 # --- the config file edit --------------------------------------------------------
@@ -158,11 +138,11 @@ def test_softhsm_device_token_pins_never_on_a_command_line(softhsm_home, monkeyp
 
 @pytest.mark.softhsm
 def test_softhsm_tokens_serve_device_and_pin_through_the_cli(softhsm_home, tmp_path):
-    ok(softhsm_home, "token", "init", "--softhsm", "dev")
+    cli_ok(softhsm_home, "token", "init", "--softhsm", "dev")
     pin_file = tmp_path / "offline.pin"
     pin_file.write_text("482916\n")
     pin_file.chmod(0o600)
-    ok(
+    cli_ok(
         softhsm_home,
         "token",
         "init",
@@ -173,9 +153,9 @@ def test_softhsm_tokens_serve_device_and_pin_through_the_cli(softhsm_home, tmp_p
         "--pin-file",
         str(pin_file),
     )
-    refused = run(softhsm_home, "token", "init", "--softhsm", "x", "--pin-file", str(pin_file))
+    refused = run_cli(softhsm_home, "token", "init", "--softhsm", "x", "--pin-file", str(pin_file))
     assert refused.returncode == 2 and "--pin-file/--pin-fd are for --method pin" in refused.stderr
-    ok(softhsm_home, "verifier", "init")
+    cli_ok(softhsm_home, "verifier", "init")
     assert "accepted: alice with device" in flow(softhsm_home, "device")
     assert "accepted: alice with pin" in flow(softhsm_home, "pin", "--pin-file", str(pin_file))
 
@@ -191,32 +171,32 @@ def test_swtpm_started_used_and_stopped(tmp_path):
     home = tmp_path / "home"
     tpm_dir = tmp_path / "tpm"
     try:
-        ok(home, "token", "init", "--swtpm", str(tpm_dir))
+        cli_ok(home, "token", "init", "--swtpm", str(tpm_dir))
         assert socket_accepts(tpm_dir / "tpm.sock")
         assert tomllib.loads((home / "config.toml").read_text())["methods"]["device"] == {
             "backend": "tpm2",
             "tcti": f"swtpm:path={tpm_dir / 'tpm.sock'}",
         }
-        ok(home, "verifier", "init")
+        cli_ok(home, "verifier", "init")
         assert "accepted: alice with device" in flow(home, "device")
         # a second init finds it running and keeps it
-        again = run(home, "token", "init", "--swtpm", str(tpm_dir), "--replace")
+        again = run_cli(home, "token", "init", "--swtpm", str(tpm_dir), "--replace")
         assert again.returncode == 0 and "runs already" in again.stderr
     finally:
-        stopped = run(home, "--json", "token", "stop", "--swtpm", str(tpm_dir))
+        stopped = run_cli(home, "--json", "token", "stop", "--swtpm", str(tpm_dir))
     assert json.loads(stopped.stdout) == {"stopped": True}
     assert not socket_accepts(tpm_dir / "tpm.sock")
-    assert "was not running" in ok(home, "token", "stop", "--swtpm", str(tpm_dir))
+    assert "was not running" in cli_ok(home, "token", "stop", "--swtpm", str(tpm_dir))
 
 
 def test_udev_rules_command_prints_the_packaged_rules(tmp_path):
-    out = ok(tmp_path / "home", "token", "udev-rules")
+    out = cli_ok(tmp_path / "home", "token", "udev-rules")
     assert out == tokens.udev_rules().strip()
     assert 'TAG+="uaccess"' in out
 
 
 def test_token_init_help_says_these_are_the_test_emulators(tmp_path):
-    text = " ".join(ok(tmp_path / "home", "token", "init", "--help").split())
+    text = " ".join(cli_ok(tmp_path / "home", "token", "init", "--help").split())
     assert "These are the emulators of hsm_auth.testing" in text
     assert "never for protecting anything" in text
     assert "No PIN is put on any command line" in text
