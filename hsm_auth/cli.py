@@ -647,15 +647,20 @@ def method_pin(ctx: Context, method: Method, prompt: str = "Offline PIN: ") -> s
     """The PIN for ``method``: read for the pin method; for the others a PIN option is
     refused rather than ignored (it would never reach the token: their token PIN, if
     any, comes from the configuration, so that every command finds it)."""
+    refuse_unused_pin_options(ctx, method)
+    return read_pin(ctx.args, ctx.err, prompt) if method.needs_pin else None
+
+
+def refuse_unused_pin_options(ctx: Context, method: Method) -> None:
+    """Refuse ``--pin-file``/``--pin-fd`` for a method that asks for no PIN."""
     if method.needs_pin:
-        return read_pin(ctx.args, ctx.err, prompt)
+        return
     if getattr(ctx.args, "pin_file", None) or getattr(ctx.args, "pin_fd", None) is not None:
         raise InvalidInput(
             f"--pin-file/--pin-fd are for the pin method only; the {method.value} method asks "
             f"for no PIN (a PKCS#11 token's user PIN comes from pin-source=file:PATH in the "
             f"uri of [methods.{method.value}] in config.toml)"
         )
-    return None
 
 
 @contextlib.contextmanager
@@ -715,6 +720,7 @@ def cmd_start(ctx: Context) -> int:
 
 def cmd_finish(ctx: Context) -> int:
     method = Method.parse(ctx.args.method)
+    refuse_unused_pin_options(ctx, method)  # before the request is shown: one error line
     with ctx.authenticator() as a:
         request = a.start_offline_authentication(read_text_arg(ctx.args.data, sys.stdin))
         _show_request(ctx, request)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _cli import cli_env, error_line, run_cli
+from _cli import cli_env, cli_ok, error_line, run_cli
 
 from hsm_auth.demo import prepare
 from hsm_auth.testing.softhsm import softhsm_available
@@ -60,6 +60,18 @@ def test_a_pin_option_is_refused_for_the_device_method(home):
         2,
     )
     assert "--pin-file/--pin-fd are for the pin method only" in line
+
+
+def test_finish_refuses_a_pin_option_for_device_in_one_line_before_showing_anything(home):
+    response = cli_ok(home, "enroll", "--method", "device", stdin=offer(home, "device"))
+    cli_ok(home, "verifier", "enroll", stdin=response)
+    data = cli_ok(home, "verifier", "session", "--user", "alice", "--context", "c").splitlines()[-1]
+    pin_file = home / "offline.pin"
+    result = run_cli(home, "finish", "--method", "device", "--pin-file", str(pin_file), data)
+    line = error_line(result, 2)
+    assert "--pin-file/--pin-fd are for the pin method only" in line
+    assert result.stderr.strip() == "hsm-auth: error: " + line  # no Verifier:/Context: first
+    assert result.stdout == ""
 
 
 def test_a_device_token_without_pin_source_says_where_the_pin_goes(home):
