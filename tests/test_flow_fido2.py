@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from _verifier_device import Clock
 
 pytest.importorskip("fido2", reason="python-fido2 (the fido2 extra) is not installed")
 
@@ -35,14 +36,6 @@ from hsm_auth.webauthn_proof import enrollment_binding, verify_enrollment_attest
 pytestmark = pytest.mark.fido2
 
 METHODS = (Method.BIOMETRIC, Method.FACE)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import os
 
 import cbor2
 import pytest
+from _verifier_device import Clock
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
@@ -37,14 +38,6 @@ from hsm_auth.verifier import Verifier
 pytestmark = pytest.mark.softhsm
 
 OFFLINE_PIN = "482916"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import os
 import cbor2
 import pytest
 from _cli import cli_ok, run_cli
+from _verifier_device import Clock
 
 from hsm_auth import textcode
 from hsm_auth.authenticator import Authenticator
@@ -26,14 +27,6 @@ from hsm_auth.uri import Pkcs11Uri
 from hsm_auth.verifier import Verifier
 
 pytestmark = pytest.mark.softhsm
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
