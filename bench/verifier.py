@@ -34,11 +34,12 @@ from cryptography.hazmat.primitives.asymmetric import ec as cec
 
 from hsm_auth import ec, ocra
 from hsm_auth.methods import Method
-from hsm_auth.protocol import otp_question
+from hsm_auth.otp_scheme import OtpScheme
 from hsm_auth.store import CredentialRecord, SessionRecord
 from hsm_auth.verifier import Verifier
 
-SUITE = ocra.OcraSuite.parse(ocra.OTP_SUITE)
+SCHEME = OtpScheme.default()
+SUITE = SCHEME.suite
 NOW = int(time.time())
 
 
@@ -143,7 +144,7 @@ def populate(v: Verifier, users: int, rounds: int, prefix: str) -> list[list[tup
             sessions.append(
                 SessionRecord(sid, user, challenge, "bench", (Method.DEVICE,), NOW + 3600)
             )
-            q = otp_question(challenge, "bench").hex()
+            q = SCHEME.question(challenge=challenge, context="bench")
             requests.append((sid, ocra.generate(SUITE, key, counter=atc, question=q)))
         v.store.put_sessions(sessions)
         plan.append(requests)

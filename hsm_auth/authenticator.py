@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import functools
 import hmac
 import os
 import time
@@ -62,11 +61,10 @@ from .protocol import (
     SyncMessage,
     SyncReport,
     VerificationData,
-    sync_question,
 )
 
 if TYPE_CHECKING:
-    from . import ocra
+    from .otp_scheme import OtpScheme
 
 Clock = Callable[[], float]
 Warn = Callable[[str], None]
@@ -392,7 +390,7 @@ class Authenticator:
             raise ExpiredMessage("the enrollment offer has expired")
         if method not in offer.methods:
             raise UnknownMethod(f"the verifier does not offer the {method.value} method")
-        _suite(offer.suite)
+        _scheme(offer.suite)  # refuse a suite the product cannot feed, before making keys
         existing = self._find(offer.verifier_id, method)
         if existing is not None and not replace:
             raise AlreadyEnrolled(
@@ -676,8 +674,8 @@ class Authenticator:
             raise ExpiredMessage("the verification data has expired; ask for a new code")
         enrolled = self._find(request.data.verifier_id, method)
         assert enrolled is not None
-        suite = _suite(enrolled.suite)
-        question = request.data.question.hex()
+        scheme = _scheme(enrolled.suite)
+        question = scheme.question(challenge=request.data.challenge, context=request.data.context)
         with self._store(
             enrolled.backend, enrolled.settings, method, enrolled.backend_ref
         ) as store:
@@ -688,7 +686,7 @@ class Authenticator:
                     atc, mac = store.counted_hmac(
                         enrolled.otp_key,
                         enrolled.counter,
-                        lambda c: suite.data_input(counter=c, question=question),
+                        lambda c: scheme.message(c, question),
                         auth,
                         limit=limit,  # the token refuses before advancing past it
                     )
@@ -700,7 +698,7 @@ class Authenticator:
                         atc=e.atc,
                         limit=limit,
                     ) from None
-        return OfflineOtp(_truncate(mac, suite.digits), method, atc)
+        return OfflineOtp(scheme.truncate(mac), method, atc)
 
     def sync(self, text: str, *, pin: str | None = None) -> SyncResult:
         """Answer a verifier's signed sync message (sent after an online login).
@@ -725,14 +723,16 @@ class Authenticator:
         enrolled = self._find(message.verifier_id, message.method)
         if enrolled is None or enrolled.user != message.user:
             raise UnknownMethod(f"the {message.method.value} method is not enrolled here")
-        suite = _suite(enrolled.suite)
-        question = sync_question(message.session_id, message.user, message.method).hex()
+        scheme = _scheme(enrolled.suite)
+        question = scheme.sync_question(
+            session_id=message.session_id, user=message.user, method=message.method
+        )
         with self._store(enrolled.backend, enrolled.settings, message.method) as store:
             auth = self._authorization(message.method, store, enrolled.settings, pin)
             atc, mac = store.counted_hmac(  # no limit: this is how offline use resumes
                 enrolled.otp_key,
                 enrolled.counter,
-                lambda c: suite.data_input(counter=c, question=question),
+                lambda c: scheme.message(c, question),
                 auth,
             )
         report = SyncReport(
@@ -786,17 +786,11 @@ def _uris(m: EnrolledMethod) -> tuple[str, ...]:
 
 # OCRA is imported on first use: `start` (checking verification data) needs
 # none of it, and it is 1 ms of that command's start-up (bench/startup.py).
-@functools.lru_cache(maxsize=8)
-def _suite(text: str) -> ocra.OcraSuite:
-    from . import ocra
+def _scheme(text: str) -> OtpScheme:
+    """The enrolled method's own OTP scheme (refuses a suite the product cannot feed)."""
+    from .otp_scheme import OtpScheme
 
-    return ocra.OcraSuite.parse(text)
-
-
-def _truncate(mac: bytes, digits: int) -> str:
-    from . import ocra
-
-    return ocra.truncate(mac, digits)
+    return OtpScheme.for_suite(text)
 
 
 __all__ = [

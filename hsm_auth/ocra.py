@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from hsm_auth.errors import InvalidInput, InvalidToken
 
 __all__ = [
     "OTP_SUITE",
+    "MacFunction",
     "OcraSuite",
     "generate",
     "truncate",
@@ -43,6 +45,9 @@ __all__ = [
 
 #: The product's suite: C = the ATC, Q = the hex of a 32-byte SHA-256 digest.
 OTP_SUITE: Final = "OCRA-1:HOTP-SHA256-8:C-QH64"
+
+#: A MAC computed elsewhere (in a token or an HSM) with the suite's hash: DataInput -> MAC.
+MacFunction: TypeAlias = Callable[[bytes], bytes]
 
 #: Size of the question field of the DataInput, in bytes (RFC 6287 §5.1).
 QUESTION_FIELD_SIZE: Final = 128
@@ -310,7 +315,7 @@ def truncate(mac: bytes, digits: int) -> str:
 
 def generate(
     suite: OcraSuite,
-    key: bytes,
+    key: bytes | MacFunction,
     *,
     counter: int | None = None,
     question: str,
@@ -319,8 +324,12 @@ def generate(
     timestamp: int | None = None,
     mutual: bool = False,
 ) -> str:
-    """The OCRA response for ``suite`` under ``key`` (RFC 6287 §5.2), computed in software."""
-    if not isinstance(key, bytes) or not key:
+    """The OCRA response for ``suite`` under ``key`` (RFC 6287 §5.2).
+
+    ``key`` is the key itself (the HMAC is then computed here) or a
+    :data:`MacFunction` that computes it with the suite's hash where the key
+    lives (a token, an HSM)."""
+    if not callable(key) and (not isinstance(key, bytes) or not key):
         raise InvalidInput("the OCRA key must be non-empty bytes")
     message = suite.data_input(
         counter=counter,
@@ -330,13 +339,13 @@ def generate(
         timestamp=timestamp,
         mutual=mutual,
     )
-    mac = hmac.new(key, message, suite.hash_name).digest()
+    mac = key(message) if callable(key) else hmac.new(key, message, suite.hash_name).digest()
     return truncate(mac, suite.digits)
 
 
 def verify(
     suite: OcraSuite,
-    key: bytes,
+    key: bytes | MacFunction,
     response: str,
     *,
     counter: int | None = None,

@@ -14,8 +14,6 @@ which knows which key to trust.
 from __future__ import annotations
 
 import enum
-import hashlib
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
@@ -323,10 +321,6 @@ class VerificationData(_Message):
             signature=signature,
         )
 
-    @property
-    def question(self) -> bytes:
-        return otp_question(self.challenge, self.context)
-
 
 @dataclass(frozen=True)
 class SyncMessage(_Message):
@@ -370,10 +364,11 @@ class SyncReport(_Message):
     Its ``signature`` field is not an ECDSA signature but the **full** HMAC-SHA256
     that the token computed with the method's OTP key, after advancing its counter
     to ``atc``, over the OCRA data input for counter ``atc`` and the question
-    :func:`sync_question` (session id, user, method). The verifier, which derives
-    the same OTP key, recomputes it at exactly ``atc``: every body field is bound
-    (``atc`` as the counter, the rest through the question), and the same
-    mechanism works on every backend (a FIDO2 credential signs only assertions)."""
+    :meth:`hsm_auth.otp_scheme.OtpScheme.sync_question` (session id, user, method).
+    The verifier, which derives the same OTP key, recomputes it at exactly
+    ``atc``: every body field is bound (``atc`` as the counter, the rest through
+    the question), and the same mechanism works on every backend (a FIDO2
+    credential signs only assertions)."""
 
     KIND: ClassVar[MessageType] = MessageType.SYNC_REPORT
 
@@ -397,21 +392,6 @@ class SyncReport(_Message):
             signature=signature,
         )
 
-    @property
-    def question(self) -> bytes:
-        return sync_question(self.session_id, self.user, self.method)
-
-
-def sync_question(session_id: bytes, user: str, method: Method) -> bytes:
-    """The OCRA question of a sync report. Its own domain prefix keeps it apart from
-    every :func:`otp_question`, so a sync MAC never doubles as a session's OTP."""
-    name = user.encode("utf-8")
-    h = hashlib.sha256(b"hsm-auth/sync-question/v1")
-    h.update(struct.pack(">H", len(session_id)) + session_id)
-    h.update(struct.pack(">H", len(name)) + name)
-    h.update(struct.pack(">B", method.code))
-    return h.digest()
-
 
 def message_kind(data: bytes) -> MessageType:
     """Which message ``data`` holds (no signature check)."""
@@ -420,15 +400,3 @@ def message_kind(data: bytes) -> MessageType:
         return MessageType(kind)
     except (ValueError, TypeError):
         raise DecodeError("unknown message type") from None
-
-
-def otp_question(challenge: bytes, context: str) -> bytes:
-    """The OCRA question: SHA-256 over the challenge and the context the user saw.
-
-    Length-prefixed so that no (challenge, context) pair collides with another.
-    """
-    ctx = context.encode("utf-8")
-    h = hashlib.sha256(b"hsm-auth/otp-question/v1")
-    h.update(struct.pack(">H", len(challenge)) + challenge)
-    h.update(struct.pack(">I", len(ctx)) + ctx)
-    return h.digest()

@@ -19,6 +19,7 @@ batch of one.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import os
@@ -42,6 +43,7 @@ from .errors import (
 )
 from .files import atomic_write_json, check_state, ensure_private_dir, read_json, state_int
 from .methods import Method
+from .otp_scheme import MAX_DIGITS, MIN_DIGITS, OtpScheme
 from .protocol import (
     MAX_CONTEXT,
     EnrollmentOffer,
@@ -49,7 +51,6 @@ from .protocol import (
     SyncMessage,
     SyncReport,
     VerificationData,
-    otp_question,
 )
 from .store import open_store
 from .store.base import (
@@ -186,7 +187,6 @@ class Verifier:
         self.keys = keys
         self.store = store
         self._clock = clock
-        self._suite = ocra.OcraSuite.parse(identity.suite)
         self.purge_every = PURGE_EVERY  # 0: never purge on write
 
     # --- lifecycle ----------------------------------------------------------
@@ -292,6 +292,7 @@ class Verifier:
         # identity.json may come from a version that did not check the name.
         name = self.identity.name
         display.check(name, "the verifier name (identity.json)", max_len=display.MAX_NAME)
+        OtpScheme.for_suite(self.identity.suite)  # identity.json's suite: one tokens can feed
         offer = EnrollmentOffer(
             verifier_id=self.identity.verifier_id,
             verifier_name=self.identity.name,
@@ -328,6 +329,8 @@ class Verifier:
         response, signed = EnrollmentResponse.from_text(text)
         if not hmac.compare_digest(response.verifier_id, self.identity.verifier_id):
             raise InvalidInput("this enrollment response is for another verifier")
+        # The credential keeps this suite for life; refuse one no token can feed.
+        suite = OtpScheme.for_suite(self.identity.suite).text
         signing_key = ec.decode_point(response.signing_key)
         if signed.signature:
             ec.verify(signing_key, signed.signature, signed.body)  # proof of possession
@@ -358,7 +361,7 @@ class Verifier:
             signing_key=response.signing_key,
             agreement_key=response.agreement_key,
             wrapped_otp_key=response.wrapped_otp_key if response.agreement_key is None else None,
-            suite=self.identity.suite,
+            suite=suite,
             atc=response.initial_atc,
             created=self._now(),
         )
@@ -429,11 +432,13 @@ class Verifier:
     # --- verification -------------------------------------------------------
 
     def _check_format(self, otp: str) -> str:
+        """Decimal digits of a length some scheme has; the credential's own scheme decides
+        the rest (an OTP of another length matches none of its OTPs)."""
         if not isinstance(otp, str):
-            raise InvalidInput(f"an OTP is {self._suite.digits} digits")
+            raise InvalidInput(f"an OTP is {MIN_DIGITS}..{MAX_DIGITS} digits")
         otp = otp.strip()
-        if len(otp) != self._suite.digits or not otp.isascii() or not otp.isdigit():
-            raise InvalidInput(f"an OTP is {self._suite.digits} digits")
+        if not MIN_DIGITS <= len(otp) <= MAX_DIGITS or not otp.isascii() or not otp.isdigit():
+            raise InvalidInput(f"an OTP is {MIN_DIGITS}..{MAX_DIGITS} digits")
         return otp
 
     def verify(self, session_id: bytes, otp: str) -> Acceptance:
@@ -483,6 +488,8 @@ class Verifier:
                     pending.append(req)  # the ATC moved under us: read and check again
                 elif req.index in results:
                     continue
+                elif isinstance(change, Note) and change.record.reason is Reason.MALFORMED_OTP:
+                    results[req.index] = InvalidInput(f"an OTP is {change.record.detail} digits")
                 elif outcome.status is Status.DONE and isinstance(change, Accept):
                     r = change.record
                     assert r.user is not None and r.method is not None and r.atc is not None
@@ -531,10 +538,15 @@ class Verifier:
         usable = [c for c in creds if not c.locked]
         if not usable:
             return Note(base.refused(Reason.LOCKED if creds else Reason.CREDENTIAL_GONE))
-        question = otp_question(session.challenge, session.context).hex()
+        # Each credential's own scheme says how long its OTPs are: an OTP no usable
+        # credential could have made is malformed input, not a failed attempt.
+        lengths = sorted({OtpScheme.for_suite(c.suite).digits for c in usable})
+        if any(len(otp) not in lengths for otp in req.otps):
+            shown = " or ".join(map(str, lengths))
+            return Note(dataclasses.replace(base.refused(Reason.MALFORMED_OTP), detail=shown))
         resync = len(req.otps) == 2
         for cred in usable:
-            atc = self._match(cred, question, req.otps)
+            atc = self._match(cred, session, req.otps)
             if atc is not None:
                 record = AuditRecord(
                     now,
@@ -553,24 +565,22 @@ class Verifier:
             AuditRecord(now, Event.REFUSE, session.user, method, sid, why),
         )
 
-    def _match(self, cred: CredentialRecord, question: str, otps: tuple[str, ...]) -> int | None:
+    def _match(
+        self, cred: CredentialRecord, session: SessionRecord, otps: tuple[str, ...]
+    ) -> int | None:
         """The ATC the OTP(s) were made with, searched after the stored ATC; or None.
-        For a resync (two OTPs) the ATC of the second one."""
-        suite = self._suite
+        For a resync (two OTPs) the ATC of the second one. The credential's own
+        scheme (its enrolled suite) makes the question and checks each OTP."""
+        scheme = OtpScheme.for_suite(cred.suite)
+        question = scheme.question(challenge=session.challenge, context=session.context)
         window = self.identity.resync_window if len(otps) == 2 else self.identity.window
         last = min(cred.atc + window, MAX_ATC - 1)
         with self.keys.otp_macs(cred) as mac:
-
-            def otp_at(atc: int) -> str:
-                return ocra.truncate(
-                    mac(suite.data_input(counter=atc, question=question)), suite.digits
-                )
-
             for atc in range(cred.atc + 1, last + 1):
-                if hmac.compare_digest(otp_at(atc), otps[0]):
+                if scheme.verify(mac, otps[0], counter=atc, question=question):
                     if len(otps) == 1:
                         return atc
-                    if hmac.compare_digest(otp_at(atc + 1), otps[1]):
+                    if scheme.verify(mac, otps[1], counter=atc + 1, question=question):
                         return atc + 1
         return None
 
@@ -709,9 +719,12 @@ class Verifier:
             return Note(base.refused(Reason.LOCKED))
         if not cred.atc < report.atc <= MAX_ATC - self.identity.resync_window - 1:
             return Note(base.refused(Reason.SYNC_STALE))
-        data = self._suite.data_input(counter=report.atc, question=report.question.hex())
+        scheme = OtpScheme.for_suite(cred.suite)
+        question = scheme.sync_question(
+            session_id=report.session_id, user=report.user, method=report.method
+        )
         with self.keys.otp_macs(cred) as mac_of:
-            good = hmac.compare_digest(mac_of(data), mac)
+            good = scheme.verify_mac(mac_of, mac, counter=report.atc, question=question)
         if not good:
             return Failure(
                 (cred.id,), self.identity.lockout_threshold, base.refused(Reason.NO_MATCH)

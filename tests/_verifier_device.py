@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives.asymmetric import ec as cec
 
 from hsm_auth import ec, ocra
 from hsm_auth.methods import Method
-from hsm_auth.protocol import EnrollmentOffer, EnrollmentResponse, otp_question
+from hsm_auth.otp_scheme import OtpScheme
+from hsm_auth.protocol import EnrollmentOffer, EnrollmentResponse
 from hsm_auth.verifier_keys import wrap_otp_key
 
-SUITE = ocra.OcraSuite.parse(ocra.OTP_SUITE)
 START = 1_800_000_000.0
 
 
@@ -36,10 +36,12 @@ class PythonDevice:
         self.wrapped = wrapped
         self.atc = 0
         self.otp_key = b""
+        self.scheme = OtpScheme.default()  # the offer's, once enrolled
         self.otps: list[str] = []  # every OTP this device made (for the leak test)
 
     def enroll(self, offer_text: str, method: Method, *, sign_with=None) -> str:
         offer, _ = EnrollmentOffer.from_text(offer_text)
+        self.scheme = OtpScheme.for_suite(offer.suite)
         verifier_agreement = ec.decode_point(offer.verifier_agreement_key)
         if self.wrapped:
             self.otp_key = os.urandom(32)
@@ -72,8 +74,8 @@ class PythonDevice:
         if atc is None:
             self.atc += 1
             atc = self.atc
-        q = otp_question(challenge, context).hex()
-        otp = ocra.generate(SUITE, self.otp_key, counter=atc, question=q)
+        q = self.scheme.question(challenge=challenge, context=context)
+        otp = ocra.generate(self.scheme.suite, self.otp_key, counter=atc, question=q)
         self.otps.append(otp)
         return otp
 

@@ -111,6 +111,26 @@ def test_rfc6287_appendix_c(
         verify(suite, key, wrong, **inputs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("suite_text", "key", "inputs", "expected"), VECTORS)
+def test_rfc6287_appendix_c_with_a_mac_function(
+    suite_text: str, key: bytes, inputs: dict[str, object], expected: str
+) -> None:
+    """The verifier hands ocra a MAC function (the key may live in an HSM): same vectors."""
+    suite = OcraSuite.parse(suite_text)
+    calls: list[bytes] = []
+
+    def mac(data: bytes) -> bytes:
+        calls.append(data)
+        return hmac.new(key, data, suite.hash_name).digest()
+
+    assert generate(suite, mac, **inputs) == expected  # type: ignore[arg-type]
+    verify(suite, mac, expected, **inputs)  # type: ignore[arg-type]
+    assert calls == [suite.data_input(**inputs)] * 2  # type: ignore[arg-type]
+    wrong = f"{(int(expected) + 1) % 10 ** len(expected):0{len(expected)}d}"
+    with pytest.raises(InvalidToken):
+        verify(suite, mac, wrong, **inputs)  # type: ignore[arg-type]
+
+
 def test_data_input_layout() -> None:
     # RFC 6287 §5.1, checked byte by byte on a suite that has every element.
     suite = OcraSuite.parse("OCRA-1:HOTP-SHA256-8:C-QH10-PSHA1-S004-T30S")

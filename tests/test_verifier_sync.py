@@ -9,7 +9,7 @@ import hashlib
 import hmac
 
 import pytest
-from _verifier_device import SUITE, Clock, PythonDevice
+from _verifier_device import Clock, PythonDevice
 
 from hsm_auth.errors import InvalidToken
 from hsm_auth.methods import Method
@@ -40,7 +40,10 @@ def report_from(device: PythonDevice, message_text: str, *, atc: int | None = No
         device.atc += 1
         atc = device.atc
     report = SyncReport(message.verifier_id, message.session_id, message.user, message.method, atc)
-    data = SUITE.data_input(counter=atc, question=report.question.hex())
+    q = device.scheme.sync_question(
+        session_id=message.session_id, user=message.user, method=message.method
+    )
+    data = device.scheme.message(atc, q)
     mac = hmac.digest(device.otp_key, data, hashlib.sha256)
     return report.to_text(lambda body: mac)
 

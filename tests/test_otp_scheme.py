@@ -1,0 +1,236 @@
+"""One OTP scheme, per credential (issue 10): the question and the OTP have one owner
+(hsm_auth.otp_scheme), the verifier checks each credential with its own enrolled
+suite, and neither side accepts a suite the tokens cannot feed."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+import struct
+
+import pytest
+from _verifier_device import Clock, PythonDevice
+
+from hsm_auth import ocra
+from hsm_auth.errors import InvalidInput
+from hsm_auth.methods import Method
+from hsm_auth.otp_scheme import OtpScheme
+from hsm_auth.protocol import EnrollmentOffer
+from hsm_auth.verifier import Verifier
+
+KEY = bytes(range(32))
+CHALLENGE = b"\x11" * 16
+CONTEXT = "Pay 10 EUR to Bob"
+SIX = "OCRA-1:HOTP-SHA256-6:C-QH64"
+
+
+# --- today's wire format, pinned --------------------------------------------------
+
+
+def test_question_is_todays_formula() -> None:
+    """Recomputed with hashlib alone: the refactor did not change the question."""
+    ctx = CONTEXT.encode()
+    expected = hashlib.sha256(
+        b"hsm-auth/otp-question/v1"
+        + struct.pack(">H", 16)
+        + CHALLENGE
+        + struct.pack(">I", len(ctx))
+        + ctx
+    ).hexdigest()
+    q = OtpScheme.default().question(challenge=CHALLENGE, context=CONTEXT)
+    assert q == expected == "26aabb1c58c2d4200e13982156c5428af7f32b769501bb509c957a169fbb7af3"
+
+
+def test_sync_question_is_todays_formula() -> None:
+    sid = b"\x22" * 16
+    expected = hashlib.sha256(
+        b"hsm-auth/sync-question/v1"
+        + struct.pack(">H", 16)
+        + sid
+        + struct.pack(">H", 5)
+        + b"alice"
+        + bytes([Method.PIN.code])
+    ).hexdigest()
+    q = OtpScheme.default().sync_question(session_id=sid, user="alice", method=Method.PIN)
+    assert q == expected == "51497b0a7eeeff160745b52f99021ffb30bdf48abf33ec81fa0f99c82aab9dc3"
+
+
+def test_otps_and_sync_mac_are_the_ones_the_old_code_made() -> None:
+    """Fixed key and inputs -> the exact OTPs (and sync MAC) computed before the refactor."""
+    scheme = OtpScheme.default()
+    q = scheme.question(challenge=CHALLENGE, context=CONTEXT)
+    assert [scheme.otp(KEY, counter=c, question=q) for c in (1, 2, 3)] == [
+        "22203688",
+        "71774716",
+        "12949877",
+    ]
+    six = OtpScheme.for_suite(SIX)
+    assert [six.otp(KEY, counter=c, question=q) for c in (1, 2, 3)] == [
+        "598076",
+        "868165",
+        "276021",
+    ]
+    sq = scheme.sync_question(session_id=b"\x22" * 16, user="alice", method=Method.PIN)
+    mac = hmac.new(KEY, scheme.message(7, sq), hashlib.sha256).digest()
+    assert mac.hex() == "5df24824ee04cd58f98641c4a1481f3d52ac2726f93d3211670e50926267a627"
+
+    def mac_fn(data: bytes) -> bytes:
+        return hmac.new(KEY, data, hashlib.sha256).digest()
+
+    assert scheme.verify_mac(mac_fn, mac, counter=7, question=sq)
+    assert not scheme.verify_mac(mac_fn, mac, counter=8, question=sq)
+    # The token path (MAC the message, then truncate) equals the software OTP.
+    assert scheme.truncate(mac_fn(scheme.message(2, q))) == "71774716"
+    assert scheme.verify(mac_fn, "71774716", counter=2, question=q)
+    assert scheme.verify(KEY, "71774716", counter=2, question=q)
+    assert not scheme.verify(mac_fn, "71774717", counter=2, question=q)
+    assert not scheme.verify(mac_fn, "71774716", counter=3, question=q)
+
+
+def test_question_binds_challenge_and_context_and_sync_has_its_own_domain() -> None:
+    s = OtpScheme.default()
+    c = os.urandom(16)
+    assert s.question(challenge=c, context="Pay 10") != s.question(challenge=c, context="Pay 100")
+    assert s.question(challenge=c, context="ab") != s.question(challenge=c + b"a", context="b")
+    assert len(s.question(challenge=c, context="")) == 64
+    assert s.sync_question(session_id=c, user="alice", method=Method.PIN) != s.question(
+        challenge=c, context="alice"
+    )
+
+
+# --- refusing what the product cannot feed -----------------------------------------
+
+
+@pytest.mark.parametrize("digits", [6, 7, 8, 9, 10])
+def test_feedable_suites(digits: int) -> None:
+    scheme = OtpScheme.for_suite(f"OCRA-1:HOTP-SHA256-{digits}:C-QH64")
+    assert scheme.digits == digits
+    assert OtpScheme.for_suite(ocra.OTP_SUITE) == OtpScheme.default()
+
+
+@pytest.mark.parametrize(
+    ("suite", "why"),
+    [
+        ("OCRA-1:HOTP-SHA1-8:C-QH64", "HMAC-SHA256"),
+        ("OCRA-1:HOTP-SHA512-8:C-QH64", "HMAC-SHA256"),
+        ("OCRA-1:HOTP-SHA256-0:C-QH64", "digits"),
+        ("OCRA-1:HOTP-SHA256-4:C-QH64", "digits"),
+        ("OCRA-1:HOTP-SHA256-8:QH64", "counter"),
+        ("OCRA-1:HOTP-SHA256-8:C-QN08", "QH64"),
+        ("OCRA-1:HOTP-SHA256-8:C-QA64", "QH64"),
+        ("OCRA-1:HOTP-SHA256-8:C-QH40", "QH64"),
+        ("OCRA-1:HOTP-SHA256-8:C-QH64-PSHA1", "password"),
+        ("OCRA-1:HOTP-SHA256-8:C-QH64-S064", "session"),
+        ("OCRA-1:HOTP-SHA256-8:C-QH64-T1M", "time"),
+        ("OCRA-1:HOTP-SHA1-6:QN08", "HMAC-SHA256"),
+        ("not a suite", "OCRA"),
+    ],
+)
+def test_unfeedable_suites_are_refused(suite: str, why: str) -> None:
+    with pytest.raises(InvalidInput, match=why):
+        OtpScheme.for_suite(suite)
+
+
+# --- the verifier: each credential with its own scheme -------------------------------
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def verifier(tmp_path, clock):
+    v = Verifier.init(tmp_path / "verifier", "Bank", clock=clock)
+    yield v
+    v.close()
+
+
+def _with_suite(v: Verifier, suite: str, clock) -> Verifier:
+    """The same verifier (keys, database) after its identity.json suite was edited."""
+    return Verifier(dataclasses.replace(v.identity, suite=suite), v.keys, v.store, clock=clock)
+
+
+def _enroll(v: Verifier, user: str) -> PythonDevice:
+    device = PythonDevice()
+    _, offer = v.create_offer(user, methods=[Method.DEVICE])
+    v.accept_enrollment(device.enroll(offer, Method.DEVICE))
+    return device
+
+
+def test_a_credential_is_verified_with_its_own_suite_not_the_verifiers_default(
+    verifier, clock
+):
+    """The bug: the suite is stored per credential, but every check used the verifier's.
+    alice enrolled under the 8-digit default; the default is now 6 digits."""
+    alice = _enroll(verifier, "alice")
+    changed = _with_suite(verifier, SIX, clock)
+    bob = _enroll(changed, "bob")
+    assert bob.scheme.digits == 6
+    creds = {c.user: c.suite for c in changed.store.all_credentials()}
+    assert creds == {"alice": ocra.OTP_SUITE, "bob": SIX}
+
+    session = changed.start_session("alice", "Log in")
+    otp = alice.otp(session)
+    assert len(otp) == 8
+    assert changed.verify(session.session_id, otp).atc == 1
+    session = changed.start_session("bob", "Log in")
+    assert changed.verify(session.session_id, bob.otp(session)).atc == 1
+    # And back: the 6-digit credential still works under the 8-digit default.
+    session = verifier.start_session("bob", "Again")
+    assert verifier.verify(session.session_id, bob.otp(session)).atc == 2
+    session = verifier.start_session("alice", "Again")
+    assert verifier.verify(session.session_id, alice.otp(session)).atc == 2
+
+
+def test_the_verifier_refuses_a_suite_no_token_can_feed(verifier, clock):
+    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    response = PythonDevice().enroll(offer, Method.DEVICE)
+    bad = _with_suite(verifier, "OCRA-1:HOTP-SHA1-6:QN08", clock)
+    with pytest.raises(InvalidInput, match="HMAC-SHA256"):
+        bad.create_offer("bob", methods=[Method.DEVICE])
+    with pytest.raises(InvalidInput, match="HMAC-SHA256"):
+        bad.accept_enrollment(response)
+    assert verifier.store.all_credentials() == []
+    verifier.accept_enrollment(response)  # the offer was not burned by the refusal
+    assert [c.suite for c in verifier.store.all_credentials()] == [ocra.OTP_SUITE]
+
+
+# --- the authenticator refuses it before making keys -------------------------------
+
+
+@pytest.mark.softhsm
+def test_the_authenticator_refuses_an_offer_with_a_suite_no_token_can_feed(
+    softhsm_env, tmp_path, clock, verifier
+):
+    from hsm_auth.authenticator import Authenticator
+    from hsm_auth.config import Config, MethodConfig
+    from hsm_auth.testing.softhsm import init_token, unique_label
+    from hsm_auth.uri import Pkcs11Uri
+
+    token = init_token(unique_label("scheme"), so_pin="12345678", user_pin="device-secret")
+    pin_file = tmp_path / "device.pin"
+    pin_file.write_text(token.user_pin)
+    pin_file.chmod(0o600)
+    uri = Pkcs11Uri(token=token.label, module_path=token.module_path, pin_source=f"file:{pin_file}")
+    config = Config(methods={Method.DEVICE: MethodConfig("pkcs11", {"uri": str(uri)})})
+    offer, _ = verifier.create_offer("alice", methods=[Method.DEVICE])
+    forged = dataclasses.replace(offer, suite="OCRA-1:HOTP-SHA1-6:QN08")
+    text = forged.to_text(verifier.keys.sign_raw)  # signed by the verifier itself
+    assert EnrollmentOffer.from_text(text)[0].suite == forged.suite
+    with Authenticator(tmp_path / "auth", config, clock=clock) as a:
+        with pytest.raises(InvalidInput, match="HMAC-SHA256"):
+            a.add_or_update(Method.DEVICE, text)
+        assert a.enrolled == []
+        # Nothing was made on the token: the good offer enrolls without --replace.
+        _, good = verifier.create_offer("alice", methods=[Method.DEVICE])
+        verifier.accept_enrollment(a.add_or_update(Method.DEVICE, good))
+        # And that token's OTPs go through the same scheme on both sides.
+        changed = _with_suite(verifier, SIX, clock)
+        session = changed.start_session("alice", "Log in")
+        request = a.start_offline_authentication(session.text)
+        otp = a.finish_offline_authentication(request, Method.DEVICE)
+        assert len(otp.otp) == 8
+        assert changed.verify(session.session_id, otp.otp).atc == otp.atc
