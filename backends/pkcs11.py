@@ -16,9 +16,12 @@ Keys. Signing and agreement keys are P-256 key pairs generated in the token
 ``CKA_EXTRACTABLE``), both halves with the given label and one random 16-byte
 ``CKA_ID``. The OTP key is ``CKM_ECDH1_DERIVE`` (KDF null) of the agreement
 key with the verifier's public point into a 32-byte ``CKK_GENERIC_SECRET``
-token object, sensitive and not extractable, usable only for
-``CKM_SHA256_HMAC``. Signatures are ``CKM_ECDSA`` over a SHA-256 digest made on
-the host (SoftHSM has no ``CKM_ECDSA_SHA256``), returned DER-encoded.
+token object, sensitive, not extractable, not modifiable and not derivable,
+usable only for ``CKM_SHA256_HMAC``. At enrollment
+(:meth:`Pkcs11KeyStore.agree_otp_key`) the agreement key pair is a session
+object destroyed right after the derive, so no token key can derive it again.
+Signatures are ``CKM_ECDSA`` over a SHA-256 digest made on the host (SoftHSM
+has no ``CKM_ECDSA_SHA256``), returned DER-encoded.
 
 The application transaction counter (ATC). PKCS#11 has no counter object
 that applications can advance, and SoftHSM rewrites an object's file in place
@@ -1005,6 +1008,47 @@ class Pkcs11KeyStore(KeyStore):
 
     # --- OTP key --------------------------------------------------------------
 
+    def agree_otp_key(
+        self,
+        label: str,
+        peer_public: ec.EllipticCurvePublicKey,
+        auth: Authorization,
+    ) -> tuple[str, ec.EllipticCurvePublicKey]:
+        # The agreement key pair is a session object (CKA_TOKEN false): never
+        # written to the token, destroyed right after the derive, and gone with
+        # the session if this process dies first.
+        p11 = self._p11
+        attr, flag = p11.Attribute, p11.MechanismFlag
+        with self._call("C_GenerateKeyPair", auth, mechanism="CKM_EC_KEY_PAIR_GEN"):
+            self._require("EC_KEY_PAIR_GEN")
+            self._require("ECDH1_DERIVE")
+            params = self._session.create_domain_parameters(
+                p11.KeyType.EC, {attr.EC_PARAMS: _P256_PARAMS}, local=True
+            )
+            public, private = params.generate_keypair(
+                label=f"{label}/ecdh",
+                store=False,
+                capabilities=flag.DERIVE,
+                public_template={attr.TOKEN: False, attr.PRIVATE: False, attr.DERIVE: False},
+                private_template={
+                    attr.TOKEN: False,
+                    attr.PRIVATE: True,
+                    attr.SENSITIVE: True,
+                    attr.EXTRACTABLE: False,
+                    attr.SIGN: False,
+                    attr.DERIVE: True,
+                },
+            )
+        try:
+            agreement_public = _public_from_point(public[attr.EC_POINT])
+            otp_key = self._derive(f"{label}/otp", private, peer_public, auth)
+        finally:
+            with self._call("C_DestroyObject", auth):
+                for obj in (private, public):
+                    with contextlib.suppress(p11.ObjectHandleInvalid, p11.KeyHandleInvalid):
+                        obj.destroy()
+        return otp_key, agreement_public
+
     def derive_otp_key(
         self,
         label: str,
@@ -1012,6 +1056,15 @@ class Pkcs11KeyStore(KeyStore):
         peer_public: ec.EllipticCurvePublicKey,
         auth: Authorization,
     ) -> str:
+        with self._call("C_DeriveKey", auth, mechanism="CKM_ECDH1_DERIVE"):
+            private, _ = self._key(agreement_key, "private")
+        return self._derive(label, private, peer_public, auth)
+
+    def _derive(
+        self, label: str, private: Any, peer_public: ec.EllipticCurvePublicKey, auth: Authorization
+    ) -> str:
+        """ECDH of ``private`` with ``peer_public`` into the OTP key: a token object that
+        can only HMAC (not derive, not be read, not be changed)."""
         if not isinstance(peer_public.curve, ec.SECP256R1):
             raise InvalidInput("the verifier's agreement key must be a P-256 key")
         point = peer_public.public_bytes(
@@ -1022,7 +1075,6 @@ class Pkcs11KeyStore(KeyStore):
         with self._call("C_DeriveKey", auth, mechanism="CKM_ECDH1_DERIVE"):
             self._require("ECDH1_DERIVE")
             self._require("SHA256_HMAC")
-            private, _ = self._key(agreement_key, "private")
             ident = secrets.token_bytes(_ID_LEN)
             secret = private.derive_key(
                 p11.KeyType.GENERIC_SECRET,
@@ -1040,6 +1092,8 @@ class Pkcs11KeyStore(KeyStore):
                     attr.EXTRACTABLE: False,
                     attr.SIGN: True,
                     attr.VERIFY: False,
+                    attr.DERIVE: False,
+                    attr.MODIFIABLE: False,
                 },
             )
             self._objects[("secret-key", ident)] = secret

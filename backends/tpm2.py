@@ -35,7 +35,9 @@ Keys
     ECDSA-SHA256, TPM2_Sign over a host-computed SHA-256 with a null ticket
     (allowed because the key is not restricted). :meth:`Tpm2KeyStore.private_key`
     exposes it as a ``cryptography`` ``EllipticCurvePrivateKey``.
-    agreement: ECC P-256 with ``decrypt`` for TPM2_ECDH_ZGen.
+    agreement: ECC P-256 with ``decrypt`` for TPM2_ECDH_ZGen. At enrollment
+    (:meth:`Tpm2KeyStore.agree_otp_key`) it is created, loaded, used once and
+    flushed, its blob never written: nothing in ``state_dir`` can run ZGen again.
     OTP key: TPM2_ECDH_ZGen with the verifier's point; the x-coordinate is
     sealed into a keyedhash HMAC-SHA256 object (fixedTPM|fixedParent|
     userWithAuth|sign) with TPM2_Create. The secret crosses the bus only
@@ -583,9 +585,7 @@ class Tpm2KeyStore(KeyStore):
                 "ecc256:ecdsa-sha256", objectAttributes=attrs | TPMA_OBJECT.SIGN_ENCRYPT
             )
         elif kind is KeyKind.AGREEMENT:
-            template = TPMT_PUBLIC.parse(
-                "ecc256:ecdh-sha256", objectAttributes=attrs | TPMA_OBJECT.DECRYPT
-            )
+            return self._create(label, kind, _agreement_template(), auth, None)
         else:
             raise InvalidInput(f"generate_key makes SIGNING or AGREEMENT keys, not {kind.value}")
         return self._create(label, kind, TPM2B_PUBLIC(publicArea=template), auth, None)
@@ -666,23 +666,33 @@ class Tpm2KeyStore(KeyStore):
         peer_public: ec.EllipticCurvePublicKey,
         auth: Authorization,
     ) -> str:
-        from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_PUBLIC
-
         secret = self._zgen(self._record(agreement_key, KeyKind.AGREEMENT), peer_public, auth)
         try:
-            template = TPMT_PUBLIC(
-                type=TPM2_ALG.KEYEDHASH,
-                nameAlg=TPM2_ALG.SHA256,
-                objectAttributes=TPMA_OBJECT.FIXEDTPM
-                | TPMA_OBJECT.FIXEDPARENT
-                | TPMA_OBJECT.USERWITHAUTH
-                | TPMA_OBJECT.SIGN_ENCRYPT,
-            )
-            template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.HMAC
-            template.parameters.keyedHashDetail.scheme.details.hmac.hashAlg = TPM2_ALG.SHA256
-            return self._create(label, KeyKind.OTP, TPM2B_PUBLIC(publicArea=template), auth, secret)
+            return self._create(label, KeyKind.OTP, _otp_template(), auth, secret)
         finally:
             _wipe(secret)
+
+    def agree_otp_key(
+        self,
+        label: str,
+        peer_public: ec.EllipticCurvePublicKey,
+        auth: Authorization,
+    ) -> tuple[str, ec.EllipticCurvePublicKey]:
+        # The agreement key is created, loaded, used for one TPM2_ECDH_ZGen and
+        # flushed; its blob is never written, so nothing in the state directory can
+        # run ECDH_ZGen again. Z passes through this process once, into the
+        # TPM2_Create that imports it as the keyedhash OTP key.
+        record = self._create_record(f"{label}/ecdh", KeyKind.AGREEMENT,
+                                     _agreement_template(), auth, None)
+        try:
+            secret = self._zgen(record, peer_public, auth)
+        finally:
+            self._forget(record.id)  # flushes the loaded key
+        try:
+            otp_key = self._create(f"{label}/otp", KeyKind.OTP, _otp_template(), auth, secret)
+        finally:
+            _wipe(secret)
+        return otp_key, _ec_public(record.public)
 
     def hmac(self, uri: str, data: bytes, auth: Authorization) -> bytes:
         record = self._record(uri, KeyKind.OTP)
@@ -967,6 +977,19 @@ class Tpm2KeyStore(KeyStore):
         auth: Authorization,
         data: bytearray | None,
     ) -> str:
+        record = self._create_record(label, kind, public, auth, data)
+        self._write(record)
+        return self._uri(record)
+
+    def _create_record(
+        self,
+        label: str,
+        kind: KeyKind,
+        public: Any,
+        auth: Authorization,
+        data: bytearray | None,
+    ) -> _Record:
+        """TPM2_Create under the storage key; the blob, not yet written anywhere."""
         from tpm2_pytss import (
             TPM2B_AUTH,
             TPM2B_SENSITIVE_CREATE,
@@ -998,7 +1021,7 @@ class Tpm2KeyStore(KeyStore):
         finally:
             _wipe(pin)
             del sensitive
-        record = _Record(
+        return _Record(
             id=secrets.token_hex(8),
             kind=kind,
             label=label,
@@ -1007,8 +1030,6 @@ class Tpm2KeyStore(KeyStore):
             public=bytes(public_out.marshal()),
             private=bytes(private.marshal()),
         )
-        self._write(record)
-        return self._uri(record)
 
     def _load(self, record: _Record, auth: Authorization) -> Any:
         from tpm2_pytss import TPM2B_PRIVATE, TPM2B_PUBLIC
@@ -1192,6 +1213,38 @@ class Tpm2KeyStore(KeyStore):
 
     def _convert(self, e: Any, what: str, record: _Record | None = None) -> HsmAuthError:
         return convert_tss_error(e, what, tcti=self._tcti, record=record, ectx=self._ectx)
+
+
+def _agreement_template() -> Any:
+    from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT, TPMT_PUBLIC
+
+    attrs = (
+        TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.DECRYPT
+    )
+    return TPM2B_PUBLIC(
+        publicArea=TPMT_PUBLIC.parse("ecc256:ecdh-sha256", objectAttributes=attrs)
+    )
+
+
+def _otp_template() -> Any:
+    """The imported OTP key: a keyedhash object that can only HMAC-SHA256."""
+    from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_PUBLIC
+
+    template = TPMT_PUBLIC(
+        type=TPM2_ALG.KEYEDHASH,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.SIGN_ENCRYPT,
+    )
+    template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.HMAC
+    template.parameters.keyedHashDetail.scheme.details.hmac.hashAlg = TPM2_ALG.SHA256
+    return TPM2B_PUBLIC(publicArea=template)
 
 
 def _dictionary_attack_rule(attributes: Any, no_da: Any, auth_value: bytes | bytearray) -> Any:

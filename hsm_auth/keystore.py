@@ -119,6 +119,8 @@ class Enrollment:
     Exactly one of ``agreement_public`` (the verifier derives the OTP key by
     ECDH) and ``otp_key_for_verifier`` (a key the backend cannot keep, e.g.
     FIDO2 hmac-secret output, already encrypted to the verifier) is set.
+    ``agreement_key`` is ``None``: the agreement key does not outlive
+    :meth:`KeyStore.agree_otp_key` (records made before issue 10 may name one).
     """
 
     signing_key: str
@@ -229,6 +231,34 @@ class KeyStore(ABC):
         """ECDH between the token's agreement key and ``peer_public``; the shared
         x-coordinate becomes a non-extractable HMAC-SHA256 key in the token."""
 
+    def agree_otp_key(
+        self,
+        label: str,
+        peer_public: ec.EllipticCurvePublicKey,
+        auth: Authorization,
+    ) -> tuple[str, ec.EllipticCurvePublicKey]:
+        """Make the OTP key ``<label>/otp`` with a one-time agreement key, which is
+        gone when this returns: ``(OTP key URI, the agreement key's public half)``.
+
+        Nothing left in the token can compute the OTP key's value again (issue 10,
+        finding 1). The default makes the agreement key with :meth:`generate_key`,
+        derives, then deletes it; a backend that can keep it out of storage
+        altogether (a PKCS#11 session object, a TPM object never written) overrides
+        this. A failure deletes what this made."""
+        agreement = self.generate_key(f"{label}/ecdh", KeyKind.AGREEMENT, auth)
+        try:
+            public = self.public_key(agreement, auth)
+            otp_key = self.derive_otp_key(f"{label}/otp", agreement, peer_public, auth)
+            try:
+                self.delete_key(agreement, auth)
+            except BaseException:
+                self.roll_back([otp_key], auth)
+                raise
+        except BaseException:
+            self.roll_back([agreement], auth)
+            raise
+        return otp_key, public
+
     @abstractmethod
     def hmac(self, uri: str, data: bytes, auth: Authorization) -> bytes:
         """HMAC-SHA256 of ``data`` with the OTP key, inside the token."""
@@ -313,10 +343,8 @@ class KeyStore(ABC):
         try:
             signing = self.generate_key(f"{label}/sign", KeyKind.SIGNING, auth)
             created.append(signing)
-            agreement = self.generate_key(f"{label}/ecdh", KeyKind.AGREEMENT, auth)
-            created.append(agreement)
-            otp_key = self.derive_otp_key(
-                f"{label}/otp", agreement, verifier_agreement_public, auth
+            otp_key, agreement_public = self.agree_otp_key(
+                label, verifier_agreement_public, auth
             )
             created.append(otp_key)
             counter = self.create_counter(f"{label}/atc", auth)
@@ -327,8 +355,7 @@ class KeyStore(ABC):
                 otp_key=otp_key,
                 counter=counter,
                 initial_atc=self.counter_value(counter, auth),
-                agreement_key=agreement,
-                agreement_public=self.public_key(agreement, auth),
+                agreement_public=agreement_public,  # the agreement key itself is gone
             )
         except BaseException:  # incl. KeyboardInterrupt: nothing half-enrolled stays
             self.roll_back(created, auth)

@@ -241,15 +241,19 @@ def test_kills_during_enrollment_on_swtpm_leave_only_what_prune_removes(tpm, tmp
 #: then the authenticator's own steps after it: signing the response.
 STEPS = [
     ("generate_key", 1),  # the signing key
-    ("generate_key", 2),  # the agreement key
-    ("derive_otp_key", 1),
+    ("agree_otp_key", 1),  # the OTP key, by a one-time agreement key (issue 10)
     ("create_counter", 1),
     ("public_key", 1),
     ("counter_value", 1),
-    ("public_key", 2),
     ("sign", 1),  # the enrollment response
 ]
-MAKES_A_KEY = {"generate_key", "derive_otp_key", "create_counter"}
+MAKES_A_KEY = {"generate_key", "agree_otp_key", "create_counter", "_derive", "_create"}
+#: Steps inside each backend's agree_otp_key: the one-time agreement key is never
+#: stored, so whatever fails there leaves at most the OTP key, found by its label.
+INNER = {
+    "pkcs11": [("_derive", 1)],  # the ECDH derive from the session key pair
+    "tpm2": [("_zgen", 1), ("_create", 2)],  # ECDH_ZGen; importing Z (1 is the signing key)
+}
 
 
 def _fail_at(store, name: str, nth: int, error: BaseException, *, after: bool):
@@ -267,13 +271,16 @@ def _fail_at(store, name: str, nth: int, error: BaseException, *, after: bool):
     setattr(store, name, failing)
 
 
-def _rollback_cases(home: Path, direct, items_of) -> int:
+def _rollback_cases(home: Path, direct, items_of, backend: str) -> int:
     offer = _offer(home, "alice")
     baseline = direct()
     cases = [(s, n, BackendError("injected"), False) for s, n in STEPS]
+    cases += [(s, n, e, after) for s, n in INNER[backend]
+              for e, after in ((BackendError("injected"), False),
+                               (BackendError("injected"), True), (KeyboardInterrupt(), True))]
     cases += [(s, n, KeyboardInterrupt(), False) for s, n in STEPS[1:4]]
     cases += [(s, n, BackendError("injected"), True) for s, n in STEPS if s in MAKES_A_KEY]
-    cases += [("derive_otp_key", 1, KeyboardInterrupt(), True)]
+    cases += [("agree_otp_key", 1, KeyboardInterrupt(), True)]
     for name, nth, error, after in cases:
         case = (name, nth, type(error).__name__, "after" if after else "before")
         with _authenticator(home) as a:
@@ -307,13 +314,15 @@ def _rollback_cases(home: Path, direct, items_of) -> int:
 @pytest.mark.softhsm
 def test_an_error_at_each_enrollment_step_rolls_back_on_softhsm(softhsm):
     home, token = softhsm
-    assert _rollback_cases(home, lambda: _softhsm_objects(token), _softhsm_items) >= 16
+    assert _rollback_cases(home, lambda: _softhsm_objects(token), _softhsm_items,
+                           "pkcs11") >= 16
 
 
 @pytest.mark.swtpm
 def test_an_error_at_each_enrollment_step_rolls_back_on_swtpm(tpm):
     home, swtpm, state = tpm
-    assert _rollback_cases(home, lambda: _tpm_objects(state, swtpm.tcti), _tpm_items) >= 16
+    assert _rollback_cases(home, lambda: _tpm_objects(state, swtpm.tcti), _tpm_items,
+                           "tpm2") >= 16
 
 
 @pytest.mark.softhsm

@@ -234,6 +234,23 @@ class KeyStoreContract:
 
     # --- enrollment -------------------------------------------------------
 
+    def test_agree_otp_key_leaves_no_agreement_key(
+        self, store: KeyStore, auth: Authorization
+    ) -> None:
+        require(store, Capability.ECDH_DERIVE, Capability.HMAC)
+        before = {i.uri for i in store.list_keys(auth)}
+        # The backend's own agree_otp_key, and the default built on the primitives.
+        for agree in (store.agree_otp_key,
+                      lambda *a: KeyStore.agree_otp_key(store, *a)):
+            verifier = ec.generate_private_key(ec.SECP256R1())
+            otp, public = agree("contract-agree", verifier.public_key(), auth)
+            shared = verifier.exchange(ec.ECDH(), public)
+            expected = hmac.new(shared, b"q", hashlib.sha256).digest()
+            assert store.hmac(otp, b"q", auth) == expected
+            left = {i.uri: i.kind for i in store.list_keys(auth) if i.uri not in before}
+            assert left == {otp: KeyKind.OTP}
+            store.delete_key(otp, auth)
+
     def test_enroll_otp_matches_verifier_ecdh(self, store: KeyStore, auth: Authorization) -> None:
         require(
             store, Capability.SIGN, Capability.HMAC, Capability.ECDH_DERIVE, Capability.COUNTER
@@ -248,6 +265,9 @@ class KeyStoreContract:
         data = b"ocra data input"
         expected = hmac.new(shared, data, hashlib.sha256).digest()
         assert store.hmac(enrollment.otp_key, data, auth) == expected
+        # No agreement key outlives enrollment (issue 10, finding 1).
+        assert enrollment.agreement_key is None
+        assert KeyKind.AGREEMENT not in {i.kind for i in store.list_keys(auth)}
         assert enrollment.initial_atc == store.counter_value(enrollment.counter, auth) == 0
         signature = store.sign(enrollment.signing_key, data, auth)
         verify_signature(enrollment.signing_public, signature, data)
