@@ -172,7 +172,9 @@ class PendingKeys:
 
 class KeyState(enum.Enum):
     ENROLLED = "enrolled"  # an enrolled method uses it
-    ORPHAN = "orphan"  # left by an enrollment or replacement here that did not finish
+    #: left by an enrollment or replacement here that did not finish, or the agreement
+    #: key of a method enrolled before issue 10 (not needed after enrollment)
+    ORPHAN = "orphan"
     UNCLAIMED = "unclaimed"  # hsm-auth label, but nothing here made it (another home?)
 
 
@@ -576,6 +578,12 @@ class Authenticator:
             ]
             if settled:
                 self._forget_pending(*settled)
+            if any(m.agreement_key in gone for m in self._methods):
+                methods = [
+                    dataclasses.replace(m, agreement_key=None) if m.agreement_key in gone else m
+                    for m in self._methods
+                ]
+                self._save(self._verifiers, methods, self._pending)
         return KeyReport(tuple(deleted), tuple(unreachable))
 
     def _survey(
@@ -624,9 +632,16 @@ class Authenticator:
                     seen.setdefault(info.uri, (token, info))
         # Methods recorded before labels were: their keys' labels, found by URI.
         used_labels |= {enrollment_label(i.label) for _, i in seen.values() if i.uri in used_uris}
+        stale = {m.agreement_key for m in self._methods if m.agreement_key}
         found = []
         for token, info in seen.values():
-            if info.uri in used_uris or enrollment_label(info.label) in used_labels:
+            if info.uri in stale or (
+                info.kind is KeyKind.AGREEMENT and enrollment_label(info.label) in used_labels
+            ):
+                # An enrolled method's agreement key, kept by versions before issue 10:
+                # it could derive the OTP key again, and nothing needs it any more.
+                state = KeyState.ORPHAN
+            elif info.uri in used_uris or enrollment_label(info.label) in used_labels:
                 state = KeyState.ENROLLED
             elif any(_claims(p, info) for p in self._pending):
                 state = KeyState.ORPHAN

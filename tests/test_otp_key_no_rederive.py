@@ -10,6 +10,7 @@ holding the PIN (or, on a TPM ``device``, nothing) can re-derive the OTP key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -150,3 +151,63 @@ def test_no_blob_in_the_state_dir_can_run_ecdh_zgen_on_swtpm(swtpm, tmp_path):
     assert zs == [] and ecdh_keys == []
     assert sorted(b["kind"] for b in blobs) == ["otp", "signing"]
     assert enrolled[0].agreement_key is None  # type: ignore[attr-defined]
+
+
+# --- methods enrolled before this: their agreement key is pruned ----------------------
+
+
+def _make_old(home: Path) -> str:
+    """Turn the enrolled method into one made before issue 10: a token agreement key
+    named by the record (as ``KeyStore.enroll`` made it then). Returns its URI."""
+    from hsm_auth import registry
+    from hsm_auth.keystore import NO_AUTH, KeyKind
+
+    paths = configmod.Paths(home)
+    with Authenticator(paths.authenticator_dir, configmod.load(paths)) as a:
+        (m,) = a.enrolled
+        backend, settings = registry.choose_backend(a.config, Method.DEVICE)
+        with a._store(backend, settings, Method.DEVICE) as store:
+            agreement = store.generate_key(f"{m.label}/ecdh", KeyKind.AGREEMENT, NO_AUTH)
+        a._save(a._verifiers, [dataclasses.replace(m, agreement_key=agreement)], a._pending)
+    return agreement
+
+
+@pytest.mark.parametrize("backend", ["pkcs11", "tpm2"])
+def test_keys_prune_removes_an_old_methods_agreement_key(backend, request, tmp_path):
+    from hsm_auth.authenticator import KeyState
+
+    if backend == "pkcs11":
+        request.getfixturevalue("softhsm_env")
+        token = init_token(unique_label("agr"), so_pin="12345678", user_pin="device-secret")
+        pin_file = tmp_path / "device.pin"
+        pin_file.write_text(token.user_pin)
+        pin_file.chmod(0o600)
+        uri = Pkcs11Uri(token=token.label, module_path=token.module_path,
+                        pin_source=f"file:{pin_file}")
+        home = _home(tmp_path, f'[methods.device]\nbackend = "pkcs11"\nuri = "{uri}"\n')
+    else:
+        swtpm = request.getfixturevalue("swtpm")
+        home = _home(tmp_path, f'[methods.device]\nbackend = "tpm2"\ntcti = "{swtpm.tcti}"\n')
+    _enroll_and_check(home)
+    agreement = _make_old(home)
+    paths = configmod.Paths(home)
+
+    def otp_accepted() -> None:
+        with Verifier.open(home / "verifier") as v, \
+                Authenticator(paths.authenticator_dir, configmod.load(paths)) as a:
+            session = v.start_session("alice", "Log in to ws-7")
+            request_ = a.start_offline_authentication(session.text)
+            otp = a.finish_offline_authentication(request_, Method.DEVICE).otp
+            assert v.verify(session.session_id, otp).user == "alice"
+
+    otp_accepted()  # the old credential keeps working
+    with Authenticator(paths.authenticator_dir, configmod.load(paths)) as a:
+        states = {k.uri: k.state for k in a.keys().keys}
+        assert states.pop(agreement) is KeyState.ORPHAN
+        assert set(states.values()) == {KeyState.ENROLLED}  # sign, otp, atc
+        assert [k.uri for k in a.prune_orphans().keys] == [agreement]
+        assert a.enrolled[0].agreement_key is None
+        assert agreement not in {k.uri for k in a.keys().keys}
+    with Authenticator(paths.authenticator_dir, configmod.load(paths)) as a:
+        assert a.enrolled[0].agreement_key is None  # saved
+    otp_accepted()
