@@ -540,13 +540,13 @@ class Verifier:
             return Note(base.refused(Reason.LOCKED if creds else Reason.CREDENTIAL_GONE))
         # Each credential's own scheme says how long its OTPs are: an OTP no usable
         # credential could have made is malformed input, not a failed attempt.
-        lengths = sorted({OtpScheme.for_suite(c.suite).digits for c in usable})
-        if any(len(otp) not in lengths for otp in req.otps):
-            shown = " or ".join(map(str, lengths))
+        schemes = [OtpScheme.for_suite(c.suite) for c in usable]
+        if any(all(len(otp) != s.digits for s in schemes) for otp in req.otps):
+            shown = " or ".join(map(str, sorted({s.digits for s in schemes})))
             return Note(dataclasses.replace(base.refused(Reason.MALFORMED_OTP), detail=shown))
         resync = len(req.otps) == 2
-        for cred in usable:
-            atc = self._match(cred, session, req.otps)
+        for cred, scheme in zip(usable, schemes, strict=True):
+            atc = self._match(cred, scheme, session, req.otps)
             if atc is not None:
                 record = AuditRecord(
                     now,
@@ -566,12 +566,17 @@ class Verifier:
         )
 
     def _match(
-        self, cred: CredentialRecord, session: SessionRecord, otps: tuple[str, ...]
+        self,
+        cred: CredentialRecord,
+        scheme: OtpScheme,
+        session: SessionRecord,
+        otps: tuple[str, ...],
     ) -> int | None:
         """The ATC the OTP(s) were made with, searched after the stored ATC; or None.
-        For a resync (two OTPs) the ATC of the second one. The credential's own
-        scheme (its enrolled suite) makes the question and checks each OTP."""
-        scheme = OtpScheme.for_suite(cred.suite)
+        For a resync (two OTPs) the ATC of the second one. ``scheme`` is the
+        credential's own (its enrolled suite): it makes the question and checks each OTP."""
+        if any(len(otp) != scheme.digits for otp in otps):
+            return None  # another credential of the session's may have this length
         question = scheme.question(challenge=session.challenge, context=session.context)
         window = self.identity.resync_window if len(otps) == 2 else self.identity.window
         last = min(cred.atc + window, MAX_ATC - 1)
