@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,12 +53,25 @@ def _enroll_and_check(home: Path) -> list[object]:
     return list(enrolled)
 
 
+def _private_key_usages(token) -> list[str]:
+    """The ``Usage:`` line of each private key object ``pkcs11-tool -O`` lists (the
+    token's throwaway test PIN on its command line)."""
+    listing = subprocess.run(
+        ["pkcs11-tool", "--module", token.module_path, "--token-label", token.label,
+         "--login", "--pin", token.user_pin, "-O"],
+        capture_output=True, text=True, check=True, env=os.environ.copy(),
+    ).stdout
+    return [line.strip() for block in listing.split("Private Key Object")[1:]
+            for line in block.split(" Object")[0].splitlines() if "Usage:" in line]
+
+
 def _peer_point() -> bytes:
     return ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
 
 
+@pytest.mark.skipif(shutil.which("pkcs11-tool") is None, reason="needs OpenSC's pkcs11-tool")
 def test_no_token_object_can_derive_after_enrollment_on_softhsm(softhsm_env, tmp_path):
     import pkcs11
     from pkcs11 import KDF, Attribute, KeyType, Mechanism, ObjectClass
@@ -106,6 +122,8 @@ def test_no_token_object_can_derive_after_enrollment_on_softhsm(softhsm_env, tmp
         with pytest.raises(pkcs11.PKCS11Error):
             otp[Attribute.VALUE]
     assert leaked == [] and derivers == []
+    usages = _private_key_usages(token)  # and as pkcs11-tool -O sees it
+    assert usages and not any("derive" in u for u in usages), usages
     assert enrolled[0].agreement_key is None  # type: ignore[attr-defined]
 
 
@@ -201,6 +219,8 @@ def test_keys_prune_removes_an_old_methods_agreement_key(backend, request, tmp_p
             assert v.verify(session.session_id, otp).user == "alice"
 
     otp_accepted()  # the old credential keeps working
+    if backend == "pkcs11" and shutil.which("pkcs11-tool"):
+        assert any("derive" in u for u in _private_key_usages(token))  # the old hole
     with Authenticator(paths.authenticator_dir, configmod.load(paths)) as a:
         states = {k.uri: k.state for k in a.keys().keys}
         assert states.pop(agreement) is KeyState.ORPHAN
@@ -210,4 +230,6 @@ def test_keys_prune_removes_an_old_methods_agreement_key(backend, request, tmp_p
         assert agreement not in {k.uri for k in a.keys().keys}
     with Authenticator(paths.authenticator_dir, configmod.load(paths)) as a:
         assert a.enrolled[0].agreement_key is None  # saved
+    if backend == "pkcs11" and shutil.which("pkcs11-tool"):
+        assert not any("derive" in u for u in _private_key_usages(token))
     otp_accepted()
