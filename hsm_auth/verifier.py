@@ -318,7 +318,10 @@ class Verifier:
             detail="replace" if replace else None,
         )
         self.store.put_offer(
-            OfferRecord(offer.offer_id, user, offer.methods, replace, offer.expires), record
+            OfferRecord(
+                offer.offer_id, user, offer.methods, replace, offer.expires, offer.suite
+            ),
+            record,
         )
         audit.emit([record])
         self._purge_now_and_then()
@@ -329,7 +332,8 @@ class Verifier:
         response, signed = EnrollmentResponse.from_text(text)
         if not hmac.compare_digest(response.verifier_id, self.identity.verifier_id):
             raise InvalidInput("this enrollment response is for another verifier")
-        # The credential keeps this suite for life; refuse one no token can feed.
+        # Refuse a suite no token can feed. The store records the suite the offer
+        # named (the one the authenticator enrolled with), which the credential keeps.
         suite = OtpScheme.for_suite(self.identity.suite).text
         signing_key = ec.decode_point(response.signing_key)
         if signed.signature:

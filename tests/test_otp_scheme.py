@@ -185,6 +185,18 @@ def test_a_credential_is_verified_with_its_own_suite_not_the_verifiers_default(
     assert verifier.verify(session.session_id, alice.otp(session)).atc == 2
 
 
+def test_a_credential_keeps_the_suite_its_offer_named(verifier, clock):
+    """identity.json's suite changed between the offer and the response: the credential
+    gets the offer's suite, the one the device enrolled with, so its OTPs verify."""
+    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    device = PythonDevice()
+    response = device.enroll(offer, Method.DEVICE)
+    changed = _with_suite(verifier, SIX, clock)
+    assert changed.accept_enrollment(response).suite == ocra.OTP_SUITE
+    session = changed.start_session("alice", "Log in")
+    assert changed.verify(session.session_id, device.otp(session)).atc == 1
+
+
 def test_the_verifier_refuses_a_suite_no_token_can_feed(verifier, clock):
     _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     response = PythonDevice().enroll(offer, Method.DEVICE)

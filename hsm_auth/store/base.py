@@ -38,6 +38,9 @@ class OfferRecord:
     methods: tuple[Method, ...]
     replace: bool
     expires: int
+    #: The OCRA suite the offer named: the credential redeemed from it keeps this one
+    #: (None: an offer stored before schema version 3, which records the caller's).
+    suite: str | None = None
 
 
 @dataclass(frozen=True)

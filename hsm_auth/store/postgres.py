@@ -57,6 +57,7 @@ _V2 = (
     " reason TEXT, atc BIGINT, detail TEXT)",
     "CREATE INDEX audit_user ON audit (user_name, id)",
 )
+_V3 = ("ALTER TABLE offers ADD COLUMN suite TEXT",)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -118,7 +119,7 @@ class _PgCursor:
 
 class PostgresStore(SqlStore):
     engine = "postgresql"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:
         try:

@@ -17,6 +17,7 @@ workers presenting the same OTP exactly one sees its UPDATEs match.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -217,14 +218,15 @@ class SqlStore(VerifierStore):
     def put_offer(self, offer: OfferRecord, audit: AuditRecord | None = None) -> None:
         with self._tx() as db:
             db.count(
-                "INSERT INTO offers (offer_id, user_name, methods, allow_replace, expires) "
-                "VALUES (?,?,?,?,?)",
+                "INSERT INTO offers (offer_id, user_name, methods, allow_replace, expires, suite) "
+                "VALUES (?,?,?,?,?,?)",
                 (
                     offer.offer_id,
                     offer.user,
                     methods_text(offer.methods),
                     int(offer.replace),
                     offer.expires,
+                    offer.suite,
                 ),
             )
             self._audit(db, audit)
@@ -243,7 +245,7 @@ class SqlStore(VerifierStore):
             # Any refusal below raises, and the transaction undoes the burn.
             row = db.one(
                 "UPDATE offers SET used=1 WHERE offer_id=? AND used=0 "
-                "RETURNING user_name, methods, allow_replace, expires",
+                "RETURNING user_name, methods, allow_replace, expires, suite",
                 (offer_id,),
             )
             if row is None:
@@ -254,6 +256,8 @@ class SqlStore(VerifierStore):
                 raise InvalidInput("enrollment response is for another user")
             if record.method not in methods_parse(row[1]):
                 raise UnknownMethod(f"the offer does not allow the {record.method.value} method")
+            if row[4] is not None:  # the suite the authenticator enrolled with
+                record = dataclasses.replace(record, suite=str(row[4]))
             return self._save_credential(db, record, replace=bool(row[2]), audit=audit)
 
     # --- credentials --------------------------------------------------------

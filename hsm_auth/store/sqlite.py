@@ -53,6 +53,9 @@ _V2 = (
     "CREATE INDEX audit_user ON audit (user_name, id)",
 )
 
+# Version 3: the suite an offer named, which the credential redeemed from it keeps.
+_V3 = ("ALTER TABLE offers ADD COLUMN suite TEXT",)
+
 
 class _SqliteCursor:
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -76,7 +79,7 @@ class _SqliteCursor:
 
 class SqliteStore(SqlStore):
     engine = "sqlite"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
         try:
