@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import stat
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UnknownMethod
-from .files import check_state
+from .files import check_state, read_state
 from .methods import Method
 
 APP = "hsm-auth"
@@ -289,25 +288,20 @@ def read_document(raw: bytes, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: nested too deeply") from None
 
 
+def read_file(path: Path) -> dict[str, Any] | None:
+    """The TOML document in the config file ``path`` (``None`` when there is none): a
+    regular file that others cannot write, opened without following a symlink and
+    checked on the open descriptor (:func:`hsm_auth.files.read_state`), at most
+    :data:`MAX_FILE` bytes. A config names libraries to load."""
+    raw = read_state(path, limit=MAX_FILE, missing_ok=True)
+    return None if raw is None else read_document(raw, str(path))
+
+
 def load(paths: Paths) -> Config:
     path = paths.config_file
-    check_state(path, missing_ok=True)  # a config names libraries to load: others can't write it
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except FileNotFoundError:
+    document = read_file(path)
+    if document is None:
         return Config(state_dir=paths.state_dir)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{path} is not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_FILE + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    document = read_document(raw, str(path))
     try:
         return dataclasses.replace(parse(document), state_dir=paths.state_dir)
     except ConfigError as e:

@@ -236,8 +236,12 @@ def read_state(path: Path, *, secret: bool = False, limit: int = STATE_LIMIT,
         if e.errno == errno.ELOOP:
             raise StateError(f"{_p(item)} is a symbolic link; refusing to use it") from None
         raise StateError(f"cannot open {_p(item)}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:  # before fdopen, which raises IsADirectoryError for a directory
         check_stat(os.fstat(fd), item, directory=False, secret=secret)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(limit + 1)
         except OSError as e:

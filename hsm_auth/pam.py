@@ -116,21 +116,9 @@ def _arm_timeout(seconds: float) -> None:
 
 def read_config(path: Path) -> Mapping[str, Any]:
     """The config file as a dict ({} when absent); refuses symlinks and unsafe modes."""
-    from .config import MAX_FILE, read_document
-    from .errors import StateError
-    from .files import check_parents, check_stat
+    from .config import read_file
 
-    check_parents(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        raise StateError(f"cannot open {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        check_stat(os.fstat(f.fileno()), path, directory=False)
-        raw = f.read(MAX_FILE + 1)
-    return read_document(raw, str(path))
+    return read_file(path) or {}
 
 
 def options(args: argparse.Namespace, table: Mapping[str, Any]) -> Options:

@@ -293,6 +293,15 @@ def test_a_config_that_is_a_directory_or_a_fifo_is_refused(tmp_path, monkeypatch
         config.load(Paths(tmp_path))
 
 
+def test_a_state_file_that_is_a_directory_is_one_state_error(tmp_path):
+    from hsm_auth.files import read_json
+
+    state = tmp_path / "credentials.json"
+    state.mkdir(mode=0o700)
+    with pytest.raises(StateError, match="not a regular file"):
+        read_json(state)
+
+
 def test_an_unknown_method_setting_names_the_known_ones(tmp_path):
     from hsm_auth import registry
 
