@@ -1,4 +1,6 @@
-"""Backend discovery through the entry-point group ``hsm_auth.backends``.
+"""Backend discovery through the entry-point group ``hsm_auth.backends``, and
+the one loader of entry points (also for the verifier's key stores, group
+``hsm_auth.verifier_keys``, see :mod:`hsm_auth.verifier_keys`).
 
 Built-in backends register exactly as a third party would, in pyproject.toml.
 """
@@ -15,24 +17,51 @@ from .keystore import KeyStore, Settings
 from .methods import Method
 
 GROUP = "hsm_auth.backends"
+#: Where the verifier's key stores other than the key file register (by their ``type``).
+VERIFIER_KEYS_GROUP = "hsm_auth.verifier_keys"
 #: Built-in backends live here; their entry-point values may be imported directly.
 BUILTIN_PREFIX = "hsm_auth_backends."
 
 
+#: Every entry point of the environment, once scanned.
 _ENTRY_POINTS: Any = None
 #: name -> class, once loaded: a process asks for the same backend for every OTP.
 _CLASSES: dict[str, type[KeyStore]] = {}
 
 
-def _entry_points() -> Any:
+def _entry_points(group: str = GROUP) -> Any:
     # importlib.metadata scans every installed distribution (about 1 ms, more on a
     # big environment): only on demand, and once per process.
     global _ENTRY_POINTS
     if _ENTRY_POINTS is None:
         from importlib.metadata import entry_points
 
-        _ENTRY_POINTS = entry_points(group=GROUP)
-    return _ENTRY_POINTS
+        _ENTRY_POINTS = entry_points()
+    return _ENTRY_POINTS.select(group=group)
+
+
+def load_entry_point(group: str, name: str, base: type, label: str) -> type[Any] | None:
+    """The subclass of ``base`` registered as ``name`` in ``group``; ``None`` if no
+    entry point has that name. A module that does not import is BackendUnavailable,
+    an entry point naming no such class a ConfigError (``label`` names it in both)."""
+    for ep in _entry_points(group):
+        if ep.name == name:
+            return _import_class(str(ep.value), base, label)
+    return None
+
+
+def _import_class(value: str, base: type, label: str) -> type[Any]:
+    module_name, _, attr = value.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the module itself must import; report, don't crash
+        raise BackendUnavailable(f"{label} failed to import: {e}") from e
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ConfigError(f"the entry point of {label} names a missing class")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"the entry point of {label} is not a {base.__name__}")
+    return cls
 
 
 @dataclass(frozen=True)
@@ -81,17 +110,7 @@ def _load_backend(name: str, reference: str | None) -> type[KeyStore]:
             cls = None
         if isinstance(cls, type) and issubclass(cls, KeyStore) and cls.name == name:
             return cls
-    value = backend_reference(name)
-    module, _, attr = value.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except ImportError as e:  # the backend module itself must import; report, don't crash
-        raise BackendUnavailable(f"backend {name!r} failed to import: {e}") from e
-    except AttributeError:
-        raise ConfigError(f"entry point {name!r} names a missing class") from None
-    if not (isinstance(cls, type) and issubclass(cls, KeyStore)):
-        raise ConfigError(f"entry point {name!r} is not a KeyStore")
-    return cls
+    return _import_class(backend_reference(name), KeyStore, f"backend {name!r}")
 
 
 def checked_settings(cls: type[KeyStore], method: Method, settings: Settings) -> Settings:

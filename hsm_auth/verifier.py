@@ -65,7 +65,7 @@ from .store.base import (
     Status,
     VerifierStore,
 )
-from .verifier_keys import FileVerifierKeys, Pkcs11VerifierKeys, VerifierKeys, load_keys
+from .verifier_keys import FileVerifierKeys, VerifierKeys, create_keys, load_keys
 
 log = logging.getLogger("hsm_auth.verifier")
 
@@ -213,7 +213,7 @@ class Verifier:
             keys: VerifierKeys
             spec: dict[str, Any] = {}
             if hsm:
-                hsm_keys = Pkcs11VerifierKeys.create(hsm)
+                hsm_keys = create_keys("pkcs11", hsm)
                 keys, spec["keys"] = hsm_keys, hsm_keys.to_json()
             else:
                 keys = FileVerifierKeys.create(directory / "keys.pem")

@@ -12,6 +12,7 @@ import types
 
 import pytest
 from _verifier_device import Clock, enroll
+from hsm_auth_backends.pkcs11_verifier import Pkcs11VerifierKeys
 
 from hsm_auth import cli
 from hsm_auth.errors import InvalidToken
@@ -19,7 +20,6 @@ from hsm_auth.methods import Method
 from hsm_auth.testing.softhsm import init_token, unique_label
 from hsm_auth.uri import Pkcs11Uri
 from hsm_auth.verifier import Verifier
-from hsm_auth.verifier_keys import Pkcs11VerifierKeys
 
 pytestmark = pytest.mark.softhsm
 
@@ -148,6 +148,8 @@ def _holds(values: list[bytes], secret: bytes) -> bool:
 
 
 def test_hsm_mode_keeps_no_derived_key_on_the_host(tmp_path, verifier):
+    import hsm_auth_backends.pkcs11_verifier as hsm_keys_module
+
     import hsm_auth.verifier as verifier_module
     import hsm_auth.verifier_keys as keys_module
 
@@ -157,7 +159,7 @@ def test_hsm_mode_keeps_no_derived_key_on_the_host(tmp_path, verifier):
         for _ in range(2):
             s = verifier.start_session(user, "Log in")
             verifier.verify(s.session_id, dev.otp(s))
-    values = _reachable_bytes(verifier, verifier_module, keys_module)
+    values = _reachable_bytes(verifier, verifier_module, keys_module, hsm_keys_module)
     assert verifier.identity.verifier_id in values  # the walk does reach the verifier's state
     assert not _holds(values, device.otp_key)
     assert not _holds(values, fido.otp_key)
