@@ -73,7 +73,11 @@ class BackendStatus:
 
 
 def backend_names() -> list[str]:
-    return sorted({ep.name for ep in _entry_points()})
+    return entry_point_names(GROUP)
+
+
+def entry_point_names(group: str) -> list[str]:
+    return sorted({ep.name for ep in _entry_points(group)})
 
 
 def backend_reference(name: str) -> str:

@@ -326,11 +326,12 @@ def create_keys(kind: str, uri: str) -> VerifierKeys:
 
 
 def _implementation(kind: object) -> type[VerifierKeys]:
-    from .registry import VERIFIER_KEYS_GROUP, load_entry_point
+    from .registry import VERIFIER_KEYS_GROUP, entry_point_names, load_entry_point
 
     cls = None
     if isinstance(kind, str):
         cls = load_entry_point(VERIFIER_KEYS_GROUP, kind, VerifierKeys, f"verifier keys {kind!r}")
     if cls is None:
-        raise StateError(f"unknown verifier key type {kind!r}")
+        installed = ", ".join(["file", *entry_point_names(VERIFIER_KEYS_GROUP)])
+        raise StateError(f"unknown verifier key type {kind!r} (installed: {installed})")
     return cls

@@ -100,7 +100,9 @@ def test_the_cli_names_an_unknown_key_type_in_one_line(tmp_path: Path, capsys) -
     _with_spec(home, {"type": "nope"})
     assert cli.main(["--home", str(home), "verifier", "credentials", "--user", "a"]) == 10
     captured = capsys.readouterr()
-    assert captured.err == "hsm-auth: error: unknown verifier key type 'nope'\n"
+    assert captured.err == (
+        "hsm-auth: error: unknown verifier key type 'nope' (installed: file, pkcs11)\n"
+    )
     assert captured.out == ""
 
 
@@ -121,7 +123,7 @@ def test_create_keys_of_an_unknown_type_and_hsm_for_a_key_file(tmp_path: Path) -
         ("hsm_auth.errors:StateError", ConfigError, "is not a VerifierKeys"),
         ("hsm_auth_broken_keys:Keys", BackendUnavailable,
          "verifier keys 'pkcs11' failed to import: broken at import"),
-        (None, StateError, "unknown verifier key type 'pkcs11'"),  # not installed
+        (None, StateError, r"unknown verifier key type 'pkcs11' \(installed: file\)"),
     ],
 )
 def test_a_missing_or_broken_entry_point_is_one_error(
