@@ -56,8 +56,8 @@ OTP key. Derived again for each OTP through ``hmac-secret`` with the fixed
 salt SHA-256("hsm-auth/otp/v1") under UV, decrypted into a ``bytearray``,
 used for one HMAC-SHA256 on the host, and zeroed. Unlike PKCS#11 and TPM2,
 **the host holds the OTP key for the moment of each OTP**. At enrollment the
-key is wrapped (ECIES, :func:`hsm_auth.webauthn_proof.wrap_otp_key_with`) to
-the verifier's agreement key.
+key is wrapped to the verifier's agreement key (:mod:`hsm_auth.key_transport`)
+and MACs the key confirmation, in hand, before it is wiped.
 
 ATC. Each credential has its own application counter, kept by the host in
 the state file: 0 at enrollment, and +1 for each OTP (or counter increment),
@@ -102,6 +102,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from hsm_auth import ec as ecutil
+from hsm_auth import key_transport
 from hsm_auth.errors import (
     AuthorizationError,
     BackendError,
@@ -132,6 +133,7 @@ from hsm_auth.files import (
 from hsm_auth.keystore import (
     Authorization,
     Capability,
+    ConfirmationMessage,
     Enrollment,
     KeyInfo,
     KeyKind,
@@ -145,7 +147,6 @@ from hsm_auth.uri import format_attr_uri, parse_attr_uri
 from hsm_auth.webauthn_proof import (
     client_data_hash,
     encode_enrollment_attestation,
-    wrap_otp_key_with,
 )
 
 __all__ = [
@@ -1269,10 +1270,13 @@ class Fido2KeyStore(KeyStore):
         auth: Authorization,
         *,
         binding: bytes = b"",
+        confirm: ConfirmationMessage | None = None,
     ) -> Enrollment:
         """makeCredential + one hmac-secret assertion, both under UV and over a client
         data hash that binds the enrollment (offer, user, method) and the wrapped OTP key's
-        ephemeral point; the OTP key goes to the verifier wrapped, then is wiped."""
+        ephemeral point; the OTP key goes to the verifier wrapped, MACs the key
+        confirmation (``confirm``: the transcript is complete once the key is wrapped),
+        then is wiped."""
         self.require_method(method)
         if not isinstance(verifier_agreement_public.curve, ec.SECP256R1):
             raise InvalidInput("the verifier's agreement key must be a P-256 key")
@@ -1287,7 +1291,13 @@ class Fido2KeyStore(KeyStore):
             )
             assert key is not None
             try:
-                wrapped = wrap_otp_key_with(key, verifier_agreement_public, ephemeral)
+                wrapped = key_transport.wrap(key, verifier_agreement_public, ephemeral)
+                signing_public = ecutil.encode_point(record.public_key)
+                confirmation = (
+                    None
+                    if confirm is None
+                    else _hmac.digest(bytes(key), confirm(signing_public, wrapped), hashlib.sha256)
+                )
             finally:
                 _wipe(key)
             attestation = encode_enrollment_attestation(
@@ -1305,6 +1315,7 @@ class Fido2KeyStore(KeyStore):
                 initial_atc=record.atc,  # 0: the ATC is the host's, per credential
                 otp_key_for_verifier=wrapped,
                 attestation=attestation,
+                confirmation=confirmation,
             )
         except BaseException:  # incl. KeyboardInterrupt: forget the new credential
             self.roll_back([otp_uri], auth)

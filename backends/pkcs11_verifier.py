@@ -10,13 +10,9 @@ sensitive, non-extractable key, the OCRA data inputs are HMAC'd there, and the
 session key is destroyed: the OTP key never exists on the host, and nothing
 derived is cached between checks.
 
-FIDO2 methods send their OTP key encrypted to the agreement key (ECIES: ECDH +
-HKDF-SHA256 + AES-256-GCM, :func:`hsm_auth.verifier_keys.wrap_otp_key`).
-PKCS#11 modules commonly lack HKDF (SoftHSM does), so with an HSM the ECDH step
-runs in the HSM and the short-lived ECIES secret, the key-encryption key and
-the unwrapped OTP key are handled on the host for the duration of that one
-check (pragmatic choice; the agreement private key still never leaves the HSM,
-and the database alone reveals nothing).
+FIDO2 methods send their OTP key wrapped to the agreement key
+(:mod:`hsm_auth.key_transport`). Here, for now, the ECDH step runs in the HSM
+and the unwrap on the host, for the duration of one check.
 """
 
 from __future__ import annotations
@@ -34,17 +30,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hsm_auth import ec as ecutil
+from hsm_auth import key_transport
 from hsm_auth.errors import HsmAuthError, StateError
 from hsm_auth.keystore import NO_AUTH, KeyKind
 from hsm_auth.store.base import CredentialRecord
 from hsm_auth.uri import Pkcs11Uri
-from hsm_auth.verifier_keys import (
-    MacFunction,
-    VerifierKeys,
-    _check_wrapped_shape,
-    _kek,
-    _open_wrapped,
-)
+from hsm_auth.verifier_keys import MacFunction, VerifierKeys
 
 from .pkcs11 import Pkcs11KeyStore, _text, convert_error
 
@@ -205,7 +196,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
             return ecutil.der_to_raw(self._store.sign(self.signing_uri, data, self._auth))
 
     def _unwrap(self, wrapped: bytes) -> bytes:
-        peer = _check_wrapped_shape(wrapped)
+        peer = key_transport.ephemeral_point(wrapped)
         with self._lock:
             try:
                 secret = self._derive(peer, extractable=True)
@@ -217,7 +208,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 raise
             except Exception as e:
                 raise convert_error(e, "derive the key-transport secret") from e
-        return _open_wrapped(_kek(shared), wrapped)
+        return key_transport.open_with_shared(shared, wrapped)
 
     def check_wrapped(self, wrapped: bytes) -> None:
         self._unwrap(wrapped)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
-from hsm_auth import ec, ocra
+from hsm_auth import ec, ocra, transcript
 from hsm_auth.methods import Method
 from hsm_auth.otp_scheme import OtpScheme
 from hsm_auth.store import CredentialRecord, SessionRecord
@@ -124,27 +124,30 @@ def populate(v: Verifier, users: int, rounds: int, prefix: str) -> list[list[tup
     """Enroll ``users`` credentials and make ``rounds`` sessions + valid OTPs for each.
     Returns the requests round by round (each round has every user once)."""
     agreement = v.keys.agreement_public
-    keys: dict[str, bytes] = {}
+    keys: dict[str, tuple[bytes, bytes]] = {}
     for u in range(users):
         user = f"{prefix}{u}"
         device = cec.generate_private_key(ec.CURVE)
-        keys[user] = device.exchange(cec.ECDH(), agreement)
+        point = ec.encode_point(device.public_key())
+        keys[user] = (device.exchange(cec.ECDH(), agreement), transcript.credential_id(point))
         v.store.save_credential(
             CredentialRecord(
-                user, Method.DEVICE, "bench", ec.encode_point(device.public_key()),
-                ec.encode_point(device.public_key()), None, SUITE.text, 0, NOW,
+                user, Method.DEVICE, "bench", point, point, None, SUITE.text, 0, NOW,
             ),
             replace=False,
         )
     plan: list[list[tuple[bytes, str]]] = []
     for atc in range(1, rounds + 1):
         sessions, requests = [], []
-        for user, key in keys.items():
+        for user, (key, cid) in keys.items():
             sid, challenge = os.urandom(16), os.urandom(16)
             sessions.append(
                 SessionRecord(sid, user, challenge, "bench", (Method.DEVICE,), NOW + 3600)
             )
-            q = SCHEME.question(challenge=challenge, context="bench")
+            q = SCHEME.question(
+                verifier_id=v.identity.verifier_id, user=user, method=Method.DEVICE,
+                credential_id=cid, challenge=challenge, context="bench",
+            )
             requests.append((sid, ocra.generate(SUITE, key, counter=atc, question=q)))
         v.store.put_sessions(sessions)
         plan.append(requests)

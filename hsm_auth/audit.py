@@ -53,6 +53,8 @@ class Reason(enum.Enum):
     ALREADY_ENROLLED = "already-enrolled"
     NOT_SYNC = "not-sync"  # an OTP for a sync session, or a sync report for another session
     SYNC_STALE = "sync-stale"  # a sync report at or below the ATC accepted already
+    KEY_CONFIRMATION = "key-confirmation"  # an enrollment whose key confirmation failed
+    OLD_PROTOCOL = "old-protocol"  # a credential enrolled before protocol 3
 
 
 @dataclass(frozen=True)

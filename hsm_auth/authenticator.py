@@ -103,6 +103,9 @@ class EnrolledMethod:
     #: an entry-point scan (``None`` in credentials written by earlier versions).
     backend_ref: str | None = None
     label: str = ""  # the keys' label prefix (hsm-auth/<user>/<method>/<random>); "" if older
+    #: The credential id (hex) the OTP question binds (protocol 3); "" in a record
+    #: enrolled with an older protocol, which must be enrolled again.
+    credential_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -114,6 +117,9 @@ class EnrolledMethod:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EnrolledMethod:
         where = "credentials.json"  # bounds: values only an edit could give
+        cid = d.get("credential_id", "")
+        if not isinstance(cid, str) or (cid and not _is_hex(cid, 16)):
+            raise StateError(f"{where}: a malformed credential_id")
         return cls(
             **{**d, "verifier_id": bytes.fromhex(d["verifier_id"]), "method": Method(d["method"]),
                "window": state_int(d, "window", None, 1, 1000, where),
@@ -217,6 +223,7 @@ class OfflineRequest:
     """What :meth:`Authenticator.start_offline_authentication` found in verified data."""
 
     verifier_name: str
+    user: str  # whose session it is (an enrolled user of that verifier)
     context: str
     methods: tuple[Method, ...]  # allowed by the verifier AND enrolled here
     expires: int
@@ -419,6 +426,21 @@ class Authenticator:
             intent = PendingKeys(backend, dict(settings), offer.user, method, label)
             self._save(self._verifiers, self._methods, [*self._pending, intent])
             retired: PendingKeys | None = None
+            from . import transcript
+
+            offer_hash = transcript.offer_hash(signed.body)
+
+            def confirmation_message(signing_key: bytes, key_agreement: bytes) -> bytes:
+                return transcript.confirmation_message(
+                    transcript.enrollment_transcript(
+                        offer_hash=offer_hash,
+                        user=offer.user,
+                        method=method,
+                        signing_key=signing_key,
+                        key_agreement=key_agreement,
+                    )
+                )
+
             try:
                 enrollment = store.enroll(
                     method,
@@ -426,18 +448,23 @@ class Authenticator:
                     ec.decode_point(offer.verifier_agreement_key),
                     auth,
                     binding=enrollment_binding(offer.offer_id, offer.user, method),
+                    confirm=confirmation_message,
                 )
+                if enrollment.confirmation is None:  # a backend that ignored confirm
+                    store.unenroll(enrollment, auth)
+                    raise MechanismNotSupported(f"the {backend} backend made no key confirmation")
             except BaseException:  # store.enroll rolled back what it made
                 self._settle(store, intent, auth)
                 raise
             try:
+                signing_key = ec.encode_point(enrollment.signing_public)
                 response = EnrollmentResponse(
                     verifier_id=offer.verifier_id,
                     offer_id=offer.offer_id,
                     user=offer.user,
                     method=method,
                     backend=backend,
-                    signing_key=ec.encode_point(enrollment.signing_public),
+                    signing_key=signing_key,
                     agreement_key=(
                         ec.encode_point(enrollment.agreement_public)
                         if enrollment.agreement_public is not None
@@ -446,6 +473,7 @@ class Authenticator:
                     wrapped_otp_key=enrollment.otp_key_for_verifier,
                     initial_atc=enrollment.initial_atc,
                     attestation=enrollment.attestation,
+                    confirmation=enrollment.confirmation,
                 )
                 if Capability.SIGN in store.capabilities():
 
@@ -471,6 +499,7 @@ class Authenticator:
                     created=int(self._clock()),
                     backend_ref=registry.backend_reference(backend),
                     label=label,
+                    credential_id=transcript.credential_id(signing_key).hex(),
                 )
                 verifiers = dict(self._verifiers)
                 verifiers[offer.verifier_id] = PinnedVerifier(
@@ -671,13 +700,22 @@ class Authenticator:
         ec.verify(ec.decode_point(pinned.signing_key), signed.signature, signed.body)
         if data.expires < self._clock():
             raise ExpiredMessage("the verification data has expired; ask for a new code")
-        methods = tuple(m for m in data.methods if self._find(data.verifier_id, m) is not None)
+        mine = [m for m in self._methods if m.verifier_id == data.verifier_id]
+        if not any(m.user == data.user for m in mine):
+            raise UnknownMethod(
+                f"this authenticator holds no enrollment of {data.user!r} at {pinned.name!r}"
+            )
+        methods = tuple(
+            m
+            for m in data.methods
+            if (found := self._find(data.verifier_id, m)) is not None and found.user == data.user
+        )
         if not methods:
             allowed = ", ".join(m.value for m in data.methods)
             raise UnknownMethod(
                 f"none of the methods the verifier allows ({allowed}) is enrolled here"
             )
-        return OfflineRequest(pinned.name, data.context, methods, data.expires, data)
+        return OfflineRequest(pinned.name, data.user, data.context, methods, data.expires, data)
 
     def finish_offline_authentication(
         self, request: OfflineRequest, method: Method, *, pin: str | None = None
@@ -688,9 +726,22 @@ class Authenticator:
         if request.expires < self._clock():
             raise ExpiredMessage("the verification data has expired; ask for a new code")
         enrolled = self._find(request.data.verifier_id, method)
-        assert enrolled is not None
+        if enrolled is None or enrolled.user != request.data.user:
+            raise UnknownMethod(f"the {method.value} method is not enrolled here")
+        if not enrolled.credential_id:
+            raise StateError(
+                f"the {method.value} method was enrolled with an older protocol; enroll it "
+                "again (hsm-auth enroll --replace, with a new offer)"
+            )
         scheme = _scheme(enrolled.suite)
-        question = scheme.question(challenge=request.data.challenge, context=request.data.context)
+        question = scheme.question(
+            verifier_id=enrolled.verifier_id,
+            user=enrolled.user,
+            method=method,
+            credential_id=bytes.fromhex(enrolled.credential_id),
+            challenge=request.data.challenge,
+            context=request.data.context,
+        )
         with self._store(
             enrolled.backend, enrolled.settings, method, enrolled.backend_ref
         ) as store:
@@ -770,6 +821,13 @@ class SyncResult:
     method: EnrolledMethod
     report: str
     unsubmitted: int
+
+
+def _is_hex(text: str, size: int) -> bool:
+    try:
+        return len(bytes.fromhex(text)) == size and text == text.lower()
+    except ValueError:
+        return False
 
 
 def _token_key(backend: str, settings: Mapping[str, Any]) -> str:

@@ -699,6 +699,7 @@ def cmd_enroll(ctx: Context) -> int:
 
 def _show_request(ctx: Context, request: OfflineRequest) -> None:
     print(f"Verifier: {request.verifier_name}", file=ctx.err)
+    print(f"User:     {request.user}", file=ctx.err)
     print(f"Context:  {request.context}", file=ctx.err)
 
 
@@ -706,10 +707,12 @@ def cmd_start(ctx: Context) -> int:
     with ctx.authenticator() as a:
         request = a.start_offline_authentication(read_text_arg(ctx.args.data, sys.stdin))
     ctx.emit(
-        f"Verifier: {request.verifier_name}\nContext:  {request.context}\n"
+        f"Verifier: {request.verifier_name}\nUser:     {request.user}\n"
+        f"Context:  {request.context}\n"
         f"Methods:  {', '.join(m.value for m in request.methods)}",
         {
             "verifier": request.verifier_name,
+            "user": request.user,
             "context": request.context,
             "methods": [m.value for m in request.methods],
             "expires": request.expires,

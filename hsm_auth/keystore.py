@@ -29,6 +29,11 @@ from .methods import Method
 #: Settings for one backend instance, from the config file (``[methods.<m>]``).
 Settings = Mapping[str, Any]
 
+#: Builds the key-confirmation message of an enrollment from its new signing key and
+#: its key agreement (SEC1 point, or FIDO2 wrapped key), both as sent
+#: (:func:`hsm_auth.transcript.confirmation_message`).
+ConfirmationMessage = Callable[[bytes, bytes], bytes]
+
 
 class Capability(enum.Enum):
     SIGN = "sign"  # ECDSA P-256 inside the token
@@ -132,6 +137,9 @@ class Enrollment:
     agreement_public: ec.EllipticCurvePublicKey | None = None
     otp_key_for_verifier: bytes | None = field(default=None, repr=False)
     attestation: bytes | None = None
+    #: HMAC-SHA256 under the new OTP key over the key-confirmation message, made in
+    #: the token (``None`` when :meth:`KeyStore.enroll` was given no ``confirm``).
+    confirmation: bytes | None = field(default=None, repr=False)
 
 
 def check_counter_limit(current: int, limit: int | None) -> None:
@@ -327,6 +335,7 @@ class KeyStore(ABC):
         auth: Authorization,
         *,
         binding: bytes = b"",
+        confirm: ConfirmationMessage | None = None,
     ) -> Enrollment:
         """Create the signing key, the OTP key and the ATC for one method.
 
@@ -334,6 +343,9 @@ class KeyStore(ABC):
         :func:`hsm_auth.webauthn_proof.enrollment_binding`). A backend that
         cannot sign arbitrary data (FIDO2) binds its ``attestation`` to it;
         the others ignore it (the response is signed with the new key).
+        ``confirm`` builds the key-confirmation message, which the token then MACs
+        with the new OTP key (:attr:`Enrollment.confirmation`): proof that whoever
+        answers the offer holds the agreement key.
         """
         missing = {Capability.SIGN, Capability.HMAC, Capability.ECDH_DERIVE, Capability.COUNTER}
         missing -= self.capabilities()
@@ -349,13 +361,23 @@ class KeyStore(ABC):
             created.append(otp_key)
             counter = self.create_counter(f"{label}/atc", auth)
             created.append(counter)
+            signing_public = self.public_key(signing, auth)
+            confirmation = None
+            if confirm is not None:
+                from . import ec as ecutil
+
+                message = confirm(
+                    ecutil.encode_point(signing_public), ecutil.encode_point(agreement_public)
+                )
+                confirmation = self.hmac(otp_key, message, auth)
             return Enrollment(
                 signing_key=signing,
-                signing_public=self.public_key(signing, auth),
+                signing_public=signing_public,
                 otp_key=otp_key,
                 counter=counter,
                 initial_atc=self.counter_value(counter, auth),
                 agreement_public=agreement_public,  # the agreement key itself is gone
+                confirmation=confirmation,
             )
         except BaseException:  # incl. KeyboardInterrupt: nothing half-enrolled stays
             self.roll_back(created, auth)

@@ -34,7 +34,7 @@ __all__ = ["MAX_DIGITS", "MIN_DIGITS", "OtpScheme"]
 MIN_DIGITS: Final = 6
 MAX_DIGITS: Final = 10
 
-_OTP_DOMAIN: Final = b"hsm-auth/otp-question/v1"
+_OTP_DOMAIN: Final = b"hsm-auth/otp-question/v3"
 _SYNC_DOMAIN: Final = b"hsm-auth/sync-question/v1"
 
 
@@ -80,16 +80,35 @@ class OtpScheme:
 
     # --- the question: the only place its content is defined ---------------------
 
-    def question(self, *, challenge: bytes, context: str) -> str:
-        """The OCRA question (QH64 text) of an offline session: SHA-256 over a domain
-        tag, the challenge (``>H`` length prefix) and the UTF-8 context the user saw
+    def question(
+        self,
+        *,
+        verifier_id: bytes,
+        user: str,
+        method: Method,
+        credential_id: bytes,
+        challenge: bytes,
+        context: str,
+    ) -> str:
+        """The OCRA question (QH64 text) of an offline session (docs/PROTOCOL.md,
+        "The OTP question"): SHA-256 over a domain tag, the verifier id, the UTF-8
+        user and the method code (who and where), the credential id (which token),
+        the challenge (``>H`` length prefixes) and the UTF-8 context the user saw
         (``>I`` length prefix). Length-prefixed, so no two inputs collide.
 
-        This is the one definition both sides use. Binding more into the OTP (the
-        verifier id, the user, the method, the credential id: protocol v2) is a
-        change here alone: add keyword arguments, a new domain tag and their
-        length-prefixed fields; every caller then passes them."""
-        return _question(_OTP_DOMAIN, (_short(challenge), _long(context.encode("utf-8"))))
+        This is the one definition both sides use: an OTP answers one session of one
+        user's one credential at one verifier, and nothing else."""
+        return _question(
+            _OTP_DOMAIN,
+            (
+                _short(verifier_id),
+                _short(user.encode("utf-8")),
+                struct.pack(">B", method.code),
+                _short(credential_id),
+                _short(challenge),
+                _long(context.encode("utf-8")),
+            ),
+        )
 
     def sync_question(self, *, session_id: bytes, user: str, method: Method) -> str:
         """The question of a sync report's MAC. Its own domain tag keeps it apart from

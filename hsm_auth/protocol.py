@@ -1,4 +1,4 @@
-"""Protocol messages (DESIGN.md §4): compact, versioned, signed CBOR.
+"""Protocol messages (docs/PROTOCOL.md): compact, versioned, signed CBOR.
 
 Wire form of every message: ``CBOR([body, signature])`` where ``body`` is the
 CBOR encoding of ``[VERSION, type, field, ...]`` and ``signature`` is the raw
@@ -25,7 +25,9 @@ from .errors import DecodeError, UnsupportedVersion
 from .methods import Method
 
 #: 2: the enrollment offer names the methods the user has enrolled at the verifier.
-VERSION = 2
+#: 3: key confirmation in the enrollment response, the user in the verification data,
+#: identities in the OTP question, AES key wrap for the FIDO2 key (docs/PROTOCOL.md).
+VERSION = 3
 MAX_MESSAGE = 4096
 MAX_CONTEXT = display.MAX_CONTEXT
 
@@ -68,8 +70,9 @@ def _decode_envelope(data: bytes) -> Signed:
     if not isinstance(version, int) or isinstance(version, bool):
         raise DecodeError("malformed message version")
     if version != VERSION:
+        hint = " (made by an older hsm-auth: enroll again)" if version < VERSION else ""
         raise UnsupportedVersion(
-            f"unsupported message version {version} (this side speaks {VERSION})"
+            f"unsupported message version {version} (this side speaks {VERSION}){hint}"
         )
     return Signed(body, parsed, signature)
 
@@ -79,8 +82,12 @@ def _loads(data: bytes) -> Any:
     return cbor.loads(data)
 
 
+def _body(kind: MessageType, values: Sequence[Any]) -> bytes:
+    return cbor2.dumps([VERSION, int(kind), *values])
+
+
 def _encode(kind: MessageType, values: Sequence[Any], sign: RawSigner | None) -> bytes:
-    body = cbor2.dumps([VERSION, int(kind), *values])
+    body = _body(kind, values)
     signature = sign(body) if sign is not None else b""
     return cbor2.dumps([body, signature])
 
@@ -178,6 +185,10 @@ class _Message:
     def encode(self, sign: RawSigner | None) -> bytes:
         return _encode(self.KIND, self._values(), sign)
 
+    def body(self) -> bytes:
+        """The body bytes that :meth:`encode` signs (deterministic for given fields)."""
+        return _body(self.KIND, self._values())
+
     def to_text(self, sign: RawSigner | None) -> str:
         return textcode.encode(self.encode(sign))
 
@@ -256,6 +267,9 @@ class EnrollmentResponse(_Message):
 
     Signed with the new signing key (proof of possession) where the backend can
     sign arbitrary data; otherwise ``attestation`` carries the proof.
+    ``confirmation`` is the key confirmation: HMAC-SHA256 under the new OTP key,
+    made in the token, over the enrollment transcript
+    (:func:`hsm_auth.transcript.confirmation_message`).
     """
 
     KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_RESPONSE
@@ -270,6 +284,7 @@ class EnrollmentResponse(_Message):
     wrapped_otp_key: bytes | None  # or: the OTP key encrypted to the verifier
     initial_atc: int
     attestation: bytes | None
+    confirmation: bytes = field(repr=False)
     signature: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
@@ -289,6 +304,7 @@ class EnrollmentResponse(_Message):
             wrapped_otp_key=wrapped,
             initial_atc=_int(v[8], "initial_atc"),
             attestation=_opt_bytes(v[9], "attestation", max_len=2048),
+            confirmation=_bytes(v[10], "confirmation", min_len=32, max_len=32),
             signature=signature,
         )
 
@@ -299,11 +315,14 @@ class VerificationData(_Message):
 
     It carries no session id: the authenticator needs none (the OTP is bound to
     the challenge and the context), and every byte makes the QR code denser.
-    The verifier keeps its session id beside the challenge."""
+    The verifier keeps its session id beside the challenge. ``user`` names whose
+    session it is: the authenticator shows it and answers only for a user it
+    holds an enrollment of, and the OTP question binds it."""
 
     KIND: ClassVar[MessageType] = MessageType.VERIFICATION_DATA
 
     verifier_id: bytes
+    user: str
     challenge: bytes
     context: str
     methods: tuple[Method, ...]
@@ -314,10 +333,11 @@ class VerificationData(_Message):
     def _from_values(cls, v: list[Any], signature: bytes) -> VerificationData:
         return cls(
             verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            challenge=_bytes(v[1], "challenge", min_len=16, max_len=64),
-            context=_text(v[2], "context", max_len=MAX_CONTEXT),
-            methods=_methods(v[3]),
-            expires=_int(v[4], "expires"),
+            user=_text(v[1], "user", max_len=display.MAX_NAME),
+            challenge=_bytes(v[2], "challenge", min_len=16, max_len=64),
+            context=_text(v[3], "context", max_len=MAX_CONTEXT),
+            methods=_methods(v[4]),
+            expires=_int(v[5], "expires"),
             signature=signature,
         )
 

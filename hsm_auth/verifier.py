@@ -30,16 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import audit, display, ec, ocra
+from . import audit, display, ec, ocra, transcript
 from .audit import AuditRecord, Event, Reason
 from .errors import (
     AlreadyEnrolled,
     ConfigError,
+    DecodeError,
     HsmAuthError,
     InvalidInput,
     InvalidToken,
     StateError,
     UnknownMethod,
+    UntrustedMessage,
 )
 from .files import atomic_write_json, check_state, ensure_private_dir, read_json, state_int
 from .methods import Method
@@ -51,6 +53,9 @@ from .protocol import (
     SyncMessage,
     SyncReport,
     VerificationData,
+)
+from .protocol import (
+    VERSION as PROTOCOL_VERSION,
 )
 from .store import open_store
 from .store.base import (
@@ -319,7 +324,13 @@ class Verifier:
         )
         self.store.put_offer(
             OfferRecord(
-                offer.offer_id, user, offer.methods, replace, offer.expires, offer.suite
+                offer.offer_id,
+                user,
+                offer.methods,
+                replace,
+                offer.expires,
+                offer.suite,
+                transcript.offer_hash(offer.body()),
             ),
             record,
         )
@@ -356,8 +367,11 @@ class Verifier:
             ec.decode_point(response.agreement_key)
         if not 0 <= response.initial_atc <= MAX_ATC - self.identity.resync_window - 1:
             raise InvalidInput("the initial ATC is out of range")
-        if response.wrapped_otp_key is not None and response.agreement_key is None:
-            self.keys.check_wrapped(response.wrapped_otp_key)  # must decrypt now, not at login
+        offer = self.store.offer(response.offer_id)
+        if offer is None:
+            raise InvalidInput("unknown or already used enrollment offer")
+        if offer.offer_hash is None:
+            raise InvalidInput("the offer was made by an older hsm-auth; make a new offer")
         record = CredentialRecord(
             user=response.user,
             method=response.method,
@@ -369,6 +383,7 @@ class Verifier:
             atc=response.initial_atc,
             created=self._now(),
         )
+        self._check_confirmation(response, offer.offer_hash, record)
         entry = AuditRecord(
             self._now(),
             Event.ENROLL,
@@ -394,6 +409,42 @@ class Verifier:
         audit.emit([entry])
         return saved
 
+    def _check_confirmation(
+        self, response: EnrollmentResponse, offer_hash: bytes, record: CredentialRecord
+    ) -> None:
+        """Key confirmation (docs/PROTOCOL.md): the token MACed the enrollment transcript
+        with the OTP key the verifier derives for ``record``. Whoever answers without
+        holding the agreement key (someone else's public key, a swapped wrapped key)
+        fails here, before anything is recorded."""
+        key_agreement = response.agreement_key or response.wrapped_otp_key
+        assert key_agreement is not None  # the decoder requires one of them
+        message = transcript.confirmation_message(
+            transcript.enrollment_transcript(
+                offer_hash=offer_hash,
+                user=response.user,
+                method=response.method,
+                signing_key=response.signing_key,
+                key_agreement=key_agreement,
+            )
+        )
+        try:
+            with self.keys.otp_macs(record) as mac:
+                ok = transcript.check_confirmation(mac(message), response.confirmation)
+        except DecodeError:  # a wrapped key that does not open under the agreement key
+            ok = False
+        if ok:
+            return
+        refused = AuditRecord(
+            self._now(),
+            Event.ENROLL_REFUSED,
+            record.user,
+            record.method.value,
+            reason=Reason.KEY_CONFIRMATION,
+        )
+        self.store.apply([Note(refused)])
+        audit.emit([refused])
+        raise UntrustedMessage("the enrollment response's key confirmation does not verify")
+
     # --- sessions -----------------------------------------------------------
 
     def start_session(
@@ -402,8 +453,14 @@ class Verifier:
         """Start an offline session: random challenge + context, signed, single use."""
         _check_user(user)
         display.check(context, "the context", max_len=MAX_CONTEXT)
-        enrolled = {c.method for c in self.store.credentials(user)}
+        credentials = self.store.credentials(user)
+        enrolled = {c.method for c in credentials if c.protocol == PROTOCOL_VERSION}
         if not enrolled:
+            if credentials:
+                raise UnknownMethod(
+                    f"{user!r} has only methods enrolled with an older protocol; "
+                    "they must be enrolled again"
+                )
             raise UnknownMethod(f"{user!r} has no enrolled method")
         wanted = tuple(methods) if methods else tuple(m for m in Method if m in enrolled)
         allowed = tuple(m for m in dict.fromkeys(wanted) if m in enrolled)
@@ -412,6 +469,7 @@ class Verifier:
         session_id = os.urandom(SESSION_ID_BYTES)
         data = VerificationData(
             verifier_id=self.identity.verifier_id,
+            user=user,
             challenge=os.urandom(CHALLENGE_BYTES),
             context=context,
             methods=allowed,
@@ -539,8 +597,10 @@ class Verifier:
         if session.context == SYNC_CONTEXT:  # answered by a sync report, never by an OTP
             return Note(base.refused(Reason.NOT_SYNC))
         creds = [c for c in creds_by_user.get(session.user, []) if c.method in session.methods]
-        usable = [c for c in creds if not c.locked]
+        usable = [c for c in creds if not c.locked and c.protocol == PROTOCOL_VERSION]
         if not usable:
+            if any(c.protocol != PROTOCOL_VERSION for c in creds):
+                return Note(base.refused(Reason.OLD_PROTOCOL))
             return Note(base.refused(Reason.LOCKED if creds else Reason.CREDENTIAL_GONE))
         # Each credential's own scheme says how long its OTPs are: an OTP no usable
         # credential could have made is malformed input, not a failed attempt.
@@ -581,7 +641,14 @@ class Verifier:
         credential's own (its enrolled suite): it makes the question and checks each OTP."""
         if any(len(otp) != scheme.digits for otp in otps):
             return None  # another credential of the session's may have this length
-        question = scheme.question(challenge=session.challenge, context=session.context)
+        question = scheme.question(
+            verifier_id=self.identity.verifier_id,
+            user=cred.user,
+            method=cred.method,
+            credential_id=transcript.credential_id(cred.signing_key),
+            challenge=session.challenge,
+            context=session.context,
+        )
         window = self.identity.resync_window if len(otps) == 2 else self.identity.window
         last = min(cred.atc + window, MAX_ATC - 1)
         with self.keys.otp_macs(cred) as mac:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -42,55 +41,19 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import ec as ecutil
-from .errors import DecodeError, InvalidInput, StateError
+from . import key_transport
+from .errors import InvalidInput, StateError
 from .files import atomic_write, read_private
 from .store.base import CredentialRecord
 
-WRAP_INFO = b"hsm-auth/otp-key-wrap/v1"
-_WRAP_MIN = 33 + 12 + 16 + 16
 #: Memory that :class:`FileVerifierKeys` may spend on derived OTP keys: about
 #: 290 bytes a credential, so some 115,000 credentials stay cached.
 OTP_KEY_CACHE_BYTES = 32 * 2**20
 
 #: HMAC-SHA256 under one credential's OTP key.
 MacFunction = Callable[[bytes], bytes]
-
-
-def _kek(shared: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, None, WRAP_INFO).derive(shared)
-
-
-def _open_wrapped(kek: bytes, wrapped: bytes) -> bytes:
-    try:
-        return AESGCM(kek).decrypt(wrapped[33:45], wrapped[45:], WRAP_INFO)
-    except Exception:
-        raise DecodeError("wrapped OTP key does not decrypt") from None
-
-
-def _check_wrapped_shape(wrapped: bytes) -> ec.EllipticCurvePublicKey:
-    if not isinstance(wrapped, bytes) or len(wrapped) < _WRAP_MIN:
-        raise DecodeError("wrapped OTP key too short")
-    return ecutil.decode_point(wrapped[:33])
-
-
-def wrap_otp_key(otp_key: bytes, verifier_agreement: ec.EllipticCurvePublicKey) -> bytes:
-    """Authenticator side of the FIDO2 key transport (ECIES with P-256).
-
-    Format: ephemeral SEC1 point (33) || 12-byte nonce || AES-256-GCM ciphertext,
-    key = HKDF-SHA256(ECDH(ephemeral, agreement key), info=WRAP_INFO).
-    """
-    ephemeral = ec.generate_private_key(ecutil.CURVE)
-    kek = _kek(ephemeral.exchange(ec.ECDH(), verifier_agreement))
-    nonce = os.urandom(12)
-    return (
-        ecutil.encode_point(ephemeral.public_key())
-        + nonce
-        + AESGCM(kek).encrypt(nonce, otp_key, WRAP_INFO)
-    )
 
 
 class OtpKeyCache:
@@ -271,8 +234,8 @@ class FileVerifierKeys(VerifierKeys):
 
     def unwrap_otp_key(self, wrapped: bytes) -> bytes:
         """Decrypt an OTP key that an authenticator encrypted to the agreement key."""
-        peer = _check_wrapped_shape(wrapped)
-        return _open_wrapped(_kek(self.shared_secret(peer)), wrapped)
+        peer = key_transport.ephemeral_point(wrapped)
+        return key_transport.open_with_shared(self.shared_secret(peer), wrapped)
 
     def check_wrapped(self, wrapped: bytes) -> None:
         self.unwrap_otp_key(wrapped)

@@ -17,9 +17,9 @@ enrolling, both over the same client data hash:
 
 The client data hash binds both to this enrollment: SHA-256 over
 :func:`enrollment_binding` (offer id, user, method) and the ephemeral public
-point of the wrapped OTP key (see :func:`wrap_otp_key_with`). Only someone
+point of the wrapped OTP key (:mod:`hsm_auth.key_transport`). Only someone
 holding that ephemeral private key or the verifier's agreement key can make
-an AES-GCM ciphertext under it, so binding the point binds the wrapped OTP
+a key-wrap ciphertext under it, so binding the point binds the wrapped OTP
 key too: nobody can swap in an OTP key of their own without failing the check.
 
 Pure ``cryptography`` + ``cbor2``; the verifier does not need python-fido2.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,15 +42,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from . import cbor
 from . import ec as ecutil
 from .errors import UntrustedMessage
 from .methods import Method
-from .verifier_keys import WRAP_INFO
 
 __all__ = [
     "BINDING_DOMAIN",
@@ -60,7 +56,6 @@ __all__ = [
     "encode_enrollment_attestation",
     "enrollment_binding",
     "verify_enrollment_attestation",
-    "wrap_otp_key_with",
 ]
 
 BINDING_DOMAIN = b"hsm-auth/enroll/v1"
@@ -95,28 +90,6 @@ def client_data_hash(binding: bytes, otp_key_ephemeral: bytes = b"") -> bytes:
     OTP key (its first 33 bytes), or empty when no OTP key is wrapped.
     """
     return hashlib.sha256(_CDH_DOMAIN + _lp(binding) + _lp(otp_key_ephemeral)).digest()
-
-
-def wrap_otp_key_with(
-    otp_key: bytes | bytearray,
-    verifier_agreement: ec.EllipticCurvePublicKey,
-    ephemeral: ec.EllipticCurvePrivateKey,
-) -> bytes:
-    """:func:`hsm_auth.verifier_keys.wrap_otp_key` with a caller-chosen ephemeral key.
-
-    Same format (ephemeral point 33 || nonce 12 || AES-256-GCM), so
-    :meth:`VerifierKeys.unwrap_otp_key` decrypts it; the caller needs the
-    ephemeral point *before* the OTP key exists, to bind it into the proof.
-    """
-    kek = HKDF(hashes.SHA256(), 32, None, WRAP_INFO).derive(
-        ephemeral.exchange(ec.ECDH(), verifier_agreement)
-    )
-    nonce = os.urandom(12)
-    return (
-        ecutil.encode_point(ephemeral.public_key())
-        + nonce
-        + AESGCM(kek).encrypt(nonce, otp_key, WRAP_INFO)
-    )
 
 
 def encode_enrollment_attestation(

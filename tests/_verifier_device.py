@@ -4,16 +4,18 @@ fake clock, and the worker run by the multi-process tests."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
-from hsm_auth import ec, ocra
+from hsm_auth import ec, ocra, transcript
+from hsm_auth.key_transport import wrap_otp_key
 from hsm_auth.methods import Method
 from hsm_auth.otp_scheme import OtpScheme
 from hsm_auth.protocol import EnrollmentOffer, EnrollmentResponse
-from hsm_auth.verifier_keys import wrap_otp_key
 
 START = 1_800_000_000.0
 
@@ -38,9 +40,18 @@ class PythonDevice:
         self.otp_key = b""
         self.scheme = OtpScheme.default()  # the offer's, once enrolled
         self.otps: list[str] = []  # every OTP this device made (for the leak test)
+        self.verifier_id = b""
+        self.user = ""
+        self.method = Method.DEVICE
+        self.credential_id = transcript.credential_id(ec.encode_point(self.signing.public_key()))
 
-    def enroll(self, offer_text: str, method: Method, *, sign_with=None) -> str:
-        offer, _ = EnrollmentOffer.from_text(offer_text)
+    def enroll(
+        self, offer_text: str, method: Method, *, sign_with=None, confirm_with: bytes | None = None
+    ) -> str:
+        """The enrollment response; ``confirm_with`` MACs the key confirmation with
+        another key than the OTP key (what someone without the agreement key can do)."""
+        offer, signed = EnrollmentOffer.from_text(offer_text)
+        self.verifier_id, self.user, self.method = offer.verifier_id, offer.user, method
         self.scheme = OtpScheme.for_suite(offer.suite)
         verifier_agreement = ec.decode_point(offer.verifier_agreement_key)
         if self.wrapped:
@@ -49,17 +60,31 @@ class PythonDevice:
         else:
             self.otp_key = self.agreement.exchange(cec.ECDH(), verifier_agreement)
             agreement, wrapped = ec.encode_point(self.agreement.public_key()), None
+        signing_key = ec.encode_point(self.signing.public_key())
+        message = transcript.confirmation_message(
+            transcript.enrollment_transcript(
+                offer_hash=transcript.offer_hash(signed.body),
+                user=offer.user,
+                method=method,
+                signing_key=signing_key,
+                key_agreement=agreement or wrapped or b"",
+            )
+        )
+        confirmation = hmac.digest(
+            self.otp_key if confirm_with is None else confirm_with, message, hashlib.sha256
+        )
         response = EnrollmentResponse(
             offer.verifier_id,
             offer.offer_id,
             offer.user,
             method,
             "python",
-            ec.encode_point(self.signing.public_key()),
+            signing_key,
             agreement,
             wrapped,
             self.atc,
             None,
+            confirmation,
         )
         key = sign_with or self.signing
         return response.to_text(
@@ -74,7 +99,14 @@ class PythonDevice:
         if atc is None:
             self.atc += 1
             atc = self.atc
-        q = self.scheme.question(challenge=challenge, context=context)
+        q = self.scheme.question(
+            verifier_id=self.verifier_id,
+            user=self.user,
+            method=self.method,
+            credential_id=self.credential_id,
+            challenge=challenge,
+            context=context,
+        )
         otp = ocra.generate(self.scheme.suite, self.otp_key, counter=atc, question=q)
         self.otps.append(otp)
         return otp

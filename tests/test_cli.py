@@ -100,6 +100,7 @@ def test_cli_flow_accepts_then_refuses_replay(home, tmp_path, method):
     shown = json.loads(ok(home, "--json", "start", data))
     assert shown == {
         "verifier": "CLI verifier",
+        "user": "alice",
         "context": "Log in to ws",
         "methods": ["device", "pin"],
         "expires": shown["expires"],

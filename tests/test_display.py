@@ -137,6 +137,7 @@ def _forged_data(keys: FileVerifierKeys, verifier_id: bytes, context: str) -> st
     """Verification data with ``context``, signed with the verifier's real key."""
     data = VerificationData(
         verifier_id=verifier_id,
+        user="alice",
         challenge=os.urandom(16),
         context=context,
         methods=(Method.DEVICE, Method.PIN),

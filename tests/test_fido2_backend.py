@@ -62,6 +62,7 @@ from hsm_auth.errors import (
     UntrustedMessage,
     UserVerificationFailed,
 )
+from hsm_auth.key_transport import wrap, wrap_otp_key
 from hsm_auth.keystore import Authorization, Capability, KeyKind, UserInteraction
 from hsm_auth.methods import Method
 from hsm_auth.testing import soft_fido2
@@ -69,11 +70,10 @@ from hsm_auth.testing.contract import KeyStoreContract, Reopen
 from hsm_auth.testing.fido2 import make_client, use_elsewhere
 from hsm_auth.testing.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
 from hsm_auth.uri import parse_attr_uri
-from hsm_auth.verifier_keys import FileVerifierKeys, wrap_otp_key
+from hsm_auth.verifier_keys import FileVerifierKeys
 from hsm_auth.webauthn_proof import (
     enrollment_binding,
     verify_enrollment_attestation,
-    wrap_otp_key_with,
 )
 
 pytestmark = pytest.mark.fido2
@@ -848,6 +848,6 @@ def test_proof_with_none_attestation_still_proves_possession(  # type: ignore[no
 def test_wrap_with_chosen_ephemeral_is_unwrapped_by_the_verifier(verifier_keys):  # type: ignore[no-untyped-def]
     key = os.urandom(32)
     ephemeral = ec.generate_private_key(ec.SECP256R1())
-    wrapped = wrap_otp_key_with(bytearray(key), verifier_keys.agreement_public, ephemeral)
+    wrapped = wrap(bytearray(key), verifier_keys.agreement_public, ephemeral)
     assert wrapped[:33] == ecutil.encode_point(ephemeral.public_key())
     assert verifier_keys.unwrap_otp_key(wrapped) == key

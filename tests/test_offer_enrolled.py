@@ -69,7 +69,9 @@ def test_an_offer_in_the_version_1_layout_is_refused():
         EnrollmentOffer.decode(_wire(values[:-1]))  # without the field
     with pytest.raises(UnsupportedVersion, match="version 1"):
         EnrollmentOffer.decode(_wire([1, *values[1:-1]]))  # as a version-1 peer sends it
-    assert values[0] == VERSION == 2
+    assert values[0] == VERSION == 3
+    with pytest.raises(UnsupportedVersion, match="enroll again"):
+        EnrollmentOffer.decode(_wire([2, *values[1:]]))  # as a protocol-2 verifier sends it
 
 
 def test_the_verifier_names_what_the_user_has_enrolled(tmp_path):

@@ -26,21 +26,28 @@ CONTEXT = "Pay 10 EUR to Bob"
 SIX = "OCRA-1:HOTP-SHA256-6:C-QH64"
 
 
-# --- today's wire format, pinned --------------------------------------------------
+# --- the wire format (docs/PROTOCOL.md), pinned -----------------------------------
+
+VID = b"\x0a" * 8
+CID = b"\x0c" * 16
+WHO = dict(verifier_id=VID, user="alice", method=Method.PIN, credential_id=CID)
 
 
-def test_question_is_todays_formula() -> None:
-    """Recomputed with hashlib alone: the refactor did not change the question."""
+def test_question_is_the_protocol_3_formula() -> None:
+    """Recomputed with hashlib alone: domain, verifier id, user, method, credential id,
+    challenge (>H prefixes), context (>I prefix)."""
     ctx = CONTEXT.encode()
     expected = hashlib.sha256(
-        b"hsm-auth/otp-question/v1"
-        + struct.pack(">H", 16)
-        + CHALLENGE
-        + struct.pack(">I", len(ctx))
-        + ctx
+        b"hsm-auth/otp-question/v3"
+        + struct.pack(">H", 8) + VID
+        + struct.pack(">H", 5) + b"alice"
+        + bytes([Method.PIN.code])
+        + struct.pack(">H", 16) + CID
+        + struct.pack(">H", 16) + CHALLENGE
+        + struct.pack(">I", len(ctx)) + ctx
     ).hexdigest()
-    q = OtpScheme.default().question(challenge=CHALLENGE, context=CONTEXT)
-    assert q == expected == "26aabb1c58c2d4200e13982156c5428af7f32b769501bb509c957a169fbb7af3"
+    q = OtpScheme.default().question(**WHO, challenge=CHALLENGE, context=CONTEXT)
+    assert q == expected == "ab0710b253efbf1757cb1acfa3241716fd15281227da76fb26eb723bab7b198d"
 
 
 def test_sync_question_is_todays_formula() -> None:
@@ -57,20 +64,21 @@ def test_sync_question_is_todays_formula() -> None:
     assert q == expected == "51497b0a7eeeff160745b52f99021ffb30bdf48abf33ec81fa0f99c82aab9dc3"
 
 
-def test_otps_and_sync_mac_are_the_ones_the_old_code_made() -> None:
-    """Fixed key and inputs -> the exact OTPs (and sync MAC) computed before the refactor."""
+def test_otps_and_sync_mac_are_pinned() -> None:
+    """Fixed key and inputs -> the exact OTPs (and sync MAC): a change of the wire format
+    shows here (and in the docs/PROTOCOL.md vectors)."""
     scheme = OtpScheme.default()
-    q = scheme.question(challenge=CHALLENGE, context=CONTEXT)
+    q = scheme.question(**WHO, challenge=CHALLENGE, context=CONTEXT)
     assert [scheme.otp(KEY, counter=c, question=q) for c in (1, 2, 3)] == [
-        "22203688",
-        "71774716",
-        "12949877",
+        "60167870",
+        "96873909",
+        "80499352",
     ]
     six = OtpScheme.for_suite(SIX)
     assert [six.otp(KEY, counter=c, question=q) for c in (1, 2, 3)] == [
-        "598076",
-        "868165",
-        "276021",
+        "204761",
+        "374905",
+        "502353",
     ]
     sq = scheme.sync_question(session_id=b"\x22" * 16, user="alice", method=Method.PIN)
     mac = hmac.new(KEY, scheme.message(7, sq), hashlib.sha256).digest()
@@ -82,22 +90,27 @@ def test_otps_and_sync_mac_are_the_ones_the_old_code_made() -> None:
     assert scheme.verify_mac(mac_fn, mac, counter=7, question=sq)
     assert not scheme.verify_mac(mac_fn, mac, counter=8, question=sq)
     # The token path (MAC the message, then truncate) equals the software OTP.
-    assert scheme.truncate(mac_fn(scheme.message(2, q))) == "71774716"
-    assert scheme.verify(mac_fn, "71774716", counter=2, question=q)
-    assert scheme.verify(KEY, "71774716", counter=2, question=q)
-    assert not scheme.verify(mac_fn, "71774717", counter=2, question=q)
-    assert not scheme.verify(mac_fn, "71774716", counter=3, question=q)
+    assert scheme.truncate(mac_fn(scheme.message(2, q))) == "96873909"
+    assert scheme.verify(mac_fn, "96873909", counter=2, question=q)
+    assert scheme.verify(KEY, "96873909", counter=2, question=q)
+    assert not scheme.verify(mac_fn, "96873900", counter=2, question=q)
+    assert not scheme.verify(mac_fn, "96873909", counter=3, question=q)
 
 
 def test_question_binds_challenge_and_context_and_sync_has_its_own_domain() -> None:
     s = OtpScheme.default()
     c = os.urandom(16)
-    assert s.question(challenge=c, context="Pay 10") != s.question(challenge=c, context="Pay 100")
-    assert s.question(challenge=c, context="ab") != s.question(challenge=c + b"a", context="b")
-    assert len(s.question(challenge=c, context="")) == 64
-    assert s.sync_question(session_id=c, user="alice", method=Method.PIN) != s.question(
-        challenge=c, context="alice"
-    )
+
+    def q(**over: object) -> str:
+        return s.question(**{**WHO, "challenge": c, "context": "Pay 10", **over})  # type: ignore[arg-type]
+
+    assert q() != q(context="Pay 100")
+    assert q(context="ab") != q(challenge=c + b"a", context="b")
+    assert len(q(context="")) == 64
+    # Every identity is bound: another verifier, user, method or credential, another OTP.
+    assert len({q(), q(verifier_id=b"\x0b" * 8), q(user="mallory"), q(method=Method.DEVICE),
+                q(credential_id=b"\x0d" * 16), q(user="alic", credential_id=b"e" + CID)}) == 6
+    assert s.sync_question(session_id=c, user="alice", method=Method.PIN) != q(context="alice")
 
 
 # --- refusing what the product cannot feed -----------------------------------------

@@ -37,6 +37,7 @@ def signer(key: cec.EllipticCurvePrivateKey):
 def verification_data(**over) -> VerificationData:
     fields = dict(
         verifier_id=os.urandom(8),
+        user="alice",
         challenge=os.urandom(16),
         context="Log in to host as alice",
         methods=(Method.DEVICE, Method.PIN),
@@ -61,12 +62,17 @@ def test_verification_data_round_trips_and_signature_checks():
 def test_verification_data_is_qr_alphanumeric_and_small():
     from hsm_auth import qr
 
-    text = verification_data(context="x" * 60).to_text(signer(KEY))
+    # Protocol 3 names the user: a 60-character context with a user name of up to 22
+    # characters stays within version 10 at level M (it was 273 characters without
+    # the user, 283 with "alice"; version 10 holds 311).
+    text = verification_data(context="x" * 60, user="u" * 22).to_text(signer(KEY))
     alphanumeric = set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ $%*+-./:")
     assert set(text) <= alphanumeric
     assert qr.version_of(text) <= 10
+    longer = verification_data(context="x" * 60, user="u" * 23).to_text(signer(KEY))
+    assert qr.version_of(longer) == 11  # the measured limit above is the real one
     typical = verification_data(context="Log in to ws-7 as alice").to_text(signer(KEY))
-    assert qr.version_of(typical) <= 8  # 49x49 modules at error correction M
+    assert qr.version_of(typical) <= 9  # 53x53 modules at M (version 8 before the user)
 
 
 def test_tampered_body_fails_the_signature():
@@ -121,6 +127,7 @@ def test_all_messages_round_trip():
         b"w" * 80,
         7,
         None,
+        b"c" * 32,
     )
     assert EnrollmentResponse.decode(response.encode(None))[0] == response
     sync = SyncMessage(offer.verifier_id, "alice", Method.PIN, 42, os.urandom(16), 99)
@@ -135,7 +142,17 @@ def test_all_messages_round_trip():
 def test_response_needs_exactly_one_way_to_the_otp_key():
     point = ec.encode_point(KEY.public_key())
     both = EnrollmentResponse(
-        os.urandom(8), os.urandom(16), "a", Method.PIN, "pkcs11", point, point, b"w" * 80, 0, None
+        os.urandom(8),
+        os.urandom(16),
+        "a",
+        Method.PIN,
+        "pkcs11",
+        point,
+        point,
+        b"w" * 80,
+        0,
+        None,
+        b"c" * 32,
     )
     with pytest.raises(DecodeError):
         EnrollmentResponse.decode(both.encode(None))

@@ -13,9 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec as cec
 
 from hsm_auth import ec
 from hsm_auth.errors import DecodeError, InvalidInput
+from hsm_auth.key_transport import wrap_otp_key
 from hsm_auth.methods import Method
 from hsm_auth.store import CredentialRecord
-from hsm_auth.verifier_keys import FileVerifierKeys, OtpKeyCache, wrap_otp_key
+from hsm_auth.verifier_keys import FileVerifierKeys, OtpKeyCache
 
 ENTRY = OtpKeyCache.cost(b"a" + bytes(33), bytes(32))
 
@@ -130,7 +131,7 @@ def test_file_keys_cache_unwrapped_keys_too_and_never_a_bad_one():
     assert len(keys.otp_keys) == 1
     bad = bytearray(cred.wrapped_otp_key or b"")
     bad[-1] ^= 1
-    with pytest.raises(DecodeError, match="does not decrypt"):
+    with pytest.raises(DecodeError, match="does not unwrap"):
         keys.otp_mac(_credential(None, bytes(bad)), data)
     assert len(keys.otp_keys) == 1
 

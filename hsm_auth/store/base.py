@@ -41,6 +41,9 @@ class OfferRecord:
     #: The OCRA suite the offer named: the credential redeemed from it keeps this one
     #: (None: an offer stored before schema version 3, which records the caller's).
     suite: str | None = None
+    #: SHA-256 of the offer's signed body, which the enrollment transcript covers
+    #: (None: an offer stored before schema version 4, which cannot be redeemed).
+    offer_hash: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class CredentialRecord:
     locked: bool = False
     id: int = 0
     last_used: int | None = None
+    #: The protocol the credential was enrolled with: 3 (docs/PROTOCOL.md); an older
+    #: one (2: a row from before schema version 4) cannot answer, and must re-enroll.
+    protocol: int = 3
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,10 @@ class VerifierStore(ABC):
         offer allows replacing. Otherwise this raises (InvalidInput, ExpiredMessage,
         UnknownMethod, AlreadyEnrolled) and changes nothing: the offer stays usable.
         A crash at any instant leaves either both changes or neither."""
+
+    @abstractmethod
+    def offer(self, offer_id: bytes) -> OfferRecord | None:
+        """The offer ``offer_id`` if it exists and is unused (expired or not)."""
 
     # --- credentials --------------------------------------------------------
     @abstractmethod

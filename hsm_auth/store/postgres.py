@@ -58,6 +58,12 @@ _V2 = (
     "CREATE INDEX audit_user ON audit (user_name, id)",
 )
 _V3 = ("ALTER TABLE offers ADD COLUMN suite TEXT",)
+# Version 4 (protocol 3): the hash of the offer's signed body, which the enrollment
+# transcript covers, and each credential's protocol (rows from before are 2: re-enroll).
+_V4 = (
+    "ALTER TABLE offers ADD COLUMN offer_hash BYTEA",
+    "ALTER TABLE credentials ADD COLUMN protocol INTEGER NOT NULL DEFAULT 2",
+)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -119,7 +125,7 @@ class _PgCursor:
 
 class PostgresStore(SqlStore):
     engine = "postgresql"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:
         try:

@@ -68,7 +68,7 @@ def methods_parse(text: str) -> tuple[Method, ...]:
 
 _CRED_COLS = (
     "id, user_name, method, backend, signing_key, agreement_key, wrapped_otp_key, suite, atc, "
-    "failures, locked, created, last_used"
+    "failures, locked, created, last_used, protocol"
 )
 _SESSION_COLS = "session_id, user_name, challenge, context, methods, expires, used"
 AUDIT_INSERT = (
@@ -92,6 +92,7 @@ def _cred(row: Sequence[Any]) -> CredentialRecord:
         locked=bool(row[10]),
         created=int(row[11]),
         last_used=None if row[12] is None else int(row[12]),
+        protocol=int(row[13]),
     )
 
 
@@ -218,8 +219,8 @@ class SqlStore(VerifierStore):
     def put_offer(self, offer: OfferRecord, audit: AuditRecord | None = None) -> None:
         with self._tx() as db:
             db.count(
-                "INSERT INTO offers (offer_id, user_name, methods, allow_replace, expires, suite) "
-                "VALUES (?,?,?,?,?,?)",
+                "INSERT INTO offers (offer_id, user_name, methods, allow_replace, expires, suite,"
+                " offer_hash) VALUES (?,?,?,?,?,?,?)",
                 (
                     offer.offer_id,
                     offer.user,
@@ -227,9 +228,29 @@ class SqlStore(VerifierStore):
                     int(offer.replace),
                     offer.expires,
                     offer.suite,
+                    offer.offer_hash,
                 ),
             )
             self._audit(db, audit)
+
+    def offer(self, offer_id: bytes) -> OfferRecord | None:
+        with self._read() as db:
+            row = db.one(
+                "SELECT user_name, methods, allow_replace, expires, suite, offer_hash "
+                "FROM offers WHERE offer_id=? AND used=0",
+                (offer_id,),
+            )
+        if row is None:
+            return None
+        return OfferRecord(
+            offer_id,
+            row[0],
+            methods_parse(row[1]),
+            bool(row[2]),
+            int(row[3]),
+            None if row[4] is None else str(row[4]),
+            None if row[5] is None else bytes(row[5]),
+        )
 
     def redeem_offer(
         self,
@@ -284,7 +305,8 @@ class SqlStore(VerifierStore):
             db.count("DELETE FROM credentials WHERE id=?", (exists[0],))
         row = db.one(
             "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
-            "wrapped_otp_key, suite, atc, created) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
+            "wrapped_otp_key, suite, atc, created, protocol) VALUES (?,?,?,?,?,?,?,?,?,?) "
+            "RETURNING id",
             (
                 record.user,
                 record.method.value,
@@ -295,6 +317,7 @@ class SqlStore(VerifierStore):
                 record.suite,
                 record.atc,
                 record.created,
+                record.protocol,
             ),
         )
         self._audit(db, audit)

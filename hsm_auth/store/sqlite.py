@@ -55,6 +55,12 @@ _V2 = (
 
 # Version 3: the suite an offer named, which the credential redeemed from it keeps.
 _V3 = ("ALTER TABLE offers ADD COLUMN suite TEXT",)
+# Version 4 (protocol 3): the hash of the offer's signed body, which the enrollment
+# transcript covers, and each credential's protocol (rows from before are 2: re-enroll).
+_V4 = (
+    "ALTER TABLE offers ADD COLUMN offer_hash BLOB",
+    "ALTER TABLE credentials ADD COLUMN protocol INTEGER NOT NULL DEFAULT 2",
+)
 
 
 class _SqliteCursor:
@@ -79,7 +85,7 @@ class _SqliteCursor:
 
 class SqliteStore(SqlStore):
     engine = "sqlite"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
         try:

@@ -66,10 +66,10 @@ def _messages() -> dict[str, bytes]:
     response = protocol.EnrollmentResponse(
         verifier_id=_VID, offer_id=b"\x02" * 16, user="alice", method=Method.DEVICE,
         backend="pkcs11", signing_key=_POINT, agreement_key=_POINT, wrapped_otp_key=None,
-        initial_atc=0, attestation=None,
+        initial_atc=0, attestation=None, confirmation=b"\x07" * 32,
     )
     data = protocol.VerificationData(
-        verifier_id=_VID, challenge=b"\x03" * 16, context="Log in",
+        verifier_id=_VID, user="alice", challenge=b"\x03" * 16, context="Log in",
         methods=(Method.DEVICE,), expires=2**40,
     )
     sync = protocol.SyncMessage(
@@ -270,13 +270,14 @@ def _verifier_enroll_seeds() -> tuple[bytes, ...]:
     seeds = []
     for method, agreement, wrapped, attestation in (
         (Method.DEVICE, _POINT, None, None),
-        (Method.BIOMETRIC, None, b"\x02" * 93, _attestation()),
+        (Method.BIOMETRIC, None, b"\x02" * 73, _attestation()),
     ):
         offer, _ = v.create_offer("alice", methods=[method])
         response = protocol.EnrollmentResponse(
             verifier_id=v.identity.verifier_id, offer_id=offer.offer_id, user="alice",
             method=method, backend="pkcs11", signing_key=_POINT, agreement_key=agreement,
             wrapped_otp_key=wrapped, initial_atc=0, attestation=attestation,
+            confirmation=b"\x07" * 32,
         )
         sign = None if attestation else _sign_by_another_key
         seeds.append(response.to_text(sign).encode())
