@@ -1,0 +1,412 @@
+"""docs/PROTOCOL.md is enough to implement a verifier: its formulas, implemented here
+from the document alone, give its test vectors and the OTP a real SoftHSM token released.
+
+This file uses only ``cryptography``, ``hmac``, ``hashlib``, ``struct``, ``cbor2`` and the
+standard library. Its checks run in a fresh interpreter (``python -I`` this file): the
+test process has hsm_auth loaded by conftest.py, the child never imports it, and says
+so (``hsm_auth`` not in ``sys.modules``) before it reports.
+
+The functions below follow the sections of docs/PROTOCOL.md; where the verifier's key
+custody changes, only :func:`recover_otp_key` has to follow it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import sqlite3
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
+
+HERE = Path(__file__).resolve()
+CURVE = ec.SECP256R1()
+
+# --- Notation -------------------------------------------------------------------------
+
+VERSION = 3
+METHOD_CODES = {"device": 1, "pin": 2, "biometric": 3, "face": 4}
+OFFER, RESPONSE, VERIFICATION, SYNC, SYNC_REPORT = 1, 2, 3, 4, 5
+
+
+def lp16(data: bytes) -> bytes:
+    return struct.pack(">H", len(data)) + data
+
+
+def lp32(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def u8(method: str) -> bytes:
+    return struct.pack(">B", METHOD_CODES[method])
+
+
+def utf8(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+# --- Keys and points ---------------------------------------------------------------------
+
+
+def private_key(scalar: bytes) -> ec.EllipticCurvePrivateKey:
+    return ec.derive_private_key(int.from_bytes(scalar, "big"), CURVE)
+
+
+def sec1(public: ec.EllipticCurvePublicKey) -> bytes:
+    return public.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+
+
+def point(scalar: bytes) -> bytes:
+    return sec1(private_key(scalar).public_key())
+
+
+def ecdh_x(private: ec.EllipticCurvePrivateKey, peer: bytes) -> bytes:
+    """Z: the x-coordinate of ECDH(private, peer), 32 bytes."""
+    return private.exchange(ec.ECDH(), ec.EllipticCurvePublicKey.from_encoded_point(CURVE, peer))
+
+
+def verify_signature(signing_key: bytes, raw: bytes, body: bytes) -> bool:
+    """The envelope's signature: raw r||s (32 + 32 bytes), ECDSA P-256 / SHA-256 over body."""
+    if len(raw) != 64:
+        return False
+    public = ec.EllipticCurvePublicKey.from_encoded_point(CURVE, signing_key)
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    try:
+        public.verify(der, body, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+# --- The envelope and the text form ------------------------------------------------------
+
+
+def body(kind: int, *fields: Any) -> bytes:
+    return cbor2.dumps([VERSION, kind, *fields])
+
+
+def envelope(body_bytes: bytes, signature: bytes) -> bytes:
+    return cbor2.dumps([body_bytes, signature])
+
+
+def to_text(message: bytes) -> str:
+    return "HA1:" + base64.b32encode(message).decode("ascii").rstrip("=")
+
+
+def from_text(text: str) -> bytes:
+    compact = "".join(text.split()).upper()
+    assert compact.startswith("HA1:")
+    data = compact[4:]
+    return base64.b32decode(data + "=" * (-len(data) % 8))
+
+
+def open_envelope(message: bytes) -> tuple[bytes, list[Any], bytes]:
+    """(body bytes, body fields, signature) of a message (no strictness: the test's input
+    comes from the real verifier)."""
+    body_bytes, signature = cbor2.loads(message)
+    fields = cbor2.loads(body_bytes)
+    assert fields[0] == VERSION, fields[0]
+    return body_bytes, fields, signature
+
+
+# --- Enrollment: transcript, key confirmation, credential id --------------------------------
+
+
+def transcript(offer_hash: bytes, user: str, method: str, signing_key: bytes, k: bytes) -> bytes:
+    return hashlib.sha256(
+        b"hsm-auth/enrollment-transcript/v3"
+        + lp16(offer_hash) + lp16(utf8(user)) + u8(method) + lp16(signing_key) + lp16(k)
+    ).digest()
+
+
+def confirmation(otp_key: bytes, t: bytes) -> bytes:
+    return hmac.digest(otp_key, b"hsm-auth/key-confirmation/v3" + b"\x00" + t, hashlib.sha256)
+
+
+def credential_id(signing_key: bytes) -> bytes:
+    return hashlib.sha256(b"hsm-auth/credential-id/v3" + signing_key).digest()[:16]
+
+
+# --- FIDO2 key transport ----------------------------------------------------------------------
+
+
+def wrap_otp_key(otp_key: bytes, ephemeral: ec.EllipticCurvePrivateKey, agreement: bytes) -> bytes:
+    return sec1(ephemeral.public_key()) + aes_key_wrap(ecdh_x(ephemeral, agreement), otp_key)
+
+
+def unwrap_otp_key(wrapped: bytes, agreement: ec.EllipticCurvePrivateKey) -> bytes:
+    assert len(wrapped) == 73
+    return aes_key_unwrap(ecdh_x(agreement, wrapped[:33]), wrapped[33:])
+
+
+def client_data_hash(offer_id: bytes, user: str, method: str, ephemeral_point: bytes) -> bytes:
+    binding = b"hsm-auth/enroll/v1" + lp16(offer_id) + lp16(utf8(user)) + lp16(utf8(method))
+    return hashlib.sha256(
+        b"hsm-auth/fido2-client-data/v1" + lp16(binding) + lp16(ephemeral_point)
+    ).digest()
+
+
+# --- The OTP ------------------------------------------------------------------------------------
+
+
+def question(
+    verifier_id: bytes, user: str, method: str, cid: bytes, challenge: bytes, context: str
+) -> str:
+    return hashlib.sha256(
+        b"hsm-auth/otp-question/v3"
+        + lp16(verifier_id) + lp16(utf8(user)) + u8(method) + lp16(cid)
+        + lp16(challenge) + lp32(utf8(context))
+    ).hexdigest()
+
+
+def sync_question(session_id: bytes, user: str, method: str) -> str:
+    return hashlib.sha256(
+        b"hsm-auth/sync-question/v1" + lp16(session_id) + lp16(utf8(user)) + u8(method)
+    ).hexdigest()
+
+
+def data_input(suite: str, counter: int, question_hex: str) -> bytes:
+    """RFC 6287 DataInput for a ``C-QHnn`` suite: suite, 0x00, C (8 bytes), Q (128 bytes)."""
+    return (
+        suite.encode("ascii") + b"\x00" + counter.to_bytes(8, "big")
+        + bytes.fromhex(question_hex.ljust(256, "0"))
+    )
+
+
+def truncate(mac: bytes, digits: int) -> str:
+    offset = mac[-1] & 0x0F
+    code = int.from_bytes(mac[offset : offset + 4], "big") & 0x7FFFFFFF
+    return str(code % 10**digits).zfill(digits)
+
+
+def otp(otp_key: bytes, suite: str, counter: int, question_hex: str) -> str:
+    digits = int(suite.split(":")[1].rsplit("-", 1)[1])  # HOTP-SHA256-<digits>
+    mac = hmac.digest(otp_key, data_input(suite, counter, question_hex), "sha256")
+    return truncate(mac, digits)
+
+
+# --- the vectors of the document ----------------------------------------------------------------
+
+
+def compute(v: dict[str, Any]) -> dict[str, Any]:
+    """Every output vector, from the input vectors ``v``, by the formulas above."""
+    out: dict[str, Any] = {}
+    vs, va = private_key(v["verifier_signing_scalar"]), private_key(v["verifier_agreement_scalar"])
+    out["verifier_signing_key"] = sec1(vs.public_key())
+    out["verifier_agreement_key"] = sec1(va.public_key())
+    out["signing_key"] = point(v["signing_scalar"])
+    out["agreement_key"] = point(v["agreement_scalar"])
+
+    out["offer_body"] = ob = body(
+        OFFER, v["verifier_id"], v["verifier_name"], v["user"], v["offer_id"],
+        out["verifier_signing_key"], out["verifier_agreement_key"], v["suite"], v["window"],
+        v["offer_methods"], v["offer_replace"], v["offer_expires"], v["offer_enrolled"],
+    )
+    out["offer_hash"] = offer_hash = hashlib.sha256(ob).digest()
+
+    out["z"] = z = ecdh_x(private_key(v["agreement_scalar"]), out["verifier_agreement_key"])
+    assert ecdh_x(va, out["agreement_key"]) == z  # both sides get the same Z
+    out["transcript"] = t = transcript(
+        offer_hash, v["user"], v["method"], out["signing_key"], out["agreement_key"]
+    )
+    out["confirmation"] = conf = confirmation(z, t)
+    out["response_body"] = body(
+        RESPONSE, v["verifier_id"], v["offer_id"], v["user"], METHOD_CODES[v["method"]],
+        v["backend"], out["signing_key"], out["agreement_key"], None, v["initial_atc"], None,
+        conf,
+    )
+    out["credential_id"] = cid = credential_id(out["signing_key"])
+
+    out["verification_body"] = vb = body(
+        VERIFICATION, v["verifier_id"], v["user"], v["challenge"], v["context"],
+        [METHOD_CODES[m] for m in v["verification_methods"]], v["verification_expires"],
+    )
+    out["context_utf8"] = utf8(v["context"])
+    out["question"] = q = question(
+        v["verifier_id"], v["user"], v["method"], cid, v["challenge"], v["context"]
+    )
+    out["data_input"] = data_input(v["suite"], v["counter"], q)
+    out["otp_mac"] = hmac.digest(z, out["data_input"], "sha256")
+    out["otp"] = otp(z, v["suite"], v["counter"], q)
+    out["verification_text"] = to_text(envelope(vb, v["verification_signature"]))
+
+    e = private_key(v["fido2_ephemeral_scalar"])
+    out["fido2_ephemeral_key"] = sec1(e.public_key())
+    out["fido2_signing_key"] = point(v["fido2_signing_scalar"])
+    out["fido2_z"] = ecdh_x(e, out["verifier_agreement_key"])
+    out["fido2_wrapped_otp_key"] = wrapped = wrap_otp_key(
+        v["fido2_otp_key"], e, out["verifier_agreement_key"]
+    )
+    assert unwrap_otp_key(wrapped, va) == v["fido2_otp_key"]
+    out["fido2_transcript"] = ft = transcript(
+        offer_hash, v["user"], v["fido2_method"], out["fido2_signing_key"], wrapped
+    )
+    out["fido2_confirmation"] = confirmation(v["fido2_otp_key"], ft)
+    out["fido2_client_data_hash"] = client_data_hash(
+        v["offer_id"], v["user"], v["fido2_method"], out["fido2_ephemeral_key"]
+    )
+
+    out["sync_question"] = sq = sync_question(v["sync_session_id"], v["user"], v["method"])
+    out["sync_data_input"] = data_input(v["suite"], v["sync_atc"], sq)
+    out["sync_mac"] = mac = hmac.digest(z, out["sync_data_input"], "sha256")
+    out["sync_report"] = envelope(
+        body(SYNC_REPORT, v["verifier_id"], v["sync_session_id"], v["user"],
+             METHOD_CODES[v["method"]], v["sync_atc"]),
+        mac,
+    )
+
+    # RFC 6287 Appendix C.1, OCRA-1:HOTP-SHA512-8:C-QN08: a numeric question goes in as
+    # its value in hex, left-aligned (RFC 6287 section 5.1).
+    rfc_q = format(int(v["rfc6287_question"]), "X")
+    rfc_input = data_input(v["rfc6287_suite"], v["rfc6287_counter"], rfc_q)
+    out["rfc6287_data_input"] = rfc_input
+    out["rfc6287_otp"] = truncate(hmac.digest(v["rfc6287_key"], rfc_input, "sha512"), 8)
+    return out
+
+
+def check_vectors(document: Path) -> int:
+    sys.path.insert(0, str(HERE.parent))
+    import _vectors
+
+    v = _vectors.load(document)
+    computed = compute(v)
+    wrong = sorted(name for name, value in computed.items() if v.get(name) != value)
+    assert not wrong, f"the document and its formulas disagree on: {', '.join(wrong)}"
+    for what, key in (("offer", "verifier_signing_key"), ("verification", "verifier_signing_key")):
+        assert verify_signature(v[key], v[f"{what}_signature"], v[f"{what}_body"]), what
+    return len(computed)
+
+
+# --- the verifier's key file: what recomputing a real OTP needs ---------------------------------
+
+
+def _file_keys(verifier_dir: Path) -> list[ec.EllipticCurvePrivateKey]:
+    """The private keys of ``keys.pem``, in order (PKCS#8 PEM blocks)."""
+    pem = (verifier_dir / "keys.pem").read_bytes()
+    marker = b"-----END PRIVATE KEY-----"
+    keys = [
+        serialization.load_pem_private_key(b + marker, None)
+        for b in pem.split(marker)
+        if b.strip()
+    ]
+    assert all(isinstance(k, ec.EllipticCurvePrivateKey) for k in keys)
+    return keys  # type: ignore[return-value]
+
+
+def recover_otp_key(verifier_dir: Path, user: str, method: str) -> tuple[bytes, bytes, str, int]:
+    """(OTP key, signing key, suite, ATC) of the credential of ``user``/``method``, from the
+    verifier's files as they are today: with file keys, ``keys.pem`` holds the signing key
+    then the agreement private key; ``verifier.db`` holds the credential's public
+    agreement key. The OTP key is Z (docs/PROTOCOL.md, section 7).
+
+    The one function to adapt when the verifier's key custody changes."""
+    agreement = _file_keys(verifier_dir)[1]
+    db = sqlite3.connect(f"file:{verifier_dir / 'verifier.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute(
+            "SELECT agreement_key, signing_key, suite, atc FROM credentials"
+            " WHERE user_name=? AND method=?",
+            (user, method),
+        ).fetchone()
+    finally:
+        db.close()
+    assert row is not None, (user, method)
+    agreement_key, signing_key, suite, atc = row
+    return ecdh_x(agreement, bytes(agreement_key)), bytes(signing_key), str(suite), int(atc)
+
+
+def recompute_otp(verifier_dir: Path, data_text: str, method: str, counter: int) -> str:
+    """The OTP for the verification data ``data_text`` at ATC ``counter``."""
+    identity = json.loads((verifier_dir / "identity.json").read_text())
+    body_bytes, fields, signature = open_envelope(from_text(data_text))
+    verifier_signing_key = sec1(_file_keys(verifier_dir)[0].public_key())
+    assert verify_signature(verifier_signing_key, signature, body_bytes)
+    assert fields[1] == VERIFICATION
+    verifier_id, user, challenge, context, methods, _expires = fields[2:]
+    assert verifier_id == bytes.fromhex(identity["verifier_id"])
+    assert METHOD_CODES[method] in methods
+    key, signing_key, suite, atc = recover_otp_key(verifier_dir, user, method)
+    assert atc < counter  # the verifier has not seen this ATC yet
+    q = question(verifier_id, user, method, credential_id(signing_key), challenge, context)
+    return otp(key, suite, counter, q)
+
+
+def _main(argv: list[str]) -> int:
+    if argv[0] == "vectors":
+        count = check_vectors(Path(argv[1]))
+        result = f"{count} vectors"
+    else:
+        assert argv[0] == "otp"
+        result = recompute_otp(Path(argv[1]), argv[2], argv[3], int(argv[4]))
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("hsm_auth", "hsm_auth_backends"))
+    assert not loaded, f"hsm_auth was imported: {loaded}"
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
+
+
+# --- the tests (in the pytest process; each runs the checks above in a child) --------------------
+
+
+def _child(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-I", str(HERE), *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_vectors_follow_from_the_formulas_alone() -> None:
+    import _vectors
+
+    assert _child("vectors", str(_vectors.DOCUMENT)).endswith(" vectors")
+
+
+def test_a_softhsm_otp_is_recomputed_from_the_document(tmp_path: Path) -> None:
+    import pytest
+    from _cli import cli_ok
+
+    from hsm_auth.demo import prepare
+    from hsm_auth.testing.softhsm import softhsm_available
+
+    reason = softhsm_available()
+    if reason:
+        pytest.skip(reason)
+    home = tmp_path / "home"
+    # The whole flow runs in CLI processes, as a user runs it.
+    with prepare(home, tpm=False, fido2=False):
+        pass
+    cli_ok(home, "verifier", "init", "--name", "Independent verifier")
+    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", "device")
+    response = cli_ok(home, "enroll", "--method", "device", "--offer", offer)
+    cli_ok(home, "verifier", "enroll", response)
+    context = "Zahlung an Müller: 9,99 €"
+    session = json.loads(
+        cli_ok(home, "--json", "verifier", "session", "--user", "alice", "--context", context)
+    )
+    released = json.loads(cli_ok(home, "--json", "finish", "--method", "device", session["data"]))
+    verifier_dir = next(p.parent for p in home.rglob("identity.json"))
+    recomputed = _child("otp", str(verifier_dir), session["data"], "device", str(released["atc"]))
+    assert recomputed == released["otp"]
+    other = _child("otp", str(verifier_dir), session["data"], "device", str(released["atc"] + 1))
+    assert other != recomputed  # the counter is in it
+    assert len(recomputed) == 8 and recomputed.isdigit()
+    # ...and it is the OTP the real verifier accepts.
+    cli_ok(home, "verifier", "verify", "--session", session["session"], stdin=recomputed)

@@ -1,0 +1,261 @@
+"""The test vectors of docs/PROTOCOL.md, recomputed with the hsm_auth library.
+
+Every output vector in the document is made here by the code both sides run (the
+message classes, :mod:`hsm_auth.transcript`, :mod:`hsm_auth.key_transport`,
+:class:`~hsm_auth.otp_scheme.OtpScheme`, the verifier's file keys), so the document
+and the code cannot drift apart. tests/test_protocol_independent.py recomputes the
+same vectors from the document's formulas alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+import pytest
+from _vectors import DOCUMENT, load, parse
+from cryptography.hazmat.primitives.asymmetric import ec as cec
+
+from hsm_auth import ec, key_transport, ocra, qr, textcode, transcript
+from hsm_auth.methods import Method
+from hsm_auth.otp_scheme import OtpScheme
+from hsm_auth.protocol import (
+    VERSION,
+    EnrollmentOffer,
+    EnrollmentResponse,
+    SyncReport,
+    VerificationData,
+)
+from hsm_auth.store.base import CredentialRecord
+from hsm_auth.verifier_keys import FileVerifierKeys
+from hsm_auth.webauthn_proof import client_data_hash, enrollment_binding
+
+V = load()
+
+
+def _key(name: str) -> cec.EllipticCurvePrivateKey:
+    return cec.derive_private_key(int.from_bytes(V[name], "big"), ec.CURVE)
+
+
+def _point(name: str) -> bytes:
+    return ec.encode_point(_key(name).public_key())
+
+
+def _methods(codes: list[int]) -> tuple[Method, ...]:
+    return tuple(Method.from_code(c) for c in codes)
+
+
+def _offer() -> EnrollmentOffer:
+    return EnrollmentOffer(
+        verifier_id=V["verifier_id"],
+        verifier_name=V["verifier_name"],
+        user=V["user"],
+        offer_id=V["offer_id"],
+        verifier_signing_key=_point("verifier_signing_scalar"),
+        verifier_agreement_key=_point("verifier_agreement_scalar"),
+        suite=V["suite"],
+        window=V["window"],
+        methods=_methods(V["offer_methods"]),
+        replace=V["offer_replace"],
+        expires=V["offer_expires"],
+        enrolled=_methods(V["offer_enrolled"]),
+    )
+
+
+def _verification_data() -> VerificationData:
+    return VerificationData(
+        verifier_id=V["verifier_id"],
+        user=V["user"],
+        challenge=V["challenge"],
+        context=V["context"],
+        methods=tuple(Method.parse(m) for m in V["verification_methods"]),
+        expires=V["verification_expires"],
+    )
+
+
+def _file_keys() -> FileVerifierKeys:
+    return FileVerifierKeys(
+        _key("verifier_signing_scalar"), _key("verifier_agreement_scalar"), cache_bytes=0
+    )
+
+
+def _credential(method: Method, **key: bytes) -> CredentialRecord:
+    return CredentialRecord(
+        user=V["user"], method=method, backend=V["backend"], signing_key=b"", suite=V["suite"],
+        atc=V["initial_atc"], created=0, **{"agreement_key": None, "wrapped_otp_key": None, **key},
+    )
+
+
+def _transcript(method: Method, signing_key: bytes, key_agreement: bytes) -> bytes:
+    return transcript.enrollment_transcript(
+        offer_hash=transcript.offer_hash(_offer().body()),
+        user=V["user"],
+        method=method,
+        signing_key=signing_key,
+        key_agreement=key_agreement,
+    )
+
+
+def _computed() -> dict[str, Any]:
+    """Every output vector of the document, as the library makes it."""
+    out: dict[str, Any] = {}
+    for role in ("verifier_signing", "verifier_agreement"):
+        out[f"{role}_key"] = _point(f"{role}_scalar")
+    out["signing_key"] = _point("signing_scalar")
+    out["agreement_key"] = _point("agreement_scalar")
+
+    offer = _offer()
+    # The body as an authenticator receives it: through the strict decoder.
+    decoded, signed = EnrollmentOffer.decode(offer.encode(lambda body: V["offer_signature"]))
+    assert decoded == offer
+    out["offer_body"] = signed.body
+    out["offer_hash"] = transcript.offer_hash(signed.body)
+
+    keys = _file_keys()
+    method = Method.parse(V["method"])
+    out["z"] = z = keys.shared_secret(ec.decode_point(out["agreement_key"]))
+    # MACs by the verifier's own path: the credential's OTP key from its agreement key.
+    device = _credential(method, agreement_key=out["agreement_key"])
+
+    def mac(data: bytes) -> bytes:
+        return keys.otp_mac(device, data)
+
+    out["transcript"] = t = _transcript(method, out["signing_key"], out["agreement_key"])
+    out["confirmation"] = confirmation = mac(transcript.confirmation_message(t))
+    response = EnrollmentResponse(
+        verifier_id=V["verifier_id"],
+        offer_id=V["offer_id"],
+        user=V["user"],
+        method=method,
+        backend=V["backend"],
+        signing_key=out["signing_key"],
+        agreement_key=out["agreement_key"],
+        wrapped_otp_key=None,
+        initial_atc=V["initial_atc"],
+        attestation=None,
+        confirmation=confirmation,
+    )
+    decoded_response, signed_response = EnrollmentResponse.decode(response.encode(None))
+    assert decoded_response == response and signed_response.signature == b""
+    out["response_body"] = signed_response.body
+    out["credential_id"] = cid = transcript.credential_id(out["signing_key"])
+
+    data = _verification_data()
+    message = data.encode(lambda body: V["verification_signature"])
+    assert VerificationData.decode(message)[0] == data
+    out["verification_body"] = data.body()
+    out["verification_text"] = textcode.encode(message)
+    out["context_utf8"] = data.context.encode("utf-8")
+    scheme = OtpScheme.for_suite(V["suite"])
+    out["question"] = q = scheme.question(
+        verifier_id=data.verifier_id,
+        user=data.user,
+        method=method,
+        credential_id=cid,
+        challenge=data.challenge,
+        context=data.context,
+    )
+    out["data_input"] = scheme.message(V["counter"], q)
+    out["otp_mac"] = mac(out["data_input"])
+    out["otp"] = scheme.otp(mac, counter=V["counter"], question=q)
+    assert scheme.otp(z, counter=V["counter"], question=q) == out["otp"]
+
+    ephemeral = _key("fido2_ephemeral_scalar")
+    agreement_public = ec.decode_point(out["verifier_agreement_key"])
+    out["fido2_ephemeral_key"] = ec.encode_point(ephemeral.public_key())
+    out["fido2_signing_key"] = _point("fido2_signing_scalar")
+    out["fido2_z"] = ephemeral.exchange(cec.ECDH(), agreement_public)
+    out["fido2_wrapped_otp_key"] = wrapped = key_transport.wrap(
+        V["fido2_otp_key"], agreement_public, ephemeral
+    )
+    assert keys.unwrap_otp_key(wrapped) == V["fido2_otp_key"]
+    fido2_method = Method.parse(V["fido2_method"])
+    out["fido2_transcript"] = ft = _transcript(fido2_method, out["fido2_signing_key"], wrapped)
+    out["fido2_confirmation"] = keys.otp_mac(
+        _credential(fido2_method, wrapped_otp_key=wrapped), transcript.confirmation_message(ft)
+    )
+    out["fido2_client_data_hash"] = client_data_hash(
+        enrollment_binding(V["offer_id"], V["user"], fido2_method), out["fido2_ephemeral_key"]
+    )
+
+    out["sync_question"] = sq = scheme.sync_question(
+        session_id=V["sync_session_id"], user=V["user"], method=method
+    )
+    out["sync_data_input"] = scheme.message(V["sync_atc"], sq)
+    out["sync_mac"] = sync_mac = mac(out["sync_data_input"])
+    report = SyncReport(
+        verifier_id=V["verifier_id"],
+        session_id=V["sync_session_id"],
+        user=V["user"],
+        method=method,
+        atc=V["sync_atc"],
+    )
+    out["sync_report"] = report.encode(lambda body: sync_mac)
+    assert SyncReport.decode(out["sync_report"])[0] == report
+    assert scheme.verify_mac(mac, sync_mac, counter=V["sync_atc"], question=sq)
+
+    rfc = ocra.OcraSuite.parse(V["rfc6287_suite"])
+    inputs = {"counter": V["rfc6287_counter"], "question": V["rfc6287_question"]}
+    out["rfc6287_data_input"] = rfc.data_input(**inputs)
+    out["rfc6287_otp"] = ocra.generate(rfc, V["rfc6287_key"], **inputs)
+    return out
+
+
+COMPUTED = _computed()
+INPUTS = {name for name in V if name not in COMPUTED}
+
+
+@pytest.mark.parametrize("name", sorted(COMPUTED))
+def test_vector(name: str) -> None:
+    assert name in V, f"{name} is computed but not in {DOCUMENT.name}"
+    assert V[name] == COMPUTED[name]
+
+
+def test_every_vector_is_an_input_or_checked() -> None:
+    inputs = {
+        "verifier_signing_scalar", "verifier_agreement_scalar", "signing_scalar",
+        "agreement_scalar", "fido2_ephemeral_scalar", "fido2_signing_scalar",
+        "fido2_otp_key", "verifier_id", "verifier_name", "user", "offer_id", "suite",
+        "window", "offer_methods", "offer_replace", "offer_expires", "offer_enrolled",
+        "method", "backend", "initial_atc", "challenge", "context", "verification_methods",
+        "verification_expires", "counter", "fido2_method", "sync_session_id", "sync_atc",
+        "rfc6287_suite", "rfc6287_key", "rfc6287_counter", "rfc6287_question",
+        "offer_signature", "verification_signature",
+    }  # fmt: skip
+    assert inputs == INPUTS
+
+
+def test_the_signatures_verify() -> None:
+    signing = ec.decode_point(COMPUTED["verifier_signing_key"])
+    ec.verify(signing, V["offer_signature"], V["offer_body"])
+    ec.verify(signing, V["verification_signature"], V["verification_body"])
+
+
+def test_the_otp_is_what_the_verifier_accepts() -> None:
+    """The document's OTP passes the verifier's own check (OtpScheme.verify, with the
+    verifier's MAC function) at its counter, and no other counter nearby."""
+    scheme = OtpScheme.for_suite(V["suite"])
+    z = V["z"]
+    for counter in range(V["initial_atc"] + 1, V["initial_atc"] + 11):
+        ok = scheme.verify(z, V["otp"], counter=counter, question=V["question"])
+        assert ok is (counter == V["counter"])
+
+
+def test_the_rfc6287_anchor_is_the_published_response() -> None:
+    assert V["rfc6287_otp"] == "63947962"  # RFC 6287 Appendix C.1, C = 1
+
+
+def test_the_version_and_the_qr_code() -> None:
+    assert V["offer_body"][1] == VERSION == 3
+    assert cbor2.loads(V["verification_body"])[:2] == [3, 3]
+    assert qr.version_of(V["verification_text"]) == 9  # as section 4 says
+
+
+def test_the_vector_format_is_strict() -> None:
+    fence = "```vectors\n{}\n```\n"
+    assert parse(fence.format("a = h'00 ff'\nb = \"x\"\nc = [1]\n# note")) == {
+        "a": b"\x00\xff", "b": "x", "c": [1]
+    }
+    for bad in ("a = h'0'", "a = h'00FF'", "A = 1", "a = 1\na = 2", "a 1"):
+        with pytest.raises(ValueError):
+            parse(fence.format(bad))
