@@ -259,3 +259,23 @@ def test_the_vector_format_is_strict() -> None:
     for bad in ("a = h'0'", "a = h'00FF'", "A = 1", "a = 1\na = 2", "a 1"):
         with pytest.raises(ValueError):
             parse(fence.format(bad))
+
+
+def test_the_document_links_resolve() -> None:
+    """Every ``(#anchor)`` link names a heading (GitHub's slugs: lower case, punctuation
+    dropped, spaces to hyphens), and every section the code cites exists."""
+    import re
+
+    text = DOCUMENT.read_text(encoding="utf-8")
+    headings = re.findall(r"^#{1,4} (.+)$", text, re.M)
+    slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links and links <= slugs, sorted(links - slugs)
+    root = DOCUMENT.parent.parent
+    cited = {
+        title
+        for path in [*root.glob("hsm_auth/**/*.py"), *root.glob("backends/*.py")]
+        for title in re.findall(r'PROTOCOL\.md,\s+(?:section\s+)?"([^"]+)"', path.read_text())
+    }
+    missing = [t for t in cited if not any(t.lower() in h.lower() for h in headings)]
+    assert not missing, missing
