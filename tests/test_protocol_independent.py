@@ -362,6 +362,9 @@ if __name__ == "__main__":
 
 
 # --- the tests (in the pytest process; each runs the checks above in a child) --------------------
+# Below the __main__ exit, so the child never imports pytest either.
+
+import pytest  # noqa: E402
 
 
 def _child(*args: str) -> str:
@@ -379,8 +382,8 @@ def test_the_vectors_follow_from_the_formulas_alone() -> None:
     assert _child("vectors", str(_vectors.DOCUMENT)).endswith(" vectors")
 
 
+@pytest.mark.softhsm
 def test_a_softhsm_otp_is_recomputed_from_the_document(tmp_path: Path) -> None:
-    import pytest
     from _cli import cli_ok
 
     from hsm_auth.demo import prepare
