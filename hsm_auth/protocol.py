@@ -31,6 +31,10 @@ VERSION = 3
 MAX_MESSAGE = 4096
 MAX_CONTEXT = display.MAX_CONTEXT
 
+#: A FIDO2 wrapped OTP key: E (33) || AES-KW of the 32-byte key (40). The format's
+#: owner is :mod:`hsm_auth.key_transport` (not imported here: `start` needs none of it).
+WRAPPED_OTP_KEY_BYTES = 73
+
 #: Signs the body bytes and returns a raw r||s signature.
 RawSigner = Callable[[bytes], bytes]
 
@@ -290,7 +294,9 @@ class EnrollmentResponse(_Message):
     @classmethod
     def _from_values(cls, v: list[Any], signature: bytes) -> EnrollmentResponse:
         agreement = None if v[6] is None else _point(v[6], "agreement_key")
-        wrapped = _opt_bytes(v[7], "wrapped_otp_key")
+        wrapped = None if v[7] is None else _bytes(
+            v[7], "wrapped_otp_key", min_len=WRAPPED_OTP_KEY_BYTES, max_len=WRAPPED_OTP_KEY_BYTES
+        )
         if (agreement is None) == (wrapped is None):
             raise DecodeError("exactly one of agreement_key and wrapped_otp_key must be set")
         return cls(

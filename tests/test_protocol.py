@@ -124,7 +124,7 @@ def test_all_messages_round_trip():
         "fido2",
         point,
         None,
-        b"w" * 80,
+        b"w" * 73,
         7,
         None,
         b"c" * 32,
@@ -139,6 +139,21 @@ def test_all_messages_round_trip():
         SyncReport.decode(report.encode(lambda body: b"m" * 8))
 
 
+def test_a_wrapped_otp_key_is_exactly_the_key_transport_size():
+    from hsm_auth import key_transport
+    from hsm_auth.protocol import WRAPPED_OTP_KEY_BYTES
+
+    assert WRAPPED_OTP_KEY_BYTES == key_transport.WRAPPED_BYTES == 73
+    point = ec.encode_point(KEY.public_key())
+    for size in (72, 74, 93):
+        response = EnrollmentResponse(
+            os.urandom(8), os.urandom(16), "a", Method.FACE, "fido2", point, None,
+            b"w" * size, 0, None, b"c" * 32,
+        )
+        with pytest.raises(DecodeError, match="wrapped_otp_key"):
+            EnrollmentResponse.decode(response.encode(None))
+
+
 def test_response_needs_exactly_one_way_to_the_otp_key():
     point = ec.encode_point(KEY.public_key())
     both = EnrollmentResponse(
@@ -149,7 +164,7 @@ def test_response_needs_exactly_one_way_to_the_otp_key():
         "pkcs11",
         point,
         point,
-        b"w" * 80,
+        b"w" * 73,
         0,
         None,
         b"c" * 32,
