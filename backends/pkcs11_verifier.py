@@ -1,26 +1,65 @@
-"""The verifier's keys in a PKCS#11 HSM (SoftHSM in the tests): the
-``pkcs11`` implementation of :class:`hsm_auth.verifier_keys.VerifierKeys`,
-registered in the entry-point group ``hsm_auth.verifier_keys`` (the core
-finds it by the ``type`` recorded in the verifier's identity file and never
-imports this module or python-pkcs11 otherwise).
+"""The verifier's keys in a PKCS#11 HSM (SoftHSM in the tests): the ``pkcs11``
+implementation of :class:`hsm_auth.verifier_keys.VerifierKeys`, registered in the
+entry-point group ``hsm_auth.verifier_keys`` (the core finds it by the ``type``
+recorded in the verifier's identity file and never imports this module or
+python-pkcs11 otherwise).
 
-Both keys are generated in the token, sensitive and not extractable. For each
-check the ECDH secret is derived *inside* the HSM as a session (non-token),
-sensitive, non-extractable key, the OCRA data inputs are HMAC'd there, and the
-session key is destroyed: the OTP key never exists on the host, and nothing
-derived is cached between checks.
+One job per key (docs/PROTOCOL.md, "Verifier key custody"); every private and
+secret key is sensitive and not extractable unless said otherwise below:
 
-FIDO2 methods send their OTP key wrapped to the agreement key
-(:mod:`hsm_auth.key_transport`). Here, for now, the ECDH step runs in the HSM
-and the unwrap on the host, for the duration of one check.
+* **Signing key** (token, EC P-256, ``hsm-auth-verifier/<tag>/sign``): CKA_SIGN
+  only, not modifiable (so CKA_DERIVE cannot be turned on later: the attack
+  test found that it could, on a modifiable key). Signs offers, verification
+  data and sync messages.
+* **KEK** (token, AES-256, ``hsm-auth-verifier/<tag>/kek``): CKA_WRAP and
+  CKA_UNWRAP only (no ENCRYPT, DECRYPT, DERIVE, SIGN), not modifiable. Its
+  ``CKA_UNWRAP_TEMPLATE`` (:func:`unwrapped_template`) forces every key it unwraps to
+  be a session generic secret, sensitive, not extractable, not modifiable,
+  with CKA_SIGN only; SoftHSM refuses an unwrap whose template leaves out or
+  differs in any of these attributes (measured). Its ``CKA_WRAP_TEMPLATE``
+  (:func:`wrappable_template`) lets it wrap only session generic secrets without any
+  usage, i.e. the inert Z objects made at enrollment. ``CKA_WRAP_WITH_TRUSTED``
+  is not used: it needs the KEK marked ``CKA_TRUSTED``, which only the security
+  officer may set (SoftHSM: CKR_ATTRIBUTE_READ_ONLY for the user), and the one
+  extractable object it would guard lives only in this process's session.
+* **Per-offer agreement key** (token, EC P-256 private key with CKA_DERIVE
+  only, CKA_ID = the offer id, label ``hsm-auth-verifier/<tag>/offer/<offer id
+  hex>/<expires>``; its public half is a session object): made by
+  :meth:`~Pkcs11VerifierKeys.offer_key` with the offer, destroyed when the
+  enrollment is recorded, or by ``purge`` once the offer is used or expired.
+  While it exists, whoever drives the HSM session can derive from it with any
+  template (PKCS#11 lets the caller choose a derived key's attributes and
+  SoftHSM has no CKA_DERIVE_TEMPLATE): it must not outlive its offer.
+
+What exists when:
+
+* at ``accept_enrollment`` (:meth:`~Pkcs11VerifierKeys.seal`), PKCS#11/TPM2
+  credential: Z = ECDH(per-offer key, the authenticator's agreement point) is
+  derived into a session generic secret with no usage, sensitive, extractable
+  only so that the KEK can wrap it; the wrap (RFC 3394, 40 bytes) is the
+  sealed OTP key, and Z is destroyed. FIDO2 credential: Z_e = ECDH(per-offer
+  key, E) is derived into a session AES key with CKA_UNWRAP only, not
+  extractable; it unwraps the response's AES-KW part into a session generic
+  secret (no usage, extractable only for the KEK) that the KEK wraps; both are
+  destroyed. The host never holds Z, Z_e or the OTP key.
+* for each check (:meth:`~Pkcs11VerifierKeys.otp_macs`): the KEK unwraps the
+  credential's sealed OTP key into a session object under :func:`unwrapped_template`,
+  the OCRA data inputs are HMAC'd (CKM_SHA256_HMAC) in the HSM and the object
+  is destroyed. Nothing derived or opened is cached between checks.
+* afterwards: the signing key, the KEK, and the per-offer keys of pending
+  offers. None of them can make an enrolled credential's OTP key appear in the
+  clear: the KEK only unwraps into keys that are sensitive and not
+  extractable, and the per-offer key that made the credential is gone.
+
+No code path here reads a secret key's CKA_VALUE.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
+import ctypes
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,35 +70,115 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hsm_auth import ec as ecutil
 from hsm_auth import key_transport
-from hsm_auth.errors import HsmAuthError, StateError
-from hsm_auth.keystore import NO_AUTH, KeyKind
+from hsm_auth.errors import DecodeError, HsmAuthError, StateError
+from hsm_auth.keystore import NO_AUTH
 from hsm_auth.store.base import CredentialRecord
 from hsm_auth.uri import Pkcs11Uri
-from hsm_auth.verifier_keys import MacFunction, VerifierKeys
+from hsm_auth.verifier_keys import MacFunction, OfferKey, VerifierKeys, key_agreement
 
-from .pkcs11 import Pkcs11KeyStore, _text, convert_error
+from .pkcs11 import _P256_PARAMS, Pkcs11KeyStore, _public_from_point, _text, convert_error
+
+#: What a token answers when an AES key wrap does not unwrap: the codes PKCS#11 names
+#: for it, and CKR_GENERAL_ERROR, which SoftHSM returns for a failed integrity check (measured).
+_BAD_WRAP = {"EncryptedDataInvalid", "EncryptedDataLenRange", "WrappedKeyInvalid",
+             "WrappedKeyLenRange", "DataInvalid", "DataLenRange", "GeneralError"}
+#: What follows the verifier's ``.../offer/`` label prefix: the offer id and its expiry.
+_OFFER_LABEL = re.compile(r"([0-9a-f]{32})/([0-9]{1,20})")
+#: What the KEK and the signing key must be, checked whenever the keys are opened.
+_KEK_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False, "WRAP": True,
+             "UNWRAP": True, "ENCRYPT": False, "DECRYPT": False, "DERIVE": False,
+             "SIGN": False}
+_SIGNING_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False, "SIGN": True,
+                 "DECRYPT": False, "UNWRAP": False, "DERIVE": False}
+_ID_BYTES = 16
+
+
+class _Attribute(ctypes.Structure):
+    _fields_ = (("type", ctypes.c_ulong), ("value", ctypes.c_void_p), ("length", ctypes.c_ulong))
+
+
+def _mapper(p11: Any) -> Any:
+    """python-pkcs11's attribute mapper plus the array attributes (CKA_WRAP_TEMPLATE,
+    CKA_UNWRAP_TEMPLATE), packed as a CK_ATTRIBUTE array whose values stay alive
+    as long as the mapper (they are only written, when the KEK is made)."""
+    from pkcs11.attributes import AttributeMapper
+
+    mapper = AttributeMapper()
+    alive: list[object] = []
+
+    def pack(template: dict[Any, Any]) -> bytes:
+        array = (_Attribute * len(template))()
+        for i, (attr, value) in enumerate(template.items()):
+            data = mapper.pack_attribute(attr, value)
+            buffer = ctypes.create_string_buffer(data, len(data))
+            alive.append(buffer)
+            array[i] = _Attribute(int(attr), ctypes.cast(buffer, ctypes.c_void_p), len(data))
+        alive.append(array)
+        return ctypes.string_at(ctypes.addressof(array), ctypes.sizeof(array))
+
+    for attr in (p11.Attribute.WRAP_TEMPLATE, p11.Attribute.UNWRAP_TEMPLATE):
+        mapper.register_handler(attr, pack, bytes)
+    return mapper
+
+
+def _usages(p11: Any, **on: bool) -> dict[Any, bool]:
+    """Every key usage attribute false, except those named in ``on``."""
+    attr = p11.Attribute
+    names = ("ENCRYPT", "DECRYPT", "SIGN", "VERIFY", "WRAP", "UNWRAP", "DERIVE")
+    return {getattr(attr, n): on.get(n.lower(), False) for n in names}
+
+
+def unwrapped_template(p11: Any) -> dict[Any, Any]:
+    """The KEK's CKA_UNWRAP_TEMPLATE: what every key it unwraps is."""
+    attr = p11.Attribute
+    return {
+        attr.CLASS: p11.ObjectClass.SECRET_KEY,
+        attr.KEY_TYPE: p11.KeyType.GENERIC_SECRET,
+        attr.TOKEN: False,
+        attr.SENSITIVE: True,
+        attr.EXTRACTABLE: False,
+        attr.MODIFIABLE: False,
+        **_usages(p11, sign=True),
+    }
+
+
+def wrappable_template(p11: Any) -> dict[Any, Any]:
+    """The KEK's CKA_WRAP_TEMPLATE: what it can wrap (session secrets without usage)."""
+    attr = p11.Attribute
+    return {
+        attr.CLASS: p11.ObjectClass.SECRET_KEY,
+        attr.KEY_TYPE: p11.KeyType.GENERIC_SECRET,
+        attr.TOKEN: False,
+        **_usages(p11),
+    }
 
 
 class Pkcs11VerifierKeys(VerifierKeys):
-    """Both keys in a PKCS#11 token, used through the project's PKCS#11 backend
-    (login from the URI's ``pin-source``, signing, key generation) plus one
-    extra session of this process for the per-check session keys."""
+    """The signing key, the KEK and the per-offer agreement keys in a PKCS#11 token,
+    used through the project's PKCS#11 backend (login from the URI's ``pin-source``,
+    signing, key generation) plus one session of this process for the rest."""
 
     kind: ClassVar[str] = "pkcs11"
     LABEL_PREFIX: ClassVar[str] = "hsm-auth-verifier"
 
-    def __init__(self, token_uri: str, store: Any, signing_uri: str, agreement_uri: str) -> None:
+    def __init__(self, token_uri: str, store: Any, signing_uri: str, kek_uri: str) -> None:
         self.token_uri = token_uri
         self.signing_uri = signing_uri
-        self.agreement_uri = agreement_uri
+        self.kek_uri = kek_uri
         self._store = store
         self._lock = threading.RLock()
         self._auth = NO_AUTH
         self._signing_public = store.public_key(signing_uri, NO_AUTH)
-        self._agreement_public = store.public_key(agreement_uri, NO_AUTH)
+        kek = Pkcs11Uri.parse(kek_uri)
+        label = kek.object or ""
+        if not (label.startswith(f"{self.LABEL_PREFIX}/") and label.endswith("/kek")):
+            raise StateError("the verifier's key-encryption key URI names no hsm-auth KEK")
+        #: Label prefix of this verifier's per-offer keys.
+        self._offer_prefix = label[: -len("kek")] + "offer/"
         self._p11: Any = None
         self._session: Any = None
-        self._agreement_key: Any = None
+        self._kek: Any = None
+        self._open_session()
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -69,24 +188,97 @@ class Pkcs11VerifierKeys(VerifierKeys):
 
     @classmethod
     def create(cls, token_uri: str) -> Pkcs11VerifierKeys:
-        """Generate the signing and agreement key pairs in the token named by ``token_uri``."""
-        store = cls._open_store(token_uri)
+        """Generate the signing key pair and the KEK in the token named by ``token_uri``."""
+        import pkcs11 as p11
+
+        store = cls._open_store(token_uri)  # logged in (pin-source): our session shares it
         try:
-            tag = os.urandom(4).hex()
-            signing = store.generate_key(f"{cls.LABEL_PREFIX}/{tag}/sign", KeyKind.SIGNING, NO_AUTH)
-            agreement = store.generate_key(
-                f"{cls.LABEL_PREFIX}/{tag}/ecdh", KeyKind.AGREEMENT, NO_AUTH
-            )
-            return cls(token_uri, store, signing, agreement)
+            prefix = f"{cls.LABEL_PREFIX}/{os.urandom(4).hex()}"
+            session = cls._token_session(token_uri)
+            try:
+                signing = cls._generate_signing(session, token_uri, f"{prefix}/sign")
+                kek = cls._generate_kek(session, token_uri, f"{prefix}/kek")
+            except p11.PKCS11Error as e:
+                raise convert_error(e, "generate the verifier's keys") from e
+            finally:
+                with contextlib.suppress(p11.PKCS11Error):
+                    session.close()
+            return cls(token_uri, store, signing, kek)
         except BaseException:
             store.close()
             raise
 
+    @staticmethod
+    def _key_uri(session: Any, token_uri: str, kind: str, label: str, ident: bytes) -> str:
+        token = session.token
+        return str(Pkcs11Uri(
+            token=_text(token.label), serial=_text(token.serial), type=kind,
+            module_path=Pkcs11Uri.parse(token_uri).module_path, object=label, id=ident,
+        ))
+
     @classmethod
-    def open(cls, token_uri: str, signing_uri: str, agreement_uri: str) -> Pkcs11VerifierKeys:
+    def _generate_signing(cls, session: Any, token_uri: str, label: str) -> str:
+        """The signing key pair: CKA_SIGN only and not modifiable, so that nobody can
+        turn CKA_DERIVE on later (the backend's signing keys are modifiable)."""
+        import pkcs11 as p11
+
+        attr = p11.Attribute
+        ident = os.urandom(_ID_BYTES)
+        params = session.create_domain_parameters(
+            p11.KeyType.EC, {attr.EC_PARAMS: _P256_PARAMS}, local=True
+        )
+        params.generate_keypair(
+            id=ident,
+            label=label,
+            store=True,
+            capabilities=p11.MechanismFlag.SIGN | p11.MechanismFlag.VERIFY,
+            public_template={attr.TOKEN: True, attr.PRIVATE: False, attr.DERIVE: False,
+                             attr.MODIFIABLE: False},
+            private_template={
+                attr.TOKEN: True,
+                attr.PRIVATE: True,
+                attr.SENSITIVE: True,
+                attr.EXTRACTABLE: False,
+                attr.MODIFIABLE: False,
+                attr.SIGN: True,
+                attr.DECRYPT: False,
+                attr.UNWRAP: False,
+                attr.DERIVE: False,
+            },
+        )
+        return cls._key_uri(session, token_uri, "private", label, ident)
+
+    @classmethod
+    def _generate_kek(cls, session: Any, token_uri: str, label: str) -> str:
+        import pkcs11 as p11
+
+        attr = p11.Attribute
+        ident = os.urandom(_ID_BYTES)
+        session.generate_key(
+            p11.KeyType.AES,
+            256,
+            id=ident,
+            label=label,
+            store=True,
+            capabilities=0,
+            template={
+                attr.TOKEN: True,
+                attr.PRIVATE: True,
+                attr.SENSITIVE: True,
+                attr.EXTRACTABLE: False,
+                attr.MODIFIABLE: False,
+                **_usages(p11, wrap=True, unwrap=True),
+                attr.UNWRAP_TEMPLATE: unwrapped_template(p11),
+                attr.WRAP_TEMPLATE: wrappable_template(p11),
+            },
+        )
+        return cls._key_uri(session, token_uri, "secret-key", label, ident)
+
+    @classmethod
+    def open(cls, token_uri: str, signing_uri: str, kek_uri: str) -> Pkcs11VerifierKeys:
         store = cls._open_store(token_uri)
         try:
-            return cls(token_uri, store, signing_uri, agreement_uri)
+            return cls(token_uri, store, signing_uri, kek_uri)
         except BaseException:
             store.close()
             raise
@@ -98,19 +290,23 @@ class Pkcs11VerifierKeys(VerifierKeys):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], uri: str | None) -> Pkcs11VerifierKeys:
         try:
-            token, signing, agreement = (
-                str(spec["token"]), str(spec["signing"]), str(spec["agreement"])
-            )
+            token, signing = str(spec["token"]), str(spec["signing"])
         except KeyError:
             raise StateError("the verifier identity names HSM keys incompletely") from None
-        return cls.open(uri or token, signing, agreement)
+        if "kek" not in spec:
+            raise StateError(
+                "this verifier's HSM keys predate per-offer agreement keys (identity.json "
+                "names no key-encryption key): make a new verifier with 'hsm-auth verifier "
+                "init --hsm', enroll its users again and delete the old hsm-auth-verifier keys"
+            )
+        return cls.open(uri or token, signing, str(spec["kek"]))
 
     def to_json(self) -> dict[str, str]:
         return {
             "type": self.kind,
             "token": self.token_uri,
             "signing": self.signing_uri,
-            "agreement": self.agreement_uri,
+            "kek": self.kek_uri,
         }
 
     def close(self) -> None:
@@ -119,65 +315,108 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 with contextlib.suppress(Exception):  # a session that is gone is fine
                     self._session.close()
                 self._session = None
-                self._agreement_key = None
+                self._kek = None
             self._store.close()
 
-    # --- the extra session -----------------------------------------------------
+    # --- our own session -------------------------------------------------------
 
-    def _derive_session(self) -> tuple[Any, Any]:
-        """(python-pkcs11 module, agreement private key object) in our own session.
-
-        The backend store logged in; PKCS#11 login state belongs to the
-        application and token, so this session is logged in too.
-        """
-        if self._session is not None:
-            return self._p11, self._agreement_key
+    @staticmethod
+    def _token_session(key_uri: str) -> Any:
+        """A read-write session on the token ``key_uri`` names, with the array
+        attributes mapped. The backend store logged in; PKCS#11 login state belongs
+        to the application and token, so this session is logged in too."""
         import pkcs11
 
-        uri = Pkcs11Uri.parse(self.agreement_uri)
-        module = uri.module_path
-        if module is None:
-            raise StateError("the verifier's agreement key URI has no module-path")
+        uri = Pkcs11Uri.parse(key_uri)
+        if uri.module_path is None:
+            raise StateError("the verifier's key URI has no module-path")
         try:
-            lib = pkcs11.lib(module)
+            lib = pkcs11.lib(uri.module_path)
             tokens = [
                 t for t in lib.get_tokens(token_label=uri.token)
                 if uri.serial is None or _text(t.serial) == uri.serial
             ]
             if len(tokens) != 1:
-                raise StateError(f"{len(tokens)} tokens match the verifier's agreement key URI")
-            session = tokens[0].open(rw=False)
-            try:
-                key = session.get_key(
-                    object_class=pkcs11.ObjectClass.PRIVATE_KEY, id=uri.id, label=uri.object
-                )
-            except BaseException:
-                session.close()
-                raise
+                raise StateError(f"{len(tokens)} tokens match the verifier's key URI")
+            return tokens[0].open(rw=True, attribute_mapper=_mapper(pkcs11))
         except pkcs11.PKCS11Error as e:
-            raise convert_error(e, "open the verifier's agreement key") from e
-        self._p11, self._session, self._agreement_key = pkcs11, session, key
-        return pkcs11, key
+            raise convert_error(e, "open a session for the verifier's keys") from e
 
-    def _derive(self, peer: ec.EllipticCurvePublicKey, *, extractable: bool) -> Any:
-        p11, private = self._derive_session()
+    def _open_session(self) -> None:
+        import pkcs11
+
+        session = self._token_session(self.signing_uri)
+        try:
+            kek = self._checked(session, self.kek_uri, pkcs11.ObjectClass.SECRET_KEY,
+                                _KEK_MUST, "key-encryption key", "wrap/unwrap-only")
+            self._checked(session, self.signing_uri, pkcs11.ObjectClass.PRIVATE_KEY,
+                          _SIGNING_MUST, "signing key", "sign-only")
+        except BaseException:
+            with contextlib.suppress(pkcs11.PKCS11Error):
+                session.close()
+            raise
+        self._p11, self._session, self._kek = pkcs11, session, kek
+
+    @staticmethod
+    def _checked(session: Any, uri_text: str, object_class: Any, must: dict[str, bool],
+                 name: str, usage: str) -> Any:
+        """The key ``uri_text`` names, refused unless its attributes are ``must``."""
+        import pkcs11
+
+        uri = Pkcs11Uri.parse(uri_text)
+        try:
+            key = session.get_key(object_class=object_class, id=uri.id, label=uri.object)
+            got = key.get_attributes([pkcs11.Attribute[a] for a in must])
+        except pkcs11.PKCS11Error as e:
+            raise convert_error(e, f"open the verifier's {name}") from e
+        if any(bool(got[pkcs11.Attribute[a]]) != value for a, value in must.items()):
+            raise StateError(
+                f"the verifier's {name} in the HSM is not a sensitive, unextractable, "
+                f"unmodifiable {usage} key; refusing to use it"
+            )
+        return key
+
+    def _ready(self) -> tuple[Any, Any, Any]:
+        if self._session is None:
+            raise StateError("these verifier keys are closed")
+        return self._p11, self._session, self._kek
+
+    def _offer_private(self, offer_id: bytes) -> Any:
+        p11, session, _ = self._ready()
+        found = [
+            key for key in session.get_objects(
+                {p11.Attribute.CLASS: p11.ObjectClass.PRIVATE_KEY, p11.Attribute.ID: offer_id}
+            )
+            if str(key[p11.Attribute.LABEL]).startswith(self._offer_prefix)
+        ]
+        if not found:
+            raise StateError(
+                "the offer's agreement key is not in the HSM (used, purged, or made by "
+                "another verifier); make a new offer"
+            )
+        return found[0]
+
+    def _derive(self, private: Any, peer: ec.EllipticCurvePublicKey, key_type: Any,
+                **usage: bool) -> Any:
+        """ECDH x-coordinate of ``private`` and ``peer`` as a session key of ``key_type``:
+        sensitive; extractable only without any usage (for the KEK to wrap)."""
+        p11 = self._p11
         attr = p11.Attribute
         point = peer.public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
         return private.derive_key(
-            p11.KeyType.GENERIC_SECRET,
+            key_type,
             256,
             store=False,
-            capabilities=p11.MechanismFlag.SIGN,
+            capabilities=0,
             mechanism=p11.Mechanism.ECDH1_DERIVE,
             mechanism_param=(p11.KDF.NULL, None, point),
             template={
                 attr.TOKEN: False,
-                attr.SENSITIVE: not extractable,
-                attr.EXTRACTABLE: extractable,
-                attr.SIGN: True,
-                attr.VERIFY: False,
+                attr.SENSITIVE: True,
+                attr.EXTRACTABLE: not usage,
+                **_usages(p11, **usage),
             },
         )
 
@@ -187,53 +426,118 @@ class Pkcs11VerifierKeys(VerifierKeys):
     def signing_public(self) -> ec.EllipticCurvePublicKey:
         return self._signing_public  # type: ignore[no-any-return]
 
-    @property
-    def agreement_public(self) -> ec.EllipticCurvePublicKey:
-        return self._agreement_public  # type: ignore[no-any-return]
-
     def sign_raw(self, data: bytes) -> bytes:
         with self._lock:
             return ecutil.der_to_raw(self._store.sign(self.signing_uri, data, self._auth))
 
-    def _unwrap(self, wrapped: bytes) -> bytes:
-        peer = key_transport.ephemeral_point(wrapped)
+    def offer_key(self, offer_id: bytes, expires: int) -> ec.EllipticCurvePublicKey:
+        if len(offer_id) != _ID_BYTES or not 0 <= expires < 10**20:
+            raise StateError("an offer id is 16 bytes and its expiry a time")
         with self._lock:
+            p11, session, _ = self._ready()
+            attr = p11.Attribute
             try:
-                secret = self._derive(peer, extractable=True)
+                params = session.create_domain_parameters(
+                    p11.KeyType.EC, {attr.EC_PARAMS: _P256_PARAMS}, local=True
+                )
+                public, _private = params.generate_keypair(
+                    id=offer_id,
+                    label=f"{self._offer_prefix}{offer_id.hex()}/{expires}",
+                    store=True,
+                    capabilities=p11.MechanismFlag.DERIVE,
+                    public_template={attr.TOKEN: False, attr.PRIVATE: False,
+                                     attr.VERIFY: False, attr.DERIVE: False},
+                    private_template={
+                        attr.TOKEN: True,
+                        attr.PRIVATE: True,
+                        attr.SENSITIVE: True,
+                        attr.EXTRACTABLE: False,
+                        attr.MODIFIABLE: False,
+                        attr.SIGN: False,
+                        attr.DECRYPT: False,
+                        attr.UNWRAP: False,
+                        attr.DERIVE: True,
+                    },
+                )
                 try:
-                    shared = bytes(secret[self._p11.Attribute.VALUE])
+                    return _public_from_point(public[attr.EC_POINT])
                 finally:
-                    secret.destroy()
+                    public.destroy()
+            except p11.PKCS11Error as e:
+                raise convert_error(e, "generate an offer's agreement key",
+                                    mechanism="CKM_EC_KEY_PAIR_GEN") from e
+
+    def seal(self, offer_id: bytes, credential: CredentialRecord) -> bytes:
+        agreement = key_agreement(credential)
+        with self._lock:
+            p11, _, kek = self._ready()
+            try:
+                private = self._offer_private(offer_id)
+                if credential.agreement_key is not None:
+                    z = self._derive(private, ecutil.decode_point(agreement),
+                                     p11.KeyType.GENERIC_SECRET)
+                    try:
+                        return bytes(kek.wrap_key(z, mechanism=p11.Mechanism.AES_KEY_WRAP))
+                    finally:
+                        z.destroy()
+                peer = key_transport.ephemeral_point(agreement)
+                z_e = self._derive(private, peer, p11.KeyType.AES, unwrap=True)
+                try:
+                    otp_key = self._unwrap_transport(z_e, key_transport.key_wrap_part(agreement))
+                finally:
+                    z_e.destroy()
+                try:
+                    return bytes(kek.wrap_key(otp_key, mechanism=p11.Mechanism.AES_KEY_WRAP))
+                finally:
+                    otp_key.destroy()
             except HsmAuthError:
                 raise
-            except Exception as e:
-                raise convert_error(e, "derive the key-transport secret") from e
-        return key_transport.open_with_shared(shared, wrapped)
+            except p11.PKCS11Error as e:
+                raise convert_error(e, "seal the OTP key in the HSM") from e
 
-    def check_wrapped(self, wrapped: bytes) -> None:
-        self._unwrap(wrapped)
+    def _unwrap_transport(self, z_e: Any, ciphertext: bytes) -> Any:
+        p11 = self._p11
+        attr = p11.Attribute
+        try:
+            return z_e.unwrap_key(
+                p11.ObjectClass.SECRET_KEY,
+                p11.KeyType.GENERIC_SECRET,
+                ciphertext,
+                mechanism=p11.Mechanism.AES_KEY_WRAP,
+                store=False,
+                capabilities=0,
+                template={attr.TOKEN: False, attr.SENSITIVE: True, attr.EXTRACTABLE: True,
+                          **_usages(p11)},
+            )
+        except p11.PKCS11Error as e:
+            if type(e).__name__ in _BAD_WRAP:
+                raise DecodeError("wrapped OTP key does not unwrap") from None
+            raise
 
     @contextmanager
     def otp_macs(self, credential: CredentialRecord) -> Iterator[MacFunction]:
-        if credential.agreement_key is None:
-            if credential.wrapped_otp_key is None:
-                raise StateError("the credential has neither an agreement key nor a wrapped key")
-            key = self._unwrap(credential.wrapped_otp_key)
-
-            def host_mac(data: bytes) -> bytes:
-                return hmac.digest(key, data, hashlib.sha256)
-
-            yield host_mac
-            return
-        peer = ecutil.decode_point(credential.agreement_key)
+        sealed = credential.sealed_otp_key
+        if sealed is None:
+            raise StateError("the credential has no sealed OTP key; enroll it again")
         with self._lock:
+            p11, _, kek = self._ready()
+            template = {
+                k: v for k, v in unwrapped_template(p11).items()
+                if k not in (p11.Attribute.CLASS, p11.Attribute.KEY_TYPE)
+            }
             try:
-                secret = self._derive(peer, extractable=False)
-            except HsmAuthError:
-                raise
-            except Exception as e:
-                raise convert_error(e, "derive the OTP key in the HSM") from e
-            mechanism = self._p11.Mechanism.SHA256_HMAC
+                secret = kek.unwrap_key(
+                    p11.ObjectClass.SECRET_KEY,
+                    p11.KeyType.GENERIC_SECRET,
+                    sealed,
+                    mechanism=p11.Mechanism.AES_KEY_WRAP,
+                    store=False,
+                    capabilities=0,
+                    template=template,
+                )
+            except p11.PKCS11Error as e:
+                raise convert_error(e, "open the sealed OTP key in the HSM") from e
+            mechanism = p11.Mechanism.SHA256_HMAC
 
             def hsm_mac(data: bytes) -> bytes:
                 try:
@@ -249,4 +553,36 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 except Exception as e:
                     raise convert_error(e, "destroy the per-check OTP key") from e
 
+    def offer_keys(self) -> list[OfferKey]:
+        with self._lock:
+            p11, session, _ = self._ready()
+            attr = p11.Attribute
+            held: list[OfferKey] = []
+            try:
+                for key in session.get_objects({attr.CLASS: p11.ObjectClass.PRIVATE_KEY}):
+                    label = str(key[attr.LABEL])
+                    if not label.startswith(self._offer_prefix):
+                        continue
+                    found = _OFFER_LABEL.fullmatch(label[len(self._offer_prefix):])
+                    if found is None:  # ours, but not as we write it: stale
+                        held.append(OfferKey(bytes(key[attr.ID]), 0))
+                    else:
+                        held.append(OfferKey(bytes.fromhex(found[1]), int(found[2])))
+            except p11.PKCS11Error as e:
+                raise convert_error(e, "list the offers' agreement keys") from e
+            return held
 
+    def drop_offer_key(self, offer_id: bytes) -> None:
+        with self._lock:
+            p11, session, _ = self._ready()
+            attr = p11.Attribute
+            try:
+                for key in list(session.get_objects(
+                    {attr.CLASS: p11.ObjectClass.PRIVATE_KEY, attr.ID: offer_id}
+                )):
+                    if str(key[attr.LABEL]).startswith(self._offer_prefix):
+                        # Gone meanwhile (another process purged it) is what we wanted.
+                        with contextlib.suppress(p11.ObjectHandleInvalid):
+                            key.destroy()
+            except p11.PKCS11Error as e:
+                raise convert_error(e, "destroy an offer's agreement key") from e

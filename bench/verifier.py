@@ -1,14 +1,17 @@
 """Verifier throughput, in one run:
 
-1. OCRA checks/s of pure computation (key known, no ECDH, no database): the floor;
-2. the same with the ECDH that derives the OTP key (file keys): on every check
-   (a cache miss), and with the derived key cached (``OtpKeyCache``);
-3. memory: RSS growth of a fresh process that checks N distinct credentials
+1. OCRA checks/s of pure computation (key known, no database): the floor;
+2. the same with the sealed OTP key opened (file keys: AES-GCM under the file
+   KEK) on every check (a cache miss), and with the opened key cached (``OtpKeyCache``);
+3. with the verifier's keys in SoftHSM (if installed): checks/s, each unwrapping
+   the sealed OTP key into the HSM and HMACing there (a PKCS#11-style and a
+   FIDO2-style credential), and enrollments sealed/s (per-offer key, ECDH, wrap);
+4. memory: RSS growth of a fresh process that checks N distinct credentials
    once each (file keys), the cache's share of it, and the checks/s of that
    first pass (all misses) and of a second one;
-4. durable verifications/s on SQLite, 1 process (WAL, synchronous=FULL), with
+5. durable verifications/s on SQLite, 1 process (WAL, synchronous=FULL), with
    group commit (``Verifier.verify_many``) and, for comparison, one commit each;
-5. durable verifications/s on PostgreSQL (a throw-away server started here,
+6. durable verifications/s on PostgreSQL (a throw-away server started here,
    fsync=on, synchronous_commit=on) with 1 and 2 processes.
 
 Every verification is a real one: a fresh session, a valid OTP, compare-and-swap
@@ -21,6 +24,7 @@ of the ATC and the burn of the session committed before the result is counted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import hashlib
 import multiprocessing
@@ -33,10 +37,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
 from hsm_auth import ec, ocra, transcript
+from hsm_auth.key_transport import wrap_otp_key
 from hsm_auth.methods import Method
 from hsm_auth.otp_scheme import OtpScheme
 from hsm_auth.store import CredentialRecord, SessionRecord
 from hsm_auth.verifier import Verifier
+from hsm_auth.verifier_keys import VerifierKeys
 
 SCHEME = OtpScheme.default()
 SUITE = SCHEME.suite
@@ -54,24 +60,82 @@ def ocra_floor(n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def with_ecdh(n: int, cache_bytes: int) -> float:
-    """Checks/s of one credential, its key derived on each check (``cache_bytes=0``) or cached."""
-    from hsm_auth.verifier_keys import FileVerifierKeys
-
-    keys = FileVerifierKeys(
-        cec.generate_private_key(ec.CURVE), cec.generate_private_key(ec.CURVE),
-        cache_bytes=cache_bytes,
-    )
+def _device_credential(keys: VerifierKeys, user: str = "u") -> tuple[CredentialRecord, bytes]:
+    """A PKCS#11-style credential enrolled through ``keys`` (its own offer key, sealed,
+    the offer key dropped) and its OTP key."""
+    offer_id = os.urandom(16)
     device = cec.generate_private_key(ec.CURVE)
-    cred = CredentialRecord(
-        "u", Method.DEVICE, "x", b"", ec.encode_point(device.public_key()), None, SUITE.text, 0, 0
-    )
+    otp_key = device.exchange(cec.ECDH(), keys.offer_key(offer_id, NOW + 3600))
+    point = ec.encode_point(device.public_key())
+    cred = CredentialRecord(user, Method.DEVICE, "bench", point, point, None, SUITE.text, 0, NOW)
+    cred = dataclasses.replace(cred, sealed_otp_key=keys.seal(offer_id, cred))
+    keys.drop_offer_key(offer_id)
+    return cred, otp_key
+
+
+def _fido2_credential(keys: VerifierKeys) -> CredentialRecord:
+    offer_id = os.urandom(16)
+    wrapped = wrap_otp_key(os.urandom(32), keys.offer_key(offer_id, NOW + 3600))
+    point = ec.encode_point(cec.generate_private_key(ec.CURVE).public_key())
+    cred = CredentialRecord("u", Method.FACE, "bench", point, None, wrapped, SUITE.text, 0, NOW)
+    cred = dataclasses.replace(cred, sealed_otp_key=keys.seal(offer_id, cred))
+    keys.drop_offer_key(offer_id)
+    return cred
+
+
+def checks(keys: VerifierKeys, cred: CredentialRecord, n: int) -> float:
+    """Checks/s of one credential: one ``otp_macs`` block (open the sealed key) and one MAC."""
     question = hashlib.sha256(b"q").hexdigest()
     start = time.perf_counter()
     for i in range(n):
         with keys.otp_macs(cred) as mac:
             ocra.truncate(mac(SUITE.data_input(counter=i, question=question)), SUITE.digits)
     return n / (time.perf_counter() - start)
+
+
+def with_file_keys(n: int, cache_bytes: int) -> float:
+    """Checks/s with file keys, the sealed key opened each check (``cache_bytes=0``) or cached."""
+    from hsm_auth.verifier_keys import FileVerifierKeys
+
+    keys = FileVerifierKeys(
+        cec.generate_private_key(ec.CURVE), cec.generate_private_key(ec.CURVE),
+        cache_bytes=cache_bytes,
+    )
+    return checks(keys, _device_credential(keys)[0], n)
+
+
+def with_hsm(n: int, enrollments: int) -> dict[str, float] | str:
+    """Checks/s and seals/s with the verifier's keys in a throw-away SoftHSM token."""
+    from hsm_auth.testing.softhsm import init_token, softhsm_available, softhsm_environment
+    from hsm_auth.uri import Pkcs11Uri
+    from hsm_auth.verifier_keys import create_keys
+
+    reason = softhsm_available()
+    if reason:
+        return reason
+    with (
+        tempfile.TemporaryDirectory(prefix="hsm-auth-bench-hsm-") as tmp,
+        softhsm_environment(tmp),
+    ):
+        token = init_token("bench", so_pin="12345678", user_pin="bench-pin")
+        pin = Path(tmp) / "pin"
+        pin.write_text("bench-pin")
+        pin.chmod(0o600)
+        uri = Pkcs11Uri(token=token.label, module_path=token.module_path,
+                        pin_source=f"file:{pin}")
+        keys = create_keys("pkcs11", str(uri))
+        try:
+            start = time.perf_counter()
+            for _ in range(enrollments):
+                _device_credential(keys)
+            sealed = enrollments / (time.perf_counter() - start)
+            return {
+                "device": checks(keys, _device_credential(keys)[0], n),
+                "fido2": checks(keys, _fido2_credential(keys), n),
+                "sealed": sealed,
+            }
+        finally:
+            keys.close()
 
 
 def _rss_bytes() -> int:
@@ -87,14 +151,7 @@ def distinct_credentials(n: int) -> dict[str, float]:
     from hsm_auth.verifier_keys import FileVerifierKeys
 
     keys = FileVerifierKeys(cec.generate_private_key(ec.CURVE), cec.generate_private_key(ec.CURVE))
-    creds = [
-        CredentialRecord(
-            "u", Method.DEVICE, "x", b"",
-            ec.encode_point(cec.generate_private_key(ec.CURVE).public_key()),
-            None, SUITE.text, 0, 0,
-        )
-        for _ in range(n)
-    ]
+    creds = [_device_credential(keys)[0] for _ in range(n)]
     data = SUITE.data_input(counter=1, question=hashlib.sha256(b"q").hexdigest())
 
     def one_pass() -> float:
@@ -123,19 +180,12 @@ def distinct_credentials(n: int) -> dict[str, float]:
 def populate(v: Verifier, users: int, rounds: int, prefix: str) -> list[list[tuple[bytes, str]]]:
     """Enroll ``users`` credentials and make ``rounds`` sessions + valid OTPs for each.
     Returns the requests round by round (each round has every user once)."""
-    agreement = v.keys.agreement_public
     keys: dict[str, tuple[bytes, bytes]] = {}
     for u in range(users):
         user = f"{prefix}{u}"
-        device = cec.generate_private_key(ec.CURVE)
-        point = ec.encode_point(device.public_key())
-        keys[user] = (device.exchange(cec.ECDH(), agreement), transcript.credential_id(point))
-        v.store.save_credential(
-            CredentialRecord(
-                user, Method.DEVICE, "bench", point, point, None, SUITE.text, 0, NOW,
-            ),
-            replace=False,
-        )
+        cred, otp_key = _device_credential(v.keys, user)
+        keys[user] = (otp_key, transcript.credential_id(cred.signing_key))
+        v.store.save_credential(cred, replace=False)
     plan: list[list[tuple[bytes, str]]] = []
     for atc in range(1, rounds + 1):
         sessions, requests = [], []
@@ -207,12 +257,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--distinct", type=int, default=100_000, help="credentials for the RSS run")
+    parser.add_argument("--hsm-checks", type=int, default=3000, help="checks per HSM figure")
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
     print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     print(f"OCRA checks/s, pure computation (floor)         : {ocra_floor(100_000):10,.0f}")
-    print(f"OCRA checks/s, ECDH on every check (file keys)  : {with_ecdh(10_000, 0):10,.0f}")
-    print(f"OCRA checks/s, derived key cached (file keys)   : {with_ecdh(100_000, 2**20):10,.0f}")
+    print(f"OCRA checks/s, sealed key opened each check (file keys): "
+          f"{with_file_keys(20_000, 0):10,.0f}")
+    print(f"OCRA checks/s, opened key cached (file keys)   : "
+          f"{with_file_keys(100_000, 2**20):10,.0f}")
+    hsm = with_hsm(args.hsm_checks, 200)
+    if isinstance(hsm, str):
+        print(f"HSM: skipped ({hsm})")
+    else:
+        print(f"OCRA checks/s, HSM (SoftHSM) unwrap + HMAC, PKCS#11-style: {hsm['device']:10,.0f}")
+        print(f"OCRA checks/s, HSM (SoftHSM) unwrap + HMAC, FIDO2-style  : {hsm['fido2']:10,.0f}")
+        print(f"HSM (SoftHSM) enrollments sealed/s (offer key, ECDH, wrap, drop): "
+              f"{hsm['sealed']:8,.0f}")
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process for RSS
         m = pool.apply(distinct_credentials, (args.distinct,))
     print(
@@ -221,7 +282,7 @@ def main() -> int:
         f"cache {m['cached']:,} keys, {m['cache_bytes'] / 2**20:.1f} MB counted)"
     )
     print(
-        f"  checks/s over them: first pass (ECDH each) {m['first']:,.0f}, "
+        f"  checks/s over them: first pass (opened each) {m['first']:,.0f}, "
         f"second pass {m['second']:,.0f}"
     )
 

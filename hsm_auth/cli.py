@@ -555,7 +555,10 @@ def cmd_verifier_purge(ctx: Context) -> int:
         count = v.purge(grace=ctx.args.grace)
     finally:
         v.close()
-    ctx.emit(f"purged {count} expired sessions and offers", {"purged": count})
+    ctx.emit(
+        f"purged {count} expired sessions and offers and agreement keys of used or expired offers",
+        {"purged": count},
+    )
     return 0
 
 
@@ -1318,7 +1321,8 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p = vadd(
         "purge",
         cmd_verifier_purge,
-        "delete expired sessions and offers (also done on one in 64 writes)",
+        "delete expired sessions and offers, destroy the agreement keys of used or expired "
+        "offers (also done on one in 64 writes)",
     )
     p.add_argument(
         "--grace",

@@ -8,7 +8,11 @@ change, and JSON lines on the ``hsm_auth.audit`` logger.
 Storage is any :class:`~hsm_auth.store.VerifierStore`: the embedded SQLite file
 in the verifier's directory by default, or PostgreSQL (``database=
 "postgresql://…"``) for many worker processes. Keys are a key file in the
-directory, or a PKCS#11 HSM (``hsm="pkcs11:…"``), see :mod:`hsm_auth.verifier_keys`.
+directory, or a PKCS#11 HSM (``hsm="pkcs11:…"``), see :mod:`hsm_auth.verifier_keys`:
+each offer gets its own agreement key (:meth:`Verifier.create_offer`), which
+:meth:`Verifier.accept_enrollment` uses once to seal the new credential's OTP key
+before it is destroyed; :meth:`Verifier.purge` destroys those of used or expired
+offers that a crash left behind.
 
 Throughput: :meth:`Verifier.verify_many` checks a batch of (session, OTP)
 pairs and commits all their counter changes in **one** durable transaction
@@ -298,42 +302,50 @@ class Verifier:
         name = self.identity.name
         display.check(name, "the verifier name (identity.json)", max_len=display.MAX_NAME)
         OtpScheme.for_suite(self.identity.suite)  # identity.json's suite: one tokens can feed
-        offer = EnrollmentOffer(
-            verifier_id=self.identity.verifier_id,
-            verifier_name=self.identity.name,
-            user=user,
-            offer_id=os.urandom(16),
-            verifier_signing_key=ec.encode_point(self.keys.signing_public),
-            verifier_agreement_key=ec.encode_point(self.keys.agreement_public),
-            suite=self.identity.suite,
-            window=self.identity.window,
-            methods=tuple(dict.fromkeys(methods)),
-            replace=replace,
-            expires=self._now() + self.identity.offer_ttl,
-            # What accept_enrollment will refuse without replace: the authenticator
-            # refuses it before creating keys that would be left over.
-            enrolled=tuple(c.method for c in self.store.credentials(user)),
-        )
-        text = offer.to_text(self.keys.sign_raw)
-        record = AuditRecord(
-            self._now(),
-            Event.OFFER,
-            user,
-            ",".join(m.value for m in offer.methods),
-            detail="replace" if replace else None,
-        )
-        self.store.put_offer(
-            OfferRecord(
-                offer.offer_id,
+        # What accept_enrollment will refuse without replace: the authenticator
+        # refuses it before creating keys that would be left over.
+        enrolled = tuple(c.method for c in self.store.credentials(user))
+        offer_id, expires = os.urandom(16), self._now() + self.identity.offer_ttl
+        # A fresh agreement key for this offer only (verifier_keys: one job each).
+        agreement = self.keys.offer_key(offer_id, expires)
+        try:
+            offer = EnrollmentOffer(
+                verifier_id=self.identity.verifier_id,
+                verifier_name=self.identity.name,
+                user=user,
+                offer_id=offer_id,
+                verifier_signing_key=ec.encode_point(self.keys.signing_public),
+                verifier_agreement_key=ec.encode_point(agreement),
+                suite=self.identity.suite,
+                window=self.identity.window,
+                methods=tuple(dict.fromkeys(methods)),
+                replace=replace,
+                expires=expires,
+                enrolled=enrolled,
+            )
+            text = offer.to_text(self.keys.sign_raw)
+            record = AuditRecord(
+                self._now(),
+                Event.OFFER,
                 user,
-                offer.methods,
-                replace,
-                offer.expires,
-                offer.suite,
-                transcript.offer_hash(offer.body()),
-            ),
-            record,
-        )
+                ",".join(m.value for m in offer.methods),
+                detail="replace" if replace else None,
+            )
+            self.store.put_offer(
+                OfferRecord(
+                    offer.offer_id,
+                    user,
+                    offer.methods,
+                    replace,
+                    offer.expires,
+                    offer.suite,
+                    transcript.offer_hash(offer.body()),
+                ),
+                record,
+            )
+        except BaseException:
+            self.keys.drop_offer_key(offer_id)  # no offer will ever name it
+            raise
         audit.emit([record])
         self._purge_now_and_then()
         return offer, text
@@ -383,7 +395,9 @@ class Verifier:
             atc=response.initial_atc,
             created=self._now(),
         )
-        self._check_confirmation(response, offer.offer_hash, record)
+        # The offer's agreement key makes the OTP key and seals it at once; the key
+        # confirmation is checked with the sealed key, before anything is recorded.
+        record = self._check_confirmation(response, offer.offer_hash, record)
         entry = AuditRecord(
             self._now(),
             Event.ENROLL,
@@ -407,15 +421,22 @@ class Verifier:
             audit.emit([refused])
             raise
         audit.emit([entry])
+        # The offer is used: its agreement key goes. A kill before this line leaves
+        # it to purge(), which destroys the key of every offer used or expired.
+        try:
+            self.keys.drop_offer_key(response.offer_id)
+        except HsmAuthError as e:  # the enrollment is on disk: do not fail it
+            log.warning("destroying the agreement key of a used offer failed: %s", e)
         return saved
 
     def _check_confirmation(
         self, response: EnrollmentResponse, offer_hash: bytes, record: CredentialRecord
-    ) -> None:
+    ) -> CredentialRecord:
         """Key confirmation (docs/PROTOCOL.md): the token MACed the enrollment transcript
-        with the OTP key the verifier derives for ``record``. Whoever answers without
-        holding the agreement key (someone else's public key, a swapped wrapped key)
-        fails here, before anything is recorded."""
+        with the OTP key the offer's agreement key makes of ``record``'s key agreement.
+        Returns ``record`` with that key sealed (:meth:`VerifierKeys.seal`). Whoever
+        answers without holding the agreement key (someone else's public key, a
+        swapped wrapped key) fails here, before anything is recorded."""
         key_agreement = response.agreement_key or response.wrapped_otp_key
         assert key_agreement is not None  # the decoder requires one of them
         message = transcript.confirmation_message(
@@ -428,12 +449,15 @@ class Verifier:
             )
         )
         try:
-            with self.keys.otp_macs(record) as mac:
+            sealed = dataclasses.replace(
+                record, sealed_otp_key=self.keys.seal(response.offer_id, record)
+            )
+            with self.keys.otp_macs(sealed) as mac:
                 ok = transcript.check_confirmation(mac(message), response.confirmation)
         except DecodeError:  # a wrapped key that does not open under the agreement key
             ok = False
         if ok:
-            return
+            return sealed
         refused = AuditRecord(
             self._now(),
             Event.ENROLL_REFUSED,
@@ -454,7 +478,7 @@ class Verifier:
         _check_user(user)
         display.check(context, "the context", max_len=MAX_CONTEXT)
         credentials = self.store.credentials(user)
-        enrolled = {c.method for c in credentials if c.protocol == PROTOCOL_VERSION}
+        enrolled = {c.method for c in credentials if _current(c)}
         if not enrolled:
             if credentials:
                 raise UnknownMethod(
@@ -597,9 +621,9 @@ class Verifier:
         if session.context == SYNC_CONTEXT:  # answered by a sync report, never by an OTP
             return Note(base.refused(Reason.NOT_SYNC))
         creds = [c for c in creds_by_user.get(session.user, []) if c.method in session.methods]
-        usable = [c for c in creds if not c.locked and c.protocol == PROTOCOL_VERSION]
+        usable = [c for c in creds if not c.locked and _current(c)]
         if not usable:
-            if any(c.protocol != PROTOCOL_VERSION for c in creds):
+            if not all(map(_current, creds)):
                 return Note(base.refused(Reason.OLD_PROTOCOL))
             return Note(base.refused(Reason.LOCKED if creds else Reason.CREDENTIAL_GONE))
         # Each credential's own scheme says how long its OTPs are: an OTP no usable
@@ -664,10 +688,26 @@ class Verifier:
 
     def purge(self, *, grace: int = PURGE_GRACE) -> int:
         """Delete sessions and offers that expired more than ``grace`` seconds ago
-        (used or not); returns how many."""
+        (used or not), and destroy the agreement key of every offer that is no
+        longer pending (used, or expired: no grace); returns how many of all these."""
         if not 0 <= grace <= 10**9:
             raise InvalidInput("the purge grace period is 0 to 10^9 seconds")
-        return self.store.purge(self._now() - grace)
+        return self.purge_offer_keys() + self.store.purge(self._now() - grace)
+
+    def purge_offer_keys(self) -> int:
+        """Destroy the agreement key of every offer used or expired (an enrollment
+        killed between its commit and the key's destruction leaves one); returns how
+        many. The key of an offer not stored yet (being made now) is left alone
+        until that offer expires."""
+        held = self.keys.offer_keys()
+        if not held:
+            return 0
+        now = self._now()
+        used = self.store.used_offers(k.offer_id for k in held)
+        stale = [k for k in held if k.expires < now or k.offer_id in used]
+        for key in stale:
+            self.keys.drop_offer_key(key.offer_id)
+        return len(stale)
 
     def _purge_now_and_then(self) -> None:
         if self.purge_every <= 0 or secrets.randbelow(self.purge_every):
@@ -791,6 +831,8 @@ class Verifier:
         )
         if cred is None:
             return Note(base.refused(Reason.CREDENTIAL_GONE))
+        if not _current(cred):
+            return Note(base.refused(Reason.OLD_PROTOCOL))
         if cred.locked:
             return Note(base.refused(Reason.LOCKED))
         if not cred.atc < report.atc <= MAX_ATC - self.identity.resync_window - 1:
@@ -813,6 +855,12 @@ def _unwrap(result: Result) -> Acceptance:
     if isinstance(result, HsmAuthError):
         raise result
     return result
+
+
+def _current(cred: CredentialRecord) -> bool:
+    """Whether ``cred`` can answer: enrolled with this protocol and its OTP key sealed
+    (a credential enrolled before either must enroll again)."""
+    return cred.protocol == PROTOCOL_VERSION and cred.sealed_otp_key is not None
 
 
 def _check_user(user: str) -> None:

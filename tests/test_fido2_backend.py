@@ -44,6 +44,7 @@ from fido2.webauthn import (
 from hsm_auth_backends.fido2 import ALLOW_SOFT_SETTING, ENV_SOFT_DEVICE, OTP_SALT, Fido2KeyStore
 
 from hsm_auth import ec as ecutil
+from hsm_auth import key_transport
 from hsm_auth.cli import describe
 from hsm_auth.errors import (
     BackendError,
@@ -225,9 +226,22 @@ def auth() -> Authorization:
     return AUTH
 
 
+class OfferAgreement:
+    """The verifier's side of one offer's key transport: the offer's agreement key
+    (as the verifier's key file derives it) and the unwrap of a wrapped OTP key."""
+
+    def __init__(self, keys: FileVerifierKeys, offer_id: bytes) -> None:
+        self._private = keys.offer_private(offer_id)
+        self.agreement_public = self._private.public_key()
+
+    def unwrap_otp_key(self, wrapped: bytes) -> bytes:
+        shared = self._private.exchange(ec.ECDH(), key_transport.ephemeral_point(wrapped))
+        return key_transport.open_with_shared(shared, wrapped)
+
+
 @pytest.fixture
-def verifier_keys(tmp_path: Path) -> FileVerifierKeys:
-    return FileVerifierKeys.create(tmp_path / "verifier-keys.pem")
+def verifier_keys(tmp_path: Path) -> OfferAgreement:
+    return OfferAgreement(FileVerifierKeys.create(tmp_path / "verifier-keys.pem"), b"O" * 16)
 
 
 # --- the shared contract ------------------------------------------------------------

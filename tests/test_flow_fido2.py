@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from _verifier_device import Clock
+from cryptography.hazmat.primitives.asymmetric import ec as cec
 
 pytest.importorskip("fido2", reason="python-fido2 (the fido2 extra) is not installed")
 
-from hsm_auth import ec
+from hsm_auth import ec, key_transport
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Config, MethodConfig
 from hsm_auth.errors import (
@@ -249,11 +250,15 @@ def test_uv_cancelled_then_missing_authenticator_lose_no_state(  # type: ignore[
 
 
 def test_enrollment_response_is_unsigned_and_carries_the_wrapped_key(verifier, authenticator):  # type: ignore[no-untyped-def]
-    _, text = verifier.create_offer("carol", methods=[Method.FACE])
+    offer, text = verifier.create_offer("carol", methods=[Method.FACE])
     response, _ = EnrollmentResponse.from_text(authenticator.add_or_update(Method.FACE, text))
     assert response.backend == "fido2" and response.agreement_key is None
-    assert response.wrapped_otp_key is not None
-    assert verifier.keys.unwrap_otp_key(response.wrapped_otp_key)  # decrypts for the verifier
+    wrapped = response.wrapped_otp_key
+    assert wrapped is not None
+    shared = verifier.keys.offer_private(offer.offer_id).exchange(  # the offer's own key
+        cec.ECDH(), key_transport.ephemeral_point(wrapped)
+    )
+    assert key_transport.open_with_shared(shared, wrapped)  # decrypts for the verifier
     ec.decode_point(response.signing_key)
 
 

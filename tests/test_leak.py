@@ -143,7 +143,7 @@ def test_no_secret_in_the_database_or_the_logs(tmp_path, database, softhsm_env, 
         v.revoke("bob", Method.FACE)
 
         carol = v.credential("carol", Method.PIN)
-        carol_otp_key = v.keys.shared_secret(ec.decode_point(carol.agreement_key))
+        carol_otp_key = v.keys.otp_key(carol)
         dump = _dump(v, directory, database)
     finally:
         v.close()
@@ -161,7 +161,8 @@ def test_no_secret_in_the_database_or_the_logs(tmp_path, database, softhsm_env, 
         "alice signing private key": _private_bytes(alice.signing),
         "alice agreement private key": _private_bytes(alice.agreement),
         "verifier signing private key": _private_bytes(v.keys._signing),
-        "verifier agreement private key": _private_bytes(v.keys._agreement),
+        "verifier root secret": _private_bytes(v.keys._root),
+        "verifier key-encryption key": v.keys._kek_bytes,
         "offline PIN": OFFLINE_PIN,
         "SO PIN": "so-Secret-93",
     }

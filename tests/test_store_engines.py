@@ -3,6 +3,7 @@ counting, and failing closed when the database is down (nothing half-written).""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 
@@ -12,7 +13,7 @@ from _verifier_device import Clock, enroll
 from hsm_auth.audit import AuditRecord, Event
 from hsm_auth.errors import InvalidInput, InvalidToken, StateError
 from hsm_auth.methods import Method
-from hsm_auth.store import Accept, Failure, SessionRecord, Status, open_store
+from hsm_auth.store import Accept, Failure, OfferRecord, SessionRecord, Status, open_store
 from hsm_auth.store.postgres import PostgresStore
 from hsm_auth.store.sqlite import SqliteStore
 from hsm_auth.testing.postgres import postgres_available, postgres_server
@@ -54,6 +55,7 @@ def _credential(store, user="alice", atc=0):
             suite="OCRA-1:HOTP-SHA256-8:C-QH64",
             atc=atc,
             created=NOW,
+            sealed_otp_key=b"sealed:" + user.encode(),
         ),
         replace=False,
     )
@@ -69,9 +71,9 @@ def _session(store, sid=b"S" * 16, user="alice", expires=NOW + 300):
 
 def test_fresh_database_reaches_the_latest_version_and_reopening_is_idempotent(spec):
     with open_store(spec) as first:
-        assert first.schema_version() == first.latest_version == 4
+        assert first.schema_version() == first.latest_version == 5
     with open_store(spec) as again:
-        assert again.schema_version() == 4
+        assert again.schema_version() == 5
 
 
 def test_migration_from_version_1_keeps_the_data(spec):
@@ -87,9 +89,10 @@ def test_migration_from_version_1_keeps_the_data(spec):
                 ("alice", "device", "python", b"k", "OCRA-1:HOTP-SHA256-8:C-QH64", 7, NOW),
             )
     with open_store(spec) as new:
-        assert new.schema_version() == 4
+        assert new.schema_version() == 5
         [cred] = new.credentials("alice")
         assert (cred.atc, cred.failures, cred.locked, cred.last_used) == (7, 0, False, None)
+        assert (cred.protocol, cred.sealed_otp_key) == (2, None)  # must re-enroll
         assert new.audit_records() == []
 
 
@@ -107,8 +110,22 @@ def test_a_file_written_by_hsm_auth_0_1_is_upgraded(tmp_path):
     db.commit()
     db.close()
     with SqliteStore(path) as store:
-        assert store.schema_version() == 4
+        assert store.schema_version() == 5
         assert store.session(b"S" * 16).user == "alice"
+
+
+def test_the_sealed_otp_key_and_used_offers_are_stored(spec):
+    with open_store(spec) as store:
+        _credential(store)
+        [cred] = store.credentials("alice")
+        assert cred.sealed_otp_key == b"sealed:alice"
+        assert "sealed" not in repr(cred)
+        for oid in (b"A" * 16, b"B" * 16):
+            store.put_offer(OfferRecord(oid, "bob", (Method.DEVICE,), False, NOW + 60, None, b"h"))
+        record = dataclasses.replace(cred, user="bob", id=0)
+        store.redeem_offer(b"A" * 16, record, now=NOW)
+        assert store.used_offers([b"A" * 16, b"B" * 16, b"C" * 16]) == {b"A" * 16}
+        assert store.used_offers([]) == set()
 
 
 def test_a_newer_schema_is_refused(spec):

@@ -1,5 +1,6 @@
 """The verifier's own keys in a PKCS#11 HSM (SoftHSM): generated there, not
-extractable, no key file; each check derives the OTP key inside the HSM as a
+extractable, no key file; one agreement key per offer, gone once the offer is
+used; each check unwraps the credential's sealed OTP key inside the HSM as a
 session key, HMACs there and destroys it."""
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import json
 import types
 
 import pytest
-from _verifier_device import Clock, enroll
+from _verifier_device import Clock, PythonDevice, enroll
 from hsm_auth_backends.pkcs11_verifier import Pkcs11VerifierKeys
 
-from hsm_auth import cli
-from hsm_auth.errors import InvalidToken
+from hsm_auth import cli, ec
+from hsm_auth.errors import InvalidToken, StateError
+from hsm_auth.files import atomic_write_json, read_json
 from hsm_auth.methods import Method
 from hsm_auth.testing.softhsm import init_token, unique_label
 from hsm_auth.uri import Pkcs11Uri
@@ -45,8 +47,9 @@ def verifier(tmp_path, hsm_uri):
 
 
 def _objects(keys: Pkcs11VerifierKeys, object_class):
-    p11, _ = keys._derive_session()
-    return list(keys._session.get_objects({p11.Attribute.CLASS: object_class}))
+    import pkcs11
+
+    return list(keys._session.get_objects({pkcs11.Attribute.CLASS: object_class}))
 
 
 def test_keys_live_in_the_hsm_and_are_not_extractable(tmp_path, verifier):
@@ -57,11 +60,53 @@ def test_keys_live_in_the_hsm_and_are_not_extractable(tmp_path, verifier):
     assert json.loads(identity)["keys"]["type"] == "pkcs11"
     import pkcs11
 
-    privates = _objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)
-    assert len(privates) == 2
-    for key in privates:
-        assert key[pkcs11.Attribute.SENSITIVE] is True
-        assert key[pkcs11.Attribute.EXTRACTABLE] is False
+    attr = pkcs11.Attribute
+    [signing] = _objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)  # no agreement key
+    [kek] = _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY)
+    for key in (signing, kek):
+        assert key[attr.SENSITIVE] is True
+        assert key[attr.EXTRACTABLE] is False
+    assert (signing[attr.SIGN], signing[attr.DERIVE]) == (True, False)
+    usage = {a: kek[a] for a in (attr.WRAP, attr.UNWRAP, attr.ENCRYPT, attr.DECRYPT,
+                                 attr.DERIVE, attr.SIGN, attr.MODIFIABLE)}
+    assert usage == {attr.WRAP: True, attr.UNWRAP: True, attr.ENCRYPT: False,
+                     attr.DECRYPT: False, attr.DERIVE: False, attr.SIGN: False,
+                     attr.MODIFIABLE: False}
+    assert set(json.loads(identity)["keys"]) == {"type", "token", "signing", "kek"}
+
+
+def test_each_offer_has_its_own_agreement_key_until_it_is_used(tmp_path, verifier):
+    import pkcs11
+
+    attr = pkcs11.Attribute
+    first, _ = verifier.create_offer("alice", methods=[Method.DEVICE])
+    second, text = verifier.create_offer("bob", methods=[Method.DEVICE])
+    assert first.verifier_agreement_key != second.verifier_agreement_key
+    assert first.verifier_agreement_key != ec.encode_point(verifier.keys.signing_public)
+    held = {k.offer_id: k.expires for k in verifier.keys.offer_keys()}
+    assert held == {first.offer_id: first.expires, second.offer_id: second.expires}
+    [key] = [k for k in _objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)
+             if k[attr.ID] == second.offer_id]
+    assert (key[attr.SENSITIVE], key[attr.EXTRACTABLE], key[attr.DERIVE], key[attr.SIGN],
+            key[attr.TOKEN]) == (True, False, True, False, True)
+    assert key[attr.LABEL].endswith(f"/offer/{second.offer_id.hex()}/{second.expires}")
+    verifier.accept_enrollment(PythonDevice().enroll(text, Method.DEVICE))
+    assert [k.offer_id for k in verifier.keys.offer_keys()] == [first.offer_id]
+    # the offers' public halves were destroyed at once: only the signing key's is left
+    [public] = _objects(verifier.keys, pkcs11.ObjectClass.PUBLIC_KEY)
+    assert public[attr.LABEL].endswith("/sign")
+
+
+def test_a_verifier_made_before_the_kek_is_one_clear_error(tmp_path, verifier):
+    directory = tmp_path / "verifier"
+    verifier.close()
+    identity = read_json(directory / "identity.json")
+    keys = dict(identity["keys"])
+    del keys["kek"]
+    keys["agreement"] = keys["signing"]
+    atomic_write_json(directory / "identity.json", {**identity, "keys": keys})
+    with pytest.raises(StateError, match=r"names no key-encryption key\): make a new verifier"):
+        Verifier.open(directory)
 
 
 def test_otp_checks_run_in_the_hsm_and_leave_no_key_behind(tmp_path, verifier):
@@ -76,8 +121,11 @@ def test_otp_checks_run_in_the_hsm_and_leave_no_key_behind(tmp_path, verifier):
     assert verifier.verify(s.session_id, otp).atc == 1
     with pytest.raises(InvalidToken):
         verifier.verify(s.session_id, otp)
-    # Neither token nor session secret keys remain: the per-check keys were destroyed.
-    assert _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY) == []
+    # Only the KEK remains: the per-check keys were destroyed, and so was the offer's
+    # agreement key (only the signing key is left).
+    [kek] = _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY)
+    assert kek[pkcs11.Attribute.LABEL].endswith("/kek")
+    assert len(_objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)) == 1
 
 
 def test_wrapped_keys_and_reopening_with_the_recorded_token(tmp_path, verifier):
@@ -154,7 +202,7 @@ def test_hsm_mode_keeps_no_derived_key_on_the_host(tmp_path, verifier):
     import hsm_auth.verifier_keys as keys_module
 
     device = enroll(verifier, "alice")
-    fido = enroll(verifier, "bob", Method.FACE, wrapped=True)  # unwrapped on the host per check
+    fido = enroll(verifier, "bob", Method.FACE, wrapped=True)
     for user, dev in (("alice", device), ("bob", fido)):
         for _ in range(2):
             s = verifier.start_session(user, "Log in")

@@ -64,6 +64,11 @@ class CredentialRecord:
     #: The protocol the credential was enrolled with: 3 (docs/PROTOCOL.md); an older
     #: one (2: a row from before schema version 4) cannot answer, and must re-enroll.
     protocol: int = 3
+    #: The OTP key sealed by the verifier's keys at enrollment
+    #: (:meth:`hsm_auth.verifier_keys.VerifierKeys.seal`): ciphertext under the
+    #: verifier's key-encryption key, opened (in the HSM, with one) for each check.
+    #: None: a row from before schema version 5, which must re-enroll.
+    sealed_otp_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,10 @@ class VerifierStore(ABC):
     @abstractmethod
     def offer(self, offer_id: bytes) -> OfferRecord | None:
         """The offer ``offer_id`` if it exists and is unused (expired or not)."""
+
+    @abstractmethod
+    def used_offers(self, offer_ids: Iterable[bytes]) -> set[bytes]:
+        """Those of ``offer_ids`` that were redeemed (and not purged yet)."""
 
     # --- credentials --------------------------------------------------------
     @abstractmethod

@@ -64,6 +64,9 @@ _V4 = (
     "ALTER TABLE offers ADD COLUMN offer_hash BYTEA",
     "ALTER TABLE credentials ADD COLUMN protocol INTEGER NOT NULL DEFAULT 2",
 )
+# Version 5: each credential's OTP key sealed by the verifier's key-encryption key
+# (hsm_auth.verifier_keys); rows from before have none and must re-enroll.
+_V5 = ("ALTER TABLE credentials ADD COLUMN sealed_otp_key BYTEA",)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -125,7 +128,7 @@ class _PgCursor:
 
 class PostgresStore(SqlStore):
     engine = "postgresql"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5)
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:
         try:

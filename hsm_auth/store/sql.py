@@ -68,7 +68,7 @@ def methods_parse(text: str) -> tuple[Method, ...]:
 
 _CRED_COLS = (
     "id, user_name, method, backend, signing_key, agreement_key, wrapped_otp_key, suite, atc, "
-    "failures, locked, created, last_used, protocol"
+    "failures, locked, created, last_used, protocol, sealed_otp_key"
 )
 _SESSION_COLS = "session_id, user_name, challenge, context, methods, expires, used"
 AUDIT_INSERT = (
@@ -93,6 +93,7 @@ def _cred(row: Sequence[Any]) -> CredentialRecord:
         created=int(row[11]),
         last_used=None if row[12] is None else int(row[12]),
         protocol=int(row[13]),
+        sealed_otp_key=None if row[14] is None else bytes(row[14]),
     )
 
 
@@ -252,6 +253,18 @@ class SqlStore(VerifierStore):
             None if row[5] is None else bytes(row[5]),
         )
 
+    def used_offers(self, offer_ids: Iterable[bytes]) -> set[bytes]:
+        used: set[bytes] = set()
+        with self._read() as db:
+            for chunk in _chunks(list(dict.fromkeys(offer_ids))):
+                marks = ",".join("?" * len(chunk))
+                rows = db.rows(
+                    f"SELECT offer_id FROM offers WHERE used=1 AND offer_id IN ({marks})",  # noqa: S608
+                    tuple(chunk),
+                )
+                used.update(bytes(row[0]) for row in rows)
+        return used
+
     def redeem_offer(
         self,
         offer_id: bytes,
@@ -305,7 +318,8 @@ class SqlStore(VerifierStore):
             db.count("DELETE FROM credentials WHERE id=?", (exists[0],))
         row = db.one(
             "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
-            "wrapped_otp_key, suite, atc, created, protocol) VALUES (?,?,?,?,?,?,?,?,?,?) "
+            "wrapped_otp_key, suite, atc, created, protocol, sealed_otp_key) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?) "
             "RETURNING id",
             (
                 record.user,
@@ -318,6 +332,7 @@ class SqlStore(VerifierStore):
                 record.atc,
                 record.created,
                 record.protocol,
+                record.sealed_otp_key,
             ),
         )
         self._audit(db, audit)

@@ -61,6 +61,9 @@ _V4 = (
     "ALTER TABLE offers ADD COLUMN offer_hash BLOB",
     "ALTER TABLE credentials ADD COLUMN protocol INTEGER NOT NULL DEFAULT 2",
 )
+# Version 5: each credential's OTP key sealed by the verifier's key-encryption key
+# (hsm_auth.verifier_keys); rows from before have none and must re-enroll.
+_V5 = ("ALTER TABLE credentials ADD COLUMN sealed_otp_key BLOB",)
 
 
 class _SqliteCursor:
@@ -85,7 +88,7 @@ class _SqliteCursor:
 
 class SqliteStore(SqlStore):
     engine = "sqlite"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5)
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
         try:
