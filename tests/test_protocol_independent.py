@@ -28,6 +28,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
 
 HERE = Path(__file__).resolve()
@@ -308,24 +310,35 @@ def _file_keys(verifier_dir: Path) -> list[ec.EllipticCurvePrivateKey]:
 
 def recover_otp_key(verifier_dir: Path, user: str, method: str) -> tuple[bytes, bytes, str, int]:
     """(OTP key, signing key, suite, ATC) of the credential of ``user``/``method``, from the
-    verifier's files as they are today: with file keys, ``keys.pem`` holds the signing key
-    then the agreement private key; ``verifier.db`` holds the credential's public
-    agreement key. The OTP key is Z (docs/PROTOCOL.md, section 7).
+    verifier's files (docs/PROTOCOL.md, section 13, "Verifier key custody"): with file
+    keys, ``keys.pem`` holds the signing key then the key whose private scalar is the
+    root secret; the KEK is HKDF-SHA256 of the root secret; ``verifier.db`` holds the
+    credential's OTP key sealed under it with AES-256-GCM, its row's user, method and
+    public keys the associated data.
 
     The one function to adapt when the verifier's key custody changes."""
-    agreement = _file_keys(verifier_dir)[1]
+    root = _file_keys(verifier_dir)[1].private_numbers().private_value.to_bytes(32, "big")
+    kek = HKDF(hashes.SHA256(), 32, salt=None, info=b"hsm-auth/file-keys/kek/v1").derive(root)
     db = sqlite3.connect(f"file:{verifier_dir / 'verifier.db'}?mode=ro", uri=True)
     try:
         row = db.execute(
-            "SELECT agreement_key, signing_key, suite, atc FROM credentials"
-            " WHERE user_name=? AND method=?",
+            "SELECT sealed_otp_key, signing_key, agreement_key, wrapped_otp_key, suite, atc"
+            " FROM credentials WHERE user_name=? AND method=?",
             (user, method),
         ).fetchone()
     finally:
         db.close()
     assert row is not None, (user, method)
-    agreement_key, signing_key, suite, atc = row
-    return ecdh_x(agreement, bytes(agreement_key)), bytes(signing_key), str(suite), int(atc)
+    sealed, signing_key, agreement_key, wrapped, suite, atc = (
+        bytes(row[0]), bytes(row[1]), row[2], row[3], row[4], row[5]
+    )
+    key_agreement = bytes(agreement_key if agreement_key is not None else wrapped)
+    aad = (
+        b"hsm-auth/file-keys/sealed-otp-key/v1" + lp16(user.encode("utf-8")) + u8(method)
+        + lp16(signing_key) + lp16(key_agreement)
+    )
+    otp_key = AESGCM(kek).decrypt(sealed[:12], sealed[12:], aad)
+    return otp_key, signing_key, str(suite), int(atc)
 
 
 def recompute_otp(verifier_dir: Path, data_text: str, method: str, counter: int) -> str:

@@ -9,6 +9,7 @@ same vectors from the document's formulas alone.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import cbor2
@@ -73,10 +74,24 @@ def _verification_data() -> VerificationData:
     )
 
 
+class _VectorKeys(FileVerifierKeys):
+    """File keys whose agreement key for the vectors' offer is the vectors' own (a key
+    file derives its per-offer keys from its root secret; the vectors fix the key)."""
+
+    def offer_private(self, offer_id: bytes) -> cec.EllipticCurvePrivateKey:
+        assert offer_id == V["offer_id"]
+        return _key("verifier_agreement_scalar")
+
+
 def _file_keys() -> FileVerifierKeys:
-    return FileVerifierKeys(
-        _key("verifier_signing_scalar"), _key("verifier_agreement_scalar"), cache_bytes=0
+    return _VectorKeys(
+        _key("verifier_signing_scalar"), cec.generate_private_key(ec.CURVE), cache_bytes=0
     )
+
+
+def _sealed(keys: FileVerifierKeys, credential: CredentialRecord) -> CredentialRecord:
+    """``credential`` as the verifier records it: its OTP key sealed by the offer's key."""
+    return dataclasses.replace(credential, sealed_otp_key=keys.seal(V["offer_id"], credential))
 
 
 def _credential(method: Method, **key: bytes) -> CredentialRecord:
@@ -113,9 +128,13 @@ def _computed() -> dict[str, Any]:
 
     keys = _file_keys()
     method = Method.parse(V["method"])
-    out["z"] = z = keys.shared_secret(ec.decode_point(out["agreement_key"]))
-    # MACs by the verifier's own path: the credential's OTP key from its agreement key.
-    device = _credential(method, agreement_key=out["agreement_key"])
+    out["z"] = z = keys.offer_private(V["offer_id"]).exchange(
+        cec.ECDH(), ec.decode_point(out["agreement_key"])
+    )
+    # MACs by the verifier's own path: the credential's OTP key made from its agreement
+    # key by the offer's key, sealed, and opened for each MAC.
+    device = _sealed(keys, _credential(method, agreement_key=out["agreement_key"]))
+    assert keys.otp_key(device) == z
 
     def mac(data: bytes) -> bytes:
         return keys.otp_mac(device, data)
@@ -168,12 +187,11 @@ def _computed() -> dict[str, Any]:
     out["fido2_wrapped_otp_key"] = wrapped = key_transport.wrap(
         V["fido2_otp_key"], agreement_public, ephemeral
     )
-    assert keys.unwrap_otp_key(wrapped) == V["fido2_otp_key"]
     fido2_method = Method.parse(V["fido2_method"])
+    fido2 = _sealed(keys, _credential(fido2_method, wrapped_otp_key=wrapped))
+    assert keys.otp_key(fido2) == V["fido2_otp_key"]
     out["fido2_transcript"] = ft = _transcript(fido2_method, out["fido2_signing_key"], wrapped)
-    out["fido2_confirmation"] = keys.otp_mac(
-        _credential(fido2_method, wrapped_otp_key=wrapped), transcript.confirmation_message(ft)
-    )
+    out["fido2_confirmation"] = keys.otp_mac(fido2, transcript.confirmation_message(ft))
     out["fido2_client_data_hash"] = client_data_hash(
         enrollment_binding(V["offer_id"], V["user"], fido2_method), out["fido2_ephemeral_key"]
     )
