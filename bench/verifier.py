@@ -261,19 +261,22 @@ def main() -> int:
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
     print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    print(f"OCRA checks/s, pure computation (floor)         : {ocra_floor(100_000):10,.0f}")
-    print(f"OCRA checks/s, sealed key opened each check (file keys): "
+    w = 58
+    print(f"{'OCRA checks/s, pure computation (floor)':<{w}}: {ocra_floor(100_000):10,.0f}")
+    print(f"{'OCRA checks/s, sealed key opened each check (file keys)':<{w}}: "
           f"{with_file_keys(20_000, 0):10,.0f}")
-    print(f"OCRA checks/s, opened key cached (file keys)   : "
+    print(f"{'OCRA checks/s, opened key cached (file keys)':<{w}}: "
           f"{with_file_keys(100_000, 2**20):10,.0f}")
     hsm = with_hsm(args.hsm_checks, 200)
     if isinstance(hsm, str):
         print(f"HSM: skipped ({hsm})")
     else:
-        print(f"OCRA checks/s, HSM (SoftHSM) unwrap + HMAC, PKCS#11-style: {hsm['device']:10,.0f}")
-        print(f"OCRA checks/s, HSM (SoftHSM) unwrap + HMAC, FIDO2-style  : {hsm['fido2']:10,.0f}")
-        print(f"HSM (SoftHSM) enrollments sealed/s (offer key, ECDH, wrap, drop): "
-              f"{hsm['sealed']:8,.0f}")
+        print(f"{'OCRA checks/s, HSM (SoftHSM) unwrap + HMAC, PKCS#11-style':<{w}}: "
+              f"{hsm['device']:10,.0f}")
+        print(f"{'OCRA checks/s, HSM (SoftHSM) unwrap + HMAC, FIDO2-style':<{w}}: "
+              f"{hsm['fido2']:10,.0f}")
+        print(f"{'HSM (SoftHSM) enrollments sealed/s (offer key, seal, drop)':<{w}}: "
+              f"{hsm['sealed']:10,.0f}")
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process for RSS
         m = pool.apply(distinct_credentials, (args.distinct,))
     print(

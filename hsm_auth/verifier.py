@@ -395,9 +395,10 @@ class Verifier:
             atc=response.initial_atc,
             created=self._now(),
         )
-        # The offer's agreement key makes the OTP key and seals it at once; the key
+        # The offer's agreement key makes the OTP key and it is sealed at once; the key
         # confirmation is checked with the sealed key, before anything is recorded.
-        record = self._check_confirmation(response, offer.offer_hash, record)
+        record = self._seal(response.offer_id, record)
+        self._check_confirmation(response, offer.offer_hash, record)
         entry = AuditRecord(
             self._now(),
             Event.ENROLL,
@@ -429,14 +430,23 @@ class Verifier:
             log.warning("destroying the agreement key of a used offer failed: %s", e)
         return saved
 
+    def _seal(self, offer_id: bytes, record: CredentialRecord) -> CredentialRecord:
+        """``record`` with its OTP key sealed by the offer's agreement key
+        (:meth:`VerifierKeys.seal`); without one if a FIDO2 wrapped key does not open
+        under that key, which the key confirmation then refuses."""
+        try:
+            return dataclasses.replace(record, sealed_otp_key=self.keys.seal(offer_id, record))
+        except DecodeError:
+            return record
+
     def _check_confirmation(
         self, response: EnrollmentResponse, offer_hash: bytes, record: CredentialRecord
-    ) -> CredentialRecord:
+    ) -> None:
         """Key confirmation (docs/PROTOCOL.md): the token MACed the enrollment transcript
-        with the OTP key the offer's agreement key makes of ``record``'s key agreement.
-        Returns ``record`` with that key sealed (:meth:`VerifierKeys.seal`). Whoever
-        answers without holding the agreement key (someone else's public key, a
-        swapped wrapped key) fails here, before anything is recorded."""
+        with the OTP key the offer's agreement key made of ``record``'s key agreement
+        (checked with ``record``'s sealed key). Whoever answers without holding the
+        agreement key (someone else's public key, a swapped wrapped key) fails here,
+        before anything is recorded."""
         key_agreement = response.agreement_key or response.wrapped_otp_key
         assert key_agreement is not None  # the decoder requires one of them
         message = transcript.confirmation_message(
@@ -448,16 +458,12 @@ class Verifier:
                 key_agreement=key_agreement,
             )
         )
-        try:
-            sealed = dataclasses.replace(
-                record, sealed_otp_key=self.keys.seal(response.offer_id, record)
-            )
-            with self.keys.otp_macs(sealed) as mac:
+        ok = False
+        if record.sealed_otp_key is not None:  # else a wrapped key that did not open
+            with self.keys.otp_macs(record) as mac:
                 ok = transcript.check_confirmation(mac(message), response.confirmation)
-        except DecodeError:  # a wrapped key that does not open under the agreement key
-            ok = False
         if ok:
-            return sealed
+            return
         refused = AuditRecord(
             self._now(),
             Event.ENROLL_REFUSED,
