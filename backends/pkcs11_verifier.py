@@ -5,26 +5,31 @@ recorded in the verifier's identity file and never imports this module or
 python-pkcs11 otherwise).
 
 One job per key (docs/PROTOCOL.md, "Verifier key custody"); every private and
-secret key is sensitive and not extractable unless said otherwise below:
+secret key is sensitive, not extractable, not modifiable and not copyable
+(CKA_COPYABLE false: no C_CopyObject outlives a destroyed key) unless said
+otherwise below:
 
 * **Signing key** (token, EC P-256, ``hsm-auth-verifier/<tag>/sign``): CKA_SIGN
   only, not modifiable (so CKA_DERIVE cannot be turned on later: the attack
   test found that it could, on a modifiable key). Signs offers, verification
   data and sync messages.
 * **KEK** (token, AES-256, ``hsm-auth-verifier/<tag>/kek``): CKA_WRAP and
-  CKA_UNWRAP only (no ENCRYPT, DECRYPT, DERIVE, SIGN), not modifiable. Its
-  ``CKA_UNWRAP_TEMPLATE`` (:func:`unwrapped_template`) forces every key it unwraps to
-  be a session generic secret, sensitive, not extractable, not modifiable,
-  with CKA_SIGN only; SoftHSM refuses an unwrap whose template leaves out or
-  differs in any of these attributes (measured). Its ``CKA_WRAP_TEMPLATE``
-  (:func:`wrappable_template`) lets it wrap only session generic secrets without any
-  usage, i.e. the inert Z objects made at enrollment. ``CKA_WRAP_WITH_TRUSTED``
-  is not used: it needs the KEK marked ``CKA_TRUSTED``, which only the security
-  officer may set (SoftHSM: CKR_ATTRIBUTE_READ_ONLY for the user), and the one
-  extractable object it would guard lives only in this process's session.
+  CKA_UNWRAP only (no ENCRYPT, DECRYPT, DERIVE, SIGN). Its
+  ``CKA_UNWRAP_TEMPLATE`` (:func:`unwrapped_template`) forces every key it
+  unwraps to be a session generic secret, sensitive, not extractable, not
+  modifiable, with CKA_SIGN only; SoftHSM refuses an unwrap whose template
+  leaves out or differs in any of these attributes (measured). (It refuses
+  CKA_COPYABLE in an unwrap template, CKR_ATTRIBUTE_READ_ONLY; a copy of an
+  unwrapped key would have the same attributes.) Its ``CKA_WRAP_TEMPLATE``
+  (:func:`wrappable_template`) lets it wrap only session generic secrets
+  without any usage, i.e. the inert Z objects made at enrollment.
+  ``CKA_WRAP_WITH_TRUSTED`` is not used: it needs the KEK marked
+  ``CKA_TRUSTED``, which only the security officer may set (SoftHSM:
+  CKR_ATTRIBUTE_READ_ONLY for the user), and the one extractable object it
+  would guard lives only in this process's session.
 * **Per-offer agreement key** (token, EC P-256 private key with CKA_DERIVE
   only, CKA_ID = the offer id, label ``hsm-auth-verifier/<tag>/offer/<offer id
-  hex>/<expires>``; its public half is a session object): made by
+  hex>/<expires>``; its public half is destroyed once its point is read): made by
   :meth:`~Pkcs11VerifierKeys.offer_key` with the offer, destroyed when the
   enrollment is recorded, or by ``purge`` once the offer is used or expired.
   While it exists, whoever drives the HSM session can derive from it with any
@@ -50,6 +55,10 @@ What exists when:
   offers. None of them can make an enrolled credential's OTP key appear in the
   clear: the KEK only unwraps into keys that are sensitive and not
   extractable, and the per-offer key that made the credential is gone.
+  Whoever can drive the HSM session can still have it compute MACs under an
+  enrolled credential's key (unwrap under the template, C_Sign), as the
+  verifier does; they cannot take the key away. SoftHSM answers C_DigestKey
+  even for sensitive keys (the SHA-256 of a key, not the key).
 
 No code path here reads a secret key's CKA_VALUE.
 """
@@ -85,11 +94,12 @@ _BAD_WRAP = {"EncryptedDataInvalid", "EncryptedDataLenRange", "WrappedKeyInvalid
 #: What follows the verifier's ``.../offer/`` label prefix: the offer id and its expiry.
 _OFFER_LABEL = re.compile(r"([0-9a-f]{32})/([0-9]{1,20})")
 #: What the KEK and the signing key must be, checked whenever the keys are opened.
-_KEK_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False, "WRAP": True,
-             "UNWRAP": True, "ENCRYPT": False, "DECRYPT": False, "DERIVE": False,
+_KEK_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False, "COPYABLE": False,
+             "WRAP": True, "UNWRAP": True, "ENCRYPT": False, "DECRYPT": False, "DERIVE": False,
              "SIGN": False}
-_SIGNING_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False, "SIGN": True,
-                 "DECRYPT": False, "UNWRAP": False, "DERIVE": False}
+_SIGNING_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False,
+                 "COPYABLE": False, "SIGN": True, "DECRYPT": False, "UNWRAP": False,
+                 "DERIVE": False}
 _ID_BYTES = 16
 
 
@@ -240,6 +250,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 attr.SENSITIVE: True,
                 attr.EXTRACTABLE: False,
                 attr.MODIFIABLE: False,
+                attr.COPYABLE: False,
                 attr.SIGN: True,
                 attr.DECRYPT: False,
                 attr.UNWRAP: False,
@@ -267,6 +278,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 attr.SENSITIVE: True,
                 attr.EXTRACTABLE: False,
                 attr.MODIFIABLE: False,
+                attr.COPYABLE: False,
                 **_usages(p11, wrap=True, unwrap=True),
                 attr.UNWRAP_TEMPLATE: unwrapped_template(p11),
                 attr.WRAP_TEMPLATE: wrappable_template(p11),
@@ -453,6 +465,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
                         attr.SENSITIVE: True,
                         attr.EXTRACTABLE: False,
                         attr.MODIFIABLE: False,
+                        attr.COPYABLE: False,
                         attr.SIGN: False,
                         attr.DECRYPT: False,
                         attr.UNWRAP: False,

@@ -11,7 +11,8 @@ private key with every point; C_UnwrapKey of every blob with every secret key
 (AES key wrap, with and without padding); C_Decrypt of every blob with every
 secret key (ECB, CBC); C_WrapKey of every key with a wrapping key it made
 itself; C_GetAttributeValue(CKA_VALUE) of every key, before and after trying to
-make it extractable (C_SetAttributeValue); C_DigestKey; and symmetric derives
+make it extractable (C_SetAttributeValue); C_CopyObject of every key (then all of
+that on the copy); C_DigestKey; and symmetric derives
 (AES_ECB_ENCRYPT_DATA) from what it unwrapped; and offline, the AES key unwrap
 of every blob with every 32-byte string it obtained. Every byte string any
 attempt produced is printed (JSON on stdout) for the test to compare with the
@@ -54,8 +55,8 @@ LAX = [
 #: The template the verifier's KEK forces on what it unwraps (the attacker may read
 #: the verifier's source): an unwrap under it succeeds, into a key it cannot read.
 FORCED = {A.TOKEN: False, A.SENSITIVE: True, A.EXTRACTABLE: False, A.MODIFIABLE: False,
-          A.SIGN: True, A.VERIFY: False, A.ENCRYPT: False, A.DECRYPT: False, A.WRAP: False,
-          A.UNWRAP: False, A.DERIVE: False}
+          A.SIGN: True, A.VERIFY: False, A.ENCRYPT: False,
+          A.DECRYPT: False, A.WRAP: False, A.UNWRAP: False, A.DERIVE: False}
 #: The key types an unwrap or derive is asked to produce.
 KINDS = [(KT.GENERIC_SECRET, 256), (KT.AES, 256)]
 
@@ -153,6 +154,13 @@ def main() -> int:
         for label, key in privates + secrets:
             attacker.harvest(key, f"{label}")
             attacker.loosen(key, f"{label}")
+            as_any = _any_private if (label, key) in privates else _any_secret
+            for template in [{}, *LAX, {A.MODIFIABLE: True}, {A.TOKEN: False}]:
+                copy = attacker.attempt(f"{label}: C_CopyObject",
+                                        lambda k=key, t=template: k.copy(t))
+                if copy is not None:
+                    attacker.harvest(as_any(copy), f"{label}, copied")
+                    attacker.loosen(as_any(copy), f"{label}, copied")
         derived = []
         for label, key in privates:
             for point in points:
@@ -199,6 +207,12 @@ def main() -> int:
             anykey = _any_secret(key)
             attacker.harvest(anykey, origin)
             attacker.loosen(anykey, origin)
+            for template in [{}, *LAX, {A.MODIFIABLE: True}]:
+                copy = attacker.attempt(f"{origin}: C_CopyObject",
+                                        lambda k=anykey, t=template: k.copy(t))
+                if copy is not None:
+                    attacker.harvest(_any_secret(copy), f"{origin}, copied")
+                    attacker.loosen(_any_secret(copy), f"{origin}, copied")
             again = attacker.attempt(
                 f"{origin}: AES_ECB_ENCRYPT_DATA derive",
                 lambda k=anykey: k.derive_key(

@@ -66,12 +66,12 @@ def test_keys_live_in_the_hsm_and_are_not_extractable(tmp_path, verifier):
     for key in (signing, kek):
         assert key[attr.SENSITIVE] is True
         assert key[attr.EXTRACTABLE] is False
+        assert (key[attr.MODIFIABLE], key[attr.COPYABLE]) == (False, False)
     assert (signing[attr.SIGN], signing[attr.DERIVE]) == (True, False)
     usage = {a: kek[a] for a in (attr.WRAP, attr.UNWRAP, attr.ENCRYPT, attr.DECRYPT,
-                                 attr.DERIVE, attr.SIGN, attr.MODIFIABLE)}
+                                 attr.DERIVE, attr.SIGN)}
     assert usage == {attr.WRAP: True, attr.UNWRAP: True, attr.ENCRYPT: False,
-                     attr.DECRYPT: False, attr.DERIVE: False, attr.SIGN: False,
-                     attr.MODIFIABLE: False}
+                     attr.DECRYPT: False, attr.DERIVE: False, attr.SIGN: False}
     assert set(json.loads(identity)["keys"]) == {"type", "token", "signing", "kek"}
 
 
@@ -88,7 +88,9 @@ def test_each_offer_has_its_own_agreement_key_until_it_is_used(tmp_path, verifie
     [key] = [k for k in _objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)
              if k[attr.ID] == second.offer_id]
     assert (key[attr.SENSITIVE], key[attr.EXTRACTABLE], key[attr.DERIVE], key[attr.SIGN],
-            key[attr.TOKEN]) == (True, False, True, False, True)
+            key[attr.TOKEN], key[attr.MODIFIABLE], key[attr.COPYABLE]) == (
+        True, False, True, False, True, False, False
+    )
     assert key[attr.LABEL].endswith(f"/offer/{second.offer_id.hex()}/{second.expires}")
     verifier.accept_enrollment(PythonDevice().enroll(text, Method.DEVICE))
     assert [k.offer_id for k in verifier.keys.offer_keys()] == [first.offer_id]
