@@ -85,7 +85,16 @@ from hsm_auth.store.base import CredentialRecord
 from hsm_auth.uri import Pkcs11Uri
 from hsm_auth.verifier_keys import MacFunction, OfferKey, VerifierKeys, key_agreement
 
-from .pkcs11 import _P256_PARAMS, Pkcs11KeyStore, _public_from_point, _text, convert_error
+from .pkcs11 import (
+    _P256_PARAMS,
+    Pkcs11KeyStore,
+    _config,
+    _find_token,
+    _load,
+    _public_from_point,
+    _text,
+    convert_error,
+)
 
 #: What a token answers when an AES key wrap does not unwrap: the codes PKCS#11 names
 #: for it, and CKR_GENERAL_ERROR, which SoftHSM returns for a failed integrity check (measured).
@@ -166,7 +175,7 @@ def wrappable_template(p11: Any) -> dict[Any, Any]:
 class Pkcs11VerifierKeys(VerifierKeys):
     """The signing key, the KEK and the per-offer agreement keys in a PKCS#11 token,
     used through the project's PKCS#11 backend (login from the URI's ``pin-source``,
-    signing, key generation) plus one session of this process for the rest."""
+    token lookup, signing) plus one session of this process for the rest."""
 
     kind: ClassVar[str] = "pkcs11"
     LABEL_PREFIX: ClassVar[str] = "hsm-auth-verifier"
@@ -223,7 +232,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
         token = session.token
         return str(Pkcs11Uri(
             token=_text(token.label), serial=_text(token.serial), type=kind,
-            module_path=Pkcs11Uri.parse(token_uri).module_path, object=label, id=ident,
+            module_path=_config({"uri": token_uri}).module, object=label, id=ident,
         ))
 
     @classmethod
@@ -334,24 +343,16 @@ class Pkcs11VerifierKeys(VerifierKeys):
 
     @staticmethod
     def _token_session(key_uri: str) -> Any:
-        """A read-write session on the token ``key_uri`` names, with the array
-        attributes mapped. The backend store logged in; PKCS#11 login state belongs
-        to the application and token, so this session is logged in too."""
-        import pkcs11
-
-        uri = Pkcs11Uri.parse(key_uri)
-        if uri.module_path is None:
-            raise StateError("the verifier's key URI has no module-path")
+        """A read-write session on the token ``key_uri`` names (found as the backend
+        finds it), with the array attributes mapped. The backend store logged in;
+        PKCS#11 login state belongs to the application and token, so this session
+        is logged in too."""
+        cfg = _config({"uri": key_uri})
+        p11, lib = _load(cfg.module)
+        token = _find_token(p11, lib, cfg)
         try:
-            lib = pkcs11.lib(uri.module_path)
-            tokens = [
-                t for t in lib.get_tokens(token_label=uri.token)
-                if uri.serial is None or _text(t.serial) == uri.serial
-            ]
-            if len(tokens) != 1:
-                raise StateError(f"{len(tokens)} tokens match the verifier's key URI")
-            return tokens[0].open(rw=True, attribute_mapper=_mapper(pkcs11))
-        except pkcs11.PKCS11Error as e:
+            return token.open(rw=True, attribute_mapper=_mapper(p11))
+        except p11.PKCS11Error as e:
             raise convert_error(e, "open a session for the verifier's keys") from e
 
     def _open_session(self) -> None:

@@ -5,6 +5,7 @@ session key, HMACs there and destroys it."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import hmac
@@ -222,3 +223,19 @@ def test_the_walk_finds_a_cached_key_with_file_keys(tmp_path):
         s = v.start_session("carol", "Log in")
         v.verify(s.session_id, device.otp(s))
         assert _holds(_reachable_bytes(v), device.otp_key)
+
+
+def test_a_token_uri_without_module_path_uses_the_backends_default(tmp_path, hsm_uri,
+                                                                    monkeypatch):
+    """The keys find their token as the pkcs11 backend does (its default module)."""
+    from hsm_auth_backends.pkcs11 import MODULE_ENV
+
+    uri = Pkcs11Uri.parse(hsm_uri)
+    monkeypatch.setenv(MODULE_ENV, str(uri.module_path))
+    bare = str(dataclasses.replace(uri, module_path=None))
+    with Verifier.init(tmp_path / "bare", "bare", clock=Clock(), hsm=bare) as v:
+        device = enroll(v, "alice")
+        assert Pkcs11Uri.parse(v.keys.kek_uri).module_path == uri.module_path
+    with Verifier.open(tmp_path / "bare", clock=Clock()) as v:
+        s = v.start_session("alice", "ctx")
+        assert v.verify(s.session_id, device.otp(s)).user == "alice"
