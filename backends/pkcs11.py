@@ -906,6 +906,8 @@ class Pkcs11KeyStore(KeyStore):
                     attr.EXTRACTABLE: False,
                     attr.SIGN: signing,
                     attr.DERIVE: not signing,
+                    # Nobody turns a signing key into an ECDH key (CKA_DERIVE) later.
+                    attr.MODIFIABLE: False,
                 },
             )
             self._objects[("private", ident)] = private

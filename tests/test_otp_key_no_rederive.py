@@ -10,6 +10,7 @@ holding the PIN (or, on a TPM ``device``, nothing) can re-derive the OTP key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -100,6 +101,11 @@ def test_no_token_object_can_derive_after_enrollment_on_softhsm(softhsm_env, tmp
         for key in privates:
             if key[Attribute.DERIVE]:
                 derivers.append(key[Attribute.LABEL])
+            # First make it an ECDH key, as an attacker with the PIN would try.
+            with contextlib.suppress(pkcs11.PKCS11Error):
+                key[Attribute.DERIVE] = True
+            assert not key[Attribute.DERIVE], "a signing key became an ECDH key"
+            assert not key[Attribute.MODIFIABLE]
             try:
                 # C_DeriveKey whatever python-pkcs11 thinks the key can do.
                 secret = DeriveMixin.derive_key(
