@@ -572,12 +572,22 @@ def cmd_verifier_unlock(ctx: Context) -> int:
     return 0
 
 
+def _attestation_text(stored: str | None) -> str:
+    """What the verifier established at enrollment (not the client's backend claim)."""
+    if stored is None:
+        return "unknown (enrolled before attestation was recorded)"
+    from .attestation import AttestationResult
+
+    return AttestationResult.from_json(stored).summary
+
+
 def _credential_rows(creds: Sequence[Any]) -> list[dict[str, Any]]:
     return [
         {
             "user": c.user,
             "method": c.method.value,
             "backend": c.backend,
+            "attestation": _attestation_text(c.attestation),
             "atc": c.atc,
             "failures": c.failures,
             "locked": c.locked,
@@ -590,7 +600,8 @@ def _credential_rows(creds: Sequence[Any]) -> list[dict[str, Any]]:
 
 def _credential_lines(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
-        f"{r['user']:16} {r['method']:10} {r['backend']:8} atc={r['atc']} failures={r['failures']}"
+        f"{r['user']:16} {r['method']:10} {r['attestation']:12} atc={r['atc']} "
+        f"failures={r['failures']} (claimed backend {r['backend']})"
         + (" LOCKED" if r["locked"] else "")
         for r in rows
     )

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import audit, display, ec, ocra, transcript
+from . import attestation, audit, display, ec, ocra, transcript
+from .attestation import VerifierPolicy
 from .audit import AuditRecord, Event, Reason
 from .errors import (
     AlreadyEnrolled,
@@ -191,10 +192,13 @@ class Verifier:
         store: VerifierStore,
         *,
         clock: Clock = time.time,
+        policy: VerifierPolicy | None = None,
     ) -> None:
         self.identity = identity
         self.keys = keys
         self.store = store
+        #: Attestation per method and re-enrollment (``policy.toml``, :mod:`hsm_auth.attestation`).
+        self.policy = policy or VerifierPolicy.default()
         self._clock = clock
         self.purge_every = PURGE_EVERY  # 0: never purge on write
 
@@ -233,7 +237,7 @@ class Verifier:
         spec["store"] = {"engine": store.engine}
         atomic_write_json(directory / "identity.json", {**identity.to_json(), **spec})
         log.info("verifier created engine=%s keys=%s", store.engine, keys.kind)
-        return cls(identity, keys, store, clock=clock)
+        return cls(identity, keys, store, clock=clock, policy=VerifierPolicy.load(directory))
 
     @classmethod
     def open(
@@ -268,7 +272,7 @@ class Verifier:
             store.close()
             keys.close()
             raise ConfigError(f"this verifier was created on {engine}, not {store.engine}")
-        return cls(identity, keys, store, clock=clock)
+        return cls(identity, keys, store, clock=clock, policy=VerifierPolicy.load(directory))
 
     def close(self) -> None:
         try:
@@ -361,18 +365,21 @@ class Verifier:
         signing_key = ec.decode_point(response.signing_key)
         if signed.signature:
             ec.verify(signing_key, signed.signature, signed.body)  # proof of possession
-        elif response.attestation is None:
-            raise InvalidInput("enrollment response carries neither signature nor attestation")
-        else:  # FIDO2: attestation + assertion bound to this offer, user, method and OTP key
-            from .webauthn_proof import enrollment_binding, verify_enrollment_attestation
-
-            verify_enrollment_attestation(
-                response.attestation,
-                response.signing_key,
-                enrollment_binding(response.offer_id, response.user, response.method),
-                response.wrapped_otp_key,
+        # FIDO2 (unsigned): attestation + assertion bound to this offer, user, method and
+        # OTP key; every backend: what the method's policy asks of the attestation.
+        verified = attestation.check(
+            response.attestation,
+            attestation.EnrollmentContext(
+                offer_id=response.offer_id,
+                user=response.user,
+                method=response.method,
+                signing_key=response.signing_key,
+                wrapped_otp_key=response.wrapped_otp_key,
                 initial_atc=response.initial_atc,
-            )
+                signed=bool(signed.signature),
+            ),
+            self.policy.for_method(response.method),
+        )
         if response.agreement_key is None and response.wrapped_otp_key is None:
             raise InvalidInput("enrollment response carries no OTP key agreement")
         if response.agreement_key is not None:
@@ -394,6 +401,7 @@ class Verifier:
             suite=suite,
             atc=response.initial_atc,
             created=self._now(),
+            attestation=verified.to_json(),
         )
         # The offer's agreement key makes the OTP key and it is sealed at once; the key
         # confirmation is checked with the sealed key, before anything is recorded.

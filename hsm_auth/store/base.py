@@ -44,6 +44,8 @@ class OfferRecord:
     #: SHA-256 of the offer's signed body, which the enrollment transcript covers
     #: (None: an offer stored before schema version 4, which cannot be redeemed).
     offer_hash: bytes | None = None
+    #: Enrollment responses refused for a wrong activation code so far (schema 6).
+    failed_activations: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ class CredentialRecord:
     #: verifier's key-encryption key, opened (in the HSM, with one) for each check.
     #: None: a row from before schema version 5, which must re-enroll.
     sealed_otp_key: bytes | None = field(default=None, repr=False)
+    #: What the verifier established about the token at enrollment: the JSON of an
+    #: :class:`hsm_auth.attestation.AttestationResult` (None: a row from before
+    #: schema version 6). Never the client's ``backend`` claim.
+    attestation: str | None = None
+    #: The DER X.509 certificate the verifier issued for the signing key (None: none).
+    certificate: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

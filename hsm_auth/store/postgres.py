@@ -67,6 +67,13 @@ _V4 = (
 # Version 5: each credential's OTP key sealed by the verifier's key-encryption key
 # (hsm_auth.verifier_keys); rows from before have none and must re-enroll.
 _V5 = ("ALTER TABLE credentials ADD COLUMN sealed_otp_key BYTEA",)
+# Version 6 (issue 11): the verified attestation and the issued certificate of each
+# credential, and each offer's count of wrong activation codes.
+_V6 = (
+    "ALTER TABLE credentials ADD COLUMN attestation TEXT",
+    "ALTER TABLE credentials ADD COLUMN certificate BYTEA",
+    "ALTER TABLE offers ADD COLUMN failed_activations INTEGER NOT NULL DEFAULT 0",
+)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -128,7 +135,7 @@ class _PgCursor:
 
 class PostgresStore(SqlStore):
     engine = "postgresql"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:
         try:

@@ -68,7 +68,7 @@ def methods_parse(text: str) -> tuple[Method, ...]:
 
 _CRED_COLS = (
     "id, user_name, method, backend, signing_key, agreement_key, wrapped_otp_key, suite, atc, "
-    "failures, locked, created, last_used, protocol, sealed_otp_key"
+    "failures, locked, created, last_used, protocol, sealed_otp_key, attestation, certificate"
 )
 _SESSION_COLS = "session_id, user_name, challenge, context, methods, expires, used"
 AUDIT_INSERT = (
@@ -94,6 +94,8 @@ def _cred(row: Sequence[Any]) -> CredentialRecord:
         last_used=None if row[12] is None else int(row[12]),
         protocol=int(row[13]),
         sealed_otp_key=None if row[14] is None else bytes(row[14]),
+        attestation=None if row[15] is None else str(row[15]),
+        certificate=None if row[16] is None else bytes(row[16]),
     )
 
 
@@ -237,8 +239,8 @@ class SqlStore(VerifierStore):
     def offer(self, offer_id: bytes) -> OfferRecord | None:
         with self._read() as db:
             row = db.one(
-                "SELECT user_name, methods, allow_replace, expires, suite, offer_hash "
-                "FROM offers WHERE offer_id=? AND used=0",
+                "SELECT user_name, methods, allow_replace, expires, suite, offer_hash, "
+                "failed_activations FROM offers WHERE offer_id=? AND used=0",
                 (offer_id,),
             )
         if row is None:
@@ -251,6 +253,7 @@ class SqlStore(VerifierStore):
             int(row[3]),
             None if row[4] is None else str(row[4]),
             None if row[5] is None else bytes(row[5]),
+            int(row[6]),
         )
 
     def used_offers(self, offer_ids: Iterable[bytes]) -> set[bytes]:
@@ -318,8 +321,8 @@ class SqlStore(VerifierStore):
             db.count("DELETE FROM credentials WHERE id=?", (exists[0],))
         row = db.one(
             "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
-            "wrapped_otp_key, suite, atc, created, protocol, sealed_otp_key) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+            "wrapped_otp_key, suite, atc, created, protocol, sealed_otp_key, attestation, "
+            "certificate) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "RETURNING id",
             (
                 record.user,
@@ -333,6 +336,8 @@ class SqlStore(VerifierStore):
                 record.created,
                 record.protocol,
                 record.sealed_otp_key,
+                record.attestation,
+                record.certificate,
             ),
         )
         self._audit(db, audit)

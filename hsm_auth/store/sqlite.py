@@ -64,6 +64,13 @@ _V4 = (
 # Version 5: each credential's OTP key sealed by the verifier's key-encryption key
 # (hsm_auth.verifier_keys); rows from before have none and must re-enroll.
 _V5 = ("ALTER TABLE credentials ADD COLUMN sealed_otp_key BLOB",)
+# Version 6 (issue 11): the verified attestation and the issued certificate of each
+# credential, and each offer's count of wrong activation codes.
+_V6 = (
+    "ALTER TABLE credentials ADD COLUMN attestation TEXT",
+    "ALTER TABLE credentials ADD COLUMN certificate BLOB",
+    "ALTER TABLE offers ADD COLUMN failed_activations INTEGER NOT NULL DEFAULT 0",
+)
 
 
 class _SqliteCursor:
@@ -88,7 +95,7 @@ class _SqliteCursor:
 
 class SqliteStore(SqlStore):
     engine = "sqlite"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
         try:

@@ -1,0 +1,267 @@
+"""What the verifier establishes about a token at enrollment, and its policy for it.
+
+The client's ``backend`` string is a claim; what the verifier stores with a
+credential (and ``verifier show`` prints) is an :class:`AttestationResult`
+made by a checker here from the response's ``attestation`` field:
+
+* FIDO2 (``fmt`` packed, none, …): the enrollment proof of
+  :mod:`hsm_auth.webauthn_proof`, with the chain and AAGUID checked against the
+  method's policy;
+* TPM 2.0 (``fmt`` ``hsm-auth-tpm2``): the enrolled keys certified by the TPM;
+* no attestation (PKCS#11 has no standard one): ``unattested``.
+
+The policy is per method (:class:`MethodPolicy`), from ``policy.toml`` in the
+verifier's directory (:meth:`VerifierPolicy.load`), a file others cannot write::
+
+    allow_override = false          # re-enrolling an existing method (default false)
+
+    [methods.biometric]
+    attestation = "required"        # "required" | "if-available" | "none"
+    roots = ["/etc/hsm-auth/fido-roots.pem"]
+    aaguid_allow = []               # empty: any AAGUID the roots vouch for
+    aaguid_deny = []
+
+An absent file gives :meth:`VerifierPolicy.default`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import ConfigError, HsmAuthError, UntrustedMessage
+from .methods import Method
+
+__all__ = [
+    "POLICY_FILE",
+    "AttestationMode",
+    "AttestationRefused",
+    "AttestationResult",
+    "MethodPolicy",
+    "VerifierPolicy",
+    "attestation_format",
+    "check",
+]
+
+POLICY_FILE: Final = "policy.toml"
+#: The ``fmt`` of an hsm-auth TPM 2.0 attestation (a CBOR map, like FIDO2's).
+TPM2_FORMAT: Final = "hsm-auth-tpm2"
+
+
+class AttestationRefused(UntrustedMessage):
+    """The enrollment's attestation is missing, does not verify, or the policy refuses it."""
+
+
+class AttestationMode(enum.Enum):
+    REQUIRED = "required"  # a verified attestation, or the enrollment is refused
+    IF_AVAILABLE = "if-available"  # verified if present; none is recorded "unattested"
+    NONE = "none"  # not checked at all (recorded "not-checked")
+
+
+@dataclass(frozen=True)
+class MethodPolicy:
+    attestation: AttestationMode = AttestationMode.IF_AVAILABLE
+    #: PEM files of the roots an attestation chain must end at.
+    roots: tuple[str, ...] = ()
+    #: AAGUIDs (lowercase hex, 32 digits) allowed (empty: any) and denied.
+    aaguid_allow: tuple[str, ...] = ()
+    aaguid_deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifierPolicy:
+    methods: Mapping[Method, MethodPolicy] = field(default_factory=dict)
+    #: Whether an offer may allow re-enrolling a method the user has (issue 11).
+    allow_override: bool = False
+
+    def for_method(self, method: Method) -> MethodPolicy:
+        return self.methods.get(method, MethodPolicy())
+
+    @classmethod
+    def default(cls) -> VerifierPolicy:
+        return cls()
+
+    @classmethod
+    def load(cls, directory: Path) -> VerifierPolicy:
+        """``directory/policy.toml`` (checked like a config file), or the default."""
+        from .config import read_file
+
+        path = directory / POLICY_FILE
+        document = read_file(path)
+        if document is None:
+            return cls.default()
+        try:
+            return cls.parse(document)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def parse(cls, document: Mapping[str, Any]) -> VerifierPolicy:
+        unknown = set(document) - {"allow_override", "methods"}
+        if unknown:
+            raise ConfigError(f"unknown policy key {sorted(unknown)[0]!r}")
+        override = document.get("allow_override", False)
+        if not isinstance(override, bool):
+            raise ConfigError("allow_override must be true or false")
+        tables = document.get("methods", {})
+        if not isinstance(tables, dict):
+            raise ConfigError("[methods] must be a table")
+        methods = {}
+        for name, table in tables.items():
+            methods[Method.parse(name)] = _method_policy(name, table)
+        return cls(methods, override)
+
+
+def _method_policy(name: str, table: Any) -> MethodPolicy:
+    where = f"[methods.{name}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {"attestation", "roots", "aaguid_allow", "aaguid_deny"}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    try:
+        mode = AttestationMode(table.get("attestation", AttestationMode.IF_AVAILABLE.value))
+    except ValueError:
+        raise ConfigError(f"{where}: attestation is required, if-available or none") from None
+
+    def strings(key: str, *, aaguid: bool = False) -> tuple[str, ...]:
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of strings")
+        if aaguid:
+            value = [v.replace("-", "").lower() for v in value]
+            if not all(len(v) == 32 and all(c in "0123456789abcdef" for c in v) for v in value):
+                raise ConfigError(f"{where}: {key} holds AAGUIDs (32 hex digits)")
+        return tuple(value)
+
+    return MethodPolicy(
+        mode, strings("roots"), strings("aaguid_allow", aaguid=True),
+        strings("aaguid_deny", aaguid=True),
+    )
+
+
+@dataclass(frozen=True)
+class AttestationResult:
+    """What was established, stored with the credential as JSON.
+
+    ``format``: the attestation's format (``packed``, ``none``, ``hsm-auth-tpm2``),
+    ``unattested`` (the response had none) or ``not-checked`` (policy ``none``).
+    ``verified``: its signature checked and its chain ends at a configured root.
+    ``trust``: the root's subject (or "" when unverified); ``details``: short
+    non-secret facts (AAGUID, UV modalities, TPM attributes, …)."""
+
+    format: str
+    verified: bool
+    trust: str = ""
+    details: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"format": self.format, "verified": self.verified, "trust": self.trust,
+             "details": dict(self.details)},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> AttestationResult:
+        try:
+            data = json.loads(text)
+            return cls(
+                str(data["format"]), bool(data["verified"]), str(data.get("trust", "")),
+                {str(k): str(v) for k, v in dict(data.get("details", {})).items()},
+            )
+        except (ValueError, KeyError, TypeError):
+            raise HsmAuthError("a credential's stored attestation is malformed") from None
+
+    @property
+    def summary(self) -> str:
+        """One line for ``verifier show``."""
+        if not self.verified:
+            return self.format
+        trust = f" ({self.trust})" if self.trust else ""
+        return f"{self.format}, verified{trust}"
+
+
+#: Checks one attestation format: (attestation bytes, the response's fields the
+#: checker needs, the method's policy) -> the result, or AttestationRefused.
+Checker = Callable[[bytes, "EnrollmentContext", MethodPolicy], AttestationResult]
+
+
+@dataclass(frozen=True)
+class EnrollmentContext:
+    """The response fields a checker binds the attestation to."""
+
+    offer_id: bytes
+    user: str
+    method: Method
+    signing_key: bytes
+    wrapped_otp_key: bytes | None
+    initial_atc: int
+    signed: bool  # the response carries a signature by signing_key (checked already)
+
+
+def attestation_format(attestation: bytes) -> str:
+    """The ``fmt`` of an attestation map; UntrustedMessage if it is not one."""
+    from . import cbor
+
+    try:
+        top = cbor.loads(attestation, maps=True)
+    except Exception:
+        raise AttestationRefused("malformed attestation") from None
+    if not isinstance(top, dict) or not isinstance(top.get("fmt"), str):
+        raise AttestationRefused("malformed attestation (no fmt)")
+    return str(top["fmt"])
+
+
+def _fido2(attestation: bytes, ctx: EnrollmentContext, policy: MethodPolicy) -> AttestationResult:
+    from .webauthn_proof import enrollment_binding, verify_enrollment_attestation
+
+    proof = verify_enrollment_attestation(
+        attestation,
+        ctx.signing_key,
+        enrollment_binding(ctx.offer_id, ctx.user, ctx.method),
+        ctx.wrapped_otp_key,
+        initial_atc=ctx.initial_atc,
+    )
+    return AttestationResult(proof.fmt, False, "", {"aaguid": proof.aaguid.hex()})
+
+
+def _checker(fmt: str) -> Checker:
+    """The checker of attestation format ``fmt``: TPM 2.0's, else FIDO2's (whose
+    statement formats are open-ended: packed, none, fido-u2f, …)."""
+    if fmt == TPM2_FORMAT:
+        raise AttestationRefused("TPM 2.0 attestation is not supported yet")
+    return _fido2
+
+
+def check(
+    attestation: bytes | None, ctx: EnrollmentContext, policy: MethodPolicy
+) -> AttestationResult:
+    """The verified attestation of an enrollment under ``policy``, or AttestationRefused.
+
+    A response without a signature must carry an attestation that proves
+    possession (FIDO2), whatever the policy."""
+    if attestation is None:
+        if not ctx.signed:
+            raise AttestationRefused(
+                "enrollment response carries neither signature nor attestation"
+            )
+        if policy.attestation is AttestationMode.REQUIRED:
+            raise AttestationRefused(
+                f"the {ctx.method.value} method requires an attestation and the response has none"
+            )
+        return AttestationResult("unattested", False)
+    if policy.attestation is AttestationMode.NONE and ctx.signed:
+        return AttestationResult("not-checked", False)
+    result = _checker(attestation_format(attestation))(attestation, ctx, policy)
+    if policy.attestation is AttestationMode.REQUIRED and not result.verified:
+        raise AttestationRefused(
+            f"the {ctx.method.value} method requires a verified attestation "
+            f"({result.format} does not chain to a configured root)"
+        )
+    return result
