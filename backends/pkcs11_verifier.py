@@ -13,6 +13,10 @@ otherwise below:
   only, not modifiable (so CKA_DERIVE cannot be turned on later: the attack
   test found that it could, on a modifiable key). Signs offers, verification
   data and sync messages.
+* **Device CA key** (token, EC P-256, ``hsm-auth-verifier/<tag>/ca``): made at
+  ``verifier init --hsm`` with the same attributes as the signing key (CKA_SIGN
+  only, not modifiable); signs the certificates of enrolled signing keys and the
+  CA certificate (:mod:`hsm_auth.device_ca`), nothing else.
 * **KEK** (token, AES-256, ``hsm-auth-verifier/<tag>/kek``): CKA_WRAP and
   CKA_UNWRAP only (no ENCRYPT, DECRYPT, DERIVE, SIGN). Its
   ``CKA_UNWRAP_TEMPLATE`` (:func:`unwrapped_template`) forces every key it
@@ -180,14 +184,18 @@ class Pkcs11VerifierKeys(VerifierKeys):
     kind: ClassVar[str] = "pkcs11"
     LABEL_PREFIX: ClassVar[str] = "hsm-auth-verifier"
 
-    def __init__(self, token_uri: str, store: Any, signing_uri: str, kek_uri: str) -> None:
+    def __init__(
+        self, token_uri: str, store: Any, signing_uri: str, kek_uri: str, *, ca_uri: str
+    ) -> None:
         self.token_uri = token_uri
         self.signing_uri = signing_uri
         self.kek_uri = kek_uri
+        self.ca_uri = ca_uri
         self._store = store
         self._lock = threading.RLock()
         self._auth = NO_AUTH
         self._signing_public = store.public_key(signing_uri, NO_AUTH)
+        self._ca_public = store.public_key(ca_uri, NO_AUTH)
         kek = Pkcs11Uri.parse(kek_uri)
         label = kek.object or ""
         if not (label.startswith(f"{self.LABEL_PREFIX}/") and label.endswith("/kek")):
@@ -217,12 +225,13 @@ class Pkcs11VerifierKeys(VerifierKeys):
             try:
                 signing = cls._generate_signing(session, token_uri, f"{prefix}/sign")
                 kek = cls._generate_kek(session, token_uri, f"{prefix}/kek")
+                ca = cls._generate_ca(session, token_uri, f"{prefix}/ca")
             except p11.PKCS11Error as e:
                 raise convert_error(e, "generate the verifier's keys") from e
             finally:
                 with contextlib.suppress(p11.PKCS11Error):
                     session.close()
-            return cls(token_uri, store, signing, kek)
+            return cls(token_uri, store, signing, kek, ca_uri=ca)
         except BaseException:
             store.close()
             raise
@@ -269,6 +278,12 @@ class Pkcs11VerifierKeys(VerifierKeys):
         return cls._key_uri(session, token_uri, "private", label, ident)
 
     @classmethod
+    def _generate_ca(cls, session: Any, token_uri: str, label: str) -> str:
+        """The device CA key pair: a signing key of its own, with the signing key's
+        attributes (sign-only, sensitive, not extractable, modifiable or copyable)."""
+        return cls._generate_signing(session, token_uri, label)
+
+    @classmethod
     def _generate_kek(cls, session: Any, token_uri: str, label: str) -> str:
         import pkcs11 as p11
 
@@ -296,10 +311,12 @@ class Pkcs11VerifierKeys(VerifierKeys):
         return cls._key_uri(session, token_uri, "secret-key", label, ident)
 
     @classmethod
-    def open(cls, token_uri: str, signing_uri: str, kek_uri: str) -> Pkcs11VerifierKeys:
+    def open(
+        cls, token_uri: str, signing_uri: str, kek_uri: str, *, ca_uri: str
+    ) -> Pkcs11VerifierKeys:
         store = cls._open_store(token_uri)
         try:
-            return cls(token_uri, store, signing_uri, kek_uri)
+            return cls(token_uri, store, signing_uri, kek_uri, ca_uri=ca_uri)
         except BaseException:
             store.close()
             raise
@@ -320,7 +337,13 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 "names no key-encryption key): make a new verifier with 'hsm-auth verifier "
                 "init --hsm', enroll its users again and delete the old hsm-auth-verifier keys"
             )
-        return cls.open(uri or token, signing, str(spec["kek"]))
+        if "ca" not in spec:
+            raise StateError(
+                "this verifier's HSM keys predate the device CA (identity.json names no CA "
+                "key): make a new verifier with 'hsm-auth verifier init --hsm', enroll its "
+                "users again and delete the old hsm-auth-verifier keys"
+            )
+        return cls.open(uri or token, signing, str(spec["kek"]), ca_uri=str(spec["ca"]))
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -328,6 +351,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
             "token": self.token_uri,
             "signing": self.signing_uri,
             "kek": self.kek_uri,
+            "ca": self.ca_uri,
         }
 
     def close(self) -> None:
@@ -364,6 +388,8 @@ class Pkcs11VerifierKeys(VerifierKeys):
                                 _KEK_MUST, "key-encryption key", "wrap/unwrap-only")
             self._checked(session, self.signing_uri, pkcs11.ObjectClass.PRIVATE_KEY,
                           _SIGNING_MUST, "signing key", "sign-only")
+            self._checked(session, self.ca_uri, pkcs11.ObjectClass.PRIVATE_KEY,
+                          _SIGNING_MUST, "device CA key", "sign-only")
         except BaseException:
             with contextlib.suppress(pkcs11.PKCS11Error):
                 session.close()
@@ -442,6 +468,14 @@ class Pkcs11VerifierKeys(VerifierKeys):
     def sign_raw(self, data: bytes) -> bytes:
         with self._lock:
             return ecutil.der_to_raw(self._store.sign(self.signing_uri, data, self._auth))
+
+    @property
+    def ca_public(self) -> ec.EllipticCurvePublicKey:
+        return self._ca_public  # type: ignore[no-any-return]
+
+    def ca_sign(self, data: bytes) -> bytes:
+        with self._lock:
+            return bytes(self._store.sign(self.ca_uri, data, self._auth))
 
     def offer_key(self, offer_id: bytes, expires: int) -> ec.EllipticCurvePublicKey:
         if len(offer_id) != _ID_BYTES or not 0 <= expires < 10**20:

@@ -1,6 +1,7 @@
 """The authenticator: the workstation side that holds the tokens.
 
 * :meth:`Authenticator.add_or_update` enrolls one method from a verifier's offer;
+* :meth:`Authenticator.store_result` keeps the certificate the verifier issued for it;
 * :meth:`Authenticator.start_offline_authentication` checks verification data
   (signature first, then expiry) and returns what to show the user;
 * :meth:`Authenticator.finish_offline_authentication` has the token advance
@@ -58,6 +59,7 @@ from .methods import Method
 from .protocol import (
     EnrollmentOffer,
     EnrollmentResponse,
+    EnrollmentResult,
     SyncMessage,
     SyncReport,
     VerificationData,
@@ -106,6 +108,10 @@ class EnrolledMethod:
     #: The credential id (hex) the OTP question binds (protocol 3); "" in a record
     #: enrolled with an older protocol, which must be enrolled again.
     credential_id: str = ""
+    #: The verifier's X.509 certificate for the signing key and its CA certificate
+    #: (PEM; :meth:`Authenticator.store_result`), "" until the result is stored.
+    certificate: str = ""
+    ca_certificate: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -526,6 +532,53 @@ class Authenticator:
         if existing is not None and retired is not None and self._delete_keys(existing, pin):
             self._forget_pending(retired)
         return text
+
+    def store_result(self, text: str) -> EnrolledMethod:
+        """Keep the certificate of a verifier's :class:`EnrollmentResult` with the
+        method it names (docs/PROTOCOL.md §11.1): the result must be signed by the
+        pinned verifier's key, for a method enrolled here for its user, and its
+        certificate must be issued by its CA certificate, name the user and method
+        and certify this method's signing key (its credential id). Returns the
+        updated method."""
+        with self._exclusive():
+            self._verifiers, self._methods = self._load()
+            result, signed = EnrollmentResult.from_text(text)
+            pinned = self._verifiers.get(result.verifier_id)
+            if pinned is None:
+                raise UntrustedMessage("enrollment result from a verifier this authenticator "
+                                       "is not enrolled with")
+            ec.verify(ec.decode_point(pinned.signing_key), signed.signature, signed.body)
+            enrolled = self._find(result.verifier_id, result.method)
+            if enrolled is None or enrolled.user != result.user:
+                raise UnknownMethod(
+                    f"the {result.method.value} method of {result.user!r} is not enrolled here"
+                )
+            if not enrolled.credential_id or not hmac.compare_digest(
+                bytes.fromhex(enrolled.credential_id), result.credential_id
+            ):
+                raise UntrustedMessage(
+                    f"the enrollment result is for another {result.method.value} credential "
+                    "than the one enrolled here (replaced since?)"
+                )
+            from cryptography.hazmat.primitives import serialization
+
+            from . import device_ca
+
+            cert, ca = device_ca.check_device_certificate(
+                result.certificate,
+                result.ca_certificate,
+                user=enrolled.user,
+                method=enrolled.method,
+                credential_id=result.credential_id,
+            )
+            pem = serialization.Encoding.PEM
+            updated = dataclasses.replace(
+                enrolled,
+                certificate=cert.public_bytes(pem).decode("ascii"),
+                ca_certificate=ca.public_bytes(pem).decode("ascii"),
+            )
+            self._save(self._verifiers, [updated if m is enrolled else m for m in self._methods])
+            return updated
 
     def _settle(self, store: KeyStore, intent: PendingKeys, auth: Authorization) -> None:
         """After a failed enrollment: forget ``intent`` if the token holds none of its keys

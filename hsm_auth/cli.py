@@ -17,6 +17,7 @@ import math
 import os
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -453,12 +454,31 @@ def cmd_verifier_enroll(ctx: Context) -> int:
     v = ctx.verifier()
     try:
         cred = v.accept_enrollment(read_text_arg(ctx.args.response, sys.stdin))
+        result = v.enrollment_result(cred)
     finally:
         v.close()
-    ctx.emit(
-        f"enrolled {cred.method.value} for {cred.user} (backend {cred.backend}, ATC {cred.atc})",
-        {"user": cred.user, "method": cred.method.value, "backend": cred.backend, "atc": cred.atc},
+    print(
+        f"enrolled {cred.method.value} for {cred.user} (backend {cred.backend}, ATC {cred.atc}); "
+        "give this result to the authenticator (hsm-auth certificate):",
+        file=ctx.err,
     )
+    ctx.emit(
+        result,
+        {"user": cred.user, "method": cred.method.value, "backend": cred.backend, "atc": cred.atc,
+         "result": result},
+    )
+    return 0
+
+
+def cmd_verifier_ca_cert(ctx: Context) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    v = ctx.verifier()
+    try:
+        pem = v.ca_certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    finally:
+        v.close()
+    ctx.emit(pem.rstrip("\n"), {"certificate": pem})
     return 0
 
 
@@ -774,17 +794,56 @@ def cmd_sync(ctx: Context) -> int:
     return 0
 
 
+def _certificate_summary(pem: str) -> dict[str, Any] | None:
+    """What ``methods`` shows of a stored device certificate (None: none stored)."""
+    if not pem:
+        return None
+    from cryptography import x509
+
+    from . import device_ca
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise errors.StateError("credentials.json holds a malformed certificate") from None
+    return {**device_ca.summary(cert).to_json(), "pem": pem}
+
+
+def _utc_text(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _method_lines(row: dict[str, Any]) -> str:
+    line = f"{row['user']:16} {row['method']:10} {row['backend']}"
+    cert = row["certificate"]
+    if cert is None:
+        return line + "  (no certificate: hsm-auth certificate RESULT stores it)"
+    return (
+        f"{line}\n  certificate: {cert['subject']}\n  issuer:      {cert['issuer']}\n"
+        f"  valid:       {_utc_text(cert['not_before'])} to {_utc_text(cert['not_after'])}\n"
+        f"  sha256:      {cert['fingerprint']}\n  attestation: {cert['attestation'] or '-'}"
+    )
+
+
 def cmd_methods(ctx: Context) -> int:
     a = ctx.authenticator()
     rows = [
-        {"user": m.user, "method": m.method.value, "backend": m.backend, "synced_atc": m.synced_atc}
+        {"user": m.user, "method": m.method.value, "backend": m.backend, "synced_atc": m.synced_atc,
+         "certificate": _certificate_summary(m.certificate)}
         for m in a.enrolled
     ]
-    ctx.emit(
-        "\n".join(f"{r['user']:16} {r['method']:10} {r['backend']}" for r in rows)
-        or "nothing enrolled",
-        {"methods": rows},
-    )
+    ctx.emit("\n".join(map(_method_lines, rows)) or "nothing enrolled", {"methods": rows})
+    return 0
+
+
+def cmd_certificate(ctx: Context) -> int:
+    with ctx.authenticator() as a:
+        updated = a.store_result(read_text_arg(ctx.args.result, sys.stdin))
+    row = {"user": updated.user, "method": updated.method.value, "backend": updated.backend,
+           "synced_atc": updated.synced_atc,
+           "certificate": _certificate_summary(updated.certificate)}
+    print(f"stored the verifier's certificate for the {updated.method.value} method", file=ctx.err)
+    ctx.emit(_method_lines(row), row)
     return 0
 
 
@@ -1188,6 +1247,13 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     add(sub, "demo", cmd_demo, DEMO_HELP)
     add(sub, "backends", cmd_backends, "list backends and why any is unavailable")
     add(sub, "methods", cmd_methods, "list the methods enrolled on this authenticator")
+    p = add(
+        sub,
+        "certificate",
+        cmd_certificate,
+        "store the certificate from the verifier's enrollment result (`verifier enroll` prints it)",
+    )
+    p.add_argument("result", nargs="?", help="the result text, @FILE, or - for stdin (default)")
 
     kp = group("keys", "hsm-auth keys in tokens; orphans")
     ksub = kp.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
@@ -1274,7 +1340,11 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         "--methods", type=text_arg, help="comma-separated methods the offer allows (default: all)"
     )
     p.add_argument("--replace", action="store_true", help="allow replacing an enrolled method")
-    p = vadd("enroll", cmd_verifier_enroll, "record an enrollment response")
+    p = vadd(
+        "enroll",
+        cmd_verifier_enroll,
+        "record an enrollment response (prints the enrollment result with the certificate)",
+    )
     p.add_argument("response", nargs="?", help="the response text, @FILE, or - for stdin (default)")
     p = vadd(
         "session",
@@ -1359,6 +1429,8 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p.add_argument(
         "--recent", type=count_arg(10_000), default=20, help="how many audit events (default 20)"
     )
+    vadd("ca-cert", cmd_verifier_ca_cert, "print the device CA certificate (PEM) that "
+         "issues the enrolled signing keys' certificates")
     p = vadd("audit", cmd_verifier_audit, "print audit records as JSON lines (oldest first)")
     p.add_argument("--user", type=text_arg, help="only this user's")
     p.add_argument(

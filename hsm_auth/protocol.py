@@ -45,6 +45,7 @@ class MessageType(enum.IntEnum):
     VERIFICATION_DATA = 3
     SYNC = 4
     SYNC_REPORT = 5
+    ENROLLMENT_RESULT = 6
 
 
 @dataclass(frozen=True)
@@ -415,6 +416,44 @@ class SyncReport(_Message):
             user=_text(v[2], "user", max_len=display.MAX_NAME),
             method=_method(v[3]),
             atc=_int(v[4], "atc", lo=1),
+            signature=signature,
+        )
+
+
+#: Size limits of the certificates an :class:`EnrollmentResult` carries (DER).
+MAX_CERTIFICATE = 2048
+MAX_CA_CERTIFICATE = 1024
+
+
+@dataclass(frozen=True)
+class EnrollmentResult(_Message):
+    """Verifier → authenticator after a recorded enrollment (signed by the verifier's
+    signing key, which the authenticator pinned at enrollment): the X.509
+    certificate the verifier's device CA issued for the method's signing key, the
+    CA certificate, and the attestation result's summary (:mod:`hsm_auth.device_ca`).
+    ``credential_id`` names the enrolled credential (docs/PROTOCOL.md §8.3)."""
+
+    KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_RESULT
+
+    verifier_id: bytes
+    user: str
+    method: Method
+    credential_id: bytes
+    certificate: bytes  # DER
+    ca_certificate: bytes  # DER
+    attestation: str
+    signature: bytes = field(default=b"", repr=False, compare=False)
+
+    @classmethod
+    def _from_values(cls, v: list[Any], signature: bytes) -> EnrollmentResult:
+        return cls(
+            verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
+            user=_text(v[1], "user", max_len=display.MAX_NAME),
+            method=_method(v[2]),
+            credential_id=_bytes(v[3], "credential_id", min_len=16, max_len=16),
+            certificate=_bytes(v[4], "certificate", min_len=1, max_len=MAX_CERTIFICATE),
+            ca_certificate=_bytes(v[5], "ca_certificate", min_len=1, max_len=MAX_CA_CERTIFICATE),
+            attestation=_text(v[6], "attestation", max_len=MAX_CONTEXT),
             signature=signature,
         )
 

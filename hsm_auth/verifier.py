@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import attestation, audit, display, ec, ocra, transcript
 from .attestation import VerifierPolicy
@@ -55,6 +55,7 @@ from .protocol import (
     MAX_CONTEXT,
     EnrollmentOffer,
     EnrollmentResponse,
+    EnrollmentResult,
     SyncMessage,
     SyncReport,
     VerificationData,
@@ -76,6 +77,9 @@ from .store.base import (
     VerifierStore,
 )
 from .verifier_keys import FileVerifierKeys, VerifierKeys, create_keys, load_keys
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger("hsm_auth.verifier")
 
@@ -193,13 +197,18 @@ class Verifier:
         *,
         clock: Clock = time.time,
         policy: VerifierPolicy | None = None,
+        directory: Path | None = None,
     ) -> None:
+        """``directory`` holds the device CA certificate (``ca.pem``); without one, a
+        CA certificate for the keys' CA key is made in memory when first needed."""
         self.identity = identity
         self.keys = keys
         self.store = store
         #: Attestation per method and re-enrollment (``policy.toml``, :mod:`hsm_auth.attestation`).
         self.policy = policy or VerifierPolicy.default()
+        self.directory = directory
         self._clock = clock
+        self._ca_certificate: x509.Certificate | None = None
         self.purge_every = PURGE_EVERY  # 0: never purge on write
 
     # --- lifecycle ----------------------------------------------------------
@@ -235,9 +244,22 @@ class Verifier:
             raise
         identity = VerifierIdentity(verifier_id=os.urandom(8), name=name)
         spec["store"] = {"engine": store.engine}
+        try:
+            from . import device_ca
+
+            ca = device_ca.create_ca_certificate(
+                directory, keys, identity.name, identity.verifier_id, clock()
+            )
+        except BaseException:
+            store.close()
+            keys.close()
+            raise
         atomic_write_json(directory / "identity.json", {**identity.to_json(), **spec})
         log.info("verifier created engine=%s keys=%s", store.engine, keys.kind)
-        return cls(identity, keys, store, clock=clock, policy=VerifierPolicy.load(directory))
+        verifier = cls(identity, keys, store, clock=clock, policy=VerifierPolicy.load(directory),
+                       directory=directory)
+        verifier._ca_certificate = ca
+        return verifier
 
     @classmethod
     def open(
@@ -272,7 +294,8 @@ class Verifier:
             store.close()
             keys.close()
             raise ConfigError(f"this verifier was created on {engine}, not {store.engine}")
-        return cls(identity, keys, store, clock=clock, policy=VerifierPolicy.load(directory))
+        return cls(identity, keys, store, clock=clock, policy=VerifierPolicy.load(directory),
+                   directory=directory)
 
     def close(self) -> None:
         try:
@@ -407,6 +430,8 @@ class Verifier:
         # confirmation is checked with the sealed key, before anything is recorded.
         record = self._seal(response.offer_id, record)
         self._check_confirmation(response, offer.offer_hash, record)
+        # The device certificate, saved with the credential in the redeeming transaction.
+        record = dataclasses.replace(record, certificate=self._certify(record, verified))
         entry = AuditRecord(
             self._now(),
             Event.ENROLL,
@@ -437,6 +462,65 @@ class Verifier:
         except HsmAuthError as e:  # the enrollment is on disk: do not fail it
             log.warning("destroying the agreement key of a used offer failed: %s", e)
         return saved
+
+    # --- the device CA (hsm_auth.device_ca) ----------------------------------------
+
+    @property
+    def ca_certificate(self) -> x509.Certificate:
+        """The device CA's self-signed certificate (``ca.pem``; ``verifier ca-cert``)."""
+        if self._ca_certificate is None:
+            from . import device_ca
+
+            self._ca_certificate = device_ca.load_ca_certificate(
+                self.directory, self.keys, self.identity.name, self.identity.verifier_id,
+                self._now(),
+            )
+        return self._ca_certificate
+
+    def _certify(
+        self, record: CredentialRecord, verified: attestation.AttestationResult
+    ) -> bytes:
+        """The DER certificate the device CA issues for ``record``'s signing key."""
+        from . import device_ca
+
+        return device_ca.issue(
+            self.keys,
+            self.ca_certificate,
+            user=record.user,
+            method=record.method,
+            signing_key=record.signing_key,
+            attestation=verified,
+            now=self._now(),
+        )
+
+    def enrollment_result(self, credential: CredentialRecord) -> str:
+        """The signed :class:`EnrollmentResult` text for the authenticator that enrolled
+        ``credential`` (what :meth:`accept_enrollment` returned): its certificate, the CA
+        certificate and the attestation summary."""
+        if credential.certificate is None:
+            raise StateError(
+                f"{credential.user!r}'s {credential.method.value} method has no certificate "
+                "(enrolled before the device CA): enroll it again"
+            )
+        from cryptography.hazmat.primitives import serialization
+
+        result = (
+            attestation.AttestationResult.from_json(credential.attestation)
+            if credential.attestation is not None
+            else attestation.AttestationResult("unknown", False)
+        )
+        shown = result.summary
+        if display.problem(shown, max_len=MAX_CONTEXT) is not None:  # a client-chosen fmt
+            shown = "verified" if result.verified else "not verified"
+        return EnrollmentResult(
+            verifier_id=self.identity.verifier_id,
+            user=credential.user,
+            method=credential.method,
+            credential_id=transcript.credential_id(credential.signing_key),
+            certificate=credential.certificate,
+            ca_certificate=self.ca_certificate.public_bytes(serialization.Encoding.DER),
+            attestation=shown,
+        ).to_text(self.keys.sign_raw)
 
     def _seal(self, offer_id: bytes, record: CredentialRecord) -> CredentialRecord:
         """``record`` with its OTP key sealed by the offer's agreement key

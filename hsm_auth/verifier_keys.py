@@ -2,6 +2,9 @@
 
 * The **signing key** (long-lived) signs offers, verification data and sync
   messages. It does nothing else.
+* The **device CA key** (long-lived) signs the X.509 certificate that the
+  verifier issues for each enrolled credential's signing key, and its own
+  self-signed CA certificate (:mod:`hsm_auth.device_ca`); nothing else.
 * A **per-offer agreement key** is made for each enrollment offer
   (:meth:`VerifierKeys.offer_key`); its public point is the offer's
   ``verifier_agreement_key``. At :meth:`Verifier.accept_enrollment
@@ -208,6 +211,18 @@ class VerifierKeys(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the HSM session, if any."""
 
+    # --- the device CA's key (hsm_auth.device_ca): a key of its own, one job ---
+
+    @property
+    def ca_public(self) -> ec.EllipticCurvePublicKey:
+        """The public key of the device CA key, which signs only the certificates of
+        enrolled signing keys and its own CA certificate (:mod:`hsm_auth.device_ca`)."""
+        raise StateError(f"verifier keys of type {self.kind!r} have no device CA key")
+
+    def ca_sign(self, data: bytes) -> bytes:
+        """ECDSA P-256 / SHA-256 over ``data`` by the device CA key; DER, as X.509 holds it."""
+        raise StateError(f"verifier keys of type {self.kind!r} have no device CA key")
+
     # --- hooks of the implementations registered in ``hsm_auth.verifier_keys`` ---
 
     @classmethod
@@ -229,6 +244,7 @@ class VerifierKeys(ABC):
 #: HKDF-SHA256 ``info`` prefixes of the keys derived from a key file's root secret.
 OFFER_KEY_INFO = b"hsm-auth/file-keys/offer-agreement-key/v1\x00"
 KEK_INFO = b"hsm-auth/file-keys/kek/v1"
+CA_KEY_INFO = b"hsm-auth/file-keys/device-ca-key/v1"
 #: AES-GCM associated data of a sealed OTP key: this tag, then the credential's identity.
 SEAL_DOMAIN = b"hsm-auth/file-keys/sealed-otp-key/v1"
 NONCE_BYTES = 12
@@ -236,6 +252,12 @@ NONCE_BYTES = 12
 
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
     return HKDF(hashes.SHA256(), length, salt=None, info=info).derive(secret)
+
+
+def _derived_scalar_key(secret: bytes, info: bytes) -> ec.EllipticCurvePrivateKey:
+    """The P-256 key whose scalar is HKDF(secret, info, 48 bytes) mod (n - 1) + 1."""
+    scalar = int.from_bytes(_hkdf(secret, info, 48), "big")
+    return ec.derive_private_key(scalar % (_P256_ORDER - 1) + 1, ecutil.CURVE)
 
 
 def seal_context(credential: CredentialRecord) -> bytes:
@@ -259,6 +281,8 @@ class FileVerifierKeys(VerifierKeys):
 
     * each offer's agreement key: ``info = OFFER_KEY_INFO || offer_id``, 48 bytes
       read as an integer, reduced mod ``n - 1``, plus 1 (a P-256 scalar);
+    * the device CA key (:mod:`hsm_auth.device_ca`): ``info = CA_KEY_INFO``, reduced
+      like an offer's key;
     * the file KEK: ``info = KEK_INFO``, 32 bytes. A sealed OTP key is
       ``nonce (12) || AES-256-GCM(KEK, nonce, OTP key, aad = seal_context(credential))``,
       60 bytes; the associated data binds it to its credential's row."""
@@ -277,6 +301,7 @@ class FileVerifierKeys(VerifierKeys):
         self._secret = root.private_numbers().private_value.to_bytes(32, "big")
         self._kek_bytes = _hkdf(self._secret, KEK_INFO, 32)
         self._kek = AESGCM(self._kek_bytes)
+        self._ca = _derived_scalar_key(self._secret, CA_KEY_INFO)
         # Opened OTP keys (32 bytes each), by sealed blob: no exposure beyond the KEK above.
         self.otp_keys = OtpKeyCache(cache_bytes)
 
@@ -323,8 +348,14 @@ class FileVerifierKeys(VerifierKeys):
 
     def offer_private(self, offer_id: bytes) -> ec.EllipticCurvePrivateKey:
         """The agreement key of ``offer_id``, derived from the root secret."""
-        scalar = int.from_bytes(_hkdf(self._secret, OFFER_KEY_INFO + offer_id, 48), "big")
-        return ec.derive_private_key(scalar % (_P256_ORDER - 1) + 1, ecutil.CURVE)
+        return _derived_scalar_key(self._secret, OFFER_KEY_INFO + offer_id)
+
+    @property
+    def ca_public(self) -> ec.EllipticCurvePublicKey:
+        return self._ca.public_key()
+
+    def ca_sign(self, data: bytes) -> bytes:
+        return self._ca.sign(data, ec.ECDSA(hashes.SHA256()))
 
     def offer_key(self, offer_id: bytes, expires: int) -> ec.EllipticCurvePublicKey:
         return self.offer_private(offer_id).public_key()

@@ -138,9 +138,11 @@ def test_an_attacker_driving_the_hsm_gets_no_enrolled_otp_key(hsm, authenticator
     leaked = sorted(user for user, expected in probes.items() if any(
         hmac.compare_digest(hmac.digest(k, PROBE, hashlib.sha256), expected) for k in got))
     assert leaked == [], f"the OTP keys of {leaked} came out of the HSM"
-    # What the attacker found: the signing key pair, the KEK, the pending offer's key.
+    # What the attacker found: the signing and device CA key pairs, the KEK, the
+    # pending offer's key.
     inventory = sorted(report["inventory"])
-    assert len([i for i in inventory if i.startswith("PRIVATE_KEY")]) == 2, inventory
+    assert len([i for i in inventory if i.startswith("PRIVATE_KEY")]) == 3, inventory
+    assert any(i == f"PRIVATE_KEY {i.split()[1].rsplit('/', 1)[0]}/ca" for i in inventory)
     assert any(i.endswith("/kek") for i in inventory), inventory
     assert any(i.endswith(f"/offer/{pending.offer_id.hex()}/{pending.expires}")
                for i in inventory), inventory

@@ -62,18 +62,24 @@ def test_keys_live_in_the_hsm_and_are_not_extractable(tmp_path, verifier):
     import pkcs11
 
     attr = pkcs11.Attribute
-    [signing] = _objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)  # no agreement key
+    # the signing key and the device CA key; no agreement key
+    ca, signing = sorted(_objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY),
+                         key=lambda k: k[attr.LABEL])
+    assert (ca[attr.LABEL].rsplit("/", 1)[1], signing[attr.LABEL].rsplit("/", 1)[1]) == (
+        "ca", "sign")
     [kek] = _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY)
-    for key in (signing, kek):
+    for key in (signing, ca, kek):
         assert key[attr.SENSITIVE] is True
         assert key[attr.EXTRACTABLE] is False
         assert (key[attr.MODIFIABLE], key[attr.COPYABLE]) == (False, False)
-    assert (signing[attr.SIGN], signing[attr.DERIVE]) == (True, False)
+    for key in (signing, ca):
+        assert (key[attr.SIGN], key[attr.DERIVE], key[attr.DECRYPT], key[attr.UNWRAP]) == (
+            True, False, False, False)
     usage = {a: kek[a] for a in (attr.WRAP, attr.UNWRAP, attr.ENCRYPT, attr.DECRYPT,
                                  attr.DERIVE, attr.SIGN)}
     assert usage == {attr.WRAP: True, attr.UNWRAP: True, attr.ENCRYPT: False,
                      attr.DECRYPT: False, attr.DERIVE: False, attr.SIGN: False}
-    assert set(json.loads(identity)["keys"]) == {"type", "token", "signing", "kek"}
+    assert set(json.loads(identity)["keys"]) == {"type", "token", "signing", "kek", "ca"}
 
 
 def test_each_offer_has_its_own_agreement_key_until_it_is_used(tmp_path, verifier):
@@ -95,9 +101,9 @@ def test_each_offer_has_its_own_agreement_key_until_it_is_used(tmp_path, verifie
     assert key[attr.LABEL].endswith(f"/offer/{second.offer_id.hex()}/{second.expires}")
     verifier.accept_enrollment(PythonDevice().enroll(text, Method.DEVICE))
     assert [k.offer_id for k in verifier.keys.offer_keys()] == [first.offer_id]
-    # the offers' public halves were destroyed at once: only the signing key's is left
-    [public] = _objects(verifier.keys, pkcs11.ObjectClass.PUBLIC_KEY)
-    assert public[attr.LABEL].endswith("/sign")
+    # the offers' public halves were destroyed at once: only the signing and CA keys' are left
+    publics = _objects(verifier.keys, pkcs11.ObjectClass.PUBLIC_KEY)
+    assert sorted(p[attr.LABEL].rsplit("/", 1)[1] for p in publics) == ["ca", "sign"]
 
 
 def test_a_verifier_made_before_the_kek_is_one_clear_error(tmp_path, verifier):
@@ -125,10 +131,10 @@ def test_otp_checks_run_in_the_hsm_and_leave_no_key_behind(tmp_path, verifier):
     with pytest.raises(InvalidToken):
         verifier.verify(s.session_id, otp)
     # Only the KEK remains: the per-check keys were destroyed, and so was the offer's
-    # agreement key (only the signing key is left).
+    # agreement key (only the signing and CA keys are left).
     [kek] = _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY)
     assert kek[pkcs11.Attribute.LABEL].endswith("/kek")
-    assert len(_objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)) == 1
+    assert len(_objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)) == 2
 
 
 def test_wrapped_keys_and_reopening_with_the_recorded_token(tmp_path, verifier):
