@@ -104,6 +104,8 @@ from hsm_auth.files import atomic_write, check_state, ensure_private_dir, open_l
 from hsm_auth.keystore import (
     Authorization,
     Capability,
+    ConfirmationMessage,
+    Enrollment,
     KeyInfo,
     KeyKind,
     KeyStore,
@@ -118,6 +120,9 @@ DEFAULT_TCTI = "device:/dev/tpmrm0"
 SRK_PERSISTENT_HANDLE = 0x81000001
 NV_OWNER_FIRST = 0x01000000
 NV_OWNER_LAST = 0x013FFFFF
+#: TCG: the RSA 2048 EK's certificate and its usual persistent handle.
+EK_CERT_NV_INDEX = 0x01C00002
+EK_PERSISTENT_HANDLE = 0x81010001
 _MAX_AUTH = 32  # a SHA-256 name algorithm bounds auth values to 32 bytes
 _MAX_HMAC_BUFFER = 1024  # MAX_DIGEST_BUFFER: one TPM2_HMAC, else an HMAC sequence
 _FORMAT = 1
@@ -186,6 +191,47 @@ class _Record:
             public=bytes.fromhex(data.get("public", "")),
             private=bytes.fromhex(data.get("private", "")),
             nv_index=int(data.get("nv_index", "0"), 16),
+        )
+
+
+@dataclass(frozen=True)
+class _AkRecord:
+    """The attestation key's state file (``attestation/ak.json``): its blob under the
+    storage key, the EK certificate it was registered with (SHA-256), and the AK
+    bindings (root hash, verifier signature) that verifiers returned."""
+
+    parent: str
+    public: bytes  # marshalled TPM2B_PUBLIC
+    private: bytes  # marshalled TPM2B_PRIVATE
+    ek_cert_hash: bytes
+    bindings: tuple[tuple[bytes, bytes], ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": _FORMAT,
+                "parent": self.parent,
+                "public": self.public.hex(),
+                "private": self.private.hex(),
+                "ek_cert_hash": self.ek_cert_hash.hex(),
+                "bindings": [[r.hex(), s.hex()] for r, s in self.bindings],
+            },
+            indent=1,
+        ) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> _AkRecord:
+        data = json.loads(text)
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"unknown format {data.get('format')!r}")
+        return cls(
+            parent=str(data["parent"]),
+            public=bytes.fromhex(data["public"]),
+            private=bytes.fromhex(data["private"]),
+            ek_cert_hash=bytes.fromhex(data["ek_cert_hash"]),
+            bindings=tuple(
+                (bytes.fromhex(r), bytes.fromhex(s)) for r, s in data.get("bindings", [])
+            ),
         )
 
 
@@ -854,6 +900,264 @@ class Tpm2KeyStore(KeyStore):
             retry_after=_retry_after(props) if locked else None,
         )
 
+    # --- attestation (docs/PROTOCOL.md, "TPM 2.0 attestation") -------------------
+
+    def enroll(
+        self,
+        method: Method,
+        label: str,
+        verifier_agreement_public: ec.EllipticCurvePublicKey,
+        auth: Authorization,
+        *,
+        binding: bytes = b"",
+        confirm: ConfirmationMessage | None = None,
+    ) -> Enrollment:
+        """The base enrollment, plus (once this TPM has an attestation key, see
+        :meth:`registration_request`) TPM2_Certify statements by the AK over the new
+        signing key and OTP key, qualified with ``binding``, as the attestation."""
+        enrollment = super().enroll(
+            method, label, verifier_agreement_public, auth, binding=binding, confirm=confirm
+        )
+        ak = self._read_ak()
+        if ak is None:
+            return enrollment
+        try:
+            attestation = self.attest(
+                [enrollment.signing_key, enrollment.otp_key], binding, auth, ak
+            )
+        except BaseException:
+            self.roll_back([enrollment.signing_key, enrollment.otp_key, enrollment.counter], auth)
+            raise
+        return dataclasses.replace(enrollment, attestation=attestation)
+
+    def attest(
+        self, uris: list[str], binding: bytes, auth: Authorization, ak: _AkRecord | None = None
+    ) -> bytes:
+        """The ``hsm-auth-tpm2`` attestation of the keys ``uris`` (signing key, then
+        OTP key): TPM2_Certify of each by the attestation key, qualified with
+        ``binding``, with the AK bindings this TPM holds."""
+        from tpm2_pytss import TPM2_ALG, TPM2B_DATA, TPMT_SIG_SCHEME
+
+        from hsm_auth.attestation_tpm2 import certify_qualifier, encode_attestation
+
+        ak = ak or self._read_ak()
+        if ak is None:
+            raise StateError("this TPM has no attestation key (hsm-auth tpm register)")
+        qualifier = TPM2B_DATA(certify_qualifier(binding))
+        records = [self._record(uri, KeyKind.SIGNING, KeyKind.OTP) for uri in uris]
+        certified = []
+        with self._scratch_ak(ak) as ak_handle:
+            for record in records:
+                handle = self._load(record, auth)
+                with self._tpm("certifying a key with the attestation key", record):
+                    attest, signature = self._ectx.certify(
+                        handle,
+                        ak_handle,
+                        qualifier,
+                        TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                        session1=self._auth_session(record.has_pin),
+                        session2=_esys_tr().PASSWORD,
+                    )
+                certified.append(
+                    (record.public[2:], bytes(attest), bytes(signature.marshal()))
+                )
+        return encode_attestation(ak.public[2:], ak.ek_cert_hash, ak.bindings, certified)
+
+    def ek_certificate(self) -> bytes:
+        """The RSA 2048 EK certificate (DER) from its NV index (TCG: 0x01C00002)."""
+        from tpm2_pytss import TPM2_CAP, TPM2_PT_NV
+
+        ectx = self._ectx
+        with self._tpm("reading the EK certificate"):
+            _, data = ectx.get_capability(TPM2_CAP.HANDLES, EK_CERT_NV_INDEX, 1)
+            if EK_CERT_NV_INDEX not in [int(h) for h in data.data.handles]:
+                raise KeyNotFound(
+                    f"this TPM has no RSA EK certificate (NV index 0x{EK_CERT_NV_INDEX:08x})"
+                )
+            chunk = _properties(ectx, TPM2_PT_NV.BUFFER_MAX, 1).get(TPM2_PT_NV.BUFFER_MAX, 512)
+            handle = ectx.tr_from_tpmpublic(EK_CERT_NV_INDEX)
+            public, _ = ectx.nv_read_public(handle)
+            size = int(public.nvPublic.dataSize)
+            out = b""
+            while len(out) < size:
+                n = min(chunk, size - len(out))
+                out += bytes(ectx.nv_read(handle, n, len(out), handle))
+            ectx.tr_close(handle)
+        return out
+
+    def registration_request(self) -> bytes:
+        """The TPM registration request for a verifier (EK certificate, EK and AK
+        public areas); makes this TPM's attestation key on first use."""
+        from hsm_auth.attestation_tpm2 import registration_request
+
+        certificate = self.ek_certificate()
+        with self._endorsement_key() as (_, ek_public):
+            pass
+        ak = self._read_ak()
+        import hashlib
+
+        ek_hash = hashlib.sha256(certificate).digest()
+        if ak is None or ak.ek_cert_hash != ek_hash:
+            ak = self._create_ak(ek_hash)
+        return registration_request(certificate, ek_public, ak.public[2:])
+
+    def activate_registration(self, challenge: bytes) -> None:
+        """TPM2_ActivateCredential on a verifier's registration challenge: the AK
+        binding it carries is kept with the AK and sent with every enrollment."""
+        from tpm2_pytss import TPM2_ALG, TPM2_SE, TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT
+        from tpm2_pytss import TPMT_SYM_DEF as SymDef
+
+        from hsm_auth.attestation_tpm2 import open_binding, parse_challenge, parse_public
+
+        ak = self._read_ak()
+        if ak is None:
+            raise StateError("this TPM has no attestation key: make a registration request first")
+        blob, secret, sealed = parse_challenge(challenge)
+        try:
+            credential, _ = TPM2B_ID_OBJECT.unmarshal(blob)
+            encrypted, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(secret)
+        except Exception:
+            raise InvalidInput("malformed TPM registration challenge") from None
+        ectx = self._ectx
+        self._make_room(self._cache_size)
+        with self._scratch_ak(ak) as ak_handle, self._endorsement_key() as (ek, _):
+            with self._tpm("starting a policy session for the EK"):
+                session = ectx.start_auth_session(
+                    _esys_tr().NONE, _esys_tr().NONE, TPM2_SE.POLICY,
+                    SymDef(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+                )
+            try:
+                with self._tpm("authorizing the EK (PolicySecret, endorsement)"):
+                    ectx.tr_set_auth(_esys_tr().ENDORSEMENT, b"")
+                    ectx.policy_secret(_esys_tr().ENDORSEMENT, session, b"", b"", b"", 0)
+                with self._tpm("activating the verifier's credential"):
+                    key = bytes(ectx.activate_credential(
+                        ak_handle, ek, credential, encrypted,
+                        session1=_esys_tr().PASSWORD, session2=session,
+                    ))
+            finally:
+                with contextlib.suppress(Exception):
+                    ectx.flush_context(session)
+        root_hash, signature = open_binding(key, parse_public(ak.public[2:]).name, sealed)
+        bindings = [b for b in ak.bindings if b[1] != signature] + [(root_hash, signature)]
+        self._write_ak(dataclasses.replace(ak, bindings=tuple(bindings[-4:])))
+
+    @contextlib.contextmanager
+    def _endorsement_key(self) -> Iterator[tuple[Any, bytes]]:
+        """The RSA EK (TCG template L-1) and its TPMT_PUBLIC: from 0x81010001 when it
+        holds that template, else made with TPM2_CreatePrimary (and flushed after)."""
+        from tpm2_pytss import TPM2B_PUBLIC
+        from tpm2_pytss.utils import NVReadEK, create_ek_template
+
+        ectx = self._ectx
+        with self._tpm("finding the endorsement key"):
+            _, template = create_ek_template("EK-RSA2048", NVReadEK(ectx))
+            handle = None
+            _, data = ectx.get_capability(_tpm2_cap().HANDLES, EK_PERSISTENT_HANDLE, 1)
+            if EK_PERSISTENT_HANDLE in [int(h) for h in data.data.handles]:
+                handle = ectx.tr_from_tpmpublic(EK_PERSISTENT_HANDLE)
+                public, _, _ = ectx.read_public(handle)
+                if not _same_rsa_template(public.publicArea, template.publicArea):
+                    ectx.tr_close(handle)
+                    handle = None
+            transient = handle is None
+            if transient:
+                self._make_room(self._cache_size)
+                ectx.tr_set_auth(_esys_tr().ENDORSEMENT, b"")
+                handle, public, *_ = ectx.create_primary(
+                    None, template, _esys_tr().ENDORSEMENT
+                )
+        try:
+            yield handle, bytes(TPM2B_PUBLIC(publicArea=public.publicArea).marshal())[2:]
+        finally:
+            with contextlib.suppress(Exception):
+                if transient:
+                    ectx.flush_context(handle)
+                else:
+                    ectx.tr_close(handle)
+
+    @contextlib.contextmanager
+    def _scratch_ak(self, ak: _AkRecord) -> Iterator[Any]:
+        """The AK loaded in the scratch slot for one operation, flushed after."""
+        from tpm2_pytss import TPM2B_PRIVATE, TPM2B_PUBLIC
+
+        srk = self._storage_key()
+        if ak.parent != self._srk_name:
+            raise BackendError(
+                "the attestation key was made by another TPM (or before this TPM's owner "
+                "hierarchy was cleared): make a new registration request"
+            )
+        public, _ = TPM2B_PUBLIC.unmarshal(ak.public)
+        private, _ = TPM2B_PRIVATE.unmarshal(ak.private)
+        self._make_room(1)
+        with self._tpm("loading the attestation key"):
+            handle = self._ectx.load(srk, private, public)
+        try:
+            yield handle
+        finally:
+            with contextlib.suppress(Exception):
+                self._ectx.flush_context(handle)
+
+    def _create_ak(self, ek_cert_hash: bytes) -> _AkRecord:
+        from tpm2_pytss import (
+            TPM2_ALG,
+            TPM2B_PUBLIC,
+            TPM2B_SENSITIVE_CREATE,
+            TPMA_OBJECT,
+            TPMS_SENSITIVE_CREATE,
+            TPMT_PUBLIC,
+        )
+
+        attrs = (
+            TPMA_OBJECT.FIXEDTPM
+            | TPMA_OBJECT.FIXEDPARENT
+            | TPMA_OBJECT.SENSITIVEDATAORIGIN
+            | TPMA_OBJECT.USERWITHAUTH
+            | TPMA_OBJECT.RESTRICTED
+            | TPMA_OBJECT.SIGN_ENCRYPT
+        )
+        template = TPMT_PUBLIC.parse(
+            "ecc256:ecdsa-sha256",
+            objectAttributes=_dictionary_attack_rule(attrs, TPMA_OBJECT.NODA, b""),
+        )
+        template.parameters.eccDetail.symmetric.algorithm = TPM2_ALG.NULL  # a signing key
+        srk = self._storage_key()
+        self._make_room(1)
+        with self._tpm("creating the attestation key"):
+            private, public, *_ = self._ectx.create(
+                srk, TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE()),
+                TPM2B_PUBLIC(publicArea=template),
+            )
+        ak = _AkRecord(
+            parent=self._srk_name,
+            public=bytes(public.marshal()),
+            private=bytes(private.marshal()),
+            ek_cert_hash=ek_cert_hash,
+        )
+        self._write_ak(ak)
+        return ak
+
+    def _ak_file(self) -> Path:
+        return self._state_dir / "attestation" / "ak.json"
+
+    def _read_ak(self) -> _AkRecord | None:
+        path = self._ak_file()
+        if not path.exists():
+            return None
+        check_state(path)
+        try:
+            return _AkRecord.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StateError(f"{path} is not an attestation key file ({e})") from e
+
+    def _write_ak(self, ak: _AkRecord) -> None:
+        path = self._ak_file()
+        try:
+            ensure_private_dir(path.parent)
+            atomic_write(path, ak.to_json().encode())
+        except OSError as e:
+            raise StateError(f"cannot write {path}: {e.strerror}") from e
+
     # --- internals: a previous client's leftovers ---------------------------------
 
     def _flush_leftovers(self) -> None:
@@ -1338,6 +1642,24 @@ def _esys_tr() -> Any:
     from tpm2_pytss import ESYS_TR
 
     return ESYS_TR
+
+
+def _tpm2_cap() -> Any:
+    from tpm2_pytss import TPM2_CAP
+
+    return TPM2_CAP
+
+
+def _same_rsa_template(public: Any, template: Any) -> bool:
+    """Equal RSA public areas apart from ``unique`` (the modulus)."""
+    from tpm2_pytss import TPM2B_PUBLIC
+
+    def strip(area: Any) -> bytes:
+        copy, _ = TPM2B_PUBLIC.unmarshal(TPM2B_PUBLIC(publicArea=area).marshal())
+        copy.publicArea.unique.rsa = b""
+        return bytes(copy.marshal())
+
+    return bool(public.type == template.type) and strip(public) == strip(template)
 
 
 def _tpm2_rc() -> Any:

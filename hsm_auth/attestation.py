@@ -203,6 +203,8 @@ class EnrollmentContext:
     wrapped_otp_key: bytes | None
     initial_atc: int
     signed: bool  # the response carries a signature by signing_key (checked already)
+    #: The verifier's own signing key (SEC1): a TPM attestation key's binding is its signature.
+    verifier_signing_key: bytes = b""
 
 
 def attestation_format(attestation: bytes) -> str:
@@ -235,7 +237,9 @@ def _checker(fmt: str) -> Checker:
     """The checker of attestation format ``fmt``: TPM 2.0's, else FIDO2's (whose
     statement formats are open-ended: packed, none, fido-u2f, …)."""
     if fmt == TPM2_FORMAT:
-        raise AttestationRefused("TPM 2.0 attestation is not supported yet")
+        from .attestation_tpm2 import check as tpm2
+
+        return tpm2
     return _fido2
 
 

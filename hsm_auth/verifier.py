@@ -400,6 +400,7 @@ class Verifier:
                 wrapped_otp_key=response.wrapped_otp_key,
                 initial_atc=response.initial_atc,
                 signed=bool(signed.signature),
+                verifier_signing_key=ec.encode_point(self.keys.signing_public),
             ),
             self.policy.for_method(response.method),
         )

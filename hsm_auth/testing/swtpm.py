@@ -30,7 +30,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -237,11 +237,83 @@ def set_da_parameters(
         )
 
 
+# --- a TPM with an EK certificate from a test CA --------------------------------
+
+
+@dataclass(frozen=True)
+class TestCa:
+    """A local TPM manufacturer CA made by ``swtpm_localca`` in ``directory``.
+
+    ``roots_file`` holds its root and its issuing (intermediate) certificate, as
+    a verifier's policy names them (``[methods.device] roots = [...]``)."""
+
+    directory: Path
+
+    @property
+    def roots_file(self) -> Path:
+        return self.directory / "roots.pem"
+
+
+def manufacturing_available() -> str | None:
+    """``None`` when swtpm_setup and swtpm_localca can run here, else why not."""
+    for binary in ("swtpm_setup", "swtpm_localca"):
+        if shutil.which(binary) is None:
+            return f"{binary} not found on PATH (install swtpm-tools)"
+    return swtpm_available()
+
+
+def manufacture(state_dir: Path, ca_dir: Path) -> TestCa:
+    """Make a TPM state in ``state_dir`` as a manufacturer would: ``swtpm_setup
+    --tpm2 --create-ek-cert --create-platform-cert`` with the CA in ``ca_dir``
+    (made by ``swtpm_localca`` on first use). Every configuration file is written
+    in ``ca_dir``; nothing system-wide is read or written. About 0.8 s."""
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    localca = ca_dir / "swtpm-localca.conf"
+    localca.write_text(
+        f"statedir = {ca_dir}\n"
+        f"signingkey = {ca_dir}/signkey.pem\n"
+        f"issuercert = {ca_dir}/issuercert.pem\n"
+        f"certserial = {ca_dir}/certserial\n"
+    )
+    options = ca_dir / "swtpm-localca.options"
+    options.write_text(
+        "--platform-manufacturer hsm-auth-test\n--platform-version 2.1\n--platform-model swtpm\n"
+    )
+    setup = ca_dir / "swtpm_setup.conf"
+    setup.write_text(
+        f"create_certs_tool = {shutil.which('swtpm_localca')}\n"
+        f"create_certs_tool_config = {localca}\n"
+        f"create_certs_tool_options = {options}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    log = ca_dir / "swtpm_setup.log"
+    result = subprocess.run(
+        [
+            "swtpm_setup", "--tpm2", "--tpmstate", str(state_dir), "--create-ek-cert",
+            "--create-platform-cert", "--config", str(setup), "--logfile", str(log),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        timeout=120,
+        check=False,
+        env={**os.environ, "TMPDIR": str(ca_dir)},
+    )
+    if result.returncode != 0:
+        tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
+        raise RuntimeError(f"swtpm_setup failed with {result.returncode}: {tail}")
+    ca = TestCa(ca_dir)
+    pems = [ca_dir / "swtpm-localca-rootca-cert.pem", ca_dir / "issuercert.pem"]
+    ca.roots_file.write_bytes(b"".join(p.read_bytes() for p in pems))
+    return ca
+
+
 # --- pytest fixtures ----------------------------------------------------------
 # pytest is only a test dependency: import it lazily so this module imports without it.
 
 
-def _fixtures() -> tuple[Any, Any]:
+def _fixtures() -> tuple[Any, Any, Any, Any, Any]:
     import pytest
 
     @pytest.fixture
@@ -261,8 +333,52 @@ def _fixtures() -> tuple[Any, Any]:
         """The TCTI string of the ``swtpm`` fixture."""
         return swtpm.tcti
 
-    return swtpm, swtpm_tcti
+    @pytest.fixture(scope="session")
+    def swtpm_manufactured(
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> Callable[[str, str], tuple[Path, TestCa]]:
+        """``make(name, ca)``: the state of a TPM called ``name`` (made once per
+        session) with an EK certificate by the test CA called ``ca``."""
+        reason = manufacturing_available()
+        if reason is not None:
+            pytest.skip(reason)
+        base = tmp_path_factory.mktemp("manufactured")
+        made: dict[tuple[str, str], tuple[Path, TestCa]] = {}
+
+        def make(name: str, ca: str = "ca") -> tuple[Path, TestCa]:
+            if (name, ca) not in made:
+                made[name, ca] = (base / name, manufacture(base / name, base / ca))
+            return made[name, ca]
+
+        return make
+
+    @pytest.fixture
+    def swtpm_ek_factory(
+        tmp_path: Path, swtpm_manufactured: Callable[[str, str], tuple[Path, TestCa]]
+    ) -> Iterator[Callable[..., tuple[SwtpmProcess, TestCa]]]:
+        """``start(name="tpm", ca="ca")``: a running copy of the manufactured TPM
+        ``name`` (its EK certificate by the test CA ``ca``), DA set to 3 tries / 2 s."""
+        with contextlib.ExitStack() as stack:
+
+            def start(name: str = "tpm", ca: str = "ca") -> tuple[SwtpmProcess, TestCa]:
+                template, test_ca = swtpm_manufactured(name, ca)
+                state = tmp_path / f"tpm-{name}-{ca}"
+                shutil.copytree(template, state)
+                tpm = stack.enter_context(running_swtpm(state))
+                set_da_parameters(tpm.tcti, max_tries=3, recovery_time=2, lockout_recovery=2)
+                return tpm, test_ca
+
+            yield start
+
+    @pytest.fixture
+    def swtpm_ek(
+        swtpm_ek_factory: Callable[..., tuple[SwtpmProcess, TestCa]],
+    ) -> tuple[SwtpmProcess, TestCa]:
+        """A swtpm with an RSA EK certificate by the session's test CA, and that CA."""
+        return swtpm_ek_factory()
+
+    return swtpm, swtpm_tcti, swtpm_manufactured, swtpm_ek_factory, swtpm_ek
 
 
 with contextlib.suppress(ImportError):  # without pytest the helpers still work
-    swtpm, swtpm_tcti = _fixtures()
+    swtpm, swtpm_tcti, swtpm_manufactured, swtpm_ek_factory, swtpm_ek = _fixtures()
