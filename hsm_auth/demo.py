@@ -15,6 +15,7 @@ plus a verifier and an authenticator. The demo tokens' PINs are given to
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 import shutil
@@ -172,8 +173,14 @@ def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -
                 _, offer = verifier.create_offer(USER, methods=[method])
                 cred = verifier.accept_enrollment(a.add_or_update(method, offer, pin=pin))
                 step(f"enrolled {method.value} (backend {cred.backend}, initial ATC {cred.atc})")
+                # The enrollment result: the device certificate, checked and kept.
+                stored = a.store_result(verifier.enrollment_result(cred))
+                fingerprint = hashlib.sha256(cred.certificate or b"").hexdigest()
+                step(f"stored the verifier's certificate for {method.value} "
+                     f"(SHA-256 {fingerprint[:16]}...)")
                 results.append(
-                    {"method": method.value, "backend": cred.backend, "initial_atc": cred.atc}
+                    {"method": method.value, "backend": cred.backend, "initial_atc": cred.atc,
+                     "certificate": fingerprint if stored.certificate else None}
                 )
             for i, (method, result_doc) in enumerate(zip(methods, results, strict=True)):
                 session = verifier.start_session(USER, CONTEXT, methods=methods)

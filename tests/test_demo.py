@@ -31,6 +31,7 @@ def test_demo_runs_every_method_and_refuses_every_replay(tmp_path):
     for method in ("device", "pin", "biometric", "face"):
         assert f"verifier accepted demo with {method}" in out
     assert out.count("replaying the same OTP: refused") == 4
+    assert out.count("stored the verifier's certificate for") == 4  # the device certificates
     assert "Traceback" not in result.stderr
     # the demo's swtpm was stopped: nothing is listening on its socket any more
     sock = tmp_path / "demo" / "swtpm" / "tpm.sock"

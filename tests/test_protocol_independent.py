@@ -39,7 +39,7 @@ CURVE = ec.SECP256R1()
 
 VERSION = 3
 METHOD_CODES = {"device": 1, "pin": 2, "biometric": 3, "face": 4}
-OFFER, RESPONSE, VERIFICATION, SYNC, SYNC_REPORT = 1, 2, 3, 4, 5
+OFFER, RESPONSE, VERIFICATION, SYNC, SYNC_REPORT, ENROLLMENT_RESULT = 1, 2, 3, 4, 5, 6
 
 
 def lp16(data: bytes) -> bytes:
@@ -270,6 +270,17 @@ def compute(v: dict[str, Any]) -> dict[str, Any]:
         mac,
     )
 
+    # Section 13.1: the key file's device CA key; section 5.6: the enrollment result.
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    ca_scalar = int.from_bytes(HKDF(hashes.SHA256(), 48, salt=None,
+                                    info=b"hsm-auth/file-keys/device-ca-key/v1")
+                               .derive(v["file_root_secret"]), "big") % (n - 1) + 1
+    out["device_ca_key"] = sec1(ec.derive_private_key(ca_scalar, CURVE).public_key())
+    out["enrollment_result_body"] = body(
+        ENROLLMENT_RESULT, v["verifier_id"], v["user"], METHOD_CODES[v["method"]], cid,
+        v["device_certificate"], v["device_ca_certificate"], "unattested",
+    )
+
     # RFC 6287 Appendix C.1, OCRA-1:HOTP-SHA512-8:C-QN08: a numeric question goes in as
     # its value in hex, left-aligned (RFC 6287 section 5.1).
     rfc_q = format(int(v["rfc6287_question"]), "X")
@@ -289,7 +300,36 @@ def check_vectors(document: Path) -> int:
     assert not wrong, f"the document and its formulas disagree on: {', '.join(wrong)}"
     for what, key in (("offer", "verifier_signing_key"), ("verification", "verifier_signing_key")):
         assert verify_signature(v[key], v[f"{what}_signature"], v[f"{what}_body"]), what
+    assert verify_signature(
+        v["verifier_signing_key"], v["result_signature"], v["enrollment_result_body"]
+    )
+    check_device_certificate(v)
     return len(computed)
+
+
+def check_device_certificate(v: dict[str, Any]) -> None:
+    """Section 13.3: the device certificate verifies under the device CA key, certifies
+    the signing key, names the user, method and credential id, and carries the
+    attestation result in its extension."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_der_x509_certificate(v["device_certificate"])
+    ca = x509.load_der_x509_certificate(v["device_ca_certificate"])
+    ca_key = ec.EllipticCurvePublicKey.from_encoded_point(CURVE, v["device_ca_key"])
+    for c in (cert, ca):
+        ca_key.verify(c.signature, c.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+    assert sec1(cert.public_key()) == v["signing_key"]
+    subject = [(a.oid, a.value) for a in cert.subject]
+    assert subject == [(NameOID.COMMON_NAME, v["user"]),
+                       (NameOID.ORGANIZATIONAL_UNIT_NAME, v["method"]),
+                       (NameOID.SERIAL_NUMBER, v["credential_id"].hex())]
+    ext = cert.extensions.get_extension_for_oid(
+        x509.ObjectIdentifier("2.25.247082669378731429492814363386460064207")
+    ).value.value
+    assert ext[0] == 0x0C and ext[1] == len(ext) - 2  # a short UTF8String
+    assert json.loads(ext[2:]) == {"details": {}, "format": "unattested", "trust": "",
+                                   "verified": False}
 
 
 # --- the verifier's key file: what recomputing a real OTP needs ---------------------------------

@@ -17,13 +17,14 @@ import pytest
 from _vectors import DOCUMENT, load, parse
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
-from hsm_auth import ec, key_transport, ocra, qr, textcode, transcript
+from hsm_auth import device_ca, ec, key_transport, ocra, qr, textcode, transcript
 from hsm_auth.methods import Method
 from hsm_auth.otp_scheme import OtpScheme
 from hsm_auth.protocol import (
     VERSION,
     EnrollmentOffer,
     EnrollmentResponse,
+    EnrollmentResult,
     SyncReport,
     VerificationData,
 )
@@ -212,6 +213,21 @@ def _computed() -> dict[str, Any]:
     assert SyncReport.decode(out["sync_report"])[0] == report
     assert scheme.verify_mac(mac, sync_mac, counter=V["sync_atc"], question=sq)
 
+    # The device CA of a key file with the vectors' root secret, and the result message.
+    ca_keys = FileVerifierKeys(_key("verifier_signing_scalar"), _key("file_root_secret"))
+    out["device_ca_key"] = ec.encode_point(ca_keys.ca_public)
+    result = EnrollmentResult(
+        verifier_id=V["verifier_id"],
+        user=V["user"],
+        method=method,
+        credential_id=cid,
+        certificate=V["device_certificate"],
+        ca_certificate=V["device_ca_certificate"],
+        attestation="unattested",
+    )
+    out["enrollment_result_body"] = result.body()
+    assert EnrollmentResult.decode(result.encode(lambda body: V["result_signature"]))[0] == result
+
     rfc = ocra.OcraSuite.parse(V["rfc6287_suite"])
     inputs = {"counter": V["rfc6287_counter"], "question": V["rfc6287_question"]}
     out["rfc6287_data_input"] = rfc.data_input(**inputs)
@@ -239,6 +255,7 @@ def test_every_vector_is_an_input_or_checked() -> None:
         "verification_expires", "counter", "fido2_method", "sync_session_id", "sync_atc",
         "rfc6287_suite", "rfc6287_key", "rfc6287_counter", "rfc6287_question",
         "offer_signature", "verification_signature",
+        "file_root_secret", "device_ca_certificate", "device_certificate", "result_signature",
     }  # fmt: skip
     assert inputs == INPUTS
 
@@ -247,6 +264,21 @@ def test_the_signatures_verify() -> None:
     signing = ec.decode_point(COMPUTED["verifier_signing_key"])
     ec.verify(signing, V["offer_signature"], V["offer_body"])
     ec.verify(signing, V["verification_signature"], V["verification_body"])
+    ec.verify(signing, V["result_signature"], V["enrollment_result_body"])
+
+
+def test_the_device_certificate_is_what_the_authenticator_stores() -> None:
+    from cryptography import x509
+
+    cert, ca = device_ca.check_device_certificate(
+        V["device_certificate"], V["device_ca_certificate"], user=V["user"],
+        method=Method.parse(V["method"]), credential_id=COMPUTED["credential_id"],
+    )
+    assert ec.encode_point(ca.public_key()) == COMPUTED["device_ca_key"]
+    assert ca.subject == device_ca.ca_name(V["verifier_name"], V["verifier_id"])
+    result = device_ca.attestation_of(cert)
+    assert result is not None and (result.format, result.verified) == ("unattested", False)
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
 
 
 def test_the_otp_is_what_the_verifier_accepts() -> None:
