@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ec, registry
+from . import ec, registry, textcode
 from .config import Config
 from .errors import (
     AlreadyEnrolled,
@@ -602,6 +602,31 @@ class Authenticator:
                     done = False
                     self._warn(f"warning: could not delete an old key ({e})")
         return done
+
+    # --- TPM registration (docs/PROTOCOL.md, "TPM 2.0 attestation") ----------------
+
+    def tpm_registration_request(self, method: Method = Method.DEVICE) -> str:
+        """The registration request (text form) of the TPM that ``method`` uses: its
+        EK certificate and an attestation key, made on first use."""
+        with self._tpm_store(method) as store:
+            return textcode.encode(store.registration_request())
+
+    def tpm_activate(self, challenge_text: str, method: Method = Method.DEVICE) -> None:
+        """Open a verifier's registration challenge in the TPM (credential activation);
+        from then on TPM enrollments carry an attestation that verifier verifies."""
+        with self._tpm_store(method) as store:
+            store.activate_registration(textcode.decode(challenge_text))
+
+    @contextlib.contextmanager
+    def _tpm_store(self, method: Method) -> Iterator[Any]:
+        backend, settings = registry.choose_backend(self.config, method)
+        if backend != "tpm2":
+            raise ConfigError(
+                f"the {method.value} method uses the {backend} backend, not tpm2: "
+                "only a TPM registers an attestation key"
+            )
+        with self._store(backend, settings, method) as store:
+            yield store
 
     # --- keys in tokens (orphans) ------------------------------------------------
 

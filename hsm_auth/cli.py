@@ -470,6 +470,17 @@ def cmd_verifier_enroll(ctx: Context) -> int:
     return 0
 
 
+def cmd_verifier_tpm_challenge(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        text = v.tpm_challenge(read_text_arg(ctx.args.request, sys.stdin))
+    finally:
+        v.close()
+    print("give this challenge to the authenticator (hsm-auth tpm activate):", file=ctx.err)
+    ctx.emit(text, {"challenge": text})
+    return 0
+
+
 def cmd_verifier_ca_cert(ctx: Context) -> int:
     from cryptography.hazmat.primitives import serialization
 
@@ -833,6 +844,26 @@ def cmd_methods(ctx: Context) -> int:
         for m in a.enrolled
     ]
     ctx.emit("\n".join(map(_method_lines, rows)) or "nothing enrolled", {"methods": rows})
+    return 0
+
+
+def cmd_tpm_register(ctx: Context) -> int:
+    method = Method.parse(ctx.args.method)
+    with ctx.authenticator() as a:
+        text = a.tpm_registration_request(method)
+    print("give this request to the verifier (hsm-auth verifier tpm-challenge):", file=ctx.err)
+    ctx.emit(text, {"request": text, "method": method.value})
+    return 0
+
+
+def cmd_tpm_activate(ctx: Context) -> int:
+    method = Method.parse(ctx.args.method)
+    with ctx.authenticator() as a:
+        a.tpm_activate(read_text_arg(ctx.args.challenge, sys.stdin), method)
+    ctx.emit(
+        "the TPM is registered: its enrollments now carry an attestation this verifier checks",
+        {"registered": True, "method": method.value},
+    )
     return 0
 
 
@@ -1255,6 +1286,24 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     p.add_argument("result", nargs="?", help="the result text, @FILE, or - for stdin (default)")
 
+    tp = group("tpm", "register the TPM's attestation key with a verifier")
+    tsub = tp.add_subparsers(dest="tpm_command", required=True, metavar="COMMAND")
+    for name, func, help_text in (
+        ("register", cmd_tpm_register,
+         "print a registration request: the TPM's EK certificate and attestation key"),
+        ("activate", cmd_tpm_activate,
+         "open the verifier's challenge in the TPM (credential activation)"),
+    ):
+        p = add(tsub, name, func, help_text)
+        p.add_argument(
+            "--method", type=text_arg, default="device",
+            help="the method whose TPM it is (device or pin; default device)",
+        )
+        if name == "activate":
+            p.add_argument(
+                "challenge", nargs="?", help="the challenge text, @FILE, or - for stdin (default)"
+            )
+
     kp = group("keys", "hsm-auth keys in tokens; orphans")
     ksub = kp.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     add(
@@ -1346,6 +1395,13 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         "record an enrollment response (prints the enrollment result with the certificate)",
     )
     p.add_argument("response", nargs="?", help="the response text, @FILE, or - for stdin (default)")
+    p = vadd(
+        "tpm-challenge",
+        cmd_verifier_tpm_challenge,
+        "answer an authenticator's TPM registration request (hsm-auth tpm register) with a "
+        "credential-activation challenge",
+    )
+    p.add_argument("request", nargs="?", help="the request text, @FILE, or - for stdin (default)")
     p = vadd(
         "session",
         cmd_verifier_session,

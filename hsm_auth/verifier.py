@@ -568,6 +568,24 @@ class Verifier:
         audit.emit([refused])
         raise UntrustedMessage("the enrollment response's key confirmation does not verify")
 
+    # --- TPM registration (docs/PROTOCOL.md, "TPM 2.0 attestation") ----------------
+
+    def tpm_challenge(self, request_text: str) -> str:
+        """The credential-activation challenge for an authenticator's TPM registration
+        request (text form), or AttestationRefused: its EK certificate must chain to a
+        root of the ``device`` or ``pin`` policy. Keeps no state: the AK binding inside
+        is this verifier's signature, checked at each TPM enrollment."""
+        from . import attestation_tpm2, textcode
+
+        roots = [
+            r for m in (Method.DEVICE, Method.PIN) for r in self.policy.for_method(m).roots
+        ]
+        challenge = attestation_tpm2.registration_challenge(
+            textcode.decode(request_text), list(dict.fromkeys(roots)), self.keys.sign_raw
+        )
+        log.info("TPM registration challenge issued")
+        return textcode.encode(challenge)
+
     # --- sessions -----------------------------------------------------------
 
     def start_session(
