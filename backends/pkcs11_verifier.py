@@ -196,6 +196,9 @@ class Pkcs11VerifierKeys(VerifierKeys):
         self._auth = NO_AUTH
         self._signing_public = store.public_key(signing_uri, NO_AUTH)
         self._ca_public = store.public_key(ca_uri, NO_AUTH)
+        if ecutil.same_key(self._ca_public, self._signing_public):
+            raise StateError("the verifier's identity names its signing key as its device CA "
+                             "key; each key has one job: refusing to use them")
         kek = Pkcs11Uri.parse(kek_uri)
         label = kek.object or ""
         if not (label.startswith(f"{self.LABEL_PREFIX}/") and label.endswith("/kek")):

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -302,6 +302,8 @@ def attestation_of(cert: x509.Certificate) -> AttestationResult | None:
         ext = cert.extensions.get_extension_for_oid(ATTESTATION_OID)
     except x509.ExtensionNotFound:
         return None
+    except ValueError:  # extensions are parsed when first asked for
+        raise UntrustedMessage("the certificate's extensions are malformed") from None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):
         return None
@@ -324,14 +326,27 @@ def check_device_certificate(
     certificate is issued by it, names ``user`` and ``method``, and its key is the
     enrolled credential's signing key (its credential id is ``credential_id``)."""
     try:
-        cert = x509.load_der_x509_certificate(certificate)
-        ca = x509.load_der_x509_certificate(ca_certificate)
-    except ValueError:
+        return _check_device_certificate(
+            certificate, ca_certificate, user=user, method=method, credential_id=credential_id
+        )
+    except (ValueError, UnsupportedAlgorithm):  # names, extensions: parsed when first asked
         raise UntrustedMessage("the enrollment result's certificate is malformed") from None
+
+
+def _check_device_certificate(
+    certificate: bytes,
+    ca_certificate: bytes,
+    *,
+    user: str,
+    method: Method,
+    credential_id: bytes,
+) -> tuple[x509.Certificate, x509.Certificate]:
+    cert = x509.load_der_x509_certificate(certificate)
+    ca = x509.load_der_x509_certificate(ca_certificate)
     try:
         ca.verify_directly_issued_by(ca)
         cert.verify_directly_issued_by(ca)
-    except (InvalidSignature, ValueError, TypeError) as e:
+    except (InvalidSignature, TypeError, UnsupportedAlgorithm) as e:
         raise UntrustedMessage(
             f"the enrollment result's certificate does not verify ({e.__class__.__name__})"
         ) from None
@@ -382,6 +397,15 @@ def name_text(name: x509.Name) -> str:
 
 
 def summary(cert: x509.Certificate) -> CertificateSummary:
+    """What ``hsm-auth methods`` shows of ``cert`` (UntrustedMessage if it is malformed:
+    cryptography parses its names and extensions only here)."""
+    try:
+        return _summary(cert)
+    except (ValueError, UnsupportedAlgorithm):
+        raise UntrustedMessage("a stored certificate is malformed") from None
+
+
+def _summary(cert: x509.Certificate) -> CertificateSummary:
     result = attestation_of(cert)
     return CertificateSummary(
         subject=name_text(cert.subject),

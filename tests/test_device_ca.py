@@ -26,7 +26,13 @@ from cryptography.x509.oid import NameOID
 from hsm_auth import device_ca, ec
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Config, MethodConfig, Paths
-from hsm_auth.errors import DecodeError, StateError, UnknownMethod, UntrustedMessage
+from hsm_auth.errors import (
+    DecodeError,
+    HsmAuthError,
+    StateError,
+    UnknownMethod,
+    UntrustedMessage,
+)
 from hsm_auth.files import atomic_write_json, read_json
 from hsm_auth.keystore import NO_AUTH
 from hsm_auth.methods import Method
@@ -317,6 +323,51 @@ def test_an_hsm_verifier_without_a_ca_key_is_one_clear_error(softhsm_env, tmp_pa
     del keys["ca"]
     atomic_write_json(directory / "identity.json", {**identity, "keys": keys})
     with pytest.raises(StateError, match=r"predate the device CA .*: make a new verifier"):
+        Verifier.open(directory)
+    # The signing key named as the CA key: refused (one job each).
+    atomic_write_json(directory / "identity.json",
+                      {**identity, "keys": {**keys, "ca": keys["signing"]}})
+    with pytest.raises(StateError, match="names its signing key as its device CA key"):
+        Verifier.open(directory)
+    # The KEK named as the CA key: no key pair of that name.
+    atomic_write_json(directory / "identity.json",
+                      {**identity, "keys": {**keys, "ca": keys["kek"]}})
+    with pytest.raises(HsmAuthError, match="no public key"):
+        Verifier.open(directory)
+
+
+def test_an_hsm_ca_key_that_could_do_more_than_sign_is_refused(softhsm_env, tmp_path):
+    """The CA key is checked like the signing key whenever the keys are opened: a key
+    pair that could also derive (and is modifiable) is refused."""
+    import pkcs11
+    from hsm_auth_backends.pkcs11 import _P256_PARAMS
+    from hsm_auth_backends.pkcs11_verifier import Pkcs11VerifierKeys
+
+    token = init_token(unique_label("verifier"), so_pin="12345678", user_pin=HSM_PIN)
+    pin_file = _pin_file(tmp_path, "hsm.pin", HSM_PIN)
+    hsm = str(Pkcs11Uri(token=token.label, module_path=token.module_path,
+                        pin_source=f"file:{pin_file}"))
+    directory = tmp_path / "v"
+    with Verifier.init(directory, "HSM", hsm=hsm) as v:
+        keys = v.keys
+        assert isinstance(keys, Pkcs11VerifierKeys)
+        attr, ident, label = pkcs11.Attribute, os.urandom(16), "hsm-auth-verifier/weak/ca"
+        params = keys._session.create_domain_parameters(
+            pkcs11.KeyType.EC, {attr.EC_PARAMS: _P256_PARAMS}, local=True
+        )
+        params.generate_keypair(
+            id=ident, label=label, store=True,
+            capabilities=pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.DERIVE,
+            public_template={attr.TOKEN: True},
+            private_template={attr.TOKEN: True, attr.PRIVATE: True, attr.SENSITIVE: True,
+                              attr.EXTRACTABLE: False, attr.SIGN: True, attr.DERIVE: True},
+        )
+        weak = Pkcs11VerifierKeys._key_uri(keys._session, hsm, "private", label, ident)
+    identity = read_json(directory / "identity.json")
+    atomic_write_json(directory / "identity.json",
+                      {**identity, "keys": {**identity["keys"], "ca": weak}})
+    with pytest.raises(StateError, match="device CA key in the HSM is not a sensitive, "
+                                         "unextractable, unmodifiable sign-only key"):
         Verifier.open(directory)
 
 

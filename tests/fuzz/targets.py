@@ -24,7 +24,7 @@ from pathlib import Path
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hsm_auth import cbor, config, ocra, protocol, qr, textcode, uri
+from hsm_auth import cbor, config, ocra, protocol, qr, textcode, transcript, uri
 from hsm_auth import ec as ecutil
 from hsm_auth.errors import HsmAuthError, StateError
 from hsm_auth.methods import Method
@@ -79,11 +79,59 @@ def _messages() -> dict[str, bytes]:
     report = protocol.SyncReport(
         verifier_id=_VID, session_id=b"\x05" * 16, user="alice", method=Method.PIN, atc=6
     )
+    cert, ca = _certificates()
+    result = protocol.EnrollmentResult(
+        verifier_id=_VID, user="alice", method=Method.DEVICE,
+        credential_id=transcript.credential_id(_POINT), certificate=cert, ca_certificate=ca,
+        attestation="unattested",
+    )
     return {
         "offer": offer.encode(_sign), "response": response.encode(_sign),
         "data": data.encode(_sign), "sync": sync.encode(_sign),
-        "report": report.encode(lambda body: b"\x06" * 32),
+        "report": report.encode(lambda body: b"\x06" * 32), "result": result.encode(_sign),
     }
+
+
+_CERTIFICATES: list[tuple[bytes, bytes]] = []
+
+
+def _certificates() -> tuple[bytes, bytes]:
+    """A device certificate for ``_POINT`` (alice, device) and its CA certificate (DER)."""
+    if not _CERTIFICATES:
+        from cryptography.hazmat.primitives import serialization
+
+        from hsm_auth import device_ca
+        from hsm_auth.attestation import AttestationResult
+        from hsm_auth.verifier_keys import FileVerifierKeys
+
+        keys = FileVerifierKeys(_KEY, ec.derive_private_key(11, ec.SECP256R1()), cache_bytes=0)
+        ca = device_ca.make_ca_certificate(keys, "v", _VID, 2**31)
+        cert = device_ca.issue(keys, ca, user="alice", method=Method.DEVICE, signing_key=_POINT,
+                               attestation=AttestationResult("packed", True, "root", {"a": "b"}),
+                               now=2**31)
+        _CERTIFICATES.append((cert, ca.public_bytes(serialization.Encoding.DER)))
+    return _CERTIFICATES[0]
+
+
+def _device_certificate(data: bytes) -> None:
+    """What the authenticator checks of a result's certificates, and what ``methods``
+    shows of a stored one: each fuzzed as the device and as the CA certificate."""
+    from cryptography import x509
+
+    from hsm_auth import device_ca
+
+    cert, ca = _certificates()
+    for device, authority in ((data, ca), (cert, data)):
+        with contextlib.suppress(HsmAuthError):
+            device_ca.check_device_certificate(
+                device, authority, user="alice", method=Method.DEVICE,
+                credential_id=transcript.credential_id(_POINT),
+            )
+    try:
+        parsed = x509.load_der_x509_certificate(data)
+    except ValueError:
+        return
+    device_ca.summary(parsed)
 
 
 def _attestation() -> bytes:
@@ -216,7 +264,8 @@ def _tpm2_record(data: bytes) -> None:
 
 def _decode_all(data: bytes) -> None:
     for kind in (protocol.EnrollmentOffer, protocol.EnrollmentResponse,
-                 protocol.VerificationData, protocol.SyncMessage, protocol.SyncReport):
+                 protocol.VerificationData, protocol.SyncMessage, protocol.SyncReport,
+                 protocol.EnrollmentResult):
         with contextlib.suppress(HsmAuthError):
             kind.decode(data)
     protocol.message_kind(data)
@@ -317,6 +366,7 @@ def targets() -> list[FuzzTarget]:
         FuzzTarget("protocol-text", _from_text, texts),
         FuzzTarget("textcode", lambda d: textcode.decode(_text(d)), texts),
         FuzzTarget("attestation", _attestation_target, (_attestation(),)),
+        FuzzTarget("device-certificate", _device_certificate, _certificates()),
         FuzzTarget("verifier-enroll", _verifier_enroll, _verifier_enroll_seeds()),
         FuzzTarget("uri", _uri, (
             b"pkcs11:token=a%20b;id=%01%02;slot-id=3;type=private?module-path=/x.so&pin-source=file:/p",
