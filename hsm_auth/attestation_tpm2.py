@@ -177,7 +177,12 @@ class TpmPublic:
         if self.type != ALG_RSA:
             raise AttestationRefused("the key is not an RSA key")
         exponent = self.rsa_exponent or 65537
-        return rsa.RSAPublicNumbers(exponent, int.from_bytes(self.rsa_modulus, "big")).public_key()
+        try:
+            return rsa.RSAPublicNumbers(
+                exponent, int.from_bytes(self.rsa_modulus, "big")
+            ).public_key()
+        except ValueError:
+            raise AttestationRefused("the key is not a valid RSA key") from None
 
 
 def parse_public(data: bytes) -> TpmPublic:
@@ -375,6 +380,8 @@ def verify_ek_certificate(
 def _check_ek(ek: TpmPublic) -> None:
     if ek.type != ALG_RSA or not ek.has(FIXED_TPM | FIXED_PARENT | RESTRICTED | DECRYPT):
         raise AttestationRefused("the endorsement key is not a restricted RSA decryption key")
+    if ek.rsa_bits != 2048 or len(ek.rsa_modulus) != 256:
+        raise AttestationRefused("the endorsement key is not an RSA 2048 key")
 
 
 def _check_ak(ak: TpmPublic) -> None:

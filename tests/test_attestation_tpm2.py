@@ -137,6 +137,19 @@ def test_a_verifier_without_tpm_roots_refuses_registration(swtpm_ek, tmp_path):
         FakeVerifier([]).challenge(request)
 
 
+def test_a_genuine_ek_certificate_with_another_ek_public_area_is_refused(registered):
+    store, verifier = registered
+    request = cbor.loads(store.registration_request(), maps=True)
+    ek = request["ekPub"]
+    short = ek[:-258] + att.lp16(ek[-256:-1])  # the modulus one byte short
+    other = ek[:-1] + bytes([ek[-1] ^ 2])  # another modulus
+    for ek_public, why in ((short, "not an RSA 2048 key"),
+                           (other, "not for the TPM's endorsement key")):
+        forged = att.registration_request(request["ekCert"], ek_public, request["akPub"])
+        with pytest.raises(AttestationRefused, match=why):
+            verifier.challenge(forged)
+
+
 def _software_ak() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A software key dressed as an AK: the public area a real AK would have."""
     from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_PUBLIC

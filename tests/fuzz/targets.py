@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -352,6 +353,75 @@ def _verifier_enroll(data: bytes) -> None:
         logging.disable(logging.NOTSET)
 
 
+# --- TPM 2.0 attestation (hsm_auth.attestation_tpm2): seeds made in software ------
+
+
+def _tpm_ecc(x: int, y: int, attributes: int) -> bytes:
+    """A TPMT_PUBLIC of an ECC P-256 ECDSA-SHA256 key."""
+    return (struct.pack(">HHI", 0x23, 0x0B, attributes) + struct.pack(">H", 0)
+            + struct.pack(">HHHHH", 0x10, 0x18, 0x0B, 0x03, 0x10)
+            + struct.pack(">H", 32) + x.to_bytes(32, "big") + struct.pack(">H", 32)
+            + y.to_bytes(32, "big"))
+
+
+def _tpm_seeds() -> tuple[bytes, bytes, Any]:
+    """(an hsm-auth-tpm2 attestation, a registration request, its checking context)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    from hsm_auth import attestation_tpm2 as att
+    from hsm_auth.attestation import EnrollmentContext
+    from hsm_auth.webauthn_proof import enrollment_binding
+
+    ak = ec.derive_private_key(13, ec.SECP256R1())
+    n = ak.public_key().public_numbers()
+    ak_public = _tpm_ecc(n.x, n.y, 0x00050472)  # restricted sign, fixedTPM, ...
+    n = _KEY.public_key().public_numbers()
+    signing = _tpm_ecc(n.x, n.y, 0x00040072)
+    otp = (struct.pack(">HHIH", 0x08, 0x0B, 0x00040052, 0) + struct.pack(">HH", 0x05, 0x0B)
+           + struct.pack(">H", 32) + bytes(32))
+    qualifier = att.certify_qualifier(enrollment_binding(b"\x02" * 16, "alice", Method.PIN))
+
+    def certify(public: bytes) -> tuple[bytes, bytes, bytes]:
+        name = att.parse_public(public).name
+        attest = (struct.pack(">IH", att.TPM_GENERATED, att.ST_ATTEST_CERTIFY)
+                  + att.lp16(name) + att.lp16(qualifier) + bytes(25)
+                  + att.lp16(name) + att.lp16(name))
+        r, s_ = decode_dss_signature(ak.sign(attest, ec.ECDSA(hashes.SHA256())))
+        signature = struct.pack(">HH", 0x18, 0x0B) + att.lp16(r.to_bytes(32, "big")) + att.lp16(
+            s_.to_bytes(32, "big"))
+        return public, attest, signature
+
+    binding = ecutil.der_to_raw(_KEY.sign(b"x", ec.ECDSA(hashes.SHA256())))
+    attestation = att.encode_attestation(
+        ak_public, bytes(32), [(bytes(32), binding)], [certify(signing), certify(otp)]
+    )
+    ek = (struct.pack(">HHIH", 0x01, 0x0B, 0x000300B2, 32) + bytes(32)
+          + struct.pack(">HHHHHI", 0x06, 128, 0x43, 0x10, 2048, 0)
+          + struct.pack(">H", 256) + b"\xc1" * 256)
+    request = att.registration_request(b"0\x82\x01\x00" + bytes(16), ek, ak_public)
+    context = EnrollmentContext(b"\x02" * 16, "alice", Method.PIN, _POINT, None, 1, True, _POINT)
+    return attestation, request, context
+
+
+def _tpm_attestation(data: bytes) -> None:
+    from hsm_auth import attestation_tpm2
+    from hsm_auth.attestation import AttestationMode, MethodPolicy
+
+    _, _, context = _TPM_SEEDS
+    attestation_tpm2.check(data, context, MethodPolicy(AttestationMode.IF_AVAILABLE))
+
+
+def _tpm_registration(data: bytes) -> None:
+    from hsm_auth import attestation_tpm2
+
+    attestation_tpm2.registration_challenge(data, (), lambda m: bytes(64))
+    attestation_tpm2.parse_challenge(data)
+
+
+_TPM_SEEDS = _tpm_seeds()
+
+
 def _json(obj: object) -> bytes:
     return json.dumps(obj).encode()
 
@@ -395,6 +465,8 @@ def targets() -> list[FuzzTarget]:
                 "id": "AQID", "rp_id": "hsm-auth", "label": "l", "public": _POINT.hex(),
                 "last_sign_count": 1, "atc": 0, "roles": ["otp"], "aaguid": "00" * 16}]}),
         )),
+        FuzzTarget("tpm2-attestation", _tpm_attestation, (_TPM_SEEDS[0],)),
+        FuzzTarget("tpm2-registration", _tpm_registration, (_TPM_SEEDS[1],)),
         FuzzTarget("tpm2-record", _tpm2_record, (
             _json({"format": 1, "id": "0" * 32, "kind": "counter", "label": "l", "pin": False,
                    "nv_index": "0x01000000"}),
