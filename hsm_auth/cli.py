@@ -481,6 +481,16 @@ def cmd_verifier_tpm_challenge(ctx: Context) -> int:
     return 0
 
 
+def cmd_verifier_result(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        result = v.enrollment_result(v.credential(ctx.args.user, Method.parse(ctx.args.method)))
+    finally:
+        v.close()
+    ctx.emit(result, {"result": result})
+    return 0
+
+
 def cmd_verifier_ca_cert(ctx: Context) -> int:
     from cryptography.hazmat.primitives import serialization
 
@@ -624,9 +634,16 @@ def _credential_rows(creds: Sequence[Any]) -> list[dict[str, Any]]:
             "locked": c.locked,
             "created": c.created,
             "last_used": c.last_used,
+            "certificate_sha256": _sha256_hex(c.certificate),
         }
         for c in creds
     ]
+
+
+def _sha256_hex(data: bytes | None) -> str | None:
+    import hashlib
+
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _credential_lines(rows: list[dict[str, Any]]) -> str:
@@ -1487,6 +1504,10 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     vadd("ca-cert", cmd_verifier_ca_cert, "print the device CA certificate (PEM) that "
          "issues the enrolled signing keys' certificates")
+    p = vadd("result", cmd_verifier_result, "print the enrollment result of an enrolled method "
+             "again (its certificate, for `hsm-auth certificate`)")
+    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
+    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
     p = vadd("audit", cmd_verifier_audit, "print audit records as JSON lines (oldest first)")
     p.add_argument("--user", type=text_arg, help="only this user's")
     p.add_argument(

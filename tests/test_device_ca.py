@@ -409,8 +409,15 @@ def test_cli_flow_stores_the_certificate_and_methods_shows_it(tmp_path):
     ca.write_text(cli_ok(home, "verifier", "ca-cert") + "\n")
     checked = _openssl_verify(ca, der, tmp_path)
     assert checked.returncode == 0, checked
-    # A second store of the same result is fine; garbage is one error line.
+    # A second store of the same result is fine, and so is the result printed again;
+    # garbage is one error line.
     cli_ok(home, "certificate", result)
+    again = cli_ok(home, "verifier", "result", "--user", "alice", "--method", "device")
+    assert again != result  # a new signature over the same body
+    assert EnrollmentResult.from_text(again)[0] == EnrollmentResult.from_text(result)[0]
+    cli_ok(home, "certificate", again)
+    [row] = json.loads(cli_ok(home, "--json", "verifier", "credentials"))["credentials"]
+    assert row["certificate_sha256"] == cert["fingerprint"]
     bad = run_cli(home, "certificate", "HA1:AAAA")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("hsm-auth: error: ")
