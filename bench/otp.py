@@ -306,6 +306,9 @@ def bench_fido2(n: int, baseline: float) -> None:
         settings = {"device": f"soft:{device.path}", "state_dir": str(tmp / "fido2"),
                     "prompts": False, "allow_software_authenticator": True}
         config = Config(methods={Method.BIOMETRIC: MethodConfig("fido2", settings)})
+        from hsm_auth.testing.fido2 import write_soft_policy
+
+        write_soft_policy(tmp / "verifier", [device])  # the verifier names the soft one
         auth, request = flow(tmp, config, Method.BIOMETRIC)
         auth._methods = [  # bench only: lift the offline-use limit
             type(m)(**{**m.__dict__, "window": 10**9}) for m in auth._methods

@@ -4,9 +4,9 @@ The client's ``backend`` string is a claim; what the verifier stores with a
 credential (and ``verifier show`` prints) is an :class:`AttestationResult`
 made by a checker here from the response's ``attestation`` field:
 
-* FIDO2 (``fmt`` packed, none, …): the enrollment proof of
-  :mod:`hsm_auth.webauthn_proof`, with the chain and AAGUID checked against the
-  method's policy;
+* FIDO2 (``fmt`` packed, none, …): :mod:`hsm_auth.attestation_fido2` (the
+  enrollment proof of :mod:`hsm_auth.webauthn_proof`, then the statement with
+  python-fido2's verifiers, its chain and AAGUID against the method's policy);
 * TPM 2.0 (``fmt`` ``hsm-auth-tpm2``): the enrolled keys certified by the TPM;
 * no attestation (PKCS#11 has no standard one): ``unattested``.
 
@@ -17,17 +17,23 @@ verifier's directory (:meth:`VerifierPolicy.load`), a file others cannot write::
 
     [methods.biometric]
     attestation = "required"        # "required" | "if-available" | "none"
-    roots = ["/etc/hsm-auth/fido-roots.pem"]
+    roots = ["/etc/hsm-auth/fido-roots.pem"]   # PEM files (relative: to the directory)
+    mds_blob = "mds.jwt"            # FIDO2: a Metadata Service BLOB (optional) ...
+    mds_ca = "mds-root.pem"         # ... whose signature chains to this CA
     aaguid_allow = []               # empty: any AAGUID the roots vouch for
     aaguid_deny = []
 
-An absent file gives :meth:`VerifierPolicy.default`.
+An absent file, or an absent table, gives the defaults: ``required`` for the
+FIDO2 methods (biometric, face), ``if-available`` for the others. The software
+test authenticator's AAGUID (:data:`SOFT_AUTHENTICATOR_AAGUID`) is refused
+unless ``aaguid_allow`` names it.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +44,7 @@ from .methods import Method
 
 __all__ = [
     "POLICY_FILE",
+    "SOFT_AUTHENTICATOR_AAGUID",
     "AttestationMode",
     "AttestationRefused",
     "AttestationResult",
@@ -50,6 +57,9 @@ __all__ = [
 POLICY_FILE: Final = "policy.toml"
 #: The ``fmt`` of an hsm-auth TPM 2.0 attestation (a CBOR map, like FIDO2's).
 TPM2_FORMAT: Final = "hsm-auth-tpm2"
+#: The AAGUID of hsm-auth's software FIDO2 test authenticator
+#: (:mod:`hsm_auth.testing.soft_fido2`): refused unless a policy's aaguid_allow names it.
+SOFT_AUTHENTICATOR_AAGUID: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:hsm-auth:soft-fido2").bytes
 
 
 class AttestationRefused(UntrustedMessage):
@@ -70,6 +80,20 @@ class MethodPolicy:
     #: AAGUIDs (lowercase hex, 32 digits) allowed (empty: any) and denied.
     aaguid_allow: tuple[str, ...] = ()
     aaguid_deny: tuple[str, ...] = ()
+    #: FIDO2: a Metadata Service BLOB file and the PEM CA its signature must chain to.
+    mds_blob: str = ""
+    mds_ca: str = ""
+
+    @classmethod
+    def default(cls, method: Method) -> MethodPolicy:
+        """``required`` for the FIDO2 methods (biometric, face), else ``if-available``."""
+        return cls(_default_mode(method))
+
+
+def _default_mode(method: Method) -> AttestationMode:
+    if method.needs_user_verification:  # biometric, face: FIDO2 only
+        return AttestationMode.REQUIRED
+    return AttestationMode.IF_AVAILABLE
 
 
 @dataclass(frozen=True)
@@ -79,7 +103,7 @@ class VerifierPolicy:
     allow_override: bool = False
 
     def for_method(self, method: Method) -> MethodPolicy:
-        return self.methods.get(method, MethodPolicy())
+        return self.methods.get(method) or MethodPolicy.default(method)
 
     @classmethod
     def default(cls) -> VerifierPolicy:
@@ -95,12 +119,13 @@ class VerifierPolicy:
         if document is None:
             return cls.default()
         try:
-            return cls.parse(document)
+            return cls.parse(document, directory)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
-    def parse(cls, document: Mapping[str, Any]) -> VerifierPolicy:
+    def parse(cls, document: Mapping[str, Any], directory: Path | None = None) -> VerifierPolicy:
+        """The policy in ``document``; relative file names are in ``directory``."""
         unknown = set(document) - {"allow_override", "methods"}
         if unknown:
             raise ConfigError(f"unknown policy key {sorted(unknown)[0]!r}")
@@ -112,20 +137,20 @@ class VerifierPolicy:
             raise ConfigError("[methods] must be a table")
         methods = {}
         for name, table in tables.items():
-            methods[Method.parse(name)] = _method_policy(name, table)
+            methods[Method.parse(name)] = _method_policy(name, table, directory)
         return cls(methods, override)
 
 
-def _method_policy(name: str, table: Any) -> MethodPolicy:
+def _method_policy(name: str, table: Any, directory: Path | None) -> MethodPolicy:
     where = f"[methods.{name}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    known = {"attestation", "roots", "aaguid_allow", "aaguid_deny"}
+    known = {"attestation", "roots", "aaguid_allow", "aaguid_deny", "mds_blob", "mds_ca"}
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     try:
-        mode = AttestationMode(table.get("attestation", AttestationMode.IF_AVAILABLE.value))
+        mode = AttestationMode(table.get("attestation", _default_mode(Method.parse(name)).value))
     except ValueError:
         raise ConfigError(f"{where}: attestation is required, if-available or none") from None
 
@@ -139,9 +164,20 @@ def _method_policy(name: str, table: Any) -> MethodPolicy:
                 raise ConfigError(f"{where}: {key} holds AAGUIDs (32 hex digits)")
         return tuple(value)
 
+    def file(value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {key} must be a file name")
+        path = Path(value)
+        return str(path if directory is None or path.is_absolute() else directory / path)
+
+    mds_blob, mds_ca = table.get("mds_blob"), table.get("mds_ca")
+    if (mds_blob is None) != (mds_ca is None):
+        raise ConfigError(f"{where}: mds_blob and mds_ca go together")
     return MethodPolicy(
-        mode, strings("roots"), strings("aaguid_allow", aaguid=True),
-        strings("aaguid_deny", aaguid=True),
+        mode, tuple(file(v, "roots") for v in strings("roots")),
+        strings("aaguid_allow", aaguid=True), strings("aaguid_deny", aaguid=True),
+        "" if mds_blob is None else file(mds_blob, "mds_blob"),
+        "" if mds_ca is None else file(mds_ca, "mds_ca"),
     )
 
 
@@ -181,10 +217,11 @@ class AttestationResult:
     @property
     def summary(self) -> str:
         """One line for ``verifier show``."""
+        aaguid = f", aaguid {self.details['aaguid']}" if "aaguid" in self.details else ""
         if not self.verified:
-            return self.format
+            return self.format + aaguid
         trust = f" ({self.trust})" if self.trust else ""
-        return f"{self.format}, verified{trust}"
+        return f"{self.format}, verified{trust}{aaguid}"
 
 
 #: Checks one attestation format: (attestation bytes, the response's fields the
@@ -221,16 +258,16 @@ def attestation_format(attestation: bytes) -> str:
 
 
 def _fido2(attestation: bytes, ctx: EnrollmentContext, policy: MethodPolicy) -> AttestationResult:
-    from .webauthn_proof import enrollment_binding, verify_enrollment_attestation
-
-    proof = verify_enrollment_attestation(
-        attestation,
-        ctx.signing_key,
-        enrollment_binding(ctx.offer_id, ctx.user, ctx.method),
-        ctx.wrapped_otp_key,
-        initial_atc=ctx.initial_atc,
-    )
-    return AttestationResult(proof.fmt, False, "", {"aaguid": proof.aaguid.hex()})
+    try:
+        from .attestation_fido2 import check as check_fido2
+    except ImportError as e:
+        if not (e.name or "").startswith("fido2"):
+            raise
+        raise HsmAuthError(
+            "checking a FIDO2 enrollment's attestation needs python-fido2 on the verifier "
+            "(pip install 'hsm-auth[fido2]')"
+        ) from None
+    return check_fido2(attestation, ctx, policy)
 
 
 def _checker(fmt: str) -> Checker:

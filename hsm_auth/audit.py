@@ -55,6 +55,7 @@ class Reason(enum.Enum):
     SYNC_STALE = "sync-stale"  # a sync report at or below the ATC accepted already
     KEY_CONFIRMATION = "key-confirmation"  # an enrollment whose key confirmation failed
     OLD_PROTOCOL = "old-protocol"  # a credential enrolled before protocol 3
+    ATTESTATION = "attestation"  # an enrollment whose attestation the policy refuses
 
 
 @dataclass(frozen=True)

@@ -124,10 +124,12 @@ def _add_tpm(home: Path, tokens: DemoTokens, stack: contextlib.ExitStack) -> Non
 
 def _add_fido2(home: Path, tokens: DemoTokens) -> None:
     try:
+        from hsm_auth.testing.fido2 import write_soft_policy
         from hsm_auth.testing.soft_fido2 import SoftAuthenticator, UvModality
     except ImportError as e:
         tokens.notes.append(f"biometric and face skipped: python-fido2 is missing ({e})")
         return
+    devices = []
     for method, modality in (
         (Method.BIOMETRIC, UvModality.FINGERPRINT),
         (Method.FACE, UvModality.FACE),
@@ -142,6 +144,10 @@ def _add_fido2(home: Path, tokens: DemoTokens) -> None:
             "allow_software_authenticator": True,  # a test tool: the demo opts in
         }
         tokens.methods[method] = ("fido2", settings)
+        devices.append(device)
+    # The verifier's policy refuses the software authenticator unless it names its
+    # AAGUID; the demo's names it and its attestation roots (a test tool: it opts in).
+    write_soft_policy(Paths(home).verifier_dir, devices)
 
 
 def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -> int:

@@ -390,20 +390,24 @@ class Verifier:
             ec.verify(signing_key, signed.signature, signed.body)  # proof of possession
         # FIDO2 (unsigned): attestation + assertion bound to this offer, user, method and
         # OTP key; every backend: what the method's policy asks of the attestation.
-        verified = attestation.check(
-            response.attestation,
-            attestation.EnrollmentContext(
-                offer_id=response.offer_id,
-                user=response.user,
-                method=response.method,
-                signing_key=response.signing_key,
-                wrapped_otp_key=response.wrapped_otp_key,
-                initial_atc=response.initial_atc,
-                signed=bool(signed.signature),
-                verifier_signing_key=ec.encode_point(self.keys.signing_public),
-            ),
-            self.policy.for_method(response.method),
-        )
+        try:
+            verified = attestation.check(
+                response.attestation,
+                attestation.EnrollmentContext(
+                    offer_id=response.offer_id,
+                    user=response.user,
+                    method=response.method,
+                    signing_key=response.signing_key,
+                    wrapped_otp_key=response.wrapped_otp_key,
+                    initial_atc=response.initial_atc,
+                    signed=bool(signed.signature),
+                    verifier_signing_key=ec.encode_point(self.keys.signing_public),
+                ),
+                self.policy.for_method(response.method),
+            )
+        except attestation.AttestationRefused as e:
+            self._refuse_enrollment(response, Reason.ATTESTATION, str(e))
+            raise
         if response.agreement_key is None and response.wrapped_otp_key is None:
             raise InvalidInput("enrollment response carries no OTP key agreement")
         if response.agreement_key is not None:
@@ -522,6 +526,17 @@ class Verifier:
             ca_certificate=self.ca_certificate.public_bytes(serialization.Encoding.DER),
             attestation=shown,
         ).to_text(self.keys.sign_raw)
+
+    def _refuse_enrollment(
+        self, response: EnrollmentResponse, reason: Reason, detail: str | None = None
+    ) -> None:
+        """Audit a refused enrollment response (its claimed user and method)."""
+        refused = AuditRecord(
+            self._now(), Event.ENROLL_REFUSED, response.user, response.method.value,
+            reason=reason, detail=None if detail is None else detail[:200],
+        )
+        self.store.apply([Note(refused)])
+        audit.emit([refused])
 
     def _seal(self, offer_id: bytes, record: CredentialRecord) -> CredentialRecord:
         """``record`` with its OTP key sealed by the offer's agreement key

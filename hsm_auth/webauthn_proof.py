@@ -22,10 +22,12 @@ holding that ephemeral private key or the verifier's agreement key can make
 a key-wrap ciphertext under it, so binding the point binds the wrapped OTP
 key too: nobody can swap in an OTP key of their own without failing the check.
 
-Pure ``cryptography`` + ``cbor2``; the verifier does not need python-fido2.
-The attestation certificate chain (``x5c``) is *not* checked against any
-vendor root here; :class:`EnrollmentProof` reports the AAGUID and format so
-that a policy can refuse, for instance, the software test authenticator.
+These are the project's own checks, which python-fido2 does not make. Pure
+``cryptography`` + ``cbor2``. The attestation *statement* (its signature, the
+``x5c`` certificate requirements and chain) is checked by
+:mod:`hsm_auth.attestation_fido2` with python-fido2's verifiers, against the
+method's policy; :class:`EnrollmentProof` hands it the statement, the
+authenticator data and the client data hash they must cover.
 """
 
 from __future__ import annotations
@@ -38,8 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -121,9 +122,11 @@ class EnrollmentProof:
     fmt: str
     sign_count: int  # of the enrollment assertion (the ATC is the host's, from 0)
     cred_protect: int
-    #: The attestation statement's own signature was checked (``packed``: self
-    #: attestation, or by the x5c leaf; the chain is NOT checked against a root).
-    statement_checked: bool
+    #: The makeCredential authenticator data and attestation statement (NOT checked
+    #: here: :mod:`hsm_auth.attestation_fido2` does), and the client data hash they cover.
+    auth_data: bytes
+    statement: Mapping[str, Any]
+    client_data_hash: bytes
 
 
 @dataclass(frozen=True)
@@ -185,33 +188,6 @@ def _verify(public: ec.EllipticCurvePublicKey, signature: Any, data: bytes, what
         raise UntrustedMessage(f"{what}: signature does not verify") from None
 
 
-def _check_statement(
-    fmt: str, stmt: Mapping[str, Any], signed: bytes, credential: ec.EllipticCurvePublicKey
-) -> bool:
-    if fmt == "none":
-        if stmt:
-            raise UntrustedMessage("a 'none' attestation carries a statement")
-        return False
-    if fmt != "packed":
-        return False  # other formats: not checked here; possession is proven by the assertion
-    if stmt.get("alg") != _ES256:
-        raise UntrustedMessage("packed attestation: unsupported algorithm")
-    x5c = stmt.get("x5c")
-    if x5c is None:  # self attestation: signed by the credential key
-        _verify(credential, stmt.get("sig"), signed, "self attestation")
-        return True
-    if not (isinstance(x5c, list) and x5c and isinstance(x5c[0], bytes)):
-        raise UntrustedMessage("packed attestation: malformed x5c")
-    try:
-        leaf = x509.load_der_x509_certificate(x5c[0]).public_key()
-    except (ValueError, UnsupportedAlgorithm):  # garbage, or a key type cryptography lacks
-        raise UntrustedMessage("packed attestation: malformed certificate") from None
-    if not isinstance(leaf, ec.EllipticCurvePublicKey):
-        raise UntrustedMessage("packed attestation: the certificate key is not EC")
-    _verify(leaf, stmt.get("sig"), signed, "packed attestation")
-    return True
-
-
 def verify_enrollment_attestation(
     attestation: bytes,
     signing_key: bytes,
@@ -220,7 +196,8 @@ def verify_enrollment_attestation(
     *,
     initial_atc: int | None = None,
 ) -> EnrollmentProof:
-    """Check a FIDO2 enrollment proof; raise :class:`UntrustedMessage` on any failure.
+    """Check a FIDO2 enrollment proof of possession; raise :class:`UntrustedMessage`
+    on any failure. The attestation statement is not checked here.
 
     ``signing_key`` is the SEC1 point the response claims, ``binding`` is
     :func:`enrollment_binding` of the offer, ``wrapped_otp_key`` the
@@ -267,7 +244,6 @@ def verify_enrollment_attestation(
         raise UntrustedMessage("the credential is not protected by credProtect 2 or 3")
 
     cdh = client_data_hash(binding, (wrapped_otp_key or b"")[:33])
-    checked = _check_statement(fmt, stmt, mc_data + cdh, claimed)
 
     if ga.rp_id_hash != mc.rp_id_hash:
         raise UntrustedMessage("the enrollment assertion is for another relying party")
@@ -285,5 +261,7 @@ def verify_enrollment_attestation(
         fmt=fmt,
         sign_count=ga.sign_count,
         cred_protect=int(protect),
-        statement_checked=checked,
+        auth_data=mc_data,
+        statement=stmt,
+        client_data_hash=cdh,
     )

@@ -360,7 +360,10 @@ def test_an_error_after_make_credential_forgets_the_fido2_credential(error, tmp_
         "prompts": False,
         "allow_software_authenticator": True,
     }
+    from hsm_auth.testing.fido2 import write_soft_policy
+
     config = Config(methods={Method.BIOMETRIC: MethodConfig("fido2", settings)})
+    write_soft_policy(tmp_path / "v", [device])  # it names the soft authenticator
     with Verifier.init(tmp_path / "v", "Bank") as v, Authenticator(tmp_path / "a", config) as a:
         _, offer = v.create_offer("alice", methods=[Method.BIOMETRIC])
         with a._store("fido2", settings, Method.BIOMETRIC) as store:

@@ -408,7 +408,7 @@ class TestFido2Contract(KeyStoreContract):
             initial_atc=enrollment.initial_atc,
         )
         assert proof.aaguid == soft_fido2.SOFT_AAGUID
-        assert proof.cred_protect == 3 and proof.statement_checked
+        assert proof.cred_protect == 3 and proof.fmt == "packed" and "x5c" in proof.statement
         assert proof.credential_id == credential_id(enrollment.otp_key)
         store.unenroll(enrollment, auth)
         with pytest.raises(KeyNotFound):
@@ -856,7 +856,7 @@ def test_proof_with_none_attestation_still_proves_possession(  # type: ignore[no
         enrollment = store.enroll(Method.BIOMETRIC, "none", verifier_keys.agreement_public,
                                   AUTH, binding=BINDING)
     proof = _check(enrollment)
-    assert proof.fmt == "none" and not proof.statement_checked
+    assert proof.fmt == "none" and proof.statement == {}
 
 
 def test_wrap_with_chosen_ephemeral_is_unwrapped_by_the_verifier(verifier_keys):  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ from hsm_auth.errors import (
 )
 from hsm_auth.methods import Method
 from hsm_auth.protocol import EnrollmentResponse
-from hsm_auth.testing.fido2 import use_elsewhere
+from hsm_auth.testing.fido2 import use_elsewhere, write_soft_policy
 from hsm_auth.testing.soft_fido2 import MAX_UV_RETRIES, SoftAuthenticator, UvModality
 from hsm_auth.verifier import Verifier
 from hsm_auth.webauthn_proof import enrollment_binding, verify_enrollment_attestation
@@ -70,7 +70,9 @@ def config(devices, tmp_path) -> Config:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def verifier(tmp_path, clock):  # type: ignore[no-untyped-def]
+def verifier(tmp_path, clock, devices):  # type: ignore[no-untyped-def]
+    # The default policy refuses the software authenticator: this one names it and its roots.
+    write_soft_policy(tmp_path / "verifier", devices.values())
     v = Verifier.init(tmp_path / "verifier", "Workstation", clock=clock)
     yield v
     v.close()

@@ -106,6 +106,9 @@ def test_fido2_state_stays_under_home(tmp_path):
         "prompts = false\n"
         "allow_software_authenticator = true\n"
     )
+    from hsm_auth.testing.fido2 import write_soft_policy
+
+    write_soft_policy(Paths(home).verifier_dir, [device])  # it names the soft authenticator
     _flow(home, _env(sentinel), "biometric")
     assert _everything_under(sentinel) == []
     assert list((home / "state" / "fido2").iterdir()), _everything_under(home)

@@ -145,6 +145,9 @@ def test_whole_flow_in_process_writes_nothing(
         methods={Method.BIOMETRIC: MethodConfig("fido2", _settings(soft_fido2, tmp_path))}
     )
     user = Recorder()
+    from hsm_auth.testing.fido2 import write_soft_policy
+
+    write_soft_policy(tmp_path / "verifier", [soft_fido2])
     with Verifier.init(tmp_path / "verifier", "V") as verifier, Authenticator(
         tmp_path / "auth", config, interaction=user
     ) as auth:

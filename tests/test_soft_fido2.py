@@ -19,10 +19,18 @@ from threading import Event
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 pytest.importorskip("fido2", reason="python-fido2 (the fido2 extra) is not installed")
 
-from fido2.attestation import AttestationType, PackedAttestation
+from fido2.attestation import (
+    AttestationResult,
+    AttestationType,
+    AttestationVerifier,
+    PackedAttestation,
+    UntrustedAttestation,
+)
 from fido2.client import ClientError
 from fido2.ctap import CtapError
 from fido2.ctap2 import Ctap2
@@ -32,7 +40,6 @@ from fido2.hid import CTAPHID
 from fido2.server import Fido2Server
 from fido2.utils import sha256
 from fido2.webauthn import (
-    AttestationObject,
     AttestedCredentialData,
     AuthenticatorData,
     PublicKeyCredentialRpEntity,
@@ -47,6 +54,7 @@ from hsm_auth.testing.soft_fido2 import (
     SOFT_AAGUID,
     SoftAuthenticator,
     UvModality,
+    make_attestation_ca,
 )
 
 pytestmark = pytest.mark.fido2
@@ -67,16 +75,25 @@ def soft_fido2(soft_fido2_factory: Factory) -> SoftAuthenticator:
     return soft_fido2_factory()
 
 
-def _verify_packed(att: AttestationObject, client_data_hash: bytes) -> None:
-    result = PackedAttestation().verify(att.att_stmt, att.auth_data, client_data_hash)
-    assert result.attestation_type == AttestationType.SELF
+class _RootVerifier(AttestationVerifier):
+    """python-fido2's own verifier: the packed statement, then the chain to ``root``."""
+
+    def __init__(self, root: bytes) -> None:
+        super().__init__()
+        self.root = root
+        self.results: list[AttestationResult] = []
+
+    def ca_lookup(self, attestation_result: AttestationResult, auth_data: Any) -> bytes:
+        self.results.append(attestation_result)
+        return self.root
 
 
-def _server() -> Fido2Server:
+def _server(device: SoftAuthenticator | None = None) -> Fido2Server:
+    root = b"" if device is None else device.attestation_root.public_bytes(Encoding.DER)
     return Fido2Server(
         PublicKeyCredentialRpEntity(id=RP_ID, name="Example"),
         attestation="direct",
-        verify_attestation=_verify_packed,
+        verify_attestation=_RootVerifier(root),
     )
 
 
@@ -89,8 +106,9 @@ def _register(
     extensions: dict[str, Any] | None = None,
     pin: str | None = None,
 ) -> tuple[AttestedCredentialData, Any]:
-    """Register through Fido2Client; the server checks the packed self attestation."""
-    server = _server()
+    """Register through Fido2Client; the server checks the packed attestation and its
+    certificate chain to the authenticator's test root."""
+    server = _server(device)
     options, state = server.register_begin(
         PublicKeyCredentialUserEntity(id=name.encode(), name=name, display_name=name.title()),
         resident_key_requirement="required" if rk else "discouraged",
@@ -213,6 +231,56 @@ def test_register_and_authenticate_with_the_fido2_server(
     later, _ = _authenticate(soft_fido2, [cred], uv="discouraged", allow=not rk)
     assert later.counter > auth_data.counter
     assert not later.flags & FLAG.UV
+
+
+def test_packed_attestation_chains_to_the_exported_root(soft_fido2: SoftAuthenticator) -> None:
+    server = _server(soft_fido2)
+    verifier = server._verify_attestation
+    assert isinstance(verifier, _RootVerifier)
+    options, state = server.register_begin(
+        PublicKeyCredentialUserEntity(id=b"alice", name="alice", display_name="Alice"),
+        user_verification="required",
+    )
+    server.register_complete(state, make_client(soft_fido2).make_credential(options.public_key))
+    (result,) = verifier.results
+    assert result.attestation_type == AttestationType.BASIC
+    (leaf_der,) = result.trust_path
+    leaf = x509.load_der_x509_certificate(leaf_der)
+    assert leaf == soft_fido2.attestation_certificate
+    # The FIDO attestation certificate requirements (WebAuthn 8.2.1), read back.
+    assert leaf.version is x509.Version.v3
+    ou = leaf.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATIONAL_UNIT_NAME)
+    assert [a.value for a in ou] == ["Authenticator Attestation"]
+    assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    ext = leaf.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.3.6.1.4.1.45724.1.1.4"))
+    assert not ext.critical and ext.value.value == b"\x04\x10" + SOFT_AAGUID
+    assert leaf.issuer == soft_fido2.attestation_root.subject
+
+
+def test_another_root_does_not_verify_the_chain(soft_fido2_factory: Factory) -> None:
+    device, other = soft_fido2_factory(), soft_fido2_factory()
+    server = Fido2Server(
+        PublicKeyCredentialRpEntity(id=RP_ID, name="Example"), attestation="direct",
+        verify_attestation=_RootVerifier(other.attestation_root.public_bytes(Encoding.DER)),
+    )
+    options, state = server.register_begin(
+        PublicKeyCredentialUserEntity(id=b"alice", name="alice", display_name="Alice"),
+        user_verification="required",
+    )
+    response = make_client(device).make_credential(options.public_key)
+    with pytest.raises(UntrustedAttestation):  # the root's key did not sign the leaf
+        server.register_complete(state, response)
+
+
+def test_a_shared_test_ca_issues_each_authenticator_its_own_key(
+    soft_fido2_factory: Factory,
+) -> None:
+    ca = make_attestation_ca()
+    one, two = soft_fido2_factory(attestation_ca=ca), soft_fido2_factory(attestation_ca=ca)
+    assert one.attestation_root == two.attestation_root == ca[0]
+    assert one.attestation_certificate.public_key() != two.attestation_certificate.public_key()
+    one.replug()
+    assert soft_fido2_factory().attestation_root != ca[0]  # the default: a root of its own
 
 
 def test_none_attestation(soft_fido2_factory: Factory) -> None:

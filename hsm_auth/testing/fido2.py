@@ -15,6 +15,10 @@ arguments of :meth:`SoftAuthenticator.create`); import them into a
 
     from hsm_auth.testing.fido2 import soft_fido2, soft_fido2_factory  # noqa: F401
 
+A verifier refuses the soft authenticator unless its policy names it:
+:func:`write_soft_policy` writes a ``policy.toml`` that allows the given
+authenticators' AAGUID and trusts their test roots.
+
 Needs python-fido2 (the ``fido2`` extra). The authenticator keeps its keys in
 a file: it is for tests only (see :mod:`hsm_auth.testing.soft_fido2`).
 """
@@ -24,15 +28,20 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
 from fido2.client import DefaultClientDataCollector, Fido2Client, UserInteraction
 from fido2.ctap import CtapDevice
 from fido2.ctap2.base import Ctap2
 from fido2.ctap2.extensions import CredProtectExtension, Ctap2Extension, HmacSecretExtension
 from fido2.ctap2.pin import ClientPin, PinProtocolV2
+
+from hsm_auth.attestation import POLICY_FILE, VerifierPolicy
+from hsm_auth.files import atomic_write, ensure_private_dir
+from hsm_auth.methods import Method
 
 from .soft_fido2 import SoftAuthenticator
 
@@ -116,6 +125,54 @@ def authenticator_factory(directory: Path) -> Callable[..., SoftAuthenticator]:
         return SoftAuthenticator.create(directory / f"soft-fido2-{next(numbers)}.json", **kwargs)
 
     return factory
+
+
+# --- the verifier's policy for soft authenticators ---------------------------------
+
+#: The PEM file of the soft authenticators' roots that :func:`write_soft_policy` writes.
+SOFT_ROOTS_FILE = "soft-fido2-roots.pem"
+FIDO2_METHODS = (Method.BIOMETRIC, Method.FACE)
+
+
+def soft_policy_toml(
+    devices: Iterable[SoftAuthenticator],
+    *,
+    methods: Sequence[Method] = FIDO2_METHODS,
+    attestation: str = "required",
+    roots_file: str = SOFT_ROOTS_FILE,
+) -> str:
+    """``policy.toml`` text for ``methods``: ``attestation``, the roots in ``roots_file``
+    and the devices' AAGUIDs allowed (the software authenticator's is refused unless
+    a policy names it)."""
+    aaguids = sorted({d.aaguid.hex() for d in devices})
+    allow = ", ".join(f'"{a}"' for a in aaguids)
+    lines = ["# the software FIDO2 test authenticator: tests and the demo only"]
+    for method in methods:
+        lines += [
+            "", f"[methods.{method.value}]", f'attestation = "{attestation}"',
+            f'roots = ["{roots_file}"]', f"aaguid_allow = [{allow}]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_soft_policy(
+    verifier_dir: Path,
+    devices: Iterable[SoftAuthenticator],
+    *,
+    methods: Sequence[Method] = FIDO2_METHODS,
+    attestation: str = "required",
+    extra: str = "",
+) -> VerifierPolicy:
+    """Write ``policy.toml`` (``extra`` first, then :func:`soft_policy_toml`) and the
+    devices' roots into ``verifier_dir`` (made if missing); returns the policy, to
+    give an open verifier (``verifier.policy = ...``)."""
+    devices = list(devices)
+    ensure_private_dir(verifier_dir)
+    roots = dict.fromkeys(d.attestation_root.public_bytes(Encoding.PEM) for d in devices)
+    atomic_write(verifier_dir / SOFT_ROOTS_FILE, b"".join(roots))
+    text = extra + soft_policy_toml(devices, methods=methods, attestation=attestation)
+    atomic_write(verifier_dir / POLICY_FILE, text.encode())
+    return VerifierPolicy.load(verifier_dir)
 
 
 # --- pytest fixtures ----------------------------------------------------------

@@ -7,14 +7,15 @@
    file on disk. It protects nothing against anyone who can read that file.
    It exists so that CI machines without USB, ``/dev/uhid`` or USB/IP can run
    the real python-fido2 stack (``Ctap2``, ``ClientPin``, ``Fido2Client``,
-   ``Fido2Server``) end to end. Its AAGUID is :data:`SOFT_AAGUID`; a verifier
-   in production should refuse it. The fido2 backend opens it (``soft:PATH``,
-   ``$HSM_AUTH_SOFT_FIDO2``) only for a method configured with
-   ``allow_software_authenticator = true``.
+   ``Fido2Server``) end to end. Its AAGUID is :data:`SOFT_AAGUID`, which the
+   verifier's default policy refuses (a policy allows it only by naming it).
+   The fido2 backend opens it (``soft:PATH``, ``$HSM_AUTH_SOFT_FIDO2``) only
+   for a method configured with ``allow_software_authenticator = true``.
 
 :class:`SoftAuthenticator` is a :class:`fido2.ctap.CtapDevice` that answers
 ``call(CTAPHID.CBOR, ...)`` with real CTAP2 CBOR: authenticatorGetInfo,
-MakeCredential (ES256; packed self attestation or "none"), GetAssertion,
+MakeCredential (ES256; packed attestation with an ``x5c`` chain, packed self
+attestation, or "none"), GetAssertion,
 GetNextAssertion, ClientPIN (PIN/UV auth protocols 1 and 2), Reset and
 Selection; extensions hmac-secret and credProtect.
 
@@ -41,6 +42,14 @@ Design notes:
   (:class:`SoftSettings`): ``up_outcome`` ("approve", "deny", "cancel") and
   ``uv_outcome`` ("succeed", "fail", "cancel"); a set ``event`` cancels any
   wait for the user with KEEPALIVE_CANCEL.
+* Attestation: each authenticator state holds an attestation key and its
+  certificate (the ``x5c`` leaf, made with the FIDO requirements: version 3, C,
+  O, OU "Authenticator Attestation", CN, the AAGUID extension
+  1.3.6.1.4.1.45724.1.1.4, CA=false) issued by a test root made at
+  :meth:`SoftAuthenticator.create` (its key is thrown away), or by a test CA the
+  caller gives (:func:`make_attestation_ca`, to share one root between several
+  authenticators). :attr:`SoftAuthenticator.attestation_root` exports the root
+  for a verifier's policy. Reset keeps the attestation key, as devices do.
 * Simplifications: the pinUvAuthToken has no usage timer (it lives until it
   is used with user presence, replaced, or the device is replugged); Reset is
   allowed at any time after user presence (no 10 s window); UV enrollment is a
@@ -54,13 +63,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -68,18 +77,22 @@ from pathlib import Path
 from threading import Event
 from typing import Any, Final, Literal, TypeVar, get_args
 
+from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from fido2 import cbor
 from fido2.cose import ES256
 from fido2.ctap import STATUS, CtapDevice, CtapError
 from fido2.hid import CAPABILITY, CTAPHID
 from fido2.webauthn import AttestedCredentialData, AuthenticatorData
 
+from hsm_auth.attestation import SOFT_AUTHENTICATOR_AAGUID
 from hsm_auth.errors import InvalidInput, StateError
 from hsm_auth.files import atomic_write, locked
 
@@ -95,6 +108,7 @@ __all__ = [
     "UpOutcome",
     "UvModality",
     "UvOutcome",
+    "make_attestation_ca",
 ]
 
 ERR = CtapError.ERR
@@ -105,7 +119,7 @@ ENV_STATE_FILE: Final = "HSM_AUTH_SOFT_FIDO2"
 
 #: Stable AAGUID of this software authenticator (a name-based UUID), so that a
 #: verifier can recognise, and in production refuse, credentials made by it.
-SOFT_AAGUID: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:hsm-auth:soft-fido2").bytes
+SOFT_AAGUID: Final = SOFT_AUTHENTICATOR_AAGUID
 
 MAX_PIN_RETRIES: Final = 8
 MAX_UV_RETRIES: Final = 8
@@ -119,7 +133,7 @@ MAX_MSG_SIZE: Final = 2048
 #: GetNextAssertion must come within this many seconds of GetAssertion.
 NEXT_ASSERTION_TIMEOUT: Final = 30.0
 
-_STATE_VERSION: Final = 1
+_STATE_VERSION: Final = 2  # 2: an attestation key and certificates
 _CRED_ID_VERSION: Final = 1
 _ALG_ES256: Final = -7
 _PUBLIC_KEY: Final = "public-key"
@@ -128,7 +142,9 @@ _CRED_PROTECT: Final = "credProtect"
 
 UvOutcome = Literal["succeed", "fail", "cancel"]
 UpOutcome = Literal["approve", "deny", "cancel"]
-Attestation = Literal["packed", "none"]
+#: "packed": signed by the attestation key, its certificate in x5c; "self": packed self
+#: attestation (signed by the credential key, no x5c); "none".
+Attestation = Literal["packed", "self", "none"]
 
 
 class UvModality(IntEnum):
@@ -389,11 +405,99 @@ class _Resident:
         )
 
 
+@dataclass(frozen=True)
+class _AttestationKey:
+    """The attestation key (P-256 scalar), its certificate and the root above it (DER)."""
+
+    scalar: bytes
+    certificate: bytes
+    root: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": _b64(self.scalar), "x5c": [_b64(self.certificate)], "root": _b64(self.root)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> _AttestationKey:
+        (leaf,) = d["x5c"]
+        return cls(_unb64(d["key"]), _unb64(leaf), _unb64(d["root"]))
+
+
+def make_attestation_ca(
+    name: str = "hsm-auth soft-fido2 test attestation root",
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed P-256 test CA (certificate, key) that can issue the attestation
+    certificates of several soft authenticators (``create(attestation_ca=...)``)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "XX"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hsm-auth test authenticators"),
+        x509.NameAttribute(NameOID.COMMON_NAME, name),
+    ])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return certificate, key
+
+
+#: The AAGUID extension of a FIDO attestation certificate (its value: an OCTET STRING).
+_OID_AAGUID: Final = x509.ObjectIdentifier("1.3.6.1.4.1.45724.1.1.4")
+_CA_USAGE: Final = x509.KeyUsage(
+    digital_signature=False, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+    encipher_only=False, decipher_only=False,
+)
+
+
+def _attestation_key(
+    aaguid: bytes, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
+) -> _AttestationKey:
+    """A new attestation key and its certificate under ``ca`` (default: a new root)."""
+    root, root_key = ca if ca is not None else make_attestation_ca()
+    scalar = _new_p256_scalar()
+    public = _p256_key(scalar).public_key()
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "XX"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hsm-auth test authenticators"),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Authenticator Attestation"),
+        x509.NameAttribute(NameOID.COMMON_NAME, "hsm-auth soft-fido2 (software, not hardware)"),
+    ])
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(root.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.UnrecognizedExtension(_OID_AAGUID, b"\x04\x10" + aaguid), critical=False
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    return _AttestationKey(
+        scalar, leaf.public_bytes(Encoding.DER), root.public_bytes(Encoding.DER)
+    )
+
+
 @dataclass
 class _State:
     aaguid: bytes
     master_key: bytes
     settings: SoftSettings
+    attestation_key: _AttestationKey
     sign_count: int = 0
     pin_hash: bytes | None = None  # LEFT(SHA-256(PIN), 16)
     pin_retries: int = MAX_PIN_RETRIES
@@ -408,6 +512,7 @@ class _State:
             "kind": "hsm-auth soft-fido2 test authenticator (keys in this file, not hardware)",
             "aaguid": _b64(self.aaguid),
             "master_key": _b64(self.master_key),
+            "attestation_key": self.attestation_key.to_json(),
             "settings": {
                 "uv_modality": int(s.uv_modality),
                 "uv_enrolled": s.uv_enrolled,
@@ -427,11 +532,12 @@ class _State:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> _State:
         if d.get("version") != _STATE_VERSION:
-            raise ValueError("unsupported state version")
+            raise ValueError("unsupported state version (from another hsm-auth: create it again)")
         s = d["settings"]
         return cls(
             aaguid=_unb64(d["aaguid"]),
             master_key=_unb64(d["master_key"]),
+            attestation_key=_AttestationKey.from_json(d["attestation_key"]),
             settings=SoftSettings(
                 uv_modality=int(s["uv_modality"]),
                 uv_enrolled=bool(s["uv_enrolled"]),
@@ -970,10 +1076,17 @@ class _Engine:
         auth_data = AuthenticatorData.create(
             rp_id_hash, flags, self.s.sign_count, cred_data, ext_out or None
         )
-        if self.s.settings.attestation == "none":
+        kind = self.s.settings.attestation
+        if kind == "none":
             return {0x01: "none", 0x02: bytes(auth_data), 0x03: {}}
-        sig = private.sign(bytes(auth_data) + cdh, ec.ECDSA(hashes.SHA256()))
-        return {0x01: "packed", 0x02: bytes(auth_data), 0x03: {"alg": _ALG_ES256, "sig": sig}}
+        signed = bytes(auth_data) + cdh
+        if kind == "self":
+            sig = private.sign(signed, ec.ECDSA(hashes.SHA256()))
+            return {0x01: "packed", 0x02: bytes(auth_data), 0x03: {"alg": _ALG_ES256, "sig": sig}}
+        att = self.s.attestation_key
+        sig = _p256_key(att.scalar).sign(signed, ec.ECDSA(hashes.SHA256()))
+        stmt = {"alg": _ALG_ES256, "sig": sig, "x5c": [att.certificate]}
+        return {0x01: "packed", 0x02: bytes(auth_data), 0x03: stmt}
 
     # getAssertion ------------------------------------------------------------------------
 
@@ -1162,9 +1275,12 @@ class SoftAuthenticator(CtapDevice):
         attestation: Attestation = "packed",
         make_cred_uv_not_rqd: bool = False,
         aaguid: bytes = SOFT_AAGUID,
+        attestation_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
         overwrite: bool = False,
     ) -> SoftAuthenticator:
-        """Create a fresh authenticator (new master key) in ``path``."""
+        """Create a fresh authenticator (new master key) in ``path``; its attestation
+        certificate is issued by ``attestation_ca`` (:func:`make_attestation_ca`) or by
+        a root made for it alone (:attr:`attestation_root`)."""
         target = Path(path)
         settings = SoftSettings(
             uv_modality=uv_modality,
@@ -1176,7 +1292,12 @@ class SoftAuthenticator(CtapDevice):
         )
         if len(aaguid) != 16:
             raise InvalidInput("an AAGUID has 16 bytes")
-        state = _State(aaguid=aaguid, master_key=secrets.token_bytes(32), settings=settings)
+        state = _State(
+            aaguid=aaguid,
+            master_key=secrets.token_bytes(32),
+            settings=settings,
+            attestation_key=_attestation_key(aaguid, attestation_ca),
+        )
         if pin is not None:
             _check_pin_policy(pin)
             state.pin_hash = _pin_hash(pin)
@@ -1328,6 +1449,20 @@ class SoftAuthenticator(CtapDevice):
             pin_auth_blocked=s.volatile.pin_failures >= PIN_FAILURES_BEFORE_REPLUG,
             resident_credentials=len(s.residents),
         )
+
+    @property
+    def attestation_root(self) -> x509.Certificate:
+        """The root certificate its attestation chains to (for a verifier's ``roots``)."""
+        return x509.load_der_x509_certificate(self._read().attestation_key.root)
+
+    @property
+    def attestation_certificate(self) -> x509.Certificate:
+        """Its attestation certificate (the ``x5c`` leaf of a packed attestation)."""
+        return x509.load_der_x509_certificate(self._read().attestation_key.certificate)
+
+    @property
+    def aaguid(self) -> bytes:
+        return self._read().aaguid
 
     def resident_credentials(self) -> list[ResidentCredential]:
         return [r.public() for r in self._read().residents]
