@@ -29,6 +29,27 @@ def _config(target) -> Config:
     return Config({Method(target.method): MethodConfig(target.backend, target.settings)})
 
 
+def _policy(target, directory: Path) -> None:
+    """The verifier's attestation policy for the target's FIDO2 method: the soft
+    authenticator's AAGUID and test root named; a real key's vendor root is not
+    configured here, so its attestation is recorded (if-available), not required."""
+    if target.backend != "fido2":
+        return
+    if target.name == "soft-fido2":
+        from hsm_auth.testing.fido2 import write_soft_policy
+        from hsm_auth.testing.soft_fido2 import SoftAuthenticator
+
+        device = SoftAuthenticator(target.settings["device"].removeprefix("soft:"))
+        write_soft_policy(directory, [device])
+        return
+    from hsm_auth.attestation import POLICY_FILE
+    from hsm_auth.files import atomic_write, ensure_private_dir
+
+    ensure_private_dir(directory)
+    text = f'[methods.{target.method}]\nattestation = "if-available"\n'
+    atomic_write(directory / POLICY_FILE, text.encode())
+
+
 def _cleanup(target, uris) -> None:
     with contextlib.suppress(HsmAuthError), load_backend(target.backend).open(
         target.settings
@@ -40,6 +61,7 @@ def _cleanup(target, uris) -> None:
 
 def test_enroll_and_offline_otp(target, tmp_path):
     method = Method(target.method)
+    _policy(target, tmp_path / "verifier")
     verifier = Verifier.init(tmp_path / "verifier", "hw-tests")
     uris: list[str | None] = []
     try:

@@ -16,6 +16,7 @@ import json
 import sqlite3
 
 import pytest
+from _unattested import allow_unattested_fido2_methods
 from _verifier_device import Clock, PythonDevice
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec as cec
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.softhsm
 
 @pytest.fixture
 def verifier(tmp_path):
+    allow_unattested_fido2_methods(tmp_path / "verifier")  # software FIDO2 stand-ins
     v = Verifier.init(tmp_path / "verifier", "Bank", clock=Clock())
     yield v
     v.close()

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 
 import pytest
+from _unattested import allow_unattested_fido2_methods
 from _verifier_device import Clock, PythonDevice
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
@@ -45,6 +46,7 @@ def database(request):
 
 @pytest.fixture
 def verifier(tmp_path, clock, database):
+    allow_unattested_fido2_methods(tmp_path / "verifier")  # software FIDO2 stand-ins
     v = Verifier.init(tmp_path / "verifier", "Test verifier", clock=clock, database=database)
     yield v
     v.close()

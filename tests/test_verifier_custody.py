@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _unattested import allow_unattested_fido2_methods
 from _verifier_device import Clock, PythonDevice, enroll
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec as cec
@@ -99,6 +100,7 @@ def _windows(outputs: list[str]) -> set[bytes]:
 
 def test_an_attacker_driving_the_hsm_gets_no_enrolled_otp_key(hsm, authenticator, tmp_path):
     token, uri = hsm
+    allow_unattested_fido2_methods(tmp_path / "verifier")  # software FIDO2 stand-ins
     with Verifier.init(tmp_path / "verifier", "Custody", clock=Clock(), hsm=uri) as v:
         v.purge_every = 0
         alice = enroll(v, "alice")  # PKCS#11-style: OTP key = ECDH x-coordinate
@@ -197,6 +199,7 @@ def test_no_secret_key_value_is_read_in_a_whole_hsm_flow(hsm, authenticator, tmp
 
     _, uri = hsm
     clock = Clock()
+    allow_unattested_fido2_methods(tmp_path / "verifier")  # software FIDO2 stand-ins
     with Verifier.init(tmp_path / "verifier", "Custody", clock=clock, hsm=uri) as v:
         alice = enroll(v, "alice")
         bob = enroll(v, "bob", Method.FACE, wrapped=True)
@@ -230,6 +233,7 @@ def test_a_refused_wrapped_key_and_a_missing_offer_key_under_the_hsm(hsm, tmp_pa
     from hsm_auth.protocol import EnrollmentResponse
 
     _, uri = hsm
+    allow_unattested_fido2_methods(tmp_path / "verifier")  # software FIDO2 stand-ins
     with Verifier.init(tmp_path / "verifier", "Custody", clock=Clock(), hsm=uri) as v:
         v.purge_every = 0
         this, _ = v.create_offer("erin", methods=[Method.FACE])
@@ -339,6 +343,7 @@ def test_a_kill_inside_accept_enrollment_leaves_nothing_that_purge_does_not_remo
 def test_purge_removes_the_keys_of_expired_offers_only(hsm, tmp_path):
     _, uri = hsm
     clock = Clock()
+    allow_unattested_fido2_methods(tmp_path / "verifier")  # software FIDO2 stand-ins
     with Verifier.init(tmp_path / "verifier", "Custody", clock=clock, hsm=uri) as v:
         v.purge_every = 0
         v.create_offer("alice")

@@ -13,6 +13,7 @@ import json
 import types
 
 import pytest
+from _unattested import allow_unattested_fido2_methods
 from _verifier_device import Clock, PythonDevice, enroll
 from hsm_auth_backends.pkcs11_verifier import Pkcs11VerifierKeys
 
@@ -42,6 +43,7 @@ def hsm_uri(softhsm_env, tmp_path):
 
 @pytest.fixture
 def verifier(tmp_path, hsm_uri):
+    allow_unattested_fido2_methods(tmp_path / "verifier")  # software FIDO2 stand-ins
     v = Verifier.init(tmp_path / "verifier", "HSM verifier", clock=Clock(), hsm=hsm_uri)
     yield v
     v.close()
