@@ -9,7 +9,7 @@ sign-only P-256 key in the HSM. It signs two kinds of certificate only:
   in the verifier's directory (``ca.pem``, public, mode 0644), printed by
   ``hsm-auth verifier ca-cert``;
 * a **device certificate** for each successful enrollment: subject
-  ``CN=<user>, OU=<method>, serialNumber=<credential id, hex>``, issuer the CA
+  ``UID=<user>, OU=<method>, serialNumber=<credential id, hex>``, issuer the CA
   certificate's subject, a random 159-bit serial, keyUsage digitalSignature
   and basicConstraints CA=false (both critical), subject and authority key
   identifiers, and the verifier's :class:`~hsm_auth.attestation.AttestationResult`
@@ -62,6 +62,10 @@ DEVICE_VALIDITY: Final = datetime.timedelta(days=3 * 365)
 BACKDATE: Final = datetime.timedelta(hours=1)
 #: What the CA certificate's subject says besides the verifier's name and id.
 CA_ORGANIZATION: Final = "hsm-auth device CA"
+#: The most UTF-8 the attestation extension holds: a longer result keeps its format,
+#: verdict and trust (shortened) and leaves its details out, so that a certificate
+#: always fits an EnrollmentResult (``protocol.MAX_CERTIFICATE``).
+MAX_ATTESTATION_JSON: Final = 1024
 
 
 class _CaKey(ec.EllipticCurvePrivateKey):
@@ -128,22 +132,33 @@ def _utc(now: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(int(now), datetime.UTC)
 
 
+def _common_name(text: str) -> str:
+    """The longest start of ``text`` whose UTF-8 is at most 64 bytes: cryptography
+    holds a commonName to 64 bytes (RFC 5280's bound is 64 characters), and a
+    verifier name may be 64 characters of up to 4 bytes each."""
+    while len(text.encode("utf-8")) > 64:
+        text = text[:-1]
+    return text
+
+
 def ca_name(verifier_name: str, verifier_id: bytes) -> x509.Name:
-    """The CA's name: the verifier's name, its id (hex) and :data:`CA_ORGANIZATION`."""
+    """The CA's name: :data:`CA_ORGANIZATION`, the verifier's name (cut to fit a
+    commonName) and its id (hex), which tells verifiers of one name apart."""
     return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, CA_ORGANIZATION),
-            x509.NameAttribute(NameOID.COMMON_NAME, verifier_name),
+            x509.NameAttribute(NameOID.COMMON_NAME, _common_name(verifier_name)),
             x509.NameAttribute(NameOID.SERIAL_NUMBER, verifier_id.hex()),
         ]
     )
 
 
 def device_name(user: str, method: Method, signing_key: bytes) -> x509.Name:
-    """A device certificate's subject: the user, the method and the credential id."""
+    """A device certificate's subject: the user (userid, RFC 4519: whole, which a
+    commonName could not hold for every user name), the method and the credential id."""
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.COMMON_NAME, user),
+            x509.NameAttribute(NameOID.USER_ID, user),
             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, method.value),
             x509.NameAttribute(
                 NameOID.SERIAL_NUMBER, transcript.credential_id(signing_key).hex()
@@ -260,12 +275,26 @@ def issue(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public), critical=False
         )
         .add_extension(
-            x509.UnrecognizedExtension(ATTESTATION_OID, _utf8_string(attestation.to_json())),
+            x509.UnrecognizedExtension(
+                ATTESTATION_OID, _utf8_string(bounded_attestation(attestation).to_json())
+            ),
             critical=False,
         )
         .sign(_CaKey(keys), hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+def bounded_attestation(result: AttestationResult) -> AttestationResult:
+    """``result`` as the certificate carries it: whole if its JSON is at most
+    :data:`MAX_ATTESTATION_JSON` bytes, else without details (the verifier's record
+    keeps them) and with format and trust cut to 64 and 256 characters."""
+    if len(result.to_json().encode("utf-8")) <= MAX_ATTESTATION_JSON:
+        return result
+    return AttestationResult(
+        result.format[:64], result.verified, result.trust[:256],
+        {"omitted": "too long for the certificate"},
+    )
 
 
 def _utf8_string(text: str) -> bytes:
@@ -390,7 +419,7 @@ class CertificateSummary:
 
 
 def name_text(name: x509.Name) -> str:
-    """``name`` as its attributes read in order (``CN=alice, OU=device, serialNumber=…``),
+    """``name`` as its attributes read in order (``UID=alice, OU=device, serialNumber=…``),
     each escaped as RFC 4514 says."""
     names = {NameOID.SERIAL_NUMBER: "serialNumber"}
     return ", ".join(attribute.rfc4514_string(names) for attribute in name)

@@ -139,7 +139,7 @@ def test_certificate_verifies_with_openssl_names_user_and_method_and_is_the_toke
     assert checked.returncode == 0 and checked.stdout.strip().endswith(": OK"), checked
 
     cert = x509.load_der_x509_certificate(record.certificate)
-    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alice"
+    assert cert.subject.get_attributes_for_oid(NameOID.USER_ID)[0].value == "alice"
     assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == (
         "device")
     assert cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "Device CA Bank"
@@ -284,6 +284,34 @@ def test_a_result_from_an_unpinned_verifier_is_refused(verifier, authenticator, 
         authenticator.store_result(text[:40])
 
 
+def test_a_long_attestation_result_still_fits_the_enrollment_result(tmp_path):
+    """Whatever the attestation's details (and a client-chosen format), the certificate
+    fits the EnrollmentResult: the details are left out of an extension that would be
+    longer than MAX_ATTESTATION_JSON, and the verifier's record keeps them."""
+    from hsm_auth.attestation import AttestationResult
+    from hsm_auth.protocol import MAX_CERTIFICATE
+
+    with Verifier.init(tmp_path / "v", "\u00e9" * 64) as v:  # 128 bytes of UTF-8
+        signing_key = ec.encode_point(cec.generate_private_key(cec.SECP256R1()).public_key())
+        long = AttestationResult("f" * 2000, True, "CN=" + "r" * 1000,
+                                 {f"k{i}": "v" * 100 for i in range(40)})
+        der = device_ca.issue(v.keys, v.ca_certificate, user="\u00e9" * 64,
+                              method=Method.BIOMETRIC, signing_key=signing_key,
+                              attestation=long, now=v._now())
+        assert len(der) <= MAX_CERTIFICATE
+        cert = x509.load_der_x509_certificate(der)
+        # the whole user name (userid); the verifier's name cut to a 64-byte commonName
+        assert cert.subject.get_attributes_for_oid(NameOID.USER_ID)[0].value == "\u00e9" * 64
+        assert cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == (
+            "\u00e9" * 32)
+        carried = device_ca.attestation_of(cert)
+        assert carried is not None and carried.details == {
+            "omitted": "too long for the certificate"}
+        assert (carried.format, carried.verified) == ("f" * 64, True)
+        short = AttestationResult("packed", True, "CN=root", {"aaguid": "00" * 16})
+        assert device_ca.bounded_attestation(short) == short
+
+
 def test_a_ca_certificate_file_for_another_key_is_refused(home, tmp_path):
     directory = Paths.from_env(home).verifier_dir
     other = Verifier.init(tmp_path / "other", "Other")
@@ -394,7 +422,7 @@ def test_cli_flow_stores_the_certificate_and_methods_shows_it(tmp_path):
     (tmp_path / "result.txt").write_text(result)
     cli_ok(home, "certificate", f"@{tmp_path / 'result.txt'}")
     listing = cli_ok(home, "methods")
-    assert "certificate: CN=alice, OU=device, serialNumber=" in listing
+    assert "certificate: UID=alice, OU=device, serialNumber=" in listing
     assert "issuer:      O=hsm-auth device CA, CN=CLI CA, serialNumber=" in listing
     assert "valid:" in listing and "attestation: unattested" in listing
     [row] = json.loads(cli_ok(home, "--json", "methods"))["methods"]

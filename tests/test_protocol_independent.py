@@ -321,7 +321,7 @@ def check_device_certificate(v: dict[str, Any]) -> None:
         ca_key.verify(c.signature, c.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
     assert sec1(cert.public_key()) == v["signing_key"]
     subject = [(a.oid, a.value) for a in cert.subject]
-    assert subject == [(NameOID.COMMON_NAME, v["user"]),
+    assert subject == [(NameOID.USER_ID, v["user"]),
                        (NameOID.ORGANIZATIONAL_UNIT_NAME, v["method"]),
                        (NameOID.SERIAL_NUMBER, v["credential_id"].hex())]
     ext = cert.extensions.get_extension_for_oid(
