@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import qr
+from .attestation import AttestationResult
 from .authenticator import Authenticator
 from .config import Config, MethodConfig, Paths
 from .errors import HsmAuthError, InvalidToken
@@ -44,6 +45,9 @@ class DemoTokens:
     environment: dict[str, str] = field(default_factory=dict)
     offline_pin: str = field(default="", repr=False)
     notes: list[str] = field(default_factory=list)
+    #: The PEM file of the demo TPM's manufacturer CA (swtpm_localca), if it has an
+    #: EK certificate: the verifier's policy then requires TPM attestation to it.
+    tpm_roots: str | None = None
 
     def config(self) -> Config:
         return Config(
@@ -107,7 +111,7 @@ def prepare(home: Path, *, tpm: bool = True, fido2: bool = True) -> Iterator[Dem
 
 
 def _add_tpm(home: Path, tokens: DemoTokens, stack: contextlib.ExitStack) -> None:
-    from .testing.swtpm import running_swtpm, swtpm_available
+    from .testing.swtpm import manufacture, manufacturing_available, running_swtpm, swtpm_available
 
     reason = swtpm_available()
     if reason:
@@ -115,6 +119,11 @@ def _add_tpm(home: Path, tokens: DemoTokens, stack: contextlib.ExitStack) -> Non
         return
     state = home / "swtpm"
     state.mkdir(mode=0o700)
+    unmade = manufacturing_available()
+    if unmade is None:  # an EK certificate by a local test CA, as a manufacturer makes it
+        tokens.tpm_roots = str(manufacture(state, home / "swtpm-ca").roots_file)
+    else:
+        tokens.notes.append(f"the demo TPM has no EK certificate: {unmade}")
     tpm = stack.enter_context(running_swtpm(state))
     tokens.methods[Method.DEVICE] = (
         "tpm2",
@@ -150,6 +159,16 @@ def _add_fido2(home: Path, tokens: DemoTokens) -> None:
     write_soft_policy(Paths(home).verifier_dir, devices)
 
 
+def _require_tpm_attestation(verifier: Verifier, directory: Path, roots: str) -> None:
+    """The demo verifier's policy: the TPM ``device`` method must be attested to
+    ``roots`` (written to ``policy.toml`` too, for ``hsm-auth verifier`` afterwards)."""
+    from .attestation import VerifierPolicy
+
+    text = f'[methods.device]\nattestation = "required"\nroots = [{_toml_value(roots)}]\n'
+    atomic_write(directory / "policy.toml", text.encode())
+    verifier.policy = VerifierPolicy.load(directory)
+
+
 def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -> int:
     """Run the demo; progress on ``out`` (on ``err`` with ``as_json``, where ``out``
     gets one JSON document: every method's backend, ATCs and outcome)."""
@@ -171,14 +190,25 @@ def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -
         tokens.config().apply_environment()
         demo_paths = Paths(home)
         verifier = Verifier.init(demo_paths.verifier_dir, "hsm-auth demo verifier")
+        tpm_attested = tokens.tpm_roots is not None and tokens.methods[Method.DEVICE][0] == "tpm2"
+        if tpm_attested:
+            _require_tpm_attestation(verifier, demo_paths.verifier_dir, str(tokens.tpm_roots))
         methods = [m for m in Method if m in tokens.methods]
         warn = lambda m: print(m, file=err)  # noqa: E731
         with verifier, Authenticator(demo_paths.authenticator_dir, tokens.config(), warn=warn) as a:
+            if tpm_attested:  # credential activation: the TPM's AK bound to its EK
+                a.tpm_activate(verifier.tpm_challenge(a.tpm_registration_request()))
+                step("registered the TPM's attestation key with the verifier (EK certificate "
+                     "by the demo's test CA, credential activation)")
             for method in methods:
                 pin = tokens.offline_pin if method.needs_pin else None
                 _, offer = verifier.create_offer(USER, methods=[method])
                 cred = verifier.accept_enrollment(a.add_or_update(method, offer, pin=pin))
                 step(f"enrolled {method.value} (backend {cred.backend}, initial ATC {cred.atc})")
+                summary = (AttestationResult.from_json(cred.attestation).summary
+                           if cred.attestation else "unattested")
+                if summary.startswith("hsm-auth-tpm2"):
+                    step(f"attestation of {method.value}: {summary}")
                 # The enrollment result: the device certificate, checked and kept.
                 stored = a.store_result(verifier.enrollment_result(cred))
                 fingerprint = hashlib.sha256(cred.certificate or b"").hexdigest()
@@ -186,7 +216,8 @@ def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -
                      f"(SHA-256 {fingerprint[:16]}...)")
                 results.append(
                     {"method": method.value, "backend": cred.backend, "initial_atc": cred.atc,
-                     "certificate": fingerprint if stored.certificate else None}
+                     "certificate": fingerprint if stored.certificate else None,
+                     "attestation": summary}
                 )
             for i, (method, result_doc) in enumerate(zip(methods, results, strict=True)):
                 session = verifier.start_session(USER, CONTEXT, methods=methods)

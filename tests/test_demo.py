@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from hsm_auth.testing.softhsm import softhsm_available
+from hsm_auth.testing.swtpm import manufacturing_available
 
 
 @pytest.mark.softhsm
@@ -32,6 +33,8 @@ def test_demo_runs_every_method_and_refuses_every_replay(tmp_path):
         assert f"verifier accepted demo with {method}" in out
     assert out.count("replaying the same OTP: refused") == 4
     assert out.count("stored the verifier's certificate for") == 4  # the device certificates
+    if manufacturing_available() is None:  # the demo TPM has an EK certificate
+        assert "attestation of device: hsm-auth-tpm2, verified (CN=swtpm-localca-rootca)" in out
     assert "Traceback" not in result.stderr
     # the demo's swtpm was stopped: nothing is listening on its socket any more
     sock = tmp_path / "demo" / "swtpm" / "tpm.sock"
