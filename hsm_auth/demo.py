@@ -160,12 +160,14 @@ def _add_fido2(home: Path, tokens: DemoTokens) -> None:
 
 
 def _require_tpm_attestation(verifier: Verifier, directory: Path, roots: str) -> None:
-    """The demo verifier's policy: the TPM ``device`` method must be attested to
-    ``roots`` (written to ``policy.toml`` too, for ``hsm-auth verifier`` afterwards)."""
-    from .attestation import VerifierPolicy
+    """The demo verifier's policy also requires the TPM ``device`` method to be attested
+    to ``roots``: added to ``policy.toml`` (kept for ``hsm-auth verifier`` afterwards)."""
+    from .attestation import POLICY_FILE, VerifierPolicy
 
-    text = f'[methods.device]\nattestation = "required"\nroots = [{_toml_value(roots)}]\n'
-    atomic_write(directory / "policy.toml", text.encode())
+    path = directory / POLICY_FILE
+    before = path.read_text() if path.exists() else ""
+    table = f'\n[methods.device]\nattestation = "required"\nroots = [{_toml_value(roots)}]\n'
+    atomic_write(path, (before + table).encode())
     verifier.policy = VerifierPolicy.load(directory)
 
 
