@@ -34,13 +34,16 @@ from __future__ import annotations
 import enum
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .errors import ConfigError, HsmAuthError, UntrustedMessage
 from .methods import Method
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "POLICY_FILE",
@@ -242,6 +245,28 @@ class EnrollmentContext:
     signed: bool  # the response carries a signature by signing_key (checked already)
     #: The verifier's own signing key (SEC1): a TPM attestation key's binding is its signature.
     verifier_signing_key: bytes = b""
+
+
+#: The largest PEM file of roots a policy may name.
+MAX_ROOTS_FILE: Final = 1024 * 1024
+
+
+def load_roots(paths: Sequence[str]) -> list[x509.Certificate]:
+    """The certificates in a policy's ``roots`` files (PEM; read like state files,
+    at most :data:`MAX_ROOTS_FILE` each): the one reader for FIDO2 and TPM roots."""
+    from cryptography import x509
+
+    from .files import read_state
+
+    roots: list[x509.Certificate] = []
+    for path in paths:
+        raw = read_state(Path(path), limit=MAX_ROOTS_FILE)
+        assert raw is not None
+        try:
+            roots += x509.load_pem_x509_certificates(raw)
+        except ValueError:
+            raise ConfigError(f"policy root file {path}: no PEM certificate") from None
+    return roots
 
 
 def attestation_format(attestation: bytes) -> str:

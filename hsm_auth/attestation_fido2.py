@@ -60,6 +60,7 @@ from .attestation import (
     AttestationResult,
     EnrollmentContext,
     MethodPolicy,
+    load_roots,
 )
 from .errors import ConfigError
 from .files import read_state
@@ -67,7 +68,6 @@ from .webauthn_proof import EnrollmentProof, enrollment_binding, verify_enrollme
 
 __all__ = ["check"]
 
-_MAX_ROOTS_FILE: Final = 1024 * 1024
 _MAX_MDS_BLOB: Final = 64 * 1024 * 1024
 
 
@@ -213,16 +213,7 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-def _load_roots(paths: Sequence[str]) -> list[x509.Certificate]:
-    roots: list[x509.Certificate] = []
-    for path in paths:
-        raw = read_state(Path(path), limit=_MAX_ROOTS_FILE)
-        assert raw is not None
-        try:
-            roots += x509.load_pem_x509_certificates(raw)
-        except ValueError:
-            raise ConfigError(f"policy root file {path}: no PEM certificate") from None
-    return roots
+_load_roots = load_roots  # the policy's one reader of root files
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,9 @@ from .attestation import (
     AttestationResult,
     EnrollmentContext,
     MethodPolicy,
+    load_roots,
 )
-from .errors import ConfigError, DecodeError, UntrustedMessage
+from .errors import DecodeError, UntrustedMessage
 from .methods import Method
 from .transcript import lp16
 
@@ -306,19 +307,11 @@ class _Roots:
 
 
 def _load_roots(paths: Sequence[str]) -> _Roots:
-    anchors: list[x509.Certificate] = []
-    intermediates: list[x509.Certificate] = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                certs = x509.load_pem_x509_certificates(f.read())
-        except OSError as e:
-            raise ConfigError(f"cannot read the TPM root file {path}: {e.strerror}") from e
-        except ValueError:
-            raise ConfigError(f"{path} holds no PEM certificate") from None
-        for cert in certs:
-            (anchors if cert.subject == cert.issuer else intermediates).append(cert)
-    return _Roots(tuple(anchors), tuple(intermediates))
+    certs = load_roots(paths)
+    return _Roots(
+        tuple(c for c in certs if c.subject == c.issuer),
+        tuple(c for c in certs if c.subject != c.issuer),
+    )
 
 
 def _der(cert: x509.Certificate) -> bytes:
