@@ -5,11 +5,13 @@ verifiers against policy.toml. Forged chains are made by editing the real respon
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import cbor2
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
@@ -366,3 +368,154 @@ def test_the_stored_result_is_json(make_setup: Callable[..., Setup]) -> None:
     setup.verifier.accept_enrollment(setup.response())
     stored = setup.verifier.credential("alice", Method.BIOMETRIC).attestation
     assert stored is not None and json.loads(stored)["verified"] is True
+
+
+# --- a FIDO Metadata Service BLOB (signed by a test CA, RS256 like the real one) -------
+
+
+def _rsa_ca(name: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _blob(
+    ca: tuple[x509.Certificate, rsa.RSAPrivateKey], device: SoftAuthenticator,
+    status: str = "FIDO_CERTIFIED_L1",
+) -> bytes:
+    """An MDS3 BLOB (a JWS) with one entry for the device's AAGUID and root, signed by a
+    signer certificate that ``ca`` issued."""
+    ca_cert, ca_key = ca
+    signer_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.UTC)
+    signer = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test MDS signer")]))
+        .issuer_name(ca_cert.subject).public_key(signer_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .sign(ca_key, hashes.SHA256())
+    )
+    aaguid = str(uuid.UUID(bytes=device.aaguid))
+    root = base64.b64encode(device.attestation_root.public_bytes(Encoding.DER)).decode()
+    payload = {
+        "legalHeader": "test BLOB", "no": 7, "nextUpdate": "2099-01-01",
+        "entries": [{
+            "aaguid": aaguid,
+            "statusReports": [{"status": status, "effectiveDate": "2026-01-01"}],
+            "timeOfLastStatusChange": "2026-01-01",
+            "metadataStatement": {
+                "description": "hsm-auth soft-fido2 (test entry)", "aaguid": aaguid,
+                "authenticatorVersion": 1, "schema": 3, "upv": [{"major": 1, "minor": 1}],
+                "attestationTypes": ["basic_full"],
+                "userVerificationDetails": [
+                    [{"userVerificationMethod": "fingerprint_internal"}],
+                    [{"userVerificationMethod": "presence_internal"}],
+                ],
+                "keyProtection": ["software"], "matcherProtection": ["software"],
+                "attachmentHint": ["external"], "tcDisplay": [],
+                "attestationRootCertificates": [root],
+            },
+        }],
+    }
+    header = {"alg": "RS256", "typ": "JWT",
+              "x5c": [base64.b64encode(signer.public_bytes(Encoding.DER)).decode()]}
+    message = _b64url(json.dumps(header).encode()) + b"." + _b64url(json.dumps(payload).encode())
+    signature = signer_key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+    return message + b"." + _b64url(signature)
+
+
+@pytest.fixture(scope="module")
+def mds_ca() -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    return _rsa_ca("test FIDO MDS root")
+
+
+def _mds_policy(setup: Setup, blob: bytes, ca: x509.Certificate) -> None:
+    atomic_write(setup.verifier_dir / "mds.jwt", blob)
+    atomic_write(setup.verifier_dir / "mds-ca.pem", ca.public_bytes(Encoding.PEM))
+    setup.policy(  # no roots: the BLOB's entry gives the root
+        f'[methods.biometric]\nmds_blob = "mds.jwt"\nmds_ca = "mds-ca.pem"\n'
+        f'aaguid_allow = ["{SOFT_AAGUID.hex()}"]\n'
+    )
+
+
+def test_a_metadata_blob_gives_the_root_and_the_certified_uv_methods(
+    make_setup: Callable[..., Setup], mds_ca: Any,
+) -> None:
+    setup = make_setup(policy=False)
+    _mds_policy(setup, _blob(mds_ca, setup.device), mds_ca[0])
+    setup.verifier.accept_enrollment(setup.response())
+    result = _stored(setup)
+    assert result.verified
+    assert result.trust == setup.device.attestation_root.subject.rfc4514_string()
+    assert result.details == {
+        "aaguid": SOFT_AAGUID.hex(),
+        "uv_modalities": "fingerprint_internal,presence_internal",
+        "mds_status": "FIDO_CERTIFIED_L1",
+        "mds_description": "hsm-auth soft-fido2 (test entry)",
+    }
+
+
+def test_a_revoked_metadata_entry_vouches_for_nothing(
+    make_setup: Callable[..., Setup], mds_ca: Any,
+) -> None:
+    setup = make_setup(policy=False)
+    _mds_policy(setup, _blob(mds_ca, setup.device, status="REVOKED"), mds_ca[0])
+    _refused(setup, setup.response(), "ends at no configured root")
+
+
+def test_a_blob_not_signed_under_mds_ca_is_a_configuration_error(
+    make_setup: Callable[..., Setup], mds_ca: Any,
+) -> None:
+    setup = make_setup(policy=False)
+    other = _rsa_ca("another MDS root")
+    _mds_policy(setup, _blob(other, setup.device), mds_ca[0])
+    with pytest.raises(ConfigError, match="not a Metadata Service BLOB signed under mds_ca"):
+        setup.verifier.accept_enrollment(setup.response())
+    good = _blob(mds_ca, setup.device)
+    message, _, signature = good.rpartition(b".")
+    header, _, payload = message.partition(b".")
+    doc = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+    doc["no"] = 8  # one field changed after signing
+    tampered = header + b"." + _b64url(json.dumps(doc).encode()) + b"." + signature
+    atomic_write(setup.verifier_dir / "mds.jwt", tampered)
+    with pytest.raises(ConfigError, match="mds_blob"):
+        setup.verifier.accept_enrollment(setup.response())
+
+
+def test_a_verifier_without_python_fido2_refuses_fido2_enrollments_clearly(
+    make_setup: Callable[..., Setup], tmp_path: Path,
+) -> None:
+    setup = make_setup()
+    response = tmp_path / "response.txt"
+    response.write_text(setup.response())
+    setup.verifier.close()
+    script = (
+        "import sys; sys.modules['fido2'] = None\n"  # as if python-fido2 were not installed
+        "from pathlib import Path\n"
+        "from hsm_auth.errors import HsmAuthError\n"
+        "from hsm_auth.verifier import Verifier\n"
+        f"v = Verifier.open(Path({str(setup.verifier_dir)!r}))\n"
+        "try:\n"
+        f"    v.accept_enrollment(Path({str(response)!r}).read_text())\n"
+        "except HsmAuthError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.startswith("HsmAuthError checking a FIDO2 enrollment's attestation needs "
+                          "python-fido2 on the verifier (pip install 'hsm-auth[fido2]')"), out
