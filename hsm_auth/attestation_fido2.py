@@ -35,7 +35,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -50,7 +50,6 @@ from fido2.attestation.base import (
     UntrustedAttestation,
     verify_x509_chain,
 )
-from fido2.mds3 import MdsAttestationVerifier, parse_blob
 from fido2.webauthn import Aaguid, AttestationObject, AuthenticatorData
 
 from .attestation import (
@@ -65,6 +64,9 @@ from .attestation import (
 from .errors import ConfigError
 from .files import read_state
 from .webauthn_proof import EnrollmentProof, enrollment_binding, verify_enrollment_attestation
+
+if TYPE_CHECKING:  # fido2.mds3 is imported only for a policy with mds_blob (7 ms)
+    from fido2.mds3 import MdsAttestationVerifier
 
 __all__ = ["check"]
 
@@ -231,6 +233,8 @@ def _mds_verifier(policy: MethodPolicy) -> MdsAttestationVerifier | None:
     (parsed once per content)."""
     if not policy.mds_blob:
         return None
+    from fido2.mds3 import MdsAttestationVerifier, parse_blob
+
     blob = read_state(Path(policy.mds_blob), limit=_MAX_MDS_BLOB)
     cas = _load_roots([policy.mds_ca])
     assert blob is not None and cas
