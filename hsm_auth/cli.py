@@ -1075,6 +1075,7 @@ def cmd_login_enroll(ctx: Context) -> int:
             replace_existing=ctx.args.replace,
             warn=lambda m: print(m, file=ctx.err),
             interaction=ctx.interaction,
+            add=ctx.args.add,
         )
     ctx.emit(
         f"enrolled {ctx.args.user} for login with {method.value} ({cred.backend})",
@@ -1104,6 +1105,7 @@ def cmd_login_check(ctx: Context) -> int:
             method=method,
             warn=lambda m: print(m, file=ctx.err),
             interaction=ctx.interaction,
+            config=cfg,
         )
     ctx.emit(
         f"login ok: {result.user} with {result.method.value} (counter {result.counter})",
@@ -1561,6 +1563,8 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         )
         if name == "enroll":
             p.add_argument("--replace", action="store_true", help="replace an enrolled method")
+            p.add_argument("--add", action="store_true",
+                           help="enroll another token of the method (login tries each)")
     return parser
 
 

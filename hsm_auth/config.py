@@ -167,6 +167,13 @@ SCHEMA: Mapping[str, Mapping[str, tuple[type, ...]]] = {
         "cue": (str,),
         "method": (str,),
         "cancel": (str,),
+        # the login policy (hsm_auth.login_policy)
+        "methods": (str,),
+        "device": (str,),
+        "deny": (int,),
+        "fail_interval": (int, float),
+        "unlock_time": (int, float),
+        "state_dir": (str,),
     },
 }
 TABLES = ("environment", "login", "methods", "verifier")

@@ -54,6 +54,7 @@ Per-backend signature formats (how FIDO2 plugs in)
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import hashlib
 import json
@@ -63,10 +64,10 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -98,6 +99,9 @@ FORMATS = (ECDSA_P256_SHA256, FIDO2_ASSERTION)
 FILE_MODE = 0o644
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\$?")
 _MAX_FILE = 1 << 20
+#: Method settings that are secrets: never written to an authfile (others can read
+#: it); at login they come from root's config (:func:`with_secrets`).
+SECRET_SETTINGS = frozenset({"owner_auth"})
 _FLAG_UP, _FLAG_UV = 0x01, 0x04
 
 Warn = Callable[[str], None]
@@ -395,15 +399,20 @@ def authorization(
     if method is Method.PIN:
         if pin is None:
             raise PinRequired("the pin method needs the PIN")
-        if Capability.PIN_RETRY_LIMIT not in store.capabilities():
-            if not settings.get("allow_unenforced_pin", False):
-                raise ConfigError(
-                    "this token does not limit PIN retries, so it cannot protect a login PIN; "
-                    "set allow_unenforced_pin = true for this method to use it anyway"
-                )
-            if warn is not None:
-                warn("warning: this token does not limit PIN retries (e.g. SoftHSM)")
+        check_pin_protection(store, settings, warn)
     return Authorization(pin=pin, prompt=prompt, timeout=timeout, interaction=interaction)
+
+
+def check_pin_protection(store: KeyStore, settings: Mapping[str, Any], warn: Warn | None) -> None:
+    """Refuse a token that does not limit PIN retries unless the method allows it."""
+    if Capability.PIN_RETRY_LIMIT not in store.capabilities():
+        if not settings.get("allow_unenforced_pin", False):
+            raise ConfigError(
+                "this token does not limit PIN retries, so it cannot protect a login PIN; "
+                "set allow_unenforced_pin = true for this method to use it anyway"
+            )
+        if warn is not None:
+            warn("warning: this token does not limit PIN retries (e.g. SoftHSM)")
 
 
 def _format_for(store: KeyStore) -> str:
@@ -419,9 +428,13 @@ def _format_for(store: KeyStore) -> str:
 def enroll(
     authdir: AuthDir, user: str, method: Method, config: Config, *, pin: str | None = None,
     replace_existing: bool = False, clock: Callable[[], float] = time.time,
-    warn: Warn | None = None, interaction: UserInteraction | None = None,
+    warn: Warn | None = None, interaction: UserInteraction | None = None, add: bool = False,
 ) -> LoginCredential:
     """Create a signing key and counter in the method's token and record them for ``user``.
+
+    ``add`` keeps the user's other credentials of the method (a second token: login
+    tries each in order); else one exists already (:class:`AlreadyEnrolled`) or
+    ``replace_existing`` replaces it and deletes its keys.
 
     A first login is run before the record is written, so a broken setup never
     ends up enrolled; on any failure the new keys are deleted from the token."""
@@ -429,7 +442,7 @@ def enroll(
     backend, settings = choose_backend(config, method)
     with authdir.locked():
         existing = authdir.read(user) or []
-        if any(c.method is method for c in existing) and not replace_existing:
+        if any(c.method is method for c in existing) and not (replace_existing or add):
             raise AlreadyEnrolled(
                 f"{user} is enrolled for login with {method.value} already; use --replace"
             )
@@ -455,15 +468,17 @@ def enroll(
                 public = store.public_key(key, auth).public_bytes(
                     serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
                 )
+                public_settings = {k: v for k, v in settings.items()
+                                   if k not in SECRET_SETTINGS}
                 cred = LoginCredential(
-                    method, backend, dict(settings), key, counter_uri, public, fmt, start,
+                    method, backend, public_settings, key, counter_uri, public, fmt, start,
                     int(clock()), registry.backend_reference(backend),
                 )
                 host = socket.gethostname()
                 challenge = secrets.token_bytes(CHALLENGE_BYTES)
                 proof = make_proof(store, cred, host, user, challenge, auth)
                 cred = replace(cred, counter=verify_proof(cred, host, user, challenge, proof))
-                kept = [c for c in existing if c.method is not method]
+                kept = [c for c in existing if add or c.method is not method]
                 authdir.write(user, [*kept, cred])
             except BaseException:
                 with contextlib.suppress(HsmAuthError):
@@ -471,15 +486,29 @@ def enroll(
                     if counter_uri is not None:
                         store.delete_key(counter_uri, auth)
                 raise
-        for old in existing:
+        for old in [] if add else existing:
             if old.method is method:
-                _delete_old(old, pin, warn)
+                _delete_old(old, pin, warn, config)
     return cred
 
 
-def _delete_old(old: LoginCredential, pin: str | None, warn: Warn | None) -> None:
+def with_secrets(cred: LoginCredential, config: Config | None) -> dict[str, Any]:
+    """The credential's settings plus the :data:`SECRET_SETTINGS` (e.g. the TPM's
+    ``owner_auth``) of root's config for that method, when it names the same backend
+    (or none). An authfile that still holds one (written before) keeps it."""
+    settings = dict(cred.settings)
+    configured = None if config is None else config.methods.get(cred.method)
+    if configured is not None and configured.backend in (None, cred.backend):
+        for key in SECRET_SETTINGS:
+            if key in configured.settings:
+                settings[key] = configured.settings[key]
+    return settings
+
+
+def _delete_old(old: LoginCredential, pin: str | None, warn: Warn | None,
+                config: Config) -> None:
     try:
-        with registry.load_backend(old.backend).open(old.settings) as store:
+        with registry.load_backend(old.backend).open(with_secrets(old, config)) as store:
             auth = Authorization(pin=pin)
             store.delete_key(old.signing_key, auth)
             if old.counter_uri is not None:
@@ -499,7 +528,7 @@ def select(creds: list[LoginCredential], method: Method | None) -> LoginCredenti
 def login(
     authdir: AuthDir, user: str, *, pin: str | None = None, method: Method | None = None,
     prompt: str | None = None, timeout: float | None = None, warn: Warn | None = None,
-    interaction: UserInteraction | None = None,
+    interaction: UserInteraction | None = None, config: Config | None = None,
 ) -> LoginResult:
     """Authenticate ``user`` locally: fresh challenge, signed in the token, verified
     with the enrolled key, counter forward, new counter stored. Raises on any failure.
@@ -512,9 +541,10 @@ def login(
         if not creds:
             raise UnknownMethod(f"{user} is not enrolled for login")
         cred = select(creds, method)
-        with registry.load_backend(cred.backend, cred.backend_ref).open(cred.settings) as store:
+        settings = with_secrets(cred, config)
+        with registry.load_backend(cred.backend, cred.backend_ref).open(settings) as store:
             auth = authorization(
-                cred.method, store, cred.settings, pin if cred.method.needs_pin else None,
+                cred.method, store, settings, pin if cred.method.needs_pin else None,
                 prompt=prompt, timeout=timeout, warn=warn, interaction=interaction,
             )
             host = socket.gethostname()
@@ -526,3 +556,176 @@ def login(
         )
     return LoginResult(user, cred.method, counter)
 
+
+
+# --- the login API (what a PAM module calls) ------------------------------------------
+#
+# The native PAM module's Python side (hsm_auth.pam) builds a LoginRequest from the
+# PAM items and its module arguments, implements Conversation over its pipe to the
+# module, and maps each Outcome to a PAM code. The policy itself (which methods may
+# log in, every enrolled token in order, account names, the failure record, remote
+# sessions) is hsm_auth.login_policy; authenticate() is its entry point.
+
+DEFAULT_STATE_DIR = Path("/var/lib/hsm-auth/login")
+DEFAULT_LOGIN_TIMEOUT = 30.0
+
+
+class Conversation(Protocol):
+    """How the login talks to the person at the PAM application (its conversation)."""
+
+    def secret(self, prompt: str) -> str | None:
+        """Ask for a secret without echo (``PAM_PROMPT_ECHO_OFF``); ``None``: no answer."""
+
+    def info(self, text: str) -> None:
+        """Show a cue (``PAM_TEXT_INFO``), before the token waits for the user."""
+
+    def error(self, text: str) -> None:
+        """Show an error (``PAM_ERROR_MSG``)."""
+
+
+class Outcome(enum.Enum):
+    """The result of one login; the PAM module maps each to the PAM code of its name."""
+
+    SUCCESS = "PAM_SUCCESS"
+    AUTH_ERR = "PAM_AUTH_ERR"  # wrong PIN, failed verification, no answer
+    USER_UNKNOWN = "PAM_USER_UNKNOWN"  # no such account, or not enrolled (without nouserok)
+    IGNORE = "PAM_IGNORE"  # not enrolled and ``nouserok``: the next module decides
+    AUTHINFO_UNAVAIL = "PAM_AUTHINFO_UNAVAIL"  # none of the user's tokens is present
+    MAXTRIES = "PAM_MAXTRIES"  # the token is locked, or the failure record refuses tries
+    PERM_DENIED = "PAM_PERM_DENIED"  # refused by policy (a remote session, device alone)
+    SYSTEM_ERR = "PAM_SYSTEM_ERR"  # configuration or state that cannot be trusted
+
+
+FIRST_PASS = ("try", "use")
+REMOTE = ("deny", "allow")
+
+
+@dataclass(frozen=True)
+class LoginOptions:
+    """The module's options (pam_u2f-like), after ``[login]`` defaults from root's config.
+
+    ``methods`` ``None`` means the policy's default (:data:`PERSON_METHODS`);
+    ``first_pass`` is ``None`` (the default: always ask), ``"try"`` or ``"use"``;
+    ``second_factor`` says the module's line is stacked after another auth module
+    (see :mod:`hsm_auth.login_policy`)."""
+
+    nouserok: bool = False
+    cue: str | None = None
+    methods: tuple[Method, ...] | None = None
+    timeout: float = DEFAULT_LOGIN_TIMEOUT
+    remote: str = "deny"
+    debug: bool = False
+    first_pass: str | None = None
+    second_factor: bool = False
+
+    def __post_init__(self) -> None:
+        if self.remote not in REMOTE:
+            raise ConfigError(f"remote must be one of {', '.join(REMOTE)}")
+        if self.first_pass not in (None, *FIRST_PASS):
+            raise ConfigError("first_pass must be try or use")
+        if isinstance(self.timeout, bool) or not 0 < self.timeout <= 600:
+            raise ConfigError("timeout must be a number of seconds in (0, 600]")
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], table: Mapping[str, Any] | None = None
+                  ) -> LoginOptions:
+        """Parse PAM module arguments (``nouserok``, ``cue``, ``cue_prompt=TEXT``,
+        ``methods=pin,face``, ``timeout=S``, ``remote=deny|allow``, ``debug``,
+        ``try_first_pass``, ``use_first_pass``, ``second_factor``) over the defaults
+        of the ``[login]`` table (``cue``, ``methods``, ``timeout``, ``remote``).
+        An unknown argument is a :class:`ConfigError`: fail closed."""
+        table = table or {}
+        values: dict[str, Any] = {}
+        if "cue" in table:
+            values["cue"] = str(table["cue"]) or None
+        if "methods" in table:
+            values["methods"] = _methods(table["methods"])
+        if "timeout" in table:
+            values["timeout"] = float(table["timeout"])
+        if "remote" in table:
+            values["remote"] = table["remote"]
+        flags = {"nouserok": "nouserok", "debug": "debug", "second_factor": "second_factor"}
+        for arg in args:
+            name, eq, value = arg.partition("=")
+            if name in flags and not eq:
+                values[flags[name]] = True
+            elif name == "cue" and not eq:
+                values["cue"] = values.get("cue") or DEFAULT_CUE
+            elif name == "cue_prompt" and eq:
+                values["cue"] = value or None
+            elif name in ("try_first_pass", "use_first_pass") and not eq:
+                values["first_pass"] = name.split("_", 1)[0]
+            elif name == "methods" and eq:
+                values["methods"] = _methods(value)
+            elif name == "timeout" and eq:
+                try:
+                    values["timeout"] = float(value)
+                except ValueError:
+                    raise ConfigError("timeout must be a number of seconds") from None
+            elif name == "remote" and eq:
+                values["remote"] = value
+            else:
+                raise ConfigError(f"unknown module argument {arg[:40]!r}")
+        return cls(**values)
+
+
+DEFAULT_CUE = "Touch or verify on your authenticator now."
+
+
+def _methods(value: Any) -> tuple[Method, ...]:
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not names:
+        raise ConfigError("methods must name at least one method")
+    try:
+        return tuple(dict.fromkeys(Method.parse(str(n)) for n in names))
+    except UnknownMethod as e:
+        raise ConfigError(f"methods: {e}") from None
+
+
+@dataclass(frozen=True)
+class LoginRequest:
+    """One PAM authentication as the module sees it.
+
+    ``user`` is ``PAM_USER`` as given (canonicalised by the policy); ``first_pass``
+    is ``PAM_AUTHTOK``, passed only with ``try_first_pass`` / ``use_first_pass``;
+    ``prior_authtok`` says that an earlier module of the stack set ``PAM_AUTHTOK``
+    (a password was asked before this module: the module passes the fact, not the
+    value). ``caller_pid`` is the PAM application's process (its logind session is
+    looked up from its cgroup; ``None``: this process, which inherited it)."""
+
+    user: str
+    service: str
+    rhost: str | None
+    tty: str | None
+    options: LoginOptions = field(default_factory=LoginOptions)
+    first_pass: str | None = field(default=None, repr=False)
+    prior_authtok: bool = False
+    caller_pid: int | None = None
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    """What :func:`authenticate` decided; ``message`` is one line for syslog, never a
+    secret. ``method`` is the method that logged in (``SUCCESS`` only)."""
+
+    outcome: Outcome
+    message: str
+    method: Method | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.outcome is Outcome.SUCCESS
+
+
+def authenticate(
+    request: LoginRequest, conversation: Conversation, *, config: Config,
+    authdir: Path = DEFAULT_AUTHDIR, state_dir: Path = DEFAULT_STATE_DIR,
+) -> LoginOutcome:
+    """Run one login under the login policy (:mod:`hsm_auth.login_policy`).
+
+    Never raises for a login failure: every refusal is a :class:`LoginOutcome`
+    (unexpected errors are ``SYSTEM_ERR``). ``authdir`` holds the authfiles,
+    ``state_dir`` root's failure records."""
+    from .login_policy import run
+
+    return run(request, conversation, config=config, authdir=authdir, state_dir=state_dir)
