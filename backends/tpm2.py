@@ -987,17 +987,20 @@ class Tpm2KeyStore(KeyStore):
 
     def registration_request(self) -> bytes:
         """The TPM registration request for a verifier (EK certificate, EK and AK
-        public areas); makes this TPM's attestation key on first use."""
+        public areas). The attestation key is made on first use, and again (its
+        bindings dropped) when the EK certificate changed or the storage key did
+        (the owner hierarchy was cleared, so the old AK blob no longer loads)."""
+        import hashlib
+
         from hsm_auth.attestation_tpm2 import registration_request
 
         certificate = self.ek_certificate()
         with self._endorsement_key() as (_, ek_public):
             pass
         ak = self._read_ak()
-        import hashlib
-
         ek_hash = hashlib.sha256(certificate).digest()
-        if ak is None or ak.ek_cert_hash != ek_hash:
+        self._storage_key()
+        if ak is None or ak.ek_cert_hash != ek_hash or ak.parent != self._srk_name:
             ak = self._create_ak(ek_hash)
         return registration_request(certificate, ek_public, ak.public[2:])
 
@@ -1085,7 +1088,7 @@ class Tpm2KeyStore(KeyStore):
         if ak.parent != self._srk_name:
             raise BackendError(
                 "the attestation key was made by another TPM (or before this TPM's owner "
-                "hierarchy was cleared): make a new registration request"
+                "hierarchy was cleared): register the TPM again (hsm-auth tpm register)"
             )
         public, _ = TPM2B_PUBLIC.unmarshal(ak.public)
         private, _ = TPM2B_PRIVATE.unmarshal(ak.private)

@@ -96,6 +96,26 @@ def registered(swtpm_ek, tmp_path):
     store.close()
 
 
+def test_after_the_owner_hierarchy_is_cleared_the_tpm_registers_a_new_ak(registered, tmp_path):
+    """TPM2_Clear (a new owner seed: every blob, the AK's too, is dead; the EK stays)."""
+    from tpm2_pytss import ESYS_TR
+
+    store, verifier = registered
+    old = store._read_ak()
+    store._ectx.clear(ESYS_TR.RH_LOCKOUT)
+    store.close()
+    tpm_tcti = store.tcti
+    from hsm_auth_backends.tpm2 import Tpm2KeyStore
+
+    with Tpm2KeyStore.open({"tcti": tpm_tcti, "state_dir": str(tmp_path / "objects")}) as again:
+        with pytest.raises(BackendError, match="attestation key was made by another TPM"):
+            _enroll(again)
+        again.activate_registration(verifier.challenge(again.registration_request()))
+        assert again._read_ak().public != old.public
+        enrollment, signing_key = _enroll(again)
+        assert verifier.check(enrollment.attestation, signing_key).verified
+
+
 @pytest.mark.parametrize("method", [Method.DEVICE, Method.PIN])
 def test_enrolled_keys_verify_up_to_the_ek_certificate_of_the_fixture_ca(registered, method):
     store, verifier = registered
