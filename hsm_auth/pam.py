@@ -1,47 +1,21 @@
-r"""``hsm-auth-pam``: the workstation-login helper run by Linux-PAM's ``pam_exec.so``.
+r"""The Python side of ``pam_hsm_auth.so`` (and, until it is retired, ``hsm-auth-pam``).
 
-PAM configuration (e.g. in ``/etc/pam.d/common-auth``, before ``pam_unix``)::
+``pam_hsm_auth.so`` (``pam/pam_hsm_auth.c``) runs ``python -I -m hsm_auth.pam``
+(the interpreter fixed when the module is built) with the environment
+``PATH=/usr/sbin:/usr/bin:/sbin:/bin`` only, descriptors 0 and 1 on a socket to
+the module, 2 on ``/dev/null`` and nothing else open. :func:`serve` is that
+side: it reads the module's request, builds the environment from root's
+config file alone (``[environment]`` replaces, never merges with, what the
+process has), runs :func:`hsm_auth.login.authenticate` with a
+:class:`PamConversation` that asks the module for what it needs (a PIN with
+its own prompt, a cue before the token waits), and answers one ``result``
+line. The line protocol is described in ``pam/pam_hsm_auth.c`` and the README.
 
-    auth [success=done default=die] pam_exec.so quiet expose_authtok stdout \
-        /usr/local/bin/hsm-auth-pam
-
-``expose_authtok`` makes pam_exec ask for the password (the PIN) and write it
-to the helper's stdin; ``stdout`` shows the helper's cue text to the user.
-pam_exec maps exit status 0 to ``PAM_SUCCESS`` and every other status (or a
-death by signal) to a failure, and this helper exits 0 **only** after a
-signature from the token verified against the enrolled key with the counter
-moving forward (or, if and only if configured, for a user without
-enrollment). Every other path (bad options, ``--help``, a crash, a timeout)
-exits non-zero: fail closed.
-
-Options come from the ``[login]`` table of the config file (``--config``,
-default ``/etc/hsm-auth/config.toml``; owned by root, not writable by others,
-not a symlink) and can be overridden on the pam_exec line:
-
-================== ================== ==========================================
-``[login]`` key    option             meaning
-================== ================== ==========================================
-``authdir``        ``--authdir DIR``  the authfile directory (``/etc/hsm-auth/login``)
-``timeout``        ``--timeout S``    seconds before the helper is killed (30)
-``remote``         ``--remote``       ``deny`` (default): refuse when PAM_RHOST is
-                                      set, the service is ``sshd`` or the tty is
-                                      ``ssh``; ``allow``
-``unenrolled``     ``--unenrolled``   ``fail`` (default) or ``succeed`` (only for a
-                                      stack where another required module still
-                                      authenticates the user)
-``cue``            ``--cue TEXT``     text shown before the token is used
-``method``         ``--method M``     which enrolled method (default: the first)
-``cancel``         ``--cancel``       ``empty-pin`` (default): an empty PIN cancels
-                                      before the token is touched; ``never``
-================== ================== ==========================================
-
-The ``[environment]`` table is exported first (pam_exec clears the
-environment; e.g. ``SOFTHSM2_CONF``). The helper never prompts on a
-terminal: the PIN comes from stdin only. The timeout is ``alarm(2)`` with the
-default action, so the kernel kills the helper even inside a blocked native
-call. All descriptors above 2 are made close-on-exec at start, and every
-file the helper opens is close-on-exec, so nothing leaks into children of
-native libraries.
+Module arguments go to :meth:`hsm_auth.login.LoginOptions.from_args`, except
+``config=PATH`` (default ``/etc/hsm-auth/config.toml``), which this side
+reads: root-owned (or the running user's, for tests), not writable by others,
+not a symlink. ``[login] authdir`` and ``state_dir`` name the authfile and
+failure-record directories.
 """
 
 from __future__ import annotations
@@ -51,7 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -273,5 +247,322 @@ def run() -> None:
     os._exit(code)
 
 
+
+# --- pam_hsm_auth.so: the helper's side of the line protocol -------------------------
+
+PROTOCOL = "hsm-auth-pam 1"
+LINE_BYTES = 1024  # a line, its "\n" included (the module's limit)
+MAX_SECRET = 256  # bytes of an answer or authtok
+MAX_REQUEST_LINES = 64
+SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_GRACE = 10.0  # seconds past the timeout before the helper's own alarm fires
+
+
+class ProtocolError(Exception):
+    """The module sent something the protocol does not allow (never carries a secret)."""
+
+
+def printable(text: str) -> str:
+    """``text`` as one protocol line's payload: control characters replaced, cut to fit."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    data = clean.encode()[: LINE_BYTES - 64]
+    return data.decode(errors="ignore")
+
+
+class Channel:
+    """Bounded lines over the socket to the module (``rfd`` in, ``wfd`` out)."""
+
+    def __init__(self, rfd: int = 0, wfd: int = 1) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self._buf = bytearray()
+
+    def read(self) -> str:
+        while b"\n" not in self._buf:
+            if len(self._buf) >= LINE_BYTES:
+                raise ProtocolError("a line from the module is too long")
+            chunk = os.read(self.rfd, LINE_BYTES)
+            if not chunk:
+                raise ProtocolError("the module closed the connection")
+            self._buf += chunk
+        raw, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf[:] = rest
+        if len(raw) >= LINE_BYTES or any(b < 0x20 or b == 0x7F for b in raw):
+            raise ProtocolError("a line from the module is too long or not printable")
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("a line from the module is not UTF-8") from None
+
+    def write(self, key: str, text: str | None = None) -> None:
+        line = (key if text is None else f"{key} {printable(text)}").encode() + b"\n"
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self.wfd, view):]
+
+
+def _unhex_secret(value: str) -> str:
+    try:
+        data = bytes.fromhex(value)
+        if len(data) > MAX_SECRET or len(value) != 2 * len(data):
+            raise ValueError("length")
+        return data.decode()
+    except ValueError:  # UnicodeDecodeError included
+        raise ProtocolError("a secret from the module is malformed") from None
+
+
+@dataclass(frozen=True)
+class PamRequest:
+    """What the module sent before the conversation starts."""
+
+    user: str
+    service: str
+    rhost: str | None = None
+    tty: str | None = None
+    ruser: str | None = None
+    args: tuple[str, ...] = ()
+    authtok: str | None = field(default=None, repr=False)
+    prior_authtok: bool = False
+    caller_pid: int | None = None
+
+
+def read_request(channel: Channel) -> PamRequest:
+    """The request block, strictly: the version line first, known keys once, ``end``."""
+    if channel.read() != PROTOCOL:
+        raise ProtocolError("not protocol version 1")
+    single: dict[str, str] = {}
+    args: list[str] = []
+    for _ in range(MAX_REQUEST_LINES):
+        line = channel.read()
+        if line == "end":
+            break
+        key, sep, value = line.partition(" ")
+        if not sep:
+            raise ProtocolError("a request line without a value")
+        if key == "option":
+            args.append(value)
+        elif key in ("user", "service", "rhost", "tty", "ruser", "authtok", "prior-authtok",
+                     "caller") and key not in single:
+            single[key] = value
+        else:
+            raise ProtocolError(f"unexpected request key {key[:20]!r}")
+    else:
+        raise ProtocolError("the request has too many lines")
+    if "user" not in single or "service" not in single:
+        raise ProtocolError("the request has no user or no service")
+    caller = single.get("caller")
+    if caller is not None and not caller.isdigit():
+        raise ProtocolError("caller is not a process id")
+    return PamRequest(
+        user=single["user"], service=single["service"], rhost=single.get("rhost"),
+        tty=single.get("tty"), ruser=single.get("ruser"), args=tuple(args),
+        authtok=None if "authtok" not in single else _unhex_secret(single["authtok"]),
+        prior_authtok=single.get("prior-authtok") == "yes",
+        caller_pid=None if caller is None else int(caller),
+    )
+
+
+class _Clock:
+    """The helper's alarm, stopped while the person answers the conversation."""
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+        self._since = 0.0
+
+    def start(self) -> None:
+        import time
+
+        self._since = time.monotonic()
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the kernel kills us, no Python needed
+        signal.alarm(max(1, int(self.left + 0.999)))
+
+    def stop(self) -> None:
+        import time
+
+        signal.alarm(0)
+        self.left = max(1.0, self.left - (time.monotonic() - self._since))
+
+
+class PamConversation:
+    """:class:`hsm_auth.login.Conversation` over the module's line protocol."""
+
+    def __init__(self, channel: Channel, clock: _Clock | None = None) -> None:
+        self.channel = channel
+        self.clock = clock
+
+    def _ask(self, key: str, text: str) -> str:
+        if self.clock is not None:
+            self.clock.stop()
+        try:
+            self.channel.write(key, text)
+            return self.channel.read()
+        finally:
+            if self.clock is not None:
+                self.clock.start()
+
+    def secret(self, prompt: str) -> str | None:
+        reply = self._ask("secret", prompt)
+        if reply == "none":
+            return None
+        if not reply.startswith("answer "):
+            raise ProtocolError("the module did not answer a secret prompt")
+        return _unhex_secret(reply[len("answer "):])
+
+    def info(self, text: str) -> None:
+        if self._ask("info", text) != "ok":
+            raise ProtocolError("the module did not acknowledge a message")
+
+    def error(self, text: str) -> None:
+        if self._ask("error", text) != "ok":
+            raise ProtocolError("the module did not acknowledge a message")
+
+    def log(self, text: str) -> None:
+        """A debug line for the module's syslog (shown only with ``debug``)."""
+        self.channel.write("log", text)
+
+
+def scrub_environment(environment: Mapping[str, str]) -> None:
+    """The process environment becomes ``PATH`` plus root's ``[environment]``, nothing else."""
+    os.environ.clear()
+    os.environ["PATH"] = SAFE_PATH
+    for key, value in environment.items():
+        os.environ[key] = value
+
+
+def split_config_arg(args: Sequence[str]) -> tuple[Path, list[str]]:
+    """``config=PATH`` (this side's) apart from the login options."""
+    path, rest = DEFAULT_CONFIG, []
+    for arg in args:
+        if arg.startswith("config="):
+            path = Path(arg[len("config="):])
+            if not path.is_absolute():
+                raise _Refused("config= must be an absolute path")
+        else:
+            rest.append(arg)
+    return path, rest
+
+
+def serve(channel: Channel | None = None) -> int:
+    """Run one authentication for the module; always ends with one ``result`` line.
+
+    Returns the process exit status (0 when a result was sent)."""
+    channel = channel or Channel()
+    clock = _Clock(DEFAULT_TIMEOUT + _GRACE)
+    clock.start()
+    try:
+        outcome, message = _serve(channel, clock)
+    except ProtocolError as e:  # the module is gone or broke the protocol: no result
+        _log(f"protocol error: {e}")
+        return 3
+    except BaseException as e:  # fail closed, with the class only (a message may hold data)
+        outcome, message = "SYSTEM_ERR", f"internal error {e.__class__.__name__}"
+    try:
+        channel.write("result", f"{outcome} {message}")
+    except OSError:
+        return 3
+    return 0
+
+
+def _serve(channel: Channel, clock: _Clock) -> tuple[str, str]:
+    from .config import parse as parse_config
+    from .errors import HsmAuthError
+
+    request = read_request(channel)
+    if not sys.flags.isolated:
+        return "SYSTEM_ERR", "hsm_auth.pam must run as python -I (from pam_hsm_auth.so)"
+    try:
+        config_path, args = split_config_arg(request.args)
+        raw = read_config(config_path)
+        config = parse_config(raw)
+        scrub_environment(config.environment)
+        return _authenticate(request, args, raw, config, channel, clock)
+    except _Refused as e:
+        return "SYSTEM_ERR", str(e)
+    except HsmAuthError as e:
+        from .cli import describe
+
+        return "SYSTEM_ERR", describe(e)
+
+
+def _authenticate(
+    request: PamRequest, args: Sequence[str], raw: Mapping[str, Any], config: Any,
+    channel: Channel, clock: _Clock,
+) -> tuple[str, str]:
+    """A thin adapter over :func:`hsm_auth.login.login` until the login API lands:
+    the same options, person methods only, the outcome names of the PAM codes."""
+    from .errors import (
+        AuthorizationError,
+        BackendUnavailable,
+        Cancelled,
+        ConfigError,
+        InvalidInput,
+        InvalidToken,
+        LockedOut,
+        PinLocked,
+        StateError,
+    )
+    from .login import DEFAULT_AUTHDIR, AuthDir, check_user_name, login
+    from .methods import Method
+
+    flags = {"nouserok", "cue", "debug", "try_first_pass", "use_first_pass", "second_factor"}
+    opts: dict[str, str] = {}
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if (name in flags and not eq) or (
+            eq and name in ("cue_prompt", "methods", "timeout", "remote")
+        ):
+            opts[name] = value
+        else:
+            raise ConfigError(f"unknown module argument {arg[:40]!r}")
+    table = raw.get("login", {})
+    timeout = float(opts.get("timeout", table.get("timeout", DEFAULT_TIMEOUT)))
+    clock.stop()
+    clock.left = timeout + _GRACE
+    clock.start()
+    conv = PamConversation(channel, clock)
+    try:
+        check_user_name(request.user)
+    except InvalidInput:
+        return "USER_UNKNOWN", "not a valid user name"
+    remote = opts.get("remote", table.get("remote", "deny"))
+    if remote == "deny" and (request.rhost or request.service == "sshd" or request.tty == "ssh"):
+        return "PERM_DENIED", f"remote session refused for {request.user}"
+    allowed = [Method.parse(m) for m in opts.get("methods", "pin,biometric,face").split(",")]
+    cue = opts.get("cue_prompt") or ("Touch or verify on your authenticator now."
+                                     if "cue" in opts else "")
+    with AuthDir(Path(table.get("authdir", str(DEFAULT_AUTHDIR)))) as authdir:
+        creds = authdir.read(request.user)
+        if not creds:
+            if "nouserok" in opts:
+                return "IGNORE", f"{request.user} is not enrolled (nouserok)"
+            return "USER_UNKNOWN", f"{request.user} is not enrolled for login"
+        usable = [c for c in creds if c.method in allowed]
+        if not usable:
+            return "PERM_DENIED", f"no enrolled method of {request.user} may log in alone"
+        cred = usable[0]
+        pin = None
+        if cue:
+            conv.info(cue)
+        if cred.method.needs_pin:
+            if "use_first_pass" in opts or ("try_first_pass" in opts and request.authtok):
+                pin = request.authtok
+            else:
+                label = str(cred.settings.get("uri", "")).partition("token=")[2]
+                label = label.split(";")[0].split("?")[0]
+                pin = conv.secret(f"PIN for {label or cred.method.value} token: ")
+            if not pin:
+                return "AUTH_ERR", "no PIN given"
+        try:
+            result = login(authdir, request.user, pin=pin, method=cred.method, timeout=timeout)
+        except (PinLocked, LockedOut) as e:
+            return "MAXTRIES", str(e)
+        except (Cancelled, AuthorizationError, InvalidToken) as e:
+            return "AUTH_ERR", str(e)
+        except BackendUnavailable as e:
+            return "AUTHINFO_UNAVAIL", str(e)
+        except (StateError, ConfigError) as e:
+            return "SYSTEM_ERR", str(e)
+    return "SUCCESS", f"{result.user} logged in with {result.method.value}"
+
+
 if __name__ == "__main__":
-    run()
+    os._exit(serve())

@@ -1,0 +1,503 @@
+"""pam_hsm_auth.so through real libpam: pam_wrapper + pamtester drive service files
+shaped like ``sudo``, ``su`` and ``login`` that load the module built by
+scripts/setup (build/pam/pam_hsm_auth.so), against SoftHSM tokens and swtpm.
+
+pam_matrix (pam_wrapper's password module) stands in for pam_unix: it asks
+``Password:`` and sets PAM_AUTHTOK. A tiny test module (compiled here) puts
+variables into the PAM environment with pam_putenv. Each PAM result is read
+from pamtester's message, which is pam_strerror of the code the stack returned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hsm_auth.config import Config, MethodConfig
+from hsm_auth.login import AuthDir, enroll
+from hsm_auth.methods import Method
+from hsm_auth.testing.softhsm import init_token, unique_label
+from hsm_auth.testing.swtpm import swtpm, swtpm_available  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.pam
+
+PIN = "246810"
+UNIX_PASSWORD = "unix-password-7"
+REPO = Path(__file__).resolve().parent.parent
+MODULE = REPO / "build" / "pam" / "pam_hsm_auth.so"
+LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+PAM_WRAPPER = LIBDIR / "libpam_wrapper.so"
+PAM_MATRIX = LIBDIR / "pam_wrapper" / "pam_matrix.so"
+SECURITY = Path("/lib/x86_64-linux-gnu/security")
+IGNORED = "NEXT-MODULE-DECIDES"  # pam_echo's text: the module returned PAM_IGNORE
+
+# PAM return codes (security/_pam_types.h)
+PAM_SUCCESS, PAM_SERVICE_ERR, PAM_SYSTEM_ERR, PAM_PERM_DENIED = 0, 3, 4, 6
+PAM_AUTH_ERR, PAM_AUTHINFO_UNAVAIL, PAM_USER_UNKNOWN, PAM_MAXTRIES = 7, 9, 10, 11
+
+_PUTENV_MODULE = r"""
+#include <string.h>
+#include <security/pam_modules.h>
+/* Test module: "putenv=NAME=VALUE" -> pam_putenv; "authtok=X" -> PAM_AUTHTOK. */
+int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const char **argv) {
+    (void)flags;
+    for (int i = 0; i < argc; i++) {
+        if (strncmp(argv[i], "putenv=", 7) == 0 && pam_putenv(pamh, argv[i] + 7) != PAM_SUCCESS)
+            return PAM_SYSTEM_ERR;
+        if (strncmp(argv[i], "authtok=", 8) == 0 &&
+            pam_set_item(pamh, PAM_AUTHTOK, argv[i] + 8) != PAM_SUCCESS)
+            return PAM_SYSTEM_ERR;
+    }
+    return PAM_SUCCESS;
+}
+int pam_sm_setcred(pam_handle_t *pamh, int flags, int argc, const char **argv) {
+    (void)pamh; (void)flags; (void)argc; (void)argv;
+    return PAM_SUCCESS;
+}
+"""
+
+# Marks any python process it is preloaded into (LD_PRELOAD, or as a PKCS#11 module).
+_MARKER_LIBRARY = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((constructor)) static void mark(void) {
+    char exe[4096] = {0};
+    const char *path = getenv("MARKER_PATH") ? getenv("MARKER_PATH") : MARKER;
+    if (readlink("/proc/self/exe", exe, sizeof exe - 1) > 0 && strstr(exe, "python")) {
+        int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) { write(fd, "preload\n", 8); close(fd); }
+    }
+}
+"""
+
+
+def _strerror(code: int) -> str:
+    libpam = ctypes.CDLL("libpam.so.0")
+    libpam.pam_strerror.restype = ctypes.c_char_p
+    libpam.pam_strerror.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return str(libpam.pam_strerror(None, code).decode())
+
+
+def pam_available() -> str | None:
+    if shutil.which("pamtester") is None:
+        return "pamtester not found (apt install pamtester)"
+    if not PAM_WRAPPER.exists() or not PAM_MATRIX.exists():
+        return "pam_wrapper not found (apt install libpam-wrapper)"
+    if not MODULE.exists():
+        return f"{MODULE} not built (scripts/setup needs gcc and libpam0g-dev)"
+    if shutil.which("gcc") is None:
+        return "gcc not found"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pam_tools() -> None:
+    reason = pam_available()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def native_libs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The test PAM module (pam_putenv, authtok) and the marker library, compiled."""
+    out = tmp_path_factory.mktemp("native")
+    built = {}
+    for name, source, extra in (
+        ("pam_test_env", _PUTENV_MODULE, ["-lpam"]),
+        ("marker", _MARKER_LIBRARY, [f'-DMARKER="{out / "marker.log"}"']),
+    ):
+        (out / f"{name}.c").write_text(source)
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(out / f"{name}.so"),
+                        str(out / f"{name}.c"), *extra], check=True, capture_output=True)
+        built[name] = out / f"{name}.so"
+    built["marker_log"] = out / "marker.log"
+    return built
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.proc = proc
+        self.out = proc.stdout + proc.stderr
+
+    @property
+    def ok(self) -> bool:
+        return self.proc.returncode == 0 and "successfully authenticated" in self.out
+
+    def code(self, code: int) -> bool:
+        """The stack failed with exactly ``code`` (pamtester prints pam_strerror)."""
+        return self.proc.returncode != 0 and _strerror(code) in self.out
+
+    @property
+    def ignored(self) -> bool:
+        return IGNORED in self.out
+
+
+class Rig:
+    """A PAM service dir, root's config and an authfile directory under ``root``."""
+
+    def __init__(self, root: Path, environment: dict[str, str]) -> None:
+        self.root = root
+        self.services = root / "pam.d"
+        self.services.mkdir(mode=0o755)
+        self.authdir = root / "login"
+        self.authdir.mkdir(mode=0o755)
+        self.config = root / "config.toml"
+        self.passdb = root / "passdb"
+        self.passdb.write_text("".join(
+            f"{user}:{UNIX_PASSWORD}:{service}\n"
+            for user in ("alice", "bob", "root") for service in ("su", "sudo", "login")
+        ))
+        self.write_config(environment)
+
+    def write_config(self, environment: dict[str, str], login: str = "") -> None:
+        env = "".join(f'{k} = "{v}"\n' for k, v in environment.items())
+        self.config.write_text(
+            f'[environment]\n{env}\n[login]\nauthdir = "{self.authdir}"\n{login}'
+        )
+        self.config.chmod(0o644)
+
+    def hsm(self, *options: str) -> str:
+        return " ".join([str(MODULE), f"config={self.config}", *options])
+
+    def matrix(self) -> str:
+        return f"{PAM_MATRIX} passdb={self.passdb}"
+
+    def service(self, name: str, lines: list[str]) -> str:
+        (self.services / name).write_text("\n".join(lines) + "\n")
+        return name
+
+    def sudo(self, *options: str, name: str = "sudo") -> str:
+        """The token instead of the password; an unenrolled user falls through to it."""
+        return self.service(name, [
+            f"auth [success=done ignore=ignore default=die] {self.hsm('nouserok', *options)}",
+            f"auth optional {SECURITY / 'pam_echo.so'} {IGNORED}",
+            f"auth required {self.matrix()}",
+        ])
+
+    def su(self, *options: str, name: str = "su") -> str:
+        """The Unix password first (sets PAM_AUTHTOK), then the token: both required."""
+        return self.service(name, [
+            f"auth required {self.matrix()}",
+            f"auth required {self.hsm(*options)}",
+        ])
+
+    def login(self, *options: str, name: str = "login") -> str:
+        """The token alone (a display manager's or console's only auth line)."""
+        return self.service(name, [f"auth required {self.hsm(*options)}"])
+
+    def pamtester(self, service: str, user: str, answers: list[str] | None, *items: str,
+                  env: dict[str, str] | None = None, timeout: float = 60) -> Result:
+        environment = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LD_PRELOAD": str(PAM_WRAPPER),
+            "PAM_WRAPPER": "1",
+            "PAM_WRAPPER_SERVICE_DIR": str(self.services),
+            **(env or {}),
+        }
+        args = ["pamtester", "-v", *(a for i in items for a in ("-I", i)), service, user,
+                "authenticate"]
+        stdin = None if answers is None else "".join(a + "\n" for a in answers)
+        proc = subprocess.run(args, input=stdin, capture_output=True, text=True,
+                              env=environment, timeout=timeout, check=False)
+        return Result(proc)
+
+    def counter(self, user: str = "alice") -> int:
+        data = json.loads((self.authdir / user).read_text())
+        return int(data["credentials"][0]["counter"])
+
+
+@pytest.fixture(params=["softhsm", pytest.param("swtpm", marks=pytest.mark.swtpm)])
+def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
+    """``alice`` enrolled with the pin method on SoftHSM or on swtpm."""
+    return _rig(request, tmp_path, request.param)
+
+
+@pytest.fixture
+def hsm_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
+    return _rig(request, tmp_path, "softhsm")
+
+
+def _rig(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> Rig:
+    root = tmp_path / "rig"
+    root.mkdir(mode=0o755)
+    if kind == "softhsm":
+        env = request.getfixturevalue("softhsm_env")
+        token = init_token(unique_label("pamnative"), so_pin="12345678", user_pin=PIN)
+        settings = {"uri": token.uri, "allow_unenforced_pin": True}
+        config = Config({Method.PIN: MethodConfig("pkcs11", settings)})
+        r = Rig(root, {"SOFTHSM2_CONF": str(env.conf)})
+        r.token_label = token.label  # type: ignore[attr-defined]
+    else:
+        reason = swtpm_available()
+        if reason:
+            pytest.skip(reason)
+        tpm = request.getfixturevalue("swtpm")
+        settings = {"tcti": tpm.tcti, "state_dir": str(root / "tpm2-state")}
+        config = Config({Method.PIN: MethodConfig("tpm2", settings)})
+        r = Rig(root, {})
+    with AuthDir(r.authdir) as authdir:
+        enroll(authdir, "alice", Method.PIN, config, pin=PIN)
+    return r
+
+
+# --- the shapes: sudo, su, login --------------------------------------------------------
+
+
+def test_sudo_shape_asks_the_pin_with_its_own_prompt_and_logs_in(rig: Rig) -> None:
+    before = rig.counter()
+    result = rig.pamtester(rig.sudo(), "alice", [PIN])
+    assert result.ok, result.out
+    assert "PIN for " in result.out and "Password:" not in result.out
+    assert rig.counter() > before
+
+
+def test_su_shape_the_unix_password_never_reaches_the_token(rig: Rig) -> None:
+    """Stacked after the Unix password module, the token's PIN is asked on its own: a
+    Unix password equal to the PIN is not used, and with no second answer login fails."""
+    rig.passdb.write_text(f"alice:{PIN}:su\n")
+    before = rig.counter()
+    only_password = rig.pamtester(rig.su(), "alice", [PIN])
+    assert only_password.code(PAM_AUTH_ERR), only_password.out
+    assert "Password:" in only_password.out and "PIN for " in only_password.out
+    assert rig.counter() == before
+    both = rig.pamtester("su", "alice", [PIN, PIN])
+    assert both.ok, both.out
+    assert rig.counter() > before
+
+
+def test_login_shape_wrong_pin_is_auth_err_and_changes_nothing(rig: Rig) -> None:
+    before = rig.counter()
+    result = rig.pamtester(rig.login(), "alice", ["999999"], "tty=tty1")
+    assert result.code(PAM_AUTH_ERR), result.out
+    assert rig.counter() == before
+    assert rig.pamtester("login", "alice", [PIN], "tty=tty1").ok
+
+
+def test_no_answer_is_auth_err(hsm_rig: Rig) -> None:
+    assert hsm_rig.pamtester(hsm_rig.login(), "alice", []).code(PAM_AUTH_ERR)
+
+
+def test_the_cue_is_shown_before_the_token_is_used(hsm_rig: Rig) -> None:
+    result = hsm_rig.pamtester(hsm_rig.login("[cue_prompt=Insert your hsm-auth token]"),
+                               "alice", [PIN])
+    assert result.ok, result.out
+    assert result.out.index("Insert your hsm-auth token") < result.out.index("successfully")
+
+
+# --- what each refusal returns -----------------------------------------------------------
+
+
+def test_unenrolled_user_nouserok_is_ignore_and_without_it_user_unknown(hsm_rig: Rig) -> None:
+    sudo = hsm_rig.pamtester(hsm_rig.sudo(), "bob", [UNIX_PASSWORD])
+    assert sudo.ignored and sudo.ok, sudo.out  # the next module (the password) decided
+    assert "PIN for" not in sudo.out
+    wrong = hsm_rig.pamtester("sudo", "bob", ["nope"])
+    assert wrong.ignored and not wrong.ok
+    strict = hsm_rig.pamtester(hsm_rig.login(), "bob", [PIN])
+    assert strict.code(PAM_USER_UNKNOWN), strict.out
+
+
+def test_root_is_not_locked_out_by_the_sudo_stack(hsm_rig: Rig) -> None:
+    assert hsm_rig.pamtester(hsm_rig.sudo(), "root", [UNIX_PASSWORD]).ok
+
+
+def test_no_token_is_authinfo_unavail(hsm_rig: Rig) -> None:
+    label = hsm_rig.token_label  # type: ignore[attr-defined]
+    subprocess.run(["softhsm2-util", "--delete-token", "--token", label], check=True,
+                   capture_output=True)
+    result = hsm_rig.pamtester(hsm_rig.login(), "alice", [PIN])
+    assert result.code(PAM_AUTHINFO_UNAVAIL), result.out
+
+
+@pytest.mark.swtpm
+def test_locked_tpm_is_maxtries(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    rig = _rig(request, tmp_path, "swtpm")
+    service = rig.login()
+    codes = [rig.pamtester(service, "alice", ["999999"]) for _ in range(4)]
+    assert codes[0].code(PAM_AUTH_ERR), codes[0].out
+    assert codes[-1].code(PAM_MAXTRIES), codes[-1].out
+    assert rig.pamtester(service, "alice", [PIN]).code(PAM_MAXTRIES)
+
+
+def test_remote_session_refused_unless_allowed(hsm_rig: Rig) -> None:
+    before = hsm_rig.counter()
+    denied = hsm_rig.pamtester(hsm_rig.login(), "alice", [PIN], "rhost=203.0.113.7")
+    assert denied.code(PAM_PERM_DENIED), denied.out
+    assert "PIN for" not in denied.out and hsm_rig.counter() == before
+    allowed = hsm_rig.login("remote=allow", name="login-remote")
+    assert hsm_rig.pamtester(allowed, "alice", [PIN], "rhost=203.0.113.7").ok
+
+
+def test_unknown_or_bad_options_fail_closed(hsm_rig: Rig) -> None:
+    for options in (["unknown_flag"], ["timeout=0"], ["timeout=abc"]):
+        result = hsm_rig.pamtester(hsm_rig.login(*options, name="bad"), "alice", [PIN])
+        assert not result.ok and result.code(PAM_SERVICE_ERR), (options, result.out)
+
+
+# --- the caller has no say --------------------------------------------------------------
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A directory with a sitecustomize and a fake ``hsm_auth`` package that each write
+    to a marker file when imported, and a PYTHONSTARTUP file that does the same."""
+    plant = tmp_path / "plant"
+    (plant / "hsm_auth").mkdir(parents=True)
+    marker = tmp_path / "planted.log"
+    code = textwrap.dedent(f"""
+        import os
+        with open({str(marker)!r}, "a") as f:
+            f.write(__name__ + "\\n")
+    """)
+    (plant / "sitecustomize.py").write_text(code)
+    (plant / "usercustomize.py").write_text(code)
+    (plant / "hsm_auth" / "__init__.py").write_text(code)
+    (plant / "hsm_auth" / "pam.py").write_text(code)
+    (plant / "startup.py").write_text(code)
+    yield plant, marker
+
+
+def test_caller_and_pam_environment_have_no_effect(
+    hsm_rig: Rig, planted: tuple[Path, Path], native_libs: dict[str, Path], tmp_path: Path
+) -> None:
+    plant, marker = planted
+    bogus = tmp_path / "bogus-softhsm2.conf"
+    bogus.write_text(f"directories.tokendir = {tmp_path}\n")
+    hostile = {
+        "PYTHONPATH": str(plant),
+        "PYTHONSTARTUP": str(plant / "startup.py"),
+        "PYTHONHOME": str(plant),
+        "PYTHONUSERBASE": str(plant),
+        "PYTHONINSPECT": "1",
+        "PYTHONWARNINGS": "error",
+        "SOFTHSM2_CONF": str(bogus),
+        "TPM2TOOLS_TCTI": f"swtpm:path={tmp_path}/none.sock",
+        "HSM_AUTH_TCTI": f"swtpm:path={tmp_path}/none.sock",
+        "HSM_AUTH_PKCS11_MODULE": str(native_libs["marker"]),
+        "HSM_AUTH_SOFTHSM_MODULE": str(native_libs["marker"]),
+        "HSM_AUTH_PIN_BACKEND": "tpm2",
+        "HSM_AUTH_CONFIG": str(bogus),
+        "HSM_AUTH_SOFT_FIDO2": "1",
+    }
+    service = hsm_rig.service("su-env", [
+        *(f"auth required {native_libs['pam_test_env']} putenv={k}={v}"
+          for k, v in hostile.items()),
+        f"auth required {hsm_rig.hsm()}",
+    ])
+    env = hostile | {"LD_PRELOAD": f"{PAM_WRAPPER}:{native_libs['marker']}"}
+    before = hsm_rig.counter()
+    result = hsm_rig.pamtester(service, "alice", [PIN], env=env)
+    assert result.ok, result.out
+    assert hsm_rig.counter() > before
+    assert not marker.exists(), marker.read_text()
+    assert not native_libs["marker_log"].exists(), native_libs["marker_log"].read_text()
+
+
+def test_the_helper_runs_isolated(hsm_rig: Rig, tmp_path: Path) -> None:
+    """While it waits for the PIN: argv ``python -I -m hsm_auth.pam``, the environment
+    PATH alone, 0 and 1 a socket, 2 /dev/null, no descriptor of the caller."""
+    r, w = os.pipe()
+    os.set_inheritable(r, True)
+    pipe = os.readlink(f"/proc/self/fd/{r}")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LD_PRELOAD": str(PAM_WRAPPER),
+        "PAM_WRAPPER": "1",
+        "PAM_WRAPPER_SERVICE_DIR": str(hsm_rig.services),
+        "SECRET_OF_THE_CALLER": "1",
+    }
+    proc = subprocess.Popen(["pamtester", hsm_rig.login(), "alice", "authenticate"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, pass_fds=(r,))
+    try:
+        helper = _wait_for_child(proc.pid)
+        info = _read_proc(helper)
+        out = proc.communicate(f"{PIN}\n".encode(), timeout=60)[0].decode()
+    finally:
+        os.close(r)
+        os.close(w)
+        if proc.poll() is None:
+            proc.kill()
+    assert "successfully authenticated" in out, out
+    assert info["cmdline"][1:] == ["-I", "-m", "hsm_auth.pam"]
+    assert Path(info["cmdline"][0]).is_absolute()
+    assert info["environ"] == ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    fds = info["fds"]
+    assert fds[0].startswith("socket:") and fds[1] == fds[0]
+    assert fds[2] == "/dev/null"
+    assert pipe not in fds.values()
+    assert all(fd <= 2 or not target.startswith(("pipe:", "socket:", "/dev/pts", "/dev/tty"))
+               for fd, target in fds.items()), fds
+
+
+def _wait_for_child(parent: int) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(fields[1]) == parent and b"hsm_auth.pam" in cmdline:
+                # wait until it asked for the PIN: it blocks reading its socket
+                time.sleep(1.0)
+                return int(entry.name)
+        time.sleep(0.05)
+    raise AssertionError("no helper process appeared")
+
+
+def _read_proc(pid: int) -> dict[str, Any]:
+    base = Path(f"/proc/{pid}")
+    fds = {}
+    for fd in (base / "fd").iterdir():
+        try:
+            fds[int(fd.name)] = os.readlink(fd)
+        except OSError:
+            continue
+    return {
+        "cmdline": [a.decode() for a in (base / "cmdline").read_bytes().split(b"\0")[:-1]],
+        "environ": [a.decode() for a in (base / "environ").read_bytes().split(b"\0")[:-1]],
+        "fds": fds,
+    }
+
+
+def test_a_hung_helper_is_killed_after_the_timeout(hsm_rig: Rig, tmp_path: Path) -> None:
+    """root's config points SoftHSM at a FIFO: C_Initialize blocks for ever reading it.
+    The module kills the helper after its timeout (+ grace) and fails."""
+    fifo = tmp_path / "softhsm.fifo"
+    os.mkfifo(fifo)
+    hsm_rig.write_config({"SOFTHSM2_CONF": str(fifo)})
+    start = time.monotonic()
+    result = hsm_rig.pamtester(hsm_rig.login("timeout=1"), "alice", [PIN], timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.code(PAM_AUTH_ERR), result.out
+    assert elapsed < 15, elapsed
+    with pytest.raises(OSError):  # ENXIO: nobody holds the FIFO open for reading any more
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_the_python_side_refuses_to_run_without_isolation(hsm_rig: Rig) -> None:
+    request = (
+        "hsm-auth-pam 1\nuser alice\nservice login\n"
+        f"option config={hsm_rig.config}\nend\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "hsm_auth.pam"], input=request,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.startswith("result SYSTEM_ERR "), result.stdout
+    assert "python -I" in result.stdout
