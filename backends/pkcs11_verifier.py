@@ -31,6 +31,11 @@ otherwise below:
   ``CKA_TRUSTED``, which only the security officer may set (SoftHSM:
   CKR_ATTRIBUTE_READ_ONLY for the user), and the one extractable object it
   would guard lives only in this process's session.
+* **Activation-code key** (token, generic secret of 256 bits,
+  ``hsm-auth-verifier/<tag>/activation``): CKA_SIGN only (no VERIFY, ENCRYPT,
+  DECRYPT, WRAP, UNWRAP, DERIVE). CKM_SHA256_HMAC of an offer id in the HSM gives
+  that offer's activation code (:mod:`hsm_auth.activation`); nothing else is MACed
+  with it, and the codes are never stored.
 * **Per-offer agreement key** (token, EC P-256 private key with CKA_DERIVE
   only, CKA_ID = the offer id, label ``hsm-auth-verifier/<tag>/offer/<offer id
   hex>/<expires>``; its public half is destroyed once its point is read): made by
@@ -113,6 +118,9 @@ _KEK_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False, "COPY
 _SIGNING_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False,
                  "COPYABLE": False, "SIGN": True, "DECRYPT": False, "UNWRAP": False,
                  "DERIVE": False}
+_ACTIVATION_MUST = {"SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False,
+                    "COPYABLE": False, "SIGN": True, "VERIFY": False, "ENCRYPT": False,
+                    "DECRYPT": False, "WRAP": False, "UNWRAP": False, "DERIVE": False}
 _ID_BYTES = 16
 
 
@@ -177,7 +185,8 @@ def wrappable_template(p11: Any) -> dict[Any, Any]:
 
 
 class Pkcs11VerifierKeys(VerifierKeys):
-    """The signing key, the KEK and the per-offer agreement keys in a PKCS#11 token,
+    """The signing key, the KEK, the activation-code key and the per-offer agreement
+    keys in a PKCS#11 token,
     used through the project's PKCS#11 backend (login from the URI's ``pin-source``,
     token lookup, signing) plus one session of this process for the rest."""
 
@@ -185,12 +194,20 @@ class Pkcs11VerifierKeys(VerifierKeys):
     LABEL_PREFIX: ClassVar[str] = "hsm-auth-verifier"
 
     def __init__(
-        self, token_uri: str, store: Any, signing_uri: str, kek_uri: str, *, ca_uri: str
+        self,
+        token_uri: str,
+        store: Any,
+        signing_uri: str,
+        kek_uri: str,
+        *,
+        ca_uri: str,
+        activation_uri: str,
     ) -> None:
         self.token_uri = token_uri
         self.signing_uri = signing_uri
         self.kek_uri = kek_uri
         self.ca_uri = ca_uri
+        self.activation_uri = activation_uri
         self._store = store
         self._lock = threading.RLock()
         self._auth = NO_AUTH
@@ -208,6 +225,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
         self._p11: Any = None
         self._session: Any = None
         self._kek: Any = None
+        self._activation: Any = None
         self._open_session()
 
     # --- lifecycle ---------------------------------------------------------
@@ -218,7 +236,8 @@ class Pkcs11VerifierKeys(VerifierKeys):
 
     @classmethod
     def create(cls, token_uri: str) -> Pkcs11VerifierKeys:
-        """Generate the signing key pair and the KEK in the token named by ``token_uri``."""
+        """Generate the signing key pair, the KEK and the activation-code key in the
+        token named by ``token_uri``."""
         import pkcs11 as p11
 
         store = cls._open_store(token_uri)  # logged in (pin-source): our session shares it
@@ -229,12 +248,13 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 signing = cls._generate_signing(session, token_uri, f"{prefix}/sign")
                 kek = cls._generate_kek(session, token_uri, f"{prefix}/kek")
                 ca = cls._generate_ca(session, token_uri, f"{prefix}/ca")
+                act = cls._generate_activation(session, token_uri, f"{prefix}/activation")
             except p11.PKCS11Error as e:
                 raise convert_error(e, "generate the verifier's keys") from e
             finally:
                 with contextlib.suppress(p11.PKCS11Error):
                     session.close()
-            return cls(token_uri, store, signing, kek, ca_uri=ca)
+            return cls(token_uri, store, signing, kek, ca_uri=ca, activation_uri=act)
         except BaseException:
             store.close()
             raise
@@ -314,12 +334,41 @@ class Pkcs11VerifierKeys(VerifierKeys):
         return cls._key_uri(session, token_uri, "secret-key", label, ident)
 
     @classmethod
+    def _generate_activation(cls, session: Any, token_uri: str, label: str) -> str:
+        """The activation-code key: a generic secret that can only HMAC (CKA_SIGN)."""
+        import pkcs11 as p11
+
+        attr = p11.Attribute
+        ident = os.urandom(_ID_BYTES)
+        session.generate_key(
+            p11.KeyType.GENERIC_SECRET,
+            256,
+            id=ident,
+            label=label,
+            store=True,
+            capabilities=0,
+            mechanism=p11.Mechanism.GENERIC_SECRET_KEY_GEN,
+            template={
+                attr.TOKEN: True,
+                attr.PRIVATE: True,
+                attr.SENSITIVE: True,
+                attr.EXTRACTABLE: False,
+                attr.MODIFIABLE: False,
+                attr.COPYABLE: False,
+                **_usages(p11, sign=True),
+            },
+        )
+        return cls._key_uri(session, token_uri, "secret-key", label, ident)
+
+    @classmethod
     def open(
-        cls, token_uri: str, signing_uri: str, kek_uri: str, *, ca_uri: str
+        cls, token_uri: str, signing_uri: str, kek_uri: str, *, ca_uri: str, activation_uri: str
     ) -> Pkcs11VerifierKeys:
         store = cls._open_store(token_uri)
         try:
-            return cls(token_uri, store, signing_uri, kek_uri, ca_uri=ca_uri)
+            return cls(
+                token_uri, store, signing_uri, kek_uri, ca_uri=ca_uri, activation_uri=activation_uri
+            )
         except BaseException:
             store.close()
             raise
@@ -346,7 +395,14 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 "key): make a new verifier with 'hsm-auth verifier init --hsm', enroll its "
                 "users again and delete the old hsm-auth-verifier keys"
             )
-        return cls.open(uri or token, signing, str(spec["kek"]), ca_uri=str(spec["ca"]))
+        if "activation" not in spec:
+            raise StateError(
+                "this verifier's HSM keys predate activation codes (identity.json names no "
+                "activation-code key): make a new verifier with 'hsm-auth verifier init "
+                "--hsm', enroll its users again and delete the old hsm-auth-verifier keys"
+            )
+        return cls.open(uri or token, signing, str(spec["kek"]), ca_uri=str(spec["ca"]),
+                        activation_uri=str(spec["activation"]))
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -355,6 +411,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
             "signing": self.signing_uri,
             "kek": self.kek_uri,
             "ca": self.ca_uri,
+            "activation": self.activation_uri,
         }
 
     def close(self) -> None:
@@ -364,6 +421,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
                     self._session.close()
                 self._session = None
                 self._kek = None
+                self._activation = None
             self._store.close()
 
     # --- our own session -------------------------------------------------------
@@ -393,11 +451,13 @@ class Pkcs11VerifierKeys(VerifierKeys):
                           _SIGNING_MUST, "signing key", "sign-only")
             self._checked(session, self.ca_uri, pkcs11.ObjectClass.PRIVATE_KEY,
                           _SIGNING_MUST, "device CA key", "sign-only")
+            act = self._checked(session, self.activation_uri, pkcs11.ObjectClass.SECRET_KEY,
+                                _ACTIVATION_MUST, "activation-code key", "HMAC-only")
         except BaseException:
             with contextlib.suppress(pkcs11.PKCS11Error):
                 session.close()
             raise
-        self._p11, self._session, self._kek = pkcs11, session, kek
+        self._p11, self._session, self._kek, self._activation = pkcs11, session, kek, act
 
     @staticmethod
     def _checked(session: Any, uri_text: str, object_class: Any, must: dict[str, bool],
@@ -517,6 +577,15 @@ class Pkcs11VerifierKeys(VerifierKeys):
             except p11.PKCS11Error as e:
                 raise convert_error(e, "generate an offer's agreement key",
                                     mechanism="CKM_EC_KEY_PAIR_GEN") from e
+
+    def activation_hmac(self, message: bytes) -> bytes:
+        with self._lock:
+            p11, _, _ = self._ready()
+            try:
+                return bytes(self._activation.sign(message, mechanism=p11.Mechanism.SHA256_HMAC))
+            except p11.PKCS11Error as e:
+                raise convert_error(e, "make an activation code in the HSM",
+                                    mechanism="CKM_SHA256_HMAC") from e
 
     def seal(self, offer_id: bytes, credential: CredentialRecord) -> bytes:
         agreement = key_agreement(credential)

@@ -78,8 +78,11 @@ def flow(tmp: Path, config: Config, method: Method, pin: str | None = None):  # 
     """Enroll ``method`` with a fresh verifier; return (authenticator, started request)."""
     verifier = Verifier.init(tmp / "verifier", "bench")
     auth = Authenticator(tmp / "auth", config)
-    _, offer = verifier.create_offer("bench", methods=[method])
-    verifier.accept_enrollment(auth.add_or_update(method, offer, pin=pin))
+    offer = verifier.create_offer("bench", methods=[method])
+    response = auth.add_or_update(
+        method, offer.text, activation_code=offer.activation_code, pin=pin
+    )
+    verifier.accept_enrollment(response)
     session = verifier.start_session("bench", "benchmark context", methods=[method])
     request = auth.start_offline_authentication(session.text)
     verifier.close()

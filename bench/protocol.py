@@ -92,7 +92,7 @@ def verification(directory: Path, users: int) -> float:
         devices = {}
         for u in range(users):
             user = f"u{u}"
-            _, offer = v.create_offer(user, methods=[Method.DEVICE])
+            offer = v.create_offer(user, methods=[Method.DEVICE])
             device = PythonDevice()
             v.accept_enrollment(device.enroll(offer, Method.DEVICE))
             devices[user] = device
@@ -121,7 +121,7 @@ def enrollment(directory: Path, n: int) -> tuple[float, float]:
         def round_of(check: bool, tag: str) -> float:
             responses = []
             for u in range(n):
-                _, offer = v.create_offer(f"{tag}{u}", methods=[Method.DEVICE])
+                offer = v.create_offer(f"{tag}{u}", methods=[Method.DEVICE])
                 responses.append(PythonDevice().enroll(offer, Method.DEVICE))
             if not check:
                 v._check_confirmation = lambda *a, **k: None  # type: ignore[method-assign]

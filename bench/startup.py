@@ -75,8 +75,11 @@ def enrolled_home(tmp: Path) -> str:
         verifier = Verifier.init(paths.verifier_dir, "startup bench")
         try:
             with Authenticator(paths.authenticator_dir, load_config(paths)) as auth:
-                _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
-                verifier.accept_enrollment(auth.add_or_update(Method.DEVICE, offer))
+                offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+                response = auth.add_or_update(
+                    Method.DEVICE, offer.text, activation_code=offer.activation_code
+                )
+                verifier.accept_enrollment(response)
                 session = verifier.start_session("alice", "Log in to ws-7", methods=[Method.DEVICE])
         finally:
             verifier.close()

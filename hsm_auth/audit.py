@@ -28,6 +28,7 @@ class Event(enum.Enum):
     OFFER = "offer"
     ENROLL = "enroll"
     ENROLL_REFUSED = "enroll-refused"
+    OFFER_BURNED = "offer-burned"  # too many wrong activation codes: the offer is used up
     SESSION = "session"
     ACCEPT = "accept"
     RESYNC = "resync"
@@ -56,6 +57,7 @@ class Reason(enum.Enum):
     KEY_CONFIRMATION = "key-confirmation"  # an enrollment whose key confirmation failed
     OLD_PROTOCOL = "old-protocol"  # a credential enrolled before protocol 3
     ATTESTATION = "attestation"  # an enrollment whose attestation the policy refuses
+    ACTIVATION = "activation"  # an enrollment whose activation MAC was wrong or missing
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,9 @@ def emit(records: Iterable[AuditRecord]) -> None:
     """Log committed records as JSON lines (INFO; refusals and lockouts at WARNING)."""
     for record in records:
         level = (
-            logging.WARNING if record.event in (Event.REFUSE, Event.LOCKOUT) else logging.INFO
+            logging.WARNING
+            if record.event in (Event.REFUSE, Event.LOCKOUT, Event.OFFER_BURNED)
+            else logging.INFO
         )
         if log.isEnabledFor(level):
             log.log(level, "%s", record.to_json())

@@ -381,15 +381,29 @@ class Authenticator:
     # --- enrollment -----------------------------------------------------------
 
     def add_or_update(
-        self, method: Method, offer_text: str, *, pin: str | None = None, replace: bool = False
+        self,
+        method: Method,
+        offer_text: str,
+        *,
+        activation_code: str,
+        pin: str | None = None,
+        replace: bool = False,
     ) -> str:
-        """Enroll ``method`` from a verifier's offer; return the enrollment response text."""
+        """Enroll ``method`` from a verifier's offer; return the enrollment response text.
+
+        ``activation_code`` is the offer's one-time code, which the user received over
+        the verifier's own channel: a typo in it (:class:`~hsm_auth.activation.
+        ActivationCodeTypo`) is refused before anything else, a wrong one by the
+        verifier. It goes into the response only as a MAC (docs/PROTOCOL.md, "Activation")."""
+        from . import activation
+
+        code = activation.normalize(activation_code)  # a typo: told before any key is made
         with self._exclusive():
             self._verifiers, self._methods = self._load()  # another process may have written
-            return self._add_or_update(method, offer_text, pin=pin, replace=replace)
+            return self._add_or_update(method, offer_text, code=code, pin=pin, replace=replace)
 
     def _add_or_update(
-        self, method: Method, offer_text: str, *, pin: str | None, replace: bool
+        self, method: Method, offer_text: str, *, code: str, pin: str | None, replace: bool
     ) -> str:
         offer, signed = EnrollmentOffer.from_text(offer_text)
         verifier_key = ec.decode_point(offer.verifier_signing_key)
@@ -432,19 +446,22 @@ class Authenticator:
             intent = PendingKeys(backend, dict(settings), offer.user, method, label)
             self._save(self._verifiers, self._methods, [*self._pending, intent])
             retired: PendingKeys | None = None
-            from . import transcript
+            from . import activation, transcript
 
             offer_hash = transcript.offer_hash(signed.body)
 
+            def enrollment_transcript(signing_key: bytes, key_agreement: bytes) -> bytes:
+                return transcript.enrollment_transcript(
+                    offer_hash=offer_hash,
+                    user=offer.user,
+                    method=method,
+                    signing_key=signing_key,
+                    key_agreement=key_agreement,
+                )
+
             def confirmation_message(signing_key: bytes, key_agreement: bytes) -> bytes:
                 return transcript.confirmation_message(
-                    transcript.enrollment_transcript(
-                        offer_hash=offer_hash,
-                        user=offer.user,
-                        method=method,
-                        signing_key=signing_key,
-                        key_agreement=key_agreement,
-                    )
+                    enrollment_transcript(signing_key, key_agreement)
                 )
 
             try:
@@ -464,6 +481,16 @@ class Authenticator:
                 raise
             try:
                 signing_key = ec.encode_point(enrollment.signing_public)
+                agreement_key = (
+                    ec.encode_point(enrollment.agreement_public)
+                    if enrollment.agreement_public is not None
+                    else None
+                )
+                key_agreement = agreement_key or enrollment.otp_key_for_verifier
+                assert key_agreement is not None  # every backend gives one of them
+                activation_mac = activation.activation_mac(
+                    code, offer_hash, enrollment_transcript(signing_key, key_agreement)
+                )
                 response = EnrollmentResponse(
                     verifier_id=offer.verifier_id,
                     offer_id=offer.offer_id,
@@ -471,15 +498,12 @@ class Authenticator:
                     method=method,
                     backend=backend,
                     signing_key=signing_key,
-                    agreement_key=(
-                        ec.encode_point(enrollment.agreement_public)
-                        if enrollment.agreement_public is not None
-                        else None
-                    ),
+                    agreement_key=agreement_key,
                     wrapped_otp_key=enrollment.otp_key_for_verifier,
                     initial_atc=enrollment.initial_atc,
                     attestation=enrollment.attestation,
                     confirmation=enrollment.confirmation,
+                    activation_mac=activation_mac,
                 )
                 if Capability.SIGN in store.capabilities():
 

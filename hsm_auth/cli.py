@@ -440,13 +440,40 @@ def cmd_verifier_init(ctx: Context) -> int:
 
 
 def cmd_verifier_offer(ctx: Context) -> int:
+    from . import files
+
+    code_file = ctx.args.activation_code_file
+    if not code_file and not ctx.args.json and not ctx.err.isatty():
+        raise InvalidInput(
+            "give --activation-code-file PATH (or --json): the offer's activation code is "
+            "shown on a terminal only"
+        )
     v = ctx.verifier()
     try:
         methods = parse_methods(ctx.args.methods) or list(Method)
-        offer, text = v.create_offer(ctx.args.user, methods=methods, replace=ctx.args.replace)
+        issued = v.create_offer(ctx.args.user, methods=methods, replace=ctx.args.replace)
     finally:
         v.close()
-    ctx.emit(text, {"offer": text, "expires": offer.expires, "user": offer.user})
+    offer = issued.offer
+    machine: dict[str, Any] = {"offer": issued.text, "expires": offer.expires, "user": offer.user}
+    if code_file:
+        try:
+            files.atomic_write(Path(code_file), f"{issued.activation_code}\n".encode("ascii"))
+        except (OSError, ValueError) as e:  # the offer is useless without it: it expires
+            raise InvalidInput(
+                f"cannot write the activation code to {code_file!r}: "
+                f"{getattr(e, 'strerror', None) or e}"
+            ) from None
+    elif ctx.args.json:
+        machine["activation_code"] = issued.activation_code
+    else:
+        print(
+            f"activation code for {offer.user}: {issued.activation_code}\n"
+            "hand it to the user over your own authenticated channel (after an online "
+            "login, or in person), never together with the offer",
+            file=ctx.err,
+        )
+    ctx.emit(issued.text, machine)
     return 0
 
 
@@ -744,16 +771,50 @@ def pin_hint(method: Method) -> Iterator[None]:
         raise PinRequired(f"{e}: {where}") from None
 
 
+def read_activation_code(ctx: Context) -> str:
+    """The offer's activation code from ``--activation-code-file`` (a private file) or
+    the terminal (never from argv), checked for typos at once."""
+    from . import activation, files
+
+    if ctx.args.activation_code_file:
+        data = files.read_secret_file(ctx.args.activation_code_file, "the activation code file")
+        try:
+            typed = data.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise activation.ActivationCodeTypo(
+                "the activation code file does not hold an activation code"
+            ) from None
+    else:
+        try:
+            tty = open("/dev/tty")  # noqa: SIM115 - closed below
+        except OSError:
+            raise InvalidInput(
+                "no terminal to ask for the activation code; use --activation-code-file PATH"
+            ) from None
+        with tty:
+            print("Activation code (from the verifier, e.g. XXXX-XXXX-XXXX): ", end="",
+                  file=ctx.err, flush=True)
+            typed = tty.readline(256).strip()
+    return activation.normalize(typed)  # a typo stops here, before any PIN or key
+
+
 def cmd_enroll(ctx: Context) -> int:
     method = Method.parse(ctx.args.method)
     offer = read_text_arg(ctx.args.offer, sys.stdin)
+    from .protocol import EnrollmentOffer
+
+    EnrollmentOffer.from_text(offer)  # a bad offer, or a PIN option for no PIN, is told
+    refuse_unused_pin_options(ctx, method)  # before the activation code is asked for
+    code = read_activation_code(ctx)
     # The pin method uses the token's existing user PIN (PKCS#11) or sets the TPM keys'
     # auth value: either way the PIN given now is the one every OTP will ask for.
     pin = method_pin(
         ctx, method, "Offline PIN (PKCS#11: the token's user PIN; TPM2: the PIN for the new keys): "
     )
     with ctx.authenticator() as a, pin_hint(method):
-        text = a.add_or_update(method, offer, pin=pin, replace=ctx.args.replace)
+        text = a.add_or_update(
+            method, offer, activation_code=code, pin=pin, replace=ctx.args.replace
+        )
     print(f"enrolled the {method.value} method; give this response to the verifier:", file=ctx.err)
     ctx.emit(text, {"response": text, "method": method.value})
     return 0
@@ -1352,6 +1413,11 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
     p.add_argument("--offer", help="the offer text, @FILE, or - for stdin (default)")
     p.add_argument("--replace", action="store_true", help="replace an enrolled method")
+    p.add_argument(
+        "--activation-code-file",
+        metavar="PATH",
+        help="a private file holding the offer's activation code (default: ask on the terminal)",
+    )
 
     p = add(sub, "start", cmd_start, "check verification data and show its context")
     p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
@@ -1407,7 +1473,17 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p.add_argument(
         "--methods", type=text_arg, help="comma-separated methods the offer allows (default: all)"
     )
-    p.add_argument("--replace", action="store_true", help="allow replacing an enrolled method")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="allow replacing an enrolled method (needs allow_override = true in policy.toml)",
+    )
+    p.add_argument(
+        "--activation-code-file",
+        metavar="PATH",
+        help="write the offer's one-time activation code to this file, mode 0600 (default: "
+        "show it on the terminal's stderr; with --json: in the JSON)",
+    )
     p = vadd(
         "enroll",
         cmd_verifier_enroll,

@@ -204,9 +204,15 @@ def run_demo(paths: Paths, *, out: TextIO, err: TextIO, as_json: bool = False) -
                      "by the demo's test CA, credential activation)")
             for method in methods:
                 pin = tokens.offline_pin if method.needs_pin else None
-                _, offer = verifier.create_offer(USER, methods=[method])
-                cred = verifier.accept_enrollment(a.add_or_update(method, offer, pin=pin))
-                step(f"enrolled {method.value} (backend {cred.backend}, initial ATC {cred.atc})")
+                # The code reaches the user over the verifier's own channel (after an
+                # online login); the demo hands it over in memory.
+                issued = verifier.create_offer(USER, methods=[method])
+                response = a.add_or_update(
+                    method, issued.text, activation_code=issued.activation_code, pin=pin
+                )
+                cred = verifier.accept_enrollment(response)
+                step(f"enrolled {method.value} (backend {cred.backend}, initial ATC {cred.atc}, "
+                     "activation code checked)")
                 summary = (AttestationResult.from_json(cred.attestation).summary
                            if cred.attestation else "unattested")
                 if summary.startswith("hsm-auth-tpm2"):

@@ -34,6 +34,8 @@ MAX_CONTEXT = display.MAX_CONTEXT
 #: A FIDO2 wrapped OTP key: E (33) || AES-KW of the 32-byte key (40). The format's
 #: owner is :mod:`hsm_auth.key_transport` (not imported here: `start` needs none of it).
 WRAPPED_OTP_KEY_BYTES = 73
+#: An enrollment response's activation MAC: a full HMAC-SHA256 (hsm_auth.activation).
+ACTIVATION_MAC_BYTES = 32
 
 #: Signs the body bytes and returns a raw r||s signature.
 RawSigner = Callable[[bytes], bytes]
@@ -274,7 +276,10 @@ class EnrollmentResponse(_Message):
     sign arbitrary data; otherwise ``attestation`` carries the proof.
     ``confirmation`` is the key confirmation: HMAC-SHA256 under the new OTP key,
     made in the token, over the enrollment transcript
-    (:func:`hsm_auth.transcript.confirmation_message`).
+    (:func:`hsm_auth.transcript.confirmation_message`). ``activation_mac`` is the
+    HMAC over the same transcript keyed from the offer's activation code
+    (:mod:`hsm_auth.activation`); None: the authenticator had no code, which the
+    verifier refuses as a wrong one.
     """
 
     KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_RESPONSE
@@ -290,6 +295,7 @@ class EnrollmentResponse(_Message):
     initial_atc: int
     attestation: bytes | None
     confirmation: bytes = field(repr=False)
+    activation_mac: bytes | None = field(default=None, repr=False)
     signature: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
@@ -312,6 +318,9 @@ class EnrollmentResponse(_Message):
             initial_atc=_int(v[8], "initial_atc"),
             attestation=_opt_bytes(v[9], "attestation", max_len=2048),
             confirmation=_bytes(v[10], "confirmation", min_len=32, max_len=32),
+            activation_mac=None if v[11] is None else _bytes(
+                v[11], "activation_mac", min_len=ACTIVATION_MAC_BYTES, max_len=ACTIVATION_MAC_BYTES
+            ),
             signature=signature,
         )
 

@@ -30,11 +30,11 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import attestation, audit, display, ec, ocra, transcript
+from . import activation, attestation, audit, display, ec, ocra, transcript
 from .attestation import VerifierPolicy
 from .audit import AuditRecord, Event, Reason
 from .errors import (
@@ -117,6 +117,8 @@ class VerifierIdentity:
     resync_window: int = DEFAULT_RESYNC_WINDOW
     session_ttl: int = DEFAULT_SESSION_TTL
     offer_ttl: int = DEFAULT_OFFER_TTL
+    #: Wrong activation codes after which an offer is burned.
+    activation_tries: int = activation.DEFAULT_TRIES
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -128,6 +130,7 @@ class VerifierIdentity:
             "resync_window": self.resync_window,
             "session_ttl": self.session_ttl,
             "offer_ttl": self.offer_ttl,
+            "activation_tries": self.activation_tries,
         }
 
     @classmethod
@@ -148,9 +151,22 @@ class VerifierIdentity:
                 resync_window=bounded("resync_window", DEFAULT_RESYNC_WINDOW, 1, 10_000),
                 session_ttl=bounded("session_ttl", DEFAULT_SESSION_TTL, 10, 86_400),
                 offer_ttl=bounded("offer_ttl", DEFAULT_OFFER_TTL, 10, 30 * 86_400),
+                activation_tries=bounded("activation_tries", activation.DEFAULT_TRIES, 1, 100),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise StateError(f"verifier identity is malformed: {e.__class__.__name__}") from None
+
+
+@dataclass(frozen=True)
+class IssuedOffer:
+    """What :meth:`Verifier.create_offer` returns: the offer, its text form (for the
+    authenticator), and its one-time activation code, which the user must receive over
+    the verifier's own authenticated channel, never with the offer (a secret: not in
+    the repr)."""
+
+    offer: EnrollmentOffer
+    text: str
+    activation_code: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -320,11 +336,18 @@ class Verifier:
         *,
         methods: Sequence[Method] = tuple(Method),
         replace: bool = False,
-    ) -> tuple[EnrollmentOffer, str]:
-        """A signed, short-lived enrollment offer for ``user``; returns it and its text form."""
+    ) -> IssuedOffer:
+        """A signed, short-lived enrollment offer for ``user``: the offer, its text form
+        and its one-time activation code (docs/PROTOCOL.md, "Activation"). An offer that
+        may replace an enrolled method needs the policy's ``allow_override``."""
         _check_user(user)
         if not methods:
             raise InvalidInput("an offer needs at least one method")
+        if replace and not self.policy.allow_override:
+            raise ConfigError(
+                "this verifier does not allow re-enrolling a method (set allow_override = "
+                "true in its policy.toml to make offers that replace one)"
+            )
         # identity.json may come from a version that did not check the name.
         name = self.identity.name
         display.check(name, "the verifier name (identity.json)", max_len=display.MAX_NAME)
@@ -351,6 +374,7 @@ class Verifier:
                 enrolled=enrolled,
             )
             text = offer.to_text(self.keys.sign_raw)
+            code = self.keys.activation_code(offer_id)
             record = AuditRecord(
                 self._now(),
                 Event.OFFER,
@@ -375,7 +399,7 @@ class Verifier:
             raise
         audit.emit([record])
         self._purge_now_and_then()
-        return offer, text
+        return IssuedOffer(offer, text, code)
 
     def accept_enrollment(self, text: str) -> CredentialRecord:
         """Check an enrollment response and record the credential."""
@@ -388,6 +412,7 @@ class Verifier:
         signing_key = ec.decode_point(response.signing_key)
         if signed.signature:
             ec.verify(signing_key, signed.signature, signed.body)  # proof of possession
+        offer = self._check_activation(response)
         # FIDO2 (unsigned): attestation + assertion bound to this offer, user, method and
         # OTP key; every backend: what the method's policy asks of the attestation.
         try:
@@ -414,11 +439,7 @@ class Verifier:
             ec.decode_point(response.agreement_key)
         if not 0 <= response.initial_atc <= MAX_ATC - self.identity.resync_window - 1:
             raise InvalidInput("the initial ATC is out of range")
-        offer = self.store.offer(response.offer_id)
-        if offer is None:
-            raise InvalidInput("unknown or already used enrollment offer")
-        if offer.offer_hash is None:
-            raise InvalidInput("the offer was made by an older hsm-auth; make a new offer")
+        assert offer.offer_hash is not None  # _check_activation refuses an old offer
         record = CredentialRecord(
             user=response.user,
             method=response.method,
@@ -537,6 +558,69 @@ class Verifier:
         )
         self.store.apply([Note(refused)])
         audit.emit([refused])
+
+    def _check_activation(self, response: EnrollmentResponse) -> OfferRecord:
+        """The response's offer, if its activation MAC is right (docs/PROTOCOL.md,
+        "Activation"): HMAC over the enrollment transcript keyed from the offer's
+        activation code, compared in constant time. A wrong or missing one is counted
+        for the offer and audited ("n of limit"); at the limit the offer is burned and
+        its agreement key destroyed."""
+        offer = self.store.offer(response.offer_id)
+        if offer is None:
+            raise InvalidInput("unknown or already used enrollment offer")
+        if offer.offer_hash is None:
+            raise InvalidInput("the offer was made by an older hsm-auth; make a new offer")
+        key_agreement = response.agreement_key or response.wrapped_otp_key
+        assert key_agreement is not None  # the decoder requires one of them
+        t = transcript.enrollment_transcript(
+            offer_hash=offer.offer_hash,
+            user=response.user,
+            method=response.method,
+            signing_key=response.signing_key,
+            key_agreement=key_agreement,
+        )
+        code = self.keys.activation_code(offer.offer_id)
+        expected = activation.activation_mac(code, offer.offer_hash, t)
+        if activation.check_mac(expected, response.activation_mac):
+            return offer
+        limit = self.identity.activation_tries
+        failed = self.store.fail_activation(
+            offer.offer_id,
+            limit=limit,
+            record=AuditRecord(
+                self._now(),
+                Event.ENROLL_REFUSED,
+                offer.user,
+                response.method.value,
+                reason=Reason.ACTIVATION,
+            ),
+        )
+        if failed is None:  # used meanwhile (redeemed, or burned by another try)
+            raise InvalidInput("unknown or already used enrollment offer")
+        audit.emit(failed.records)
+        what = (
+            "the enrollment response has no activation code MAC"
+            if response.activation_mac is None
+            else "the activation code is wrong"
+        )
+        if failed.burned:
+            try:
+                self.keys.drop_offer_key(offer.offer_id)
+            except HsmAuthError as e:  # purge() destroys it later
+                log.warning("destroying the agreement key of a burned offer failed: %s", e)
+            raise activation.ActivationRefused(
+                f"{what} ({failed.tries} of {limit} tries): the offer is burned; "
+                "make a new offer",
+                tries=failed.tries,
+                limit=limit,
+                burned=True,
+            )
+        raise activation.ActivationRefused(
+            f"{what} ({failed.tries} of {limit} tries; the offer is burned at {limit})",
+            tries=failed.tries,
+            limit=limit,
+            burned=False,
+        )
 
     def _seal(self, offer_id: bytes, record: CredentialRecord) -> CredentialRecord:
         """``record`` with its OTP key sealed by the offer's agreement key

@@ -21,6 +21,10 @@
   each check (:meth:`VerifierKeys.otp_macs`). It can open sealed blobs only:
   it derives nothing, and no agreement key outlives its offer, so no key can
   re-derive an enrolled credential's OTP key from the public data in the database.
+* The **activation-code key** (long-lived) makes each offer's one-time
+  activation code from the offer id (:meth:`VerifierKeys.activation_code`,
+  :mod:`hsm_auth.activation`): HMAC-SHA256 of the offer id, so the database holds
+  no code. It does nothing else.
 
 The OTP check never asks for a raw OTP key: it asks for HMAC-SHA256 under the
 credential's OTP key (:meth:`VerifierKeys.otp_macs`), so an implementation can
@@ -73,8 +77,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import activation, key_transport, transcript
 from . import ec as ecutil
-from . import key_transport, transcript
 from .errors import InvalidInput, StateError
 from .files import atomic_write, read_private
 from .store.base import CredentialRecord
@@ -201,6 +205,16 @@ class VerifierKeys(ABC):
             return mac(data)
 
     @abstractmethod
+    def activation_hmac(self, message: bytes) -> bytes:
+        """HMAC-SHA256 under the activation-code key, whose only job this is
+        (``message`` is :func:`hsm_auth.activation.code_input` of an offer id)."""
+
+    def activation_code(self, offer_id: bytes) -> str:
+        """The one-time activation code of the offer ``offer_id`` (``XXXX-XXXX-XXXX``):
+        made again from the offer id whenever it is needed, never stored."""
+        return activation.code_from_mac(self.activation_hmac(activation.code_input(offer_id)))
+
+    @abstractmethod
     def offer_keys(self) -> list[OfferKey]:
         """The per-offer agreement keys held now (none where they are derived on demand)."""
 
@@ -245,6 +259,7 @@ class VerifierKeys(ABC):
 OFFER_KEY_INFO = b"hsm-auth/file-keys/offer-agreement-key/v1\x00"
 KEK_INFO = b"hsm-auth/file-keys/kek/v1"
 CA_KEY_INFO = b"hsm-auth/file-keys/device-ca-key/v1"
+ACTIVATION_INFO = b"hsm-auth/file-keys/activation-code-key/v1"
 #: AES-GCM associated data of a sealed OTP key: this tag, then the credential's identity.
 SEAL_DOMAIN = b"hsm-auth/file-keys/sealed-otp-key/v1"
 NONCE_BYTES = 12
@@ -285,7 +300,8 @@ class FileVerifierKeys(VerifierKeys):
       like an offer's key;
     * the file KEK: ``info = KEK_INFO``, 32 bytes. A sealed OTP key is
       ``nonce (12) || AES-256-GCM(KEK, nonce, OTP key, aad = seal_context(credential))``,
-      60 bytes; the associated data binds it to its credential's row."""
+      60 bytes; the associated data binds it to its credential's row;
+    * the activation-code key: ``info = ACTIVATION_INFO``, 32 bytes (an HMAC-SHA256 key)."""
 
     kind: ClassVar[str] = "file"
 
@@ -302,6 +318,7 @@ class FileVerifierKeys(VerifierKeys):
         self._kek_bytes = _hkdf(self._secret, KEK_INFO, 32)
         self._kek = AESGCM(self._kek_bytes)
         self._ca = _derived_scalar_key(self._secret, CA_KEY_INFO)
+        self._activation = _hkdf(self._secret, ACTIVATION_INFO, 32)
         # Opened OTP keys (32 bytes each), by sealed blob: no exposure beyond the KEK above.
         self.otp_keys = OtpKeyCache(cache_bytes)
 
@@ -359,6 +376,9 @@ class FileVerifierKeys(VerifierKeys):
 
     def offer_key(self, offer_id: bytes, expires: int) -> ec.EllipticCurvePublicKey:
         return self.offer_private(offer_id).public_key()
+
+    def activation_hmac(self, message: bytes) -> bytes:
+        return hmac.digest(self._activation, message, hashlib.sha256)
 
     def offer_keys(self) -> list[OfferKey]:
         return []  # derived on demand: none is held

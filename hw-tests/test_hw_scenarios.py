@@ -66,8 +66,11 @@ def test_enroll_and_offline_otp(target, tmp_path):
     uris: list[str | None] = []
     try:
         with Authenticator(tmp_path / "auth", _config(target)) as auth:
-            _, offer = verifier.create_offer("hw", methods=[method])
-            verifier.accept_enrollment(auth.add_or_update(method, offer, pin=target.pin))
+            offer = verifier.create_offer("hw", methods=[method])
+            response = auth.add_or_update(
+                method, offer.text, activation_code=offer.activation_code, pin=target.pin
+            )
+            verifier.accept_enrollment(response)
             e = auth.enrolled[0]
             uris = [e.signing_key, e.otp_key, e.counter, e.agreement_key]
             session = verifier.start_session("hw", "hw-tests login")

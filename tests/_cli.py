@@ -18,6 +18,12 @@ CLEARED = ("SOFTHSM2_CONF", "HSM_AUTH_HOME", "HSM_AUTH_SOFT_FIDO2")
 PREFIX = "hsm-auth: error: "
 
 
+def code_file(home: Path | str) -> list[str]:
+    """``--activation-code-file`` with the file where ``verifier offer`` leaves the last
+    offer's activation code in ``home`` and ``enroll`` reads it (a test has no terminal)."""
+    return ["--activation-code-file", str(Path(home) / "activation-code")]
+
+
 def cli_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in CLEARED}
 

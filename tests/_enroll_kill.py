@@ -70,7 +70,7 @@ def main() -> int:
     sys.setprofile(hook)
     try:
         rc = cli.main(["--home", home, "--json", "enroll", "--method", method, "--offer",
-                       f"@{offer_file}"])
+                       f"@{offer_file}", "--activation-code-file", f"{offer_file}.code"])
     finally:
         sys.setprofile(None)
     print(state["count"], file=sys.stderr)

@@ -11,7 +11,7 @@ import os
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
-from hsm_auth import ec, ocra, transcript
+from hsm_auth import activation, ec, ocra, transcript
 from hsm_auth.key_transport import wrap_otp_key
 from hsm_auth.methods import Method
 from hsm_auth.otp_scheme import OtpScheme
@@ -46,10 +46,24 @@ class PythonDevice:
         self.credential_id = transcript.credential_id(ec.encode_point(self.signing.public_key()))
 
     def enroll(
-        self, offer_text: str, method: Method, *, sign_with=None, confirm_with: bytes | None = None
+        self,
+        issued,
+        method: Method,
+        *,
+        activation_code: str | None = None,
+        sign_with=None,
+        confirm_with: bytes | None = None,
     ) -> str:
-        """The enrollment response; ``confirm_with`` MACs the key confirmation with
-        another key than the OTP key (what someone without the agreement key can do)."""
+        """The enrollment response to ``issued`` (an IssuedOffer, or an offer's text with
+        ``activation_code``; no code at all: a response without an activation MAC);
+        ``confirm_with`` MACs the key confirmation with another key than the OTP key
+        (what someone without the agreement key can do)."""
+        if isinstance(issued, str):
+            offer_text = issued
+        else:
+            offer_text = issued.text
+            if activation_code is None:
+                activation_code = issued.activation_code
         offer, signed = EnrollmentOffer.from_text(offer_text)
         self.verifier_id, self.user, self.method = offer.verifier_id, offer.user, method
         self.scheme = OtpScheme.for_suite(offer.suite)
@@ -61,14 +75,19 @@ class PythonDevice:
             self.otp_key = self.agreement.exchange(cec.ECDH(), verifier_agreement)
             agreement, wrapped = ec.encode_point(self.agreement.public_key()), None
         signing_key = ec.encode_point(self.signing.public_key())
-        message = transcript.confirmation_message(
-            transcript.enrollment_transcript(
-                offer_hash=transcript.offer_hash(signed.body),
-                user=offer.user,
-                method=method,
-                signing_key=signing_key,
-                key_agreement=agreement or wrapped or b"",
-            )
+        offer_hash = transcript.offer_hash(signed.body)
+        t = transcript.enrollment_transcript(
+            offer_hash=offer_hash,
+            user=offer.user,
+            method=method,
+            signing_key=signing_key,
+            key_agreement=agreement or wrapped or b"",
+        )
+        message = transcript.confirmation_message(t)
+        activation_mac = (
+            None
+            if activation_code is None
+            else activation.activation_mac(activation_code, offer_hash, t)
         )
         confirmation = hmac.digest(
             self.otp_key if confirm_with is None else confirm_with, message, hashlib.sha256
@@ -85,11 +104,16 @@ class PythonDevice:
             self.atc,
             None,
             confirmation,
+            activation_mac,
         )
         key = sign_with or self.signing
         return response.to_text(
             lambda body: ec.der_to_raw(key.sign(body, cec.ECDSA(hashes.SHA256())))
         )
+
+    def sign_raw(self, body: bytes) -> bytes:
+        """ECDSA by the device's signing key, raw r||s (a message's signer)."""
+        return ec.der_to_raw(self.signing.sign(body, cec.ECDSA(hashes.SHA256())))
 
     def otp(self, session, *, atc: int | None = None) -> str:
         data = session.data if hasattr(session, "data") else session
@@ -114,8 +138,7 @@ class PythonDevice:
 
 def enroll(verifier, user: str, method: Method = Method.DEVICE, **kw) -> PythonDevice:
     device = PythonDevice(**kw)
-    _, offer = verifier.create_offer(user, methods=[method])
-    verifier.accept_enrollment(device.enroll(offer, method))
+    verifier.accept_enrollment(device.enroll(verifier.create_offer(user, methods=[method]), method))
     return device
 
 
@@ -141,3 +164,20 @@ def verify_worker(directory, database, session_id, otp, barrier, results) -> Non
             results.put(("error", repr(e)))
     finally:
         v.close()
+
+
+def activated(response: EnrollmentResponse, issued) -> EnrollmentResponse:
+    """``response`` with the activation MAC the holder of ``issued``'s code makes for it
+    (an insider with a code of their own: what the tests of later checks need)."""
+    import dataclasses
+
+    offer_hash = transcript.offer_hash(EnrollmentOffer.from_text(issued.text)[1].body)
+    t = transcript.enrollment_transcript(
+        offer_hash=offer_hash,
+        user=response.user,
+        method=response.method,
+        signing_key=response.signing_key,
+        key_agreement=response.agreement_key or response.wrapped_otp_key or b"",
+    )
+    mac = activation.activation_mac(issued.activation_code, offer_hash, t)
+    return dataclasses.replace(response, activation_mac=mac)

@@ -72,10 +72,10 @@ class Setup:
     def response(self, method: Method = Method.BIOMETRIC) -> str:
         """A fresh enrollment response (each from a fresh authenticator directory, on
         the same device: the refused ones stay enrolled on the authenticator side)."""
-        _, offer = self.verifier.create_offer("alice", methods=[method])
+        offer = self.verifier.create_offer("alice", methods=[method])
         auth = Authenticator(self.home / f"auth{len(self.authenticators)}", self.config)
         self.authenticators.append(auth)
-        return auth.add_or_update(method, offer)
+        return auth.add_or_update(method, offer.text, activation_code=offer.activation_code)
 
     def policy(self, text: str) -> None:
         atomic_write(self.verifier_dir / POLICY_FILE, text.encode())

@@ -28,7 +28,7 @@ def _verifier(tmp_path, policy: str | None = None) -> Verifier:
 def test_an_unattested_enrollment_is_recorded_as_unattested_whatever_it_claims(tmp_path):
     with _verifier(tmp_path) as v:
         device = PythonDevice()  # its response says backend "python"; it has no attestation
-        _, offer = v.create_offer("alice", methods=[Method.DEVICE])
+        offer = v.create_offer("alice", methods=[Method.DEVICE])
         saved = v.accept_enrollment(device.enroll(offer, Method.DEVICE))
         stored = v.credential("alice", Method.DEVICE).attestation
         assert stored is not None and saved.attestation == stored
@@ -39,7 +39,7 @@ def test_a_method_that_requires_attestation_refuses_one_without(tmp_path):
     policy = '[methods.device]\nattestation = "required"\n'
     with _verifier(tmp_path, policy) as v:
         assert v.policy.for_method(Method.DEVICE).attestation is AttestationMode.REQUIRED
-        _, offer = v.create_offer("alice", methods=[Method.DEVICE])
+        offer = v.create_offer("alice", methods=[Method.DEVICE])
         with pytest.raises(AttestationRefused, match="requires an attestation"):
             v.accept_enrollment(PythonDevice().enroll(offer, Method.DEVICE))
         with pytest.raises(UnknownMethod):

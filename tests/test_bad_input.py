@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cbor2
 import pytest
+from _cli import code_file
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -144,7 +145,7 @@ def test_a_huge_message_file_or_stdin_is_refused(tmp_path):
 
 def test_arguments_that_are_not_utf8_huge_counts_and_directories(tmp_path):
     surrogate = os.fsdecode(b"\xff")
-    line = one_error(run(tmp_path, "verifier", "offer", "--user", surrogate))
+    line = one_error(run(tmp_path, "verifier", "offer", *code_file(tmp_path), "--user", surrogate))
     assert "not valid UTF-8" in line
     line = one_error(run(tmp_path, "verifier", "audit", "--limit", "9" * 5000))
     assert "whole number" in line

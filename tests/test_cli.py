@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cbor2
 import pytest
+from _cli import code_file
 
 from hsm_auth import textcode
 from hsm_auth.demo import prepare
@@ -59,9 +60,11 @@ def home(tmp_path_factory):
         pin_file = home / "offline.pin"
     ok(home, "verifier", "init", "--name", "CLI verifier")
     for method in ("device", "pin"):
-        offer = ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
+        offer = ok(
+            home, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", method
+        )
         extra = ["--pin-file", str(pin_file)] if method == "pin" else []
-        response = ok(home, "enroll", "--method", method, *extra, stdin=offer)
+        response = ok(home, "enroll", *code_file(home), "--method", method, *extra, stdin=offer)
         assert ok(home, "verifier", "enroll", stdin=response).startswith("HA1:")  # the result
     home.joinpath("pin-file").write_text(str(pin_file))
     return home
@@ -179,8 +182,10 @@ def test_absent_token(home, tmp_path):
         (home / "config.toml").read_text().replace("hsm-auth-device", "unplugged-token")
     )
     ok(other, "verifier", "init")
-    offer = ok(other, "verifier", "offer", "--user", "bob", "--methods", "device")
-    fails(other, 22, "enroll", "--method", "device", stdin=offer)
+    offer = ok(
+        other, "verifier", "offer", *code_file(other), "--user", "bob", "--methods", "device"
+    )
+    fails(other, 22, "enroll", *code_file(other), "--method", "device", stdin=offer)
 
 
 def test_backends_lists_pkcs11_with_details(home):

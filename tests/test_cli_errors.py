@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _cli import cli_ok, run_cli
+from _cli import cli_ok, code_file, run_cli
 from _cli import error_line as one_error_line
 
 from hsm_auth.demo import prepare, write_config
@@ -40,16 +40,30 @@ class Home:
 
 
 def _enroll(home: Path, method: Method, pin_file: Path) -> None:
-    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", method.value)
+    offer = cli_ok(
+        home, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", method.value
+    )
     extra = ["--pin-file", str(pin_file)] if method.needs_pin else []
-    response = cli_ok(home, "enroll", "--method", method.value, *extra, stdin=offer)
+    response = cli_ok(
+        home, "enroll", *code_file(home), "--method", method.value, *extra, stdin=offer
+    )
     cli_ok(home, "verifier", "enroll", stdin=response)
 
 
 def _session(home: Path, method: Method) -> str:
     out = json.loads(
-        cli_ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "ctx",
-           "--methods", method.value)
+        cli_ok(
+            home,
+            "--json",
+            "verifier",
+            "session",
+            "--user",
+            "alice",
+            "--context",
+            "ctx",
+            "--methods",
+            method.value,
+        )
     )
     return str(out["data"])
 
@@ -170,12 +184,12 @@ def test_software_authenticator_needs_the_setting(softhsm_home: Home, tmp_path: 
     assert "allow_software_authenticator = true" in config  # the demo opts in explicitly
     other = tmp_path / "home"
     other.mkdir()
-    (other / "config.toml").write_text(
-        config.replace("allow_software_authenticator = true\n", "")
-    )
+    (other / "config.toml").write_text(config.replace("allow_software_authenticator = true\n", ""))
     cli_ok(other, "verifier", "init")
-    offer = cli_ok(other, "verifier", "offer", "--user", "bob", "--methods", "biometric")
-    line = error_line(other, 8, "enroll", "--method", "biometric", stdin=offer)
+    offer = cli_ok(
+        other, "verifier", "offer", *code_file(other), "--user", "bob", "--methods", "biometric"
+    )
+    line = error_line(other, 8, "enroll", *code_file(other), "--method", "biometric", stdin=offer)
     assert "software FIDO2 authenticator" in line
     assert line.endswith("set allow_software_authenticator = true for this method to use it")
     assert not (other / "authenticator" / "credentials.json").exists()

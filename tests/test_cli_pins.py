@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _cli import cli_env, cli_ok, error_line, run_cli
+from _cli import cli_env, cli_ok, code_file, error_line, run_cli
 
 from hsm_auth.demo import prepare
 from hsm_auth.testing.softhsm import softhsm_available
@@ -33,7 +33,9 @@ def home(tmp_path):
 
 
 def offer(home: Path, method: str) -> str:
-    result = run_cli(home, "verifier", "offer", "--user", "alice", "--methods", method)
+    result = run_cli(
+        home, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", method
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -56,14 +58,25 @@ def test_a_pin_option_is_refused_for_the_device_method(home):
     assert "pin-source=file:PATH" in line and "[methods.device]" in line
     assert not (home / "authenticator" / "credentials.json").exists()  # nothing enrolled
     line = error_line(
-        run_cli(home, "enroll", "--method", "device", "--pin-fd", "0", stdin=offer(home, "device")),
+        run_cli(
+            home,
+            "enroll",
+            *code_file(home),
+            "--method",
+            "device",
+            "--pin-fd",
+            "0",
+            stdin=offer(home, "device"),
+        ),
         2,
     )
     assert "--pin-file/--pin-fd are for the pin method only" in line
 
 
 def test_finish_refuses_a_pin_option_for_device_in_one_line_before_showing_anything(home):
-    response = cli_ok(home, "enroll", "--method", "device", stdin=offer(home, "device"))
+    response = cli_ok(
+        home, "enroll", *code_file(home), "--method", "device", stdin=offer(home, "device")
+    )
     cli_ok(home, "verifier", "enroll", stdin=response)
     data = cli_ok(home, "verifier", "session", "--user", "alice", "--context", "c").splitlines()[-1]
     pin_file = home / "offline.pin"
@@ -80,7 +93,9 @@ def test_a_device_token_without_pin_source_says_where_the_pin_goes(home):
     start = text.index("&pin-source=")
     end = text.index('"', start)
     config.write_text(text[:start] + text[end:])  # the device uri without its pin-source
-    result = run_cli(home, "enroll", "--method", "device", stdin=offer(home, "device"))
+    result = run_cli(
+        home, "enroll", *code_file(home), "--method", "device", stdin=offer(home, "device")
+    )
     line = error_line(result, 31)
     assert "Authorization" not in line
     assert line.endswith(
@@ -127,7 +142,9 @@ def test_the_pin_prompt_asks_for_the_existing_token_pin(home):
     offer_file = home / "offer.txt"
     offer_file.write_text(offer(home, "pin"))
     pin = (home / "offline.pin").read_text()
-    code, screen = _pty_run(home, ["enroll", "--method", "pin", "--offer", f"@{offer_file}"], pin)
+    code, screen = _pty_run(
+        home, ["enroll", *code_file(home), "--method", "pin", "--offer", f"@{offer_file}"], pin
+    )
     assert "Offline PIN (PKCS#11: the token's user PIN; TPM2: the PIN for the new keys):" in screen
     assert "New offline PIN" not in screen
     assert code == 0, screen

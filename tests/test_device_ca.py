@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _cli import cli_env, cli_ok, run_cli
+from _cli import cli_env, cli_ok, code_file, run_cli
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -100,9 +100,12 @@ def authenticator(tmp_path, tokens):
 
 
 def _enroll(verifier: Verifier, authenticator: Authenticator, user: str, method: Method):
-    _, offer = verifier.create_offer(user, methods=[method])
+    offer = verifier.create_offer(user, methods=[method])
     pin = OFFLINE_PIN if method is Method.PIN else None
-    return verifier.accept_enrollment(authenticator.add_or_update(method, offer, pin=pin))
+    response = authenticator.add_or_update(
+        method, offer.text, activation_code=offer.activation_code, pin=pin
+    )
+    return verifier.accept_enrollment(response)
 
 
 def _ca_cert_from_cli(home: Path, tmp_path: Path) -> Path:
@@ -410,8 +413,9 @@ def test_cli_flow_stores_the_certificate_and_methods_shows_it(tmp_path):
     with prepare(home, tpm=False, fido2=False):
         pass
     cli_ok(home, "verifier", "init", "--name", "CLI CA")
-    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", "device")
-    response = cli_ok(home, "enroll", "--method", "device", stdin=offer)
+    code = code_file(home)
+    offer = cli_ok(home, "verifier", "offer", *code, "--user", "alice", "--methods", "device")
+    response = cli_ok(home, "enroll", *code_file(home), "--method", "device", stdin=offer)
     shown = run_cli(home, "verifier", "enroll", stdin=response)
     assert shown.returncode == 0, shown.stderr
     assert "give this result to the authenticator" in shown.stderr

@@ -10,6 +10,7 @@ control character to a terminal.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from _cli import cli_ok
+from _cli import cli_ok, code_file
 from _verifier_device import Clock, enroll
 
 from hsm_auth import display
@@ -150,7 +151,8 @@ def _forged_data(keys: FileVerifierKeys, verifier_id: bytes, context: str) -> st
 def test_decoder_refuses_signed_offers_with_a_bad_name(
     verifier: Verifier, text: str, code: str
 ) -> None:
-    offer, _ = verifier.create_offer("alice", replace=True)
+    verifier.policy = dataclasses.replace(verifier.policy, allow_override=True)
+    offer = verifier.create_offer("alice", replace=True).offer
     forged = EnrollmentOffer(**{**offer.__dict__, "verifier_name": text, "signature": b""})
     with pytest.raises(DecodeError, match=f"verifier_name.*{re.escape(code)}"):
         EnrollmentOffer.from_text(forged.to_text(verifier.keys.sign_raw))
@@ -171,9 +173,12 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # that the module's SoftHSM, loaded in this process by other tests, is never asked.
     cli_ok(home, "verifier", "init", "--name", "Display verifier")
     for method in ("device", "pin"):
-        offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
+        code = code_file(home)
+        offer = cli_ok(home, "verifier", "offer", *code, "--user", "alice", "--methods", method)
         extra = ["--pin-file", str(pin_file)] if method == "pin" else []
-        response = cli_ok(home, "enroll", "--method", method, *extra, "--offer", offer)
+        response = cli_ok(
+            home, "enroll", *code_file(home), "--method", method, *extra, "--offer", offer
+        )
         cli_ok(home, "verifier", "enroll", response)
     return home
 

@@ -14,6 +14,7 @@ and removed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,7 +33,7 @@ from hsm_auth.methods import Method
 from hsm_auth.protocol import EnrollmentOffer
 from hsm_auth.testing.softhsm import init_token, unique_label
 from hsm_auth.uri import Pkcs11Uri, parse_attr_uri
-from hsm_auth.verifier import Verifier
+from hsm_auth.verifier import IssuedOffer, Verifier
 
 HERE = Path(__file__).parent
 KILL_POINTS = 20
@@ -79,16 +80,27 @@ def _verifier(home: Path, name: str = "Bank") -> Verifier:
     return Verifier.init(directory, name)
 
 
-def _offer(home: Path, user: str, name: str = "Bank", **kw) -> str:
+def _offer(home: Path, user: str, name: str = "Bank", **kw) -> IssuedOffer:
     with _verifier(home, name) as v:
-        return v.create_offer(user, methods=[Method.DEVICE], **kw)[1]
+        return v.create_offer(user, methods=[Method.DEVICE], **kw)
+
+
+def _write_offer(path: Path, issued: IssuedOffer) -> None:
+    """The offer's text in ``path`` and its activation code in ``path.code`` (0600),
+    where _enroll_kill.py gives them to ``hsm-auth enroll``."""
+    path.write_text(issued.text)
+    code = Path(f"{path}.code")
+    code.write_text(issued.activation_code)
+    code.chmod(0o600)
 
 
 def _enroll_and_check_otp(home: Path, user: str, name: str = "Bank") -> None:
     """A fresh enrollment, accepted by the verifier, and one OTP it accepts."""
     offer = _offer(home, user, name)
     with _verifier(home, name) as v, _authenticator(home) as a:
-        v.accept_enrollment(a.add_or_update(Method.DEVICE, offer))
+        v.accept_enrollment(
+            a.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
+        )
         session = v.start_session(user, f"Log in as {user}")
         request = a.start_offline_authentication(session.text)
         otp = a.finish_offline_authentication(request, Method.DEVICE).otp
@@ -155,8 +167,14 @@ def _tpm_items(uri: str) -> set[tuple[str, str]]:
 
 def _run_child(home: Path, offer_file: Path, kill_at: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(HERE / "_enroll_kill.py"), str(home), str(offer_file), "device",
-         str(kill_at)],
+        [
+            sys.executable,
+            str(HERE / "_enroll_kill.py"),
+            str(home),
+            str(offer_file),
+            "device",
+            str(kill_at),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -169,14 +187,14 @@ def _kill_loop(home: Path, tmp_path: Path, direct, items_of) -> int:
     _enroll_and_check_otp(home, "bob")
     # Count the steps of one whole enrollment (carol's: its keys stay, beside bob's).
     carol = tmp_path / "carol-offer.txt"
-    carol.write_text(_offer(home, "carol", "Count"))
+    _write_offer(carol, _offer(home, "carol", "Count"))
     counted = _run_child(home, carol, 0)
     assert counted.returncode == 0, counted.stderr
     steps = int(counted.stderr.strip().splitlines()[-1])
     assert steps >= KILL_POINTS * 2, steps
     baseline = direct()
     offer_file = tmp_path / "offer.txt"
-    offer_file.write_text(_offer(home, "alice", "Shop"))
+    _write_offer(offer_file, _offer(home, "alice", "Shop"))
 
     points = sorted({1 + (steps - 1) * i // KILL_POINTS for i in range(KILL_POINTS)} | {steps})
     assert len(points) >= KILL_POINTS
@@ -275,9 +293,15 @@ def _rollback_cases(home: Path, direct, items_of, backend: str) -> int:
     offer = _offer(home, "alice")
     baseline = direct()
     cases = [(s, n, BackendError("injected"), False) for s, n in STEPS]
-    cases += [(s, n, e, after) for s, n in INNER[backend]
-              for e, after in ((BackendError("injected"), False),
-                               (BackendError("injected"), True), (KeyboardInterrupt(), True))]
+    cases += [
+        (s, n, e, after)
+        for s, n in INNER[backend]
+        for e, after in (
+            (BackendError("injected"), False),
+            (BackendError("injected"), True),
+            (KeyboardInterrupt(), True),
+        )
+    ]
     cases += [(s, n, KeyboardInterrupt(), False) for s, n in STEPS[1:4]]
     cases += [(s, n, BackendError("injected"), True) for s, n in STEPS if s in MAKES_A_KEY]
     cases += [("agree_otp_key", 1, KeyboardInterrupt(), True)]
@@ -288,7 +312,7 @@ def _rollback_cases(home: Path, direct, items_of, backend: str) -> int:
             with a._store(backend, settings, Method.DEVICE) as store:  # the one it will use
                 _fail_at(store, name, nth, error, after=after)
             with pytest.raises(type(error)):
-                a.add_or_update(Method.DEVICE, offer)
+                a.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
             assert a.enrolled == [], case
         if not after or name not in MAKES_A_KEY:
             assert direct() == baseline, case  # everything made so far was deleted
@@ -314,15 +338,13 @@ def _rollback_cases(home: Path, direct, items_of, backend: str) -> int:
 @pytest.mark.softhsm
 def test_an_error_at_each_enrollment_step_rolls_back_on_softhsm(softhsm):
     home, token = softhsm
-    assert _rollback_cases(home, lambda: _softhsm_objects(token), _softhsm_items,
-                           "pkcs11") >= 16
+    assert _rollback_cases(home, lambda: _softhsm_objects(token), _softhsm_items, "pkcs11") >= 16
 
 
 @pytest.mark.swtpm
 def test_an_error_at_each_enrollment_step_rolls_back_on_swtpm(tpm):
     home, swtpm, state = tpm
-    assert _rollback_cases(home, lambda: _tpm_objects(state, swtpm.tcti), _tpm_items,
-                           "tpm2") >= 16
+    assert _rollback_cases(home, lambda: _tpm_objects(state, swtpm.tcti), _tpm_items, "tpm2") >= 16
 
 
 @pytest.mark.softhsm
@@ -341,7 +363,7 @@ def test_a_failure_to_save_the_record_rolls_back(softhsm, monkeypatch):
 
         monkeypatch.setattr(a, "_save", save)
         with pytest.raises(OSError):
-            a.add_or_update(Method.DEVICE, offer)
+            a.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
         assert a.enrolled == [] and a._pending == []
     assert _softhsm_objects(token) == baseline
 
@@ -365,15 +387,17 @@ def test_an_error_after_make_credential_forgets_the_fido2_credential(error, tmp_
     config = Config(methods={Method.BIOMETRIC: MethodConfig("fido2", settings)})
     write_soft_policy(tmp_path / "v", [device])  # it names the soft authenticator
     with Verifier.init(tmp_path / "v", "Bank") as v, Authenticator(tmp_path / "a", config) as a:
-        _, offer = v.create_offer("alice", methods=[Method.BIOMETRIC])
+        offer = v.create_offer("alice", methods=[Method.BIOMETRIC])
         with a._store("fido2", settings, Method.BIOMETRIC) as store:
             _fail_at(store, "_counted_key", 1, error, after=True)  # makeCredential was done
         with pytest.raises(type(error)):
-            a.add_or_update(Method.BIOMETRIC, offer)
+            a.add_or_update(Method.BIOMETRIC, offer.text, activation_code=offer.activation_code)
         assert store.list_keys(Authorization()) == []  # the host forgot the credential
         assert a.enrolled == [] and a._pending == []
         del store._counted_key
-        v.accept_enrollment(a.add_or_update(Method.BIOMETRIC, offer))  # and it still enrolls
+        v.accept_enrollment(
+            a.add_or_update(Method.BIOMETRIC, offer.text, activation_code=offer.activation_code)
+        )  # and it still enrolls
         assert {k.state for k in a.keys().keys} == {KeyState.ENROLLED}
 
 
@@ -388,21 +412,26 @@ def test_an_offer_naming_the_method_enrolled_is_refused_before_any_key(softhsm, 
     other = tmp_path / "other-authenticator"  # a second machine of alice's, same token
     paths = configmod.Paths(home)
     second = _offer(home, "alice")
-    assert EnrollmentOffer.from_text(second)[0].enrolled == (Method.DEVICE,)
+    assert EnrollmentOffer.from_text(second.text)[0].enrolled == (Method.DEVICE,)
     with Authenticator(other, configmod.load(paths)) as a:
         with pytest.raises(AlreadyEnrolled, match="does not allow replacing"):
-            a.add_or_update(Method.DEVICE, second)
+            a.add_or_update(Method.DEVICE, second.text, activation_code=second.activation_code)
         assert a._stores == {}  # the token was not even opened
         assert a._pending == []
     assert _softhsm_objects(token) == before
     # What the verifier would accept still goes through: an offer that allows replacing.
     with _verifier(home) as v, Authenticator(other, configmod.load(paths)) as a:
-        _, replacing = v.create_offer("alice", methods=[Method.DEVICE], replace=True)
-        v.accept_enrollment(a.add_or_update(Method.DEVICE, replacing))
+        v.policy = dataclasses.replace(v.policy, allow_override=True)
+        replacing = v.create_offer("alice", methods=[Method.DEVICE], replace=True)
+        v.accept_enrollment(
+            a.add_or_update(
+                Method.DEVICE, replacing.text, activation_code=replacing.activation_code
+            )
+        )
         # ... and without the pre-check the verifier's refusal would have come after
         # the keys were made (the response of an offer that does not allow it):
-        _, plain = v.create_offer("alice", methods=[Method.DEVICE])
-    assert EnrollmentOffer.from_text(plain)[0].enrolled == (Method.DEVICE,)
+        plain = v.create_offer("alice", methods=[Method.DEVICE])
+    assert EnrollmentOffer.from_text(plain.text)[0].enrolled == (Method.DEVICE,)
 
 
 # --- what is not an orphan ----------------------------------------------------------------
@@ -419,7 +448,10 @@ def test_login_keys_and_another_homes_keys_are_never_orphans(softhsm, tmp_path):
         login_enroll(authdir, "alice", Method.DEVICE, configmod.load(paths))
     other_home = tmp_path / "other"  # another hsm-auth home with the same token
     with _verifier(home) as v, Authenticator(other_home, configmod.load(paths)) as a:
-        v.accept_enrollment(a.add_or_update(Method.DEVICE, v.create_offer("bob")[1]))
+        bob = v.create_offer("bob")
+        v.accept_enrollment(
+            a.add_or_update(Method.DEVICE, bob.text, activation_code=bob.activation_code)
+        )
     before = _softhsm_objects(token)
     with _authenticator(home) as a:
         report = a.keys()
@@ -442,10 +474,16 @@ def test_prune_waits_for_an_enrollment_under_way_and_leaves_its_keys(softhsm, tm
     home, token = softhsm
     baseline = _softhsm_objects(token)
     offer_file = tmp_path / "offer.txt"
-    offer_file.write_text(_offer(home, "alice"))
+    _write_offer(offer_file, _offer(home, "alice"))
     enrolling = subprocess.Popen(
-        [sys.executable, str(HERE / "_enroll_kill.py"), str(home), str(offer_file), "device",
-         "-250"],
+        [
+            sys.executable,
+            str(HERE / "_enroll_kill.py"),
+            str(home),
+            str(offer_file),
+            "device",
+            "-250",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -460,8 +498,17 @@ def test_prune_waits_for_an_enrollment_under_way_and_leaves_its_keys(softhsm, tm
         in_flight = _softhsm_objects(token) - baseline
         assert in_flight  # keys made, the method not saved yet: they look like orphans
         prune = subprocess.Popen(
-            [sys.executable, "-m", "hsm_auth", "--home", str(home), "--json", "keys", "prune",
-             "--yes"],
+            [
+                sys.executable,
+                "-m",
+                "hsm_auth",
+                "--home",
+                str(home),
+                "--json",
+                "keys",
+                "prune",
+                "--yes",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -520,7 +567,7 @@ def test_cli_keys_list_and_prune(softhsm, tmp_path, capsys):
     _enroll_and_check_otp(home, "bob")
     baseline = _softhsm_objects(token)
     offer_file = tmp_path / "offer.txt"
-    offer_file.write_text(_offer(home, "alice", "Shop"))
+    _write_offer(offer_file, _offer(home, "alice", "Shop"))
     killed = _run_child(home, offer_file, 250)  # of about 420 steps: keys were made
     assert killed.returncode == -9
     left = _softhsm_objects(token) - baseline

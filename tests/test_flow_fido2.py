@@ -87,15 +87,17 @@ def authenticator(tmp_path, config, clock):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def enrolled(verifier, authenticator):  # type: ignore[no-untyped-def]
     for method in METHODS:
-        offer, text = verifier.create_offer("alice", methods=[method])
-        response_text = authenticator.add_or_update(method, text)
+        issued = verifier.create_offer("alice", methods=[method])
+        response_text = authenticator.add_or_update(
+            method, issued.text, activation_code=issued.activation_code
+        )
         # What the verifier should check for a FIDO2 response (see the report):
         response, signed = EnrollmentResponse.from_text(response_text)
         assert signed.signature == b"" and response.attestation is not None
         verify_enrollment_attestation(
             response.attestation,
             response.signing_key,
-            enrollment_binding(offer.offer_id, offer.user, method),
+            enrollment_binding(issued.offer.offer_id, issued.offer.user, method),
             response.wrapped_otp_key,
             initial_atc=response.initial_atc,
         )
@@ -188,9 +190,9 @@ def test_authenticator_without_the_modality_is_refused(  # type: ignore[no-untyp
         methods={method: MethodConfig("fido2", _settings(devices[device_of], tmp_path / "s"))}
     )
     with Authenticator(tmp_path / "wrong", wrong, clock=clock) as a:
-        _, offer = verifier.create_offer("bob", methods=[method])
+        offer = verifier.create_offer("bob", methods=[method])
         with pytest.raises(MechanismNotSupported, match=f"verifies by {has}"):
-            a.add_or_update(method, offer)
+            a.add_or_update(method, offer.text, activation_code=offer.activation_code)
         assert a.enrolled == []
 
 
@@ -252,8 +254,13 @@ def test_uv_cancelled_then_missing_authenticator_lose_no_state(  # type: ignore[
 
 
 def test_enrollment_response_is_unsigned_and_carries_the_wrapped_key(verifier, authenticator):  # type: ignore[no-untyped-def]
-    offer, text = verifier.create_offer("carol", methods=[Method.FACE])
-    response, _ = EnrollmentResponse.from_text(authenticator.add_or_update(Method.FACE, text))
+    issued = verifier.create_offer("carol", methods=[Method.FACE])
+    offer = issued.offer
+    response, _ = EnrollmentResponse.from_text(
+        authenticator.add_or_update(
+            Method.FACE, issued.text, activation_code=issued.activation_code
+        )
+    )
     assert response.backend == "fido2" and response.agreement_key is None
     wrapped = response.wrapped_otp_key
     assert wrapped is not None
@@ -273,11 +280,13 @@ def test_verifier_refuses_an_attestation_bound_to_another_offer(verifier, authen
     from hsm_auth.errors import UntrustedMessage
     from hsm_auth.protocol import EnrollmentOffer, EnrollmentResponse
 
-    _, offer_a = verifier.create_offer("mallory", methods=[Method.BIOMETRIC])
-    _, offer_b = verifier.create_offer("mallory", methods=[Method.BIOMETRIC])
-    response_a = authenticator.add_or_update(Method.BIOMETRIC, offer_a)
+    offer_a = verifier.create_offer("mallory", methods=[Method.BIOMETRIC])
+    offer_b = verifier.create_offer("mallory", methods=[Method.BIOMETRIC])
+    response_a = authenticator.add_or_update(
+        Method.BIOMETRIC, offer_a.text, activation_code=offer_a.activation_code
+    )
     parsed, _ = EnrollmentResponse.from_text(response_a)
-    other, _ = EnrollmentOffer.from_text(offer_b)
+    other, _ = EnrollmentOffer.from_text(offer_b.text)
     moved = dataclasses.replace(parsed, offer_id=other.offer_id)
     with pytest.raises(UntrustedMessage):
         verifier.accept_enrollment(moved.to_text(None))

@@ -4,6 +4,7 @@ without changing state."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import cbor2
@@ -85,9 +86,13 @@ def authenticator(tmp_path, tokens, clock, warnings):
 @pytest.fixture
 def enrolled(verifier, authenticator):
     for method in (Method.DEVICE, Method.PIN):
-        _, offer = verifier.create_offer("alice", methods=[method])
+        offer = verifier.create_offer("alice", methods=[method])
         pin = OFFLINE_PIN if method is Method.PIN else None
-        verifier.accept_enrollment(authenticator.add_or_update(method, offer, pin=pin))
+        verifier.accept_enrollment(
+            authenticator.add_or_update(
+                method, offer.text, activation_code=offer.activation_code, pin=pin
+            )
+        )
     return authenticator
 
 
@@ -125,9 +130,11 @@ def test_pin_method_is_refused_without_explicit_opt_in(tmp_path, tokens, verifie
         }
     )
     with Authenticator(tmp_path / "strict", strict, clock=clock) as a:
-        _, offer = verifier.create_offer("bob", methods=[Method.PIN])
+        offer = verifier.create_offer("bob", methods=[Method.PIN])
         with pytest.raises(ConfigError, match="does not limit PIN retries"):
-            a.add_or_update(Method.PIN, offer, pin=OFFLINE_PIN)
+            a.add_or_update(
+                Method.PIN, offer.text, activation_code=offer.activation_code, pin=OFFLINE_PIN
+            )
         assert a.enrolled == []
 
 
@@ -200,13 +207,23 @@ def test_unknown_or_disallowed_method(verifier, enrolled):
 
 
 def test_re_enrolling_needs_replace_and_a_replace_offer(verifier, enrolled):
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     with pytest.raises(AlreadyEnrolled, match="--replace"):
-        enrolled.add_or_update(Method.DEVICE, offer)
+        enrolled.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
     with pytest.raises(AlreadyEnrolled, match="does not allow"):
-        enrolled.add_or_update(Method.DEVICE, offer, replace=True)
-    _, replace_offer = verifier.create_offer("alice", methods=[Method.DEVICE], replace=True)
-    verifier.accept_enrollment(enrolled.add_or_update(Method.DEVICE, replace_offer, replace=True))
+        enrolled.add_or_update(
+            Method.DEVICE, offer.text, activation_code=offer.activation_code, replace=True
+        )
+    verifier.policy = dataclasses.replace(verifier.policy, allow_override=True)
+    replace_offer = verifier.create_offer("alice", methods=[Method.DEVICE], replace=True)
+    verifier.accept_enrollment(
+        enrolled.add_or_update(
+            Method.DEVICE,
+            replace_offer.text,
+            activation_code=replace_offer.activation_code,
+            replace=True,
+        )
+    )
     session = verifier.start_session("alice", "ctx", methods=[Method.DEVICE])
     request = enrolled.start_offline_authentication(session.text)
     otp = enrolled.finish_offline_authentication(request, Method.DEVICE).otp
@@ -236,9 +253,9 @@ def test_absent_token_is_a_clear_error(tmp_path, verifier, clock):
         }
     )
     with Authenticator(tmp_path / "absent", missing, clock=clock) as a:
-        _, offer = verifier.create_offer("carol", methods=[Method.DEVICE])
+        offer = verifier.create_offer("carol", methods=[Method.DEVICE])
         with pytest.raises(TokenNotFound):
-            a.add_or_update(Method.DEVICE, offer)
+            a.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
         assert a.enrolled == []
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from _cli import code_file
 
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Config, MethodConfig
@@ -50,9 +51,11 @@ def verifier(tmp_path):
 def enrolled(tmp_path, config, verifier):
     with Authenticator(tmp_path / "auth", config) as a:
         for method in (Method.DEVICE, Method.PIN):
-            _, offer = verifier.create_offer("alice", methods=[method])
+            offer = verifier.create_offer("alice", methods=[method])
             pin = OFFLINE_PIN if method is Method.PIN else None
-            verifier.accept_enrollment(a.add_or_update(method, offer, pin=pin))
+            verifier.accept_enrollment(
+                a.add_or_update(method, offer.text, activation_code=offer.activation_code, pin=pin)
+            )
         yield a
 
 
@@ -129,9 +132,9 @@ def test_wrong_tcti_is_a_clear_error(tmp_path, verifier):
         }
     )
     with Authenticator(tmp_path / "a", bad) as a:
-        _, offer = verifier.create_offer("bob", methods=[Method.DEVICE])
+        offer = verifier.create_offer("bob", methods=[Method.DEVICE])
         with pytest.raises(BackendUnavailable):
-            a.add_or_update(Method.DEVICE, offer)
+            a.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
         assert a.enrolled == []
 
 
@@ -153,13 +156,16 @@ def test_cli_reports_an_unreachable_tpm_in_one_line(tmp_path):
     run = [sys.executable, "-m", "hsm_auth", "--home", str(home)]
     subprocess.run([*run, "verifier", "init"], check=True, capture_output=True)
     offer = subprocess.run(
-        [*run, "verifier", "offer", "--user", "u", "--methods", "device"],
+        [*run, "verifier", "offer", *code_file(home), "--user", "u", "--methods", "device"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
     result = subprocess.run(
-        [*run, "enroll", "--method", "device"], input=offer, capture_output=True, text=True
+        [*run, "enroll", *code_file(home), "--method", "device"],
+        input=offer,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 22  # TokenNotFound: no TPM at that TCTI
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -297,8 +303,9 @@ def test_cli_lockout_names_its_cause_and_device_still_works(swtpm, tmp_path):
 
     ok("verifier", "init")
     for m, extra in (("device", ()), ("pin", right)):
-        offer = ok("verifier", "offer", "--user", "alice", "--methods", m)
-        ok("verifier", "enroll", stdin=ok("enroll", "--method", m, *extra, stdin=offer))
+        offer = ok("verifier", "offer", *code_file(home), "--user", "alice", "--methods", m)
+        response = ok("enroll", *code_file(home), "--method", m, *extra, stdin=offer)
+        ok("verifier", "enroll", stdin=response)
     _, data = session("pin")
     assert error(32, "finish", "--method", "pin", *wrong, data) == "wrong PIN (2 retries left)"
     error(32, "finish", "--method", "pin", *wrong, data)

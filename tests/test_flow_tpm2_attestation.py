@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _cli import cli_ok, error_line, run_cli
+from _cli import cli_ok, code_file, error_line, run_cli
 
 from hsm_auth.attestation import AttestationRefused, AttestationResult
 from hsm_auth.authenticator import Authenticator
@@ -56,9 +56,12 @@ def test_registered_tpm_enrollments_are_verified_stored_and_usable(
     with Authenticator(tmp_path / "auth", config) as a:
         a.tpm_activate(verifier.tpm_challenge(a.tpm_registration_request()))
         for method in (Method.DEVICE, Method.PIN):
-            _, offer = verifier.create_offer("alice", methods=[method])
+            offer = verifier.create_offer("alice", methods=[method])
             pin = PIN if method is Method.PIN else None
-            verifier.accept_enrollment(a.add_or_update(method, offer, pin=pin))
+            response = a.add_or_update(
+                method, offer.text, activation_code=offer.activation_code, pin=pin
+            )
+            verifier.accept_enrollment(response)
         for cred in verifier.show("alice").credentials:
             result = AttestationResult.from_json(cred.attestation)
             assert result.summary == VERIFIED
@@ -74,14 +77,20 @@ def test_an_unregistered_tpm_is_refused_where_attestation_is_required(
 ):
     config, _ = tpm_config
     with Authenticator(tmp_path / "auth", config) as a:
-        _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+        offer = verifier.create_offer("alice", methods=[Method.DEVICE])
         with pytest.raises(AttestationRefused, match="requires an attestation"):
-            verifier.accept_enrollment(a.add_or_update(Method.DEVICE, offer))
+            response = a.add_or_update(
+                Method.DEVICE, offer.text, activation_code=offer.activation_code
+            )
+            verifier.accept_enrollment(response)
         # An AK that no verifier activated: the statements verify, the binding is missing.
         a.tpm_registration_request()
-        _, offer = verifier.create_offer("alice", methods=[Method.PIN])
+        offer = verifier.create_offer("alice", methods=[Method.PIN])
         with pytest.raises(AttestationRefused, match="not registered with this verifier"):
-            verifier.accept_enrollment(a.add_or_update(Method.PIN, offer, pin=PIN))
+            response = a.add_or_update(
+                Method.PIN, offer.text, activation_code=offer.activation_code, pin=PIN
+            )
+            verifier.accept_enrollment(response)
 
 
 def test_cli_registers_the_tpm_and_verifier_show_reports_the_attestation(swtpm_ek, tmp_path):
@@ -94,8 +103,9 @@ def test_cli_registers_the_tpm_and_verifier_show_reports_the_attestation(swtpm_e
     request = cli_ok(home, "tpm", "register")
     challenge = cli_ok(home, "verifier", "tpm-challenge", stdin=request)
     assert "registered" in cli_ok(home, "tpm", "activate", challenge)
-    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", "device")
-    response = cli_ok(home, "enroll", "--method", "device", stdin=offer)
+    code = code_file(home)
+    offer = cli_ok(home, "verifier", "offer", *code, "--user", "alice", "--methods", "device")
+    response = cli_ok(home, "enroll", *code_file(home), "--method", "device", stdin=offer)
     cli_ok(home, "verifier", "enroll", stdin=response)
     assert VERIFIED in cli_ok(home, "verifier", "show", "--user", "alice")
     shown = json.loads(cli_ok(home, "--json", "verifier", "show", "--user", "alice"))

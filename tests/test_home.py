@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli import code_file
 
 from hsm_auth.config import Paths
 from hsm_auth.testing.swtpm import running_swtpm, swtpm_available
@@ -47,8 +48,10 @@ def _cli(home: Path, env: dict[str, str], *args: str, stdin: str = "") -> str:
 
 def _flow(home: Path, env: dict[str, str], method: str) -> None:
     _cli(home, env, "verifier", "init", "--name", "Home test")
-    offer = _cli(home, env, "verifier", "offer", "--user", "alice", "--methods", method)
-    response = _cli(home, env, "enroll", "--method", method, stdin=offer)
+    offer = _cli(
+        home, env, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", method
+    )
+    response = _cli(home, env, "enroll", *code_file(home), "--method", method, stdin=offer)
     _cli(home, env, "verifier", "enroll", stdin=response)
     session = json.loads(
         _cli(home, env, "--json", "verifier", "session", "--user", "alice", "--context", "Hi")

@@ -17,7 +17,7 @@ import sqlite3
 
 import pytest
 from _unattested import allow_unattested_fido2_methods
-from _verifier_device import Clock, PythonDevice
+from _verifier_device import Clock, PythonDevice, activated
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
@@ -61,8 +61,8 @@ def config(softhsm_env, tmp_path) -> Config:
 def alice(tmp_path, config, verifier):
     """Alice's authenticator with her real SoftHSM token, enrolled; and her response text."""
     with Authenticator(tmp_path / "alice", config, clock=verifier._clock) as a:
-        _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
-        response = a.add_or_update(Method.DEVICE, offer)
+        offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+        response = a.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
         verifier.accept_enrollment(response)
         yield a, response
 
@@ -82,16 +82,18 @@ def test_mallory_cannot_enroll_alices_agreement_key(verifier, alice):
     _, alice_text = alice
     alices, _ = EnrollmentResponse.from_text(alice_text)
     mallory = cec.generate_private_key(cec.SECP256R1())
-    offer, offer_text = verifier.create_offer("mallory", methods=[Method.DEVICE])
+    issued = verifier.create_offer("mallory", methods=[Method.DEVICE])
+    offer = issued.offer
     forged = dataclasses.replace(
         alices,
         offer_id=offer.offer_id,
         user="mallory",
         signing_key=ec.encode_point(mallory.public_key()),
     )
-    # Alice's own confirmation (replayed), and one Mallory made under a key of his own.
+    # Alice's own confirmation (replayed), and one Mallory made under a key of his own;
+    # Mallory is a user, with an activation code of his own.
     for confirmation in (alices.confirmation, b"\x00" * 32):
-        attempt = dataclasses.replace(forged, confirmation=confirmation)
+        attempt = activated(dataclasses.replace(forged, confirmation=confirmation), issued)
         with pytest.raises(UntrustedMessage, match="key confirmation"):
             verifier.accept_enrollment(_signed_by(mallory, attempt))
     with pytest.raises(UnknownMethod):
@@ -99,7 +101,7 @@ def test_mallory_cannot_enroll_alices_agreement_key(verifier, alice):
     assert _refusals(verifier, "mallory").count(Reason.KEY_CONFIRMATION) == 2
     # The offer was not burned by the forgeries: Mallory's honest enrollment still works.
     device = PythonDevice()
-    verifier.accept_enrollment(device.enroll(offer_text, Method.DEVICE))
+    verifier.accept_enrollment(device.enroll(issued, Method.DEVICE))
     session = verifier.start_session("mallory", "Approve transfer #4711")
     assert verifier.verify(session.session_id, device.otp(session)).atc == 1
 
@@ -107,7 +109,7 @@ def test_mallory_cannot_enroll_alices_agreement_key(verifier, alice):
 def test_a_confirmation_made_without_the_otp_key_is_refused(verifier):
     for wrapped in (False, True):  # PKCS#11/TPM style, and FIDO2 style (a wrapped key)
         device = PythonDevice(wrapped=wrapped)
-        _, offer = verifier.create_offer("bob", methods=[Method.FACE])
+        offer = verifier.create_offer("bob", methods=[Method.FACE])
         with pytest.raises(UntrustedMessage, match="key confirmation"):
             verifier.accept_enrollment(device.enroll(offer, Method.FACE, confirm_with=b"k" * 32))
     with pytest.raises(UnknownMethod):
@@ -118,10 +120,11 @@ def test_a_response_for_another_offer_of_the_same_user_is_refused(verifier):
     """The transcript covers the offer's hash: a confirmation made for one offer does
     not check for another offer's id (an answer moved between offers)."""
     device = PythonDevice()
-    _, first_text = verifier.create_offer("bob", methods=[Method.DEVICE])
-    second, _ = verifier.create_offer("bob", methods=[Method.DEVICE])
+    first_text = verifier.create_offer("bob", methods=[Method.DEVICE])
+    second = verifier.create_offer("bob", methods=[Method.DEVICE])
     response, _ = EnrollmentResponse.from_text(device.enroll(first_text, Method.DEVICE))
-    moved = dataclasses.replace(response, offer_id=second.offer_id)
+    # bob holds both codes: the activation MAC is right for the second offer
+    moved = activated(dataclasses.replace(response, offer_id=second.offer.offer_id), second)
     with pytest.raises(UntrustedMessage, match="key confirmation"):
         verifier.accept_enrollment(_signed_by(device.signing, moved))
 
@@ -132,7 +135,7 @@ def test_a_response_for_another_offer_of_the_same_user_is_refused(verifier):
 def test_alices_authenticator_refuses_a_session_for_another_user(verifier, alice):
     authenticator, _ = alice
     bob = PythonDevice()
-    _, offer = verifier.create_offer("bob", methods=[Method.DEVICE])
+    offer = verifier.create_offer("bob", methods=[Method.DEVICE])
     verifier.accept_enrollment(bob.enroll(offer, Method.DEVICE))
     session = verifier.start_session("bob", "Approve transfer #4711")
     with pytest.raises(UnknownMethod, match="no enrollment of 'bob'"):
@@ -205,7 +208,7 @@ def test_an_authenticator_record_from_protocol_2_asks_to_enroll_again(tmp_path, 
 
 def test_a_verifier_credential_from_protocol_2_asks_to_enroll_again(tmp_path, verifier):
     device = PythonDevice()
-    _, offer = verifier.create_offer("carol", methods=[Method.DEVICE])
+    offer = verifier.create_offer("carol", methods=[Method.DEVICE])
     verifier.accept_enrollment(device.enroll(offer, Method.DEVICE))
     session = verifier.start_session("carol", "Log in")
     otp = device.otp(session)
@@ -220,7 +223,7 @@ def test_a_verifier_credential_from_protocol_2_asks_to_enroll_again(tmp_path, ve
 
 def test_credential_records_made_now_are_protocol_3(verifier):
     device = PythonDevice()
-    _, offer = verifier.create_offer("dave", methods=[Method.DEVICE])
+    offer = verifier.create_offer("dave", methods=[Method.DEVICE])
     saved = verifier.accept_enrollment(device.enroll(offer, Method.DEVICE))
     assert isinstance(saved, CredentialRecord)
     assert saved.protocol == 3 == verifier.credential("dave", Method.DEVICE).protocol

@@ -151,8 +151,11 @@ def test_whole_flow_in_process_writes_nothing(
     with Verifier.init(tmp_path / "verifier", "V") as verifier, Authenticator(
         tmp_path / "auth", config, interaction=user
     ) as auth:
-        _, offer = verifier.create_offer("alice", methods=[Method.BIOMETRIC])
-        verifier.accept_enrollment(auth.add_or_update(Method.BIOMETRIC, offer))
+        offer = verifier.create_offer("alice", methods=[Method.BIOMETRIC])
+        response = auth.add_or_update(
+            Method.BIOMETRIC, offer.text, activation_code=offer.activation_code
+        )
+        verifier.accept_enrollment(response)
         session = verifier.start_session("alice", "ctx")
         request = auth.start_offline_authentication(session.text)
         result = auth.finish_offline_authentication(request, Method.BIOMETRIC)
@@ -181,14 +184,21 @@ def test_cli_prints_the_prompt_once_on_stderr(tmp_path: Path) -> None:
     def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "hsm_auth", "--home", str(home), *args],
-            input=stdin, capture_output=True, text=True, env=env, timeout=60, check=False,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         return result
 
     cli("verifier", "init")
-    offer = cli("verifier", "offer", "--user", "alice", "--methods", "biometric").stdout
-    cli("verifier", "enroll", stdin=cli("enroll", "--method", "biometric", stdin=offer).stdout)
+    code = ["--activation-code-file", str(tmp_path / "activation-code")]
+    offer = cli("verifier", "offer", *code, "--user", "alice", "--methods", "biometric").stdout
+    response = cli("enroll", *code, "--method", "biometric", stdin=offer).stdout
+    cli("verifier", "enroll", stdin=response)
     data = cli("verifier", "session", "--user", "alice", "--context", "ctx").stdout.split()[-1]
     finished = cli("finish", "--method", "biometric", data)
     line = "Verify with your fingerprint on the authenticator: touch / verify on your authenticator"

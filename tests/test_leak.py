@@ -111,8 +111,12 @@ def test_no_secret_in_the_database_or_the_logs(tmp_path, database, softhsm_env, 
             methods={Method.PIN: MethodConfig("pkcs11", {"uri": uri, "allow_unenforced_pin": True})}
         )
         with Authenticator(tmp_path / "auth", config, clock=clock, warn=lambda m: None) as auth:
-            _, offer = v.create_offer("carol", methods=[Method.PIN])
-            v.accept_enrollment(auth.add_or_update(Method.PIN, offer, pin=OFFLINE_PIN))
+            offer = v.create_offer("carol", methods=[Method.PIN])
+            v.accept_enrollment(
+                auth.add_or_update(
+                    Method.PIN, offer.text, activation_code=offer.activation_code, pin=OFFLINE_PIN
+                )
+            )
             for _ in range(2):
                 s = v.start_session("carol", "Approve payment")
                 request = auth.start_offline_authentication(s.text)

@@ -78,10 +78,10 @@ def test_an_offer_in_the_version_1_layout_is_refused():
 def test_the_verifier_names_what_the_user_has_enrolled(tmp_path):
     allow_unattested_fido2_methods(tmp_path / "v")  # software stand-ins for face
     with Verifier.init(tmp_path / "v", "Bank") as v:
-        assert v.create_offer("alice")[0].enrolled == ()
+        assert v.create_offer("alice").offer.enrolled == ()
         enroll(v, "alice", Method.PIN)
         enroll(v, "alice", Method.DEVICE)
         enroll(v, "bob", Method.FACE)
-        offer, text = v.create_offer("alice", methods=[Method.DEVICE], replace=True)
-        assert set(offer.enrolled) == {Method.PIN, Method.DEVICE}
-        assert EnrollmentOffer.from_text(text)[0].enrolled == offer.enrolled
+        issued = v.create_offer("alice", methods=[Method.DEVICE])
+        assert set(issued.offer.enrolled) == {Method.PIN, Method.DEVICE}
+        assert EnrollmentOffer.from_text(issued.text)[0].enrolled == issued.offer.enrolled

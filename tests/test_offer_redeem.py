@@ -92,7 +92,7 @@ def _offer_used(spec: str) -> list[int]:
 
 
 def _response(verifier: Verifier, user: str = "alice", method: Method = Method.DEVICE) -> str:
-    _, offer = verifier.create_offer(user, methods=[method])
+    offer = verifier.create_offer(user, methods=[method])
     return PythonDevice().enroll(offer, method)
 
 
@@ -134,7 +134,7 @@ def test_a_refused_enrollment_does_not_burn_the_offer(verifier, spec):
 
 def test_offer_checks_run_inside_the_transaction(verifier, spec):
     store = verifier.store
-    _, offer_text = verifier.create_offer("alice", methods=[Method.PIN])
+    offer_text = verifier.create_offer("alice", methods=[Method.PIN])
     response = PythonDevice().enroll(offer_text, Method.DEVICE)
     with pytest.raises(UnknownMethod):
         verifier.accept_enrollment(response)

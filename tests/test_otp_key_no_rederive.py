@@ -42,9 +42,11 @@ def _enroll_and_check(home: Path) -> list[object]:
     """Enroll ``device`` for alice and check an OTP; returns the enrolled records."""
     paths = configmod.Paths(home)
     with Verifier.init(home / "verifier", "Bank") as v:
-        offer = v.create_offer("alice", methods=[Method.DEVICE])[1]
+        offer = v.create_offer("alice", methods=[Method.DEVICE])
         with Authenticator(paths.authenticator_dir, configmod.load(paths)) as a:
-            v.accept_enrollment(a.add_or_update(Method.DEVICE, offer))
+            v.accept_enrollment(
+                a.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
+            )
             session = v.start_session("alice", "Log in to ws-7")
             request = a.start_offline_authentication(session.text)
             otp = a.finish_offline_authentication(request, Method.DEVICE).otp
@@ -58,17 +60,35 @@ def _private_key_usages(token) -> list[str]:
     """The ``Usage:`` line of each private key object ``pkcs11-tool -O`` lists (the
     token's throwaway test PIN on its command line)."""
     listing = subprocess.run(
-        ["pkcs11-tool", "--module", token.module_path, "--token-label", token.label,
-         "--login", "--pin", token.user_pin, "-O"],
-        capture_output=True, text=True, check=True, env=os.environ.copy(),
+        [
+            "pkcs11-tool",
+            "--module",
+            token.module_path,
+            "--token-label",
+            token.label,
+            "--login",
+            "--pin",
+            token.user_pin,
+            "-O",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ.copy(),
     ).stdout
-    return [line.strip() for block in listing.split("Private Key Object")[1:]
-            for line in block.split(" Object")[0].splitlines() if "Usage:" in line]
+    return [
+        line.strip()
+        for block in listing.split("Private Key Object")[1:]
+        for line in block.split(" Object")[0].splitlines()
+        if "Usage:" in line
+    ]
 
 
 def _peer_point() -> bytes:
-    return ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    return (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
     )
 
 
@@ -82,8 +102,7 @@ def test_no_token_object_can_derive_after_enrollment_on_softhsm(softhsm_env, tmp
     pin_file = tmp_path / "device.pin"
     pin_file.write_text(token.user_pin)
     pin_file.chmod(0o600)
-    uri = Pkcs11Uri(token=token.label, module_path=token.module_path,
-                    pin_source=f"file:{pin_file}")
+    uri = Pkcs11Uri(token=token.label, module_path=token.module_path, pin_source=f"file:{pin_file}")
     home = _home(tmp_path, f'[methods.device]\nbackend = "pkcs11"\nuri = "{uri}"\n')
     enrolled = _enroll_and_check(home)
 
@@ -109,17 +128,24 @@ def test_no_token_object_can_derive_after_enrollment_on_softhsm(softhsm_env, tmp
             try:
                 # C_DeriveKey whatever python-pkcs11 thinks the key can do.
                 secret = DeriveMixin.derive_key(
-                    key, KeyType.GENERIC_SECRET, 256, store=False,
+                    key,
+                    KeyType.GENERIC_SECRET,
+                    256,
+                    store=False,
                     mechanism=Mechanism.ECDH1_DERIVE,
                     mechanism_param=(KDF.NULL, None, _peer_point()),
-                    template={Attribute.TOKEN: False, Attribute.SENSITIVE: False,
-                              Attribute.EXTRACTABLE: True},
+                    template={
+                        Attribute.TOKEN: False,
+                        Attribute.SENSITIVE: False,
+                        Attribute.EXTRACTABLE: True,
+                    },
                 )
             except pkcs11.PKCS11Error:
                 continue
             leaked.append(f"{key[Attribute.LABEL]}: {len(secret[Attribute.VALUE])} bytes")
-        secrets_ = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
-                                             Attribute.TOKEN: True}))
+        secrets_ = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TOKEN: True})
+        )
         assert len(secrets_) == 1
         otp = secrets_[0]
         assert not otp[Attribute.DERIVE]
@@ -149,8 +175,9 @@ def test_no_blob_in_the_state_dir_can_run_ecdh_zgen_on_swtpm(swtpm, tmp_path):
             blobs.append(data)
 
     peer = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
-    point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=peer.x.to_bytes(32, "big"),
-                                           y=peer.y.to_bytes(32, "big")))
+    point = TPM2B_ECC_POINT(
+        TPMS_ECC_POINT(x=peer.x.to_bytes(32, "big"), y=peer.y.to_bytes(32, "big"))
+    )
     store = registry.load_backend("tpm2").open({"tcti": swtpm.tcti, "state_dir": str(state)})
     zs, ecdh_keys = [], []
     try:
@@ -206,8 +233,9 @@ def test_keys_prune_removes_an_old_methods_agreement_key(backend, request, tmp_p
         pin_file = tmp_path / "device.pin"
         pin_file.write_text(token.user_pin)
         pin_file.chmod(0o600)
-        uri = Pkcs11Uri(token=token.label, module_path=token.module_path,
-                        pin_source=f"file:{pin_file}")
+        uri = Pkcs11Uri(
+            token=token.label, module_path=token.module_path, pin_source=f"file:{pin_file}"
+        )
         home = _home(tmp_path, f'[methods.device]\nbackend = "pkcs11"\nuri = "{uri}"\n')
     else:
         swtpm = request.getfixturevalue("swtpm")
@@ -217,8 +245,10 @@ def test_keys_prune_removes_an_old_methods_agreement_key(backend, request, tmp_p
     paths = configmod.Paths(home)
 
     def otp_accepted() -> None:
-        with Verifier.open(home / "verifier") as v, \
-                Authenticator(paths.authenticator_dir, configmod.load(paths)) as a:
+        with (
+            Verifier.open(home / "verifier") as v,
+            Authenticator(paths.authenticator_dir, configmod.load(paths)) as a,
+        ):
             session = v.start_session("alice", "Log in to ws-7")
             request_ = a.start_offline_authentication(session.text)
             otp = a.finish_offline_authentication(request_, Method.DEVICE).otp

@@ -40,9 +40,11 @@ def test_finish_loads_the_recorded_backend_without_a_scan(
     uri = f"{softhsm_token.uri}&pin-source=file:{pin}"
     config = Config(methods={Method.DEVICE: MethodConfig("pkcs11", {"uri": uri})})
     verifier = Verifier.init(tmp_path / "verifier", "V")
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     with Authenticator(tmp_path / "auth", config) as auth:
-        verifier.accept_enrollment(auth.add_or_update(Method.DEVICE, offer))
+        verifier.accept_enrollment(
+            auth.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
+        )
         assert auth.enrolled[0].backend_ref == registry.backend_reference("pkcs11")
 
     def otp_accepted() -> None:

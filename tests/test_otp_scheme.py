@@ -168,7 +168,7 @@ def _with_suite(v: Verifier, suite: str, clock) -> Verifier:
 
 def _enroll(v: Verifier, user: str) -> PythonDevice:
     device = PythonDevice()
-    _, offer = v.create_offer(user, methods=[Method.DEVICE])
+    offer = v.create_offer(user, methods=[Method.DEVICE])
     v.accept_enrollment(device.enroll(offer, Method.DEVICE))
     return device
 
@@ -201,7 +201,7 @@ def test_a_credential_is_verified_with_its_own_suite_not_the_verifiers_default(
 def test_a_credential_keeps_the_suite_its_offer_named(verifier, clock):
     """identity.json's suite changed between the offer and the response: the credential
     gets the offer's suite, the one the device enrolled with, so its OTPs verify."""
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     device = PythonDevice()
     response = device.enroll(offer, Method.DEVICE)
     changed = _with_suite(verifier, SIX, clock)
@@ -211,7 +211,7 @@ def test_a_credential_keeps_the_suite_its_offer_named(verifier, clock):
 
 
 def test_the_verifier_refuses_a_suite_no_token_can_feed(verifier, clock):
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     response = PythonDevice().enroll(offer, Method.DEVICE)
     bad = _with_suite(verifier, "OCRA-1:HOTP-SHA1-6:QN08", clock)
     with pytest.raises(InvalidInput, match="HMAC-SHA256"):
@@ -241,17 +241,19 @@ def test_the_authenticator_refuses_an_offer_with_a_suite_no_token_can_feed(
     pin_file.chmod(0o600)
     uri = Pkcs11Uri(token=token.label, module_path=token.module_path, pin_source=f"file:{pin_file}")
     config = Config(methods={Method.DEVICE: MethodConfig("pkcs11", {"uri": str(uri)})})
-    offer, _ = verifier.create_offer("alice", methods=[Method.DEVICE])
+    issued = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer, code = issued.offer, issued.activation_code
     forged = dataclasses.replace(offer, suite="OCRA-1:HOTP-SHA1-6:QN08")
     text = forged.to_text(verifier.keys.sign_raw)  # signed by the verifier itself
     assert EnrollmentOffer.from_text(text)[0].suite == forged.suite
     with Authenticator(tmp_path / "auth", config, clock=clock) as a:
         with pytest.raises(InvalidInput, match="HMAC-SHA256"):
-            a.add_or_update(Method.DEVICE, text)
+            a.add_or_update(Method.DEVICE, text, activation_code=code)
         assert a.enrolled == []
         # Nothing was made on the token: the good offer enrolls without --replace.
-        _, good = verifier.create_offer("alice", methods=[Method.DEVICE])
-        verifier.accept_enrollment(a.add_or_update(Method.DEVICE, good))
+        good = verifier.create_offer("alice", methods=[Method.DEVICE])
+        response = a.add_or_update(Method.DEVICE, good.text, activation_code=good.activation_code)
+        verifier.accept_enrollment(response)
         # And that token's OTPs go through the same scheme on both sides.
         changed = _with_suite(verifier, SIX, clock)
         session = changed.start_session("alice", "Log in")

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _cli import PREFIX, cli_ok, error_line, run_cli
+from _cli import PREFIX, cli_ok, code_file, error_line, run_cli
 
 from hsm_auth.demo import prepare
 from hsm_auth.testing.softhsm import softhsm_available
@@ -96,9 +96,13 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         for method in ("device", "pin", "biometric"):
             if method == "biometric" and "fido2" not in str(tokens.methods):
                 continue
-            offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
+            offer = cli_ok(
+                home, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", method
+            )
             pin = ["--pin-file", str(home / "offline.pin")] if method == "pin" else []
-            response = cli_ok(home, "enroll", "--method", method, *pin, stdin=offer)
+            response = cli_ok(
+                home, "enroll", *code_file(home), "--method", method, *pin, stdin=offer
+            )
             cli_ok(home, "verifier", "enroll", stdin=response)
         yield home
 
@@ -135,8 +139,9 @@ def test_a_state_directory_others_can_write_is_refused(
 ) -> None:
     d = home / sub
     with chmod(d, 0o777):
-        state_refused(home, args, f"{d} is writable by group or others (mode 0777)",
-                      f"chmod 700 {d}")
+        state_refused(
+            home, args, f"{d} is writable by group or others (mode 0777)", f"chmod 700 {d}"
+        )
     with chmod(d, 0o770):
         state_refused(home, args, "mode 0770", f"chmod 700 {d}")
     with chmod(d, 0o755):  # readable is not writable: the files that are secret are 0600
@@ -145,8 +150,12 @@ def test_a_state_directory_others_can_write_is_refused(
 
 def test_a_home_others_can_write_is_refused(home: Path) -> None:
     with chmod(home, 0o777):
-        state_refused(home, ("verifier", "credentials"), f"{home} is writable by group or others",
-                      f"chmod 700 {home}")
+        state_refused(
+            home,
+            ("verifier", "credentials"),
+            f"{home} is writable by group or others",
+            f"chmod 700 {home}",
+        )
         state_refused(home, ("methods",), f"chmod 700 {home}")
 
 
@@ -155,8 +164,14 @@ def test_a_home_given_as_a_symlink_is_refused(home: Path, tmp_path: Path) -> Non
     link.symlink_to(home)
     state_refused(link, ("methods",), f"{link} is a symbolic link")
     env = {**os.environ, "HSM_AUTH_HOME": str(link)}
-    result = subprocess.run([sys.executable, "-m", "hsm_auth", "methods"], env=env,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "hsm_auth", "methods"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     refused(result, 10, "symbolic link")
 
 
@@ -172,8 +187,12 @@ def test_a_backend_state_directory_others_can_write_is_refused(
         pytest.skip(f"{sub}: that backend is not available here")
     data = session(home)
     with chmod(d, 0o777):
-        line = refused(run_cli(home, "finish", "--method", method, data), 10,
-                       f"{d} is writable by group or others", f"chmod 700 {d}")
+        line = refused(
+            run_cli(home, "finish", "--method", method, data),
+            10,
+            f"{d} is writable by group or others",
+            f"chmod 700 {d}",
+        )
         assert "OTP" not in line
     with replaced_by_symlink(d):
         refused(run_cli(home, "finish", "--method", method, data), 10, f"{d} is a symbolic link")
@@ -231,8 +250,12 @@ def test_a_symlinked_parent_owned_by_another_user_is_refused(tmp_path: Path) -> 
     link = tmp_path / "via"
     link.symlink_to(real)
     os.lchown(link, NOBODY, -1)
-    state_refused(link / "home", ("verifier", "credentials"),
-                  f"{link} (above", "symbolic link owned by nobody")
+    state_refused(
+        link / "home",
+        ("verifier", "credentials"),
+        f"{link} (above",
+        "symbolic link owned by nobody",
+    )
     os.lchown(link, 0, -1)
     cli_ok(link / "home", "verifier", "credentials")
     os.chown(real, NOBODY, -1)  # where a trusted symlink leads is checked as well
@@ -285,8 +308,12 @@ def test_a_state_file_owned_by_another_user_is_refused(
 def test_the_key_file_readable_by_others_is_refused(home: Path) -> None:
     path = home / "verifier" / "keys.pem"
     with chmod(path, 0o640):
-        state_refused(home, ("verifier", "credentials"),
-                      f"{path} is accessible by group or others (mode 0640)", f"chmod 600 {path}")
+        state_refused(
+            home,
+            ("verifier", "credentials"),
+            f"{path} is accessible by group or others (mode 0640)",
+            f"chmod 600 {path}",
+        )
 
 
 @pytest.mark.parametrize(
@@ -360,9 +387,12 @@ def test_a_pin_file_others_can_read_or_write_is_refused(home: Path, tmp_path: Pa
     pin = (home / "offline.pin").read_bytes()
     for mode in (0o644, 0o640, 0o602):
         path = pin_file(tmp_path, pin, mode)
-        line = refused(otp(home, "pin", "--pin-file", str(path)), 10,
-                       f"the PIN file {path} is accessible by group or others",
-                       f"chmod 600 {path}")
+        line = refused(
+            otp(home, "pin", "--pin-file", str(path)),
+            10,
+            f"the PIN file {path} is accessible by group or others",
+            f"chmod 600 {path}",
+        )
         assert pin.decode() not in line
     assert otp(home, "pin", "--pin-file", str(pin_file(tmp_path, pin))).returncode == 0
 
@@ -400,8 +430,9 @@ def test_bad_pin_fd_content_is_one_clear_error(home: Path, case: str) -> None:
             os.write(w, content)
         os.close(w)
         w = -1
-        result = run_cli(home, "finish", "--method", "pin", "--pin-fd", str(r), session(home),
-                     pass_fds=(r,))
+        result = run_cli(
+            home, "finish", "--method", "pin", "--pin-fd", str(r), session(home), pass_fds=(r,)
+        )
     finally:
         os.close(r)
         if w >= 0:
@@ -432,8 +463,9 @@ def test_a_pin_fd_gives_one_line(home: Path) -> None:
     os.write(w, pin + b"\nmore lines that are not the PIN\n")
     os.close(w)
     try:
-        result = run_cli(home, "finish", "--method", "pin", "--pin-fd", str(r), session(home),
-                     pass_fds=(r,))
+        result = run_cli(
+            home, "finish", "--method", "pin", "--pin-fd", str(r), session(home), pass_fds=(r,)
+        )
     finally:
         os.close(r)
     assert result.returncode == 0, result.stderr
@@ -446,6 +478,7 @@ def test_pam_refuses_an_oversized_pin_as_such_not_as_cancelled() -> None:
         "try:\n    read_authtok()\nexcept InvalidInput as e:\n    print(e)\n"
     )
     for data in (b"7" * 5000, b"7" * 4097 + b"\x00"):
-        result = subprocess.run([sys.executable, "-c", code], input=data,
-                                capture_output=True, timeout=60, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", code], input=data, capture_output=True, timeout=60, check=True
+        )
         assert result.stdout == b"the PIN from PAM (stdin) is longer than 4096 bytes\n"

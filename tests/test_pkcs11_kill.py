@@ -111,9 +111,11 @@ def test_sigkill_during_otp_never_loses_the_counter(softhsm_env, tmp_path):  # t
     config = Config(methods={Method.DEVICE: MethodConfig("pkcs11", {"uri": uri})})
     directory = tmp_path / "auth"
     verifier = Verifier.init(tmp_path / "verifier", "Kill test")
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     with Authenticator(directory, config) as auth:
-        verifier.accept_enrollment(auth.add_or_update(Method.DEVICE, offer))
+        verifier.accept_enrollment(
+            auth.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
+        )
         counter = auth.enrolled[0].counter
     store = Pkcs11KeyStore.open({"uri": uri})
     no_pin = Authorization()
@@ -181,7 +183,9 @@ def test_sigkill_during_otp_never_loses_the_counter(softhsm_env, tmp_path):  # t
         store.close()
         verifier.close()
     points = {(index, ns // 1000) for index, ns in inside}
-    print(f"\n{len(inside)} kills inside an OTP in {attempt} runs, {len(points)} distinct "
-          f"(OTP, us) points, per OTP index {[sum(i == k for i, _ in inside) for k in range(OTPS)]}"
-          f", {torn} real kills left one counter object gone or damaged; final ATC {last}")
+    print(
+        f"\n{len(inside)} kills inside an OTP in {attempt} runs, {len(points)} distinct "
+        f"(OTP, us) points, per OTP index {[sum(i == k for i, _ in inside) for k in range(OTPS)]}"
+        f", {torn} real kills left one counter object gone or damaged; final ATC {last}"
+    )
     assert len(points) >= KILLS

@@ -142,6 +142,68 @@ def credential_id(signing_key: bytes) -> bytes:
     return hashlib.sha256(b"hsm-auth/credential-id/v3" + signing_key).digest()[:16]
 
 
+# --- Activation --------------------------------------------------------------------------------
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def gf32_mul(a: int, b: int) -> int:
+    """Product in GF(32) = GF(2)[x] / (x^5 + x^2 + 1)."""
+    out = 0
+    for i in range(5):
+        if b >> i & 1:
+            out ^= a << i
+    for bit in range(8, 4, -1):  # reduce: x^5 = x^2 + 1
+        if out >> bit & 1:
+            out ^= 0b100101 << (bit - 5)
+    return out
+
+
+def gf32_pow(a: int, n: int) -> int:
+    out = 1
+    for _ in range(n):
+        out = gf32_mul(out, a)
+    return out
+
+
+def code_is_valid(symbols: list[int]) -> bool:
+    """S_j = sum of v_i * alpha^(j(11-i)) is 0 for j = 1, 2 (alpha = 2)."""
+    for j in (1, 2):
+        s = 0
+        for i, v in enumerate(symbols):
+            s ^= gf32_mul(v, gf32_pow(2, j * (11 - i)))
+        if s:
+            return False
+    return True
+
+
+def activation_code(code_mac: bytes) -> str:
+    """The first 50 bits of code_mac as 10 symbols, then the one check pair that makes a
+    valid word (found by trying all 1024), in groups of four."""
+    bits = int.from_bytes(code_mac, "big") >> (256 - 50)
+    data = [bits >> (5 * (9 - i)) & 31 for i in range(10)]
+    [check] = [[a, b] for a in range(32) for b in range(32) if code_is_valid([*data, a, b])]
+    text = "".join(CROCKFORD[v] for v in data + check)
+    return f"{text[0:4]}-{text[4:8]}-{text[8:12]}"
+
+
+def normalize_code(typed: str) -> str | None:
+    """The 12 normalized characters, or None for a typo."""
+    chars = typed.upper().replace("-", "").replace(" ", "").replace("\t", "")
+    chars = chars.replace("I", "1").replace("L", "1").replace("O", "0")
+    if len(chars) != 12 or any(c not in CROCKFORD for c in chars):
+        return None
+    return chars if code_is_valid([CROCKFORD.index(c) for c in chars]) else None
+
+
+def activation_key(code: str, offer_hash: bytes) -> bytes:
+    normalized = normalize_code(code)
+    assert normalized is not None
+    return HKDF(hashes.SHA256(), 32, salt=offer_hash, info=b"hsm-auth/activation-key/v3").derive(
+        normalized.encode("ascii")
+    )
+
+
 # --- FIDO2 key transport ----------------------------------------------------------------------
 
 
@@ -225,10 +287,24 @@ def compute(v: dict[str, Any]) -> dict[str, Any]:
         offer_hash, v["user"], v["method"], out["signing_key"], out["agreement_key"]
     )
     out["confirmation"] = conf = confirmation(z, t)
+    root = v["file_root_secret"]
+    k_code = HKDF(
+        hashes.SHA256(), 32, salt=None, info=b"hsm-auth/file-keys/activation-code-key/v1"
+    ).derive(root)
+    out["activation_code_mac"] = code_mac = hmac.digest(
+        k_code, b"hsm-auth/activation-code/v3" + b"\x00" + v["offer_id"], "sha256"
+    )
+    out["activation_code"] = code = activation_code(code_mac)
+    assert normalize_code(v["activation_code_typed"]) == code.replace("-", "")
+    assert normalize_code(v["activation_code_typo"]) is None
+    out["activation_key"] = k_act = activation_key(code, offer_hash)
+    out["activation_mac"] = act_mac = hmac.digest(
+        k_act, b"hsm-auth/activation/v3" + b"\x00" + t, "sha256"
+    )
     out["response_body"] = body(
         RESPONSE, v["verifier_id"], v["offer_id"], v["user"], METHOD_CODES[v["method"]],
         v["backend"], out["signing_key"], out["agreement_key"], None, v["initial_atc"], None,
-        conf,
+        conf, act_mac,
     )
     out["credential_id"] = cid = credential_id(out["signing_key"])
 
@@ -437,7 +513,7 @@ def test_the_vectors_follow_from_the_formulas_alone() -> None:
 
 @pytest.mark.softhsm
 def test_a_softhsm_otp_is_recomputed_from_the_document(tmp_path: Path) -> None:
-    from _cli import cli_ok
+    from _cli import cli_ok, code_file
 
     from hsm_auth.demo import prepare
     from hsm_auth.testing.softhsm import softhsm_available
@@ -450,8 +526,10 @@ def test_a_softhsm_otp_is_recomputed_from_the_document(tmp_path: Path) -> None:
     with prepare(home, tpm=False, fido2=False):
         pass
     cli_ok(home, "verifier", "init", "--name", "Independent verifier")
-    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", "device")
-    response = cli_ok(home, "enroll", "--method", "device", "--offer", offer)
+    offer = cli_ok(
+        home, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", "device"
+    )
+    response = cli_ok(home, "enroll", *code_file(home), "--method", "device", "--offer", offer)
     cli_ok(home, "verifier", "enroll", response)
     context = "Zahlung an Müller: 9,99 €"
     session = json.loads(

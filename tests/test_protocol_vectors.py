@@ -17,7 +17,7 @@ import pytest
 from _vectors import DOCUMENT, load, parse
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
-from hsm_auth import device_ca, ec, key_transport, ocra, qr, textcode, transcript
+from hsm_auth import activation, device_ca, ec, key_transport, ocra, qr, textcode, transcript
 from hsm_auth.methods import Method
 from hsm_auth.otp_scheme import OtpScheme
 from hsm_auth.protocol import (
@@ -85,9 +85,7 @@ class _VectorKeys(FileVerifierKeys):
 
 
 def _file_keys() -> FileVerifierKeys:
-    return _VectorKeys(
-        _key("verifier_signing_scalar"), cec.generate_private_key(ec.CURVE), cache_bytes=0
-    )
+    return _VectorKeys(_key("verifier_signing_scalar"), _key("file_root_secret"), cache_bytes=0)
 
 
 def _sealed(keys: FileVerifierKeys, credential: CredentialRecord) -> CredentialRecord:
@@ -142,6 +140,14 @@ def _computed() -> dict[str, Any]:
 
     out["transcript"] = t = _transcript(method, out["signing_key"], out["agreement_key"])
     out["confirmation"] = confirmation = mac(transcript.confirmation_message(t))
+    # Activation: the code the key file makes of the offer id, and the response's MAC.
+    out["activation_code_mac"] = keys.activation_hmac(activation.code_input(V["offer_id"]))
+    out["activation_code"] = code = keys.activation_code(V["offer_id"])
+    assert activation.normalize(V["activation_code_typed"]) == code.replace("-", "")
+    with pytest.raises(activation.ActivationCodeTypo):
+        activation.normalize(V["activation_code_typo"])
+    out["activation_key"] = activation.activation_key(code, out["offer_hash"])
+    out["activation_mac"] = activation_mac = activation.activation_mac(code, out["offer_hash"], t)
     response = EnrollmentResponse(
         verifier_id=V["verifier_id"],
         offer_id=V["offer_id"],
@@ -154,6 +160,7 @@ def _computed() -> dict[str, Any]:
         initial_atc=V["initial_atc"],
         attestation=None,
         confirmation=confirmation,
+        activation_mac=activation_mac,
     )
     decoded_response, signed_response = EnrollmentResponse.decode(response.encode(None))
     assert decoded_response == response and signed_response.signature == b""
@@ -256,6 +263,7 @@ def test_every_vector_is_an_input_or_checked() -> None:
         "rfc6287_suite", "rfc6287_key", "rfc6287_counter", "rfc6287_question",
         "offer_signature", "verification_signature",
         "file_root_secret", "device_ca_certificate", "device_certificate", "result_signature",
+        "activation_code_typed", "activation_code_typo",
     }  # fmt: skip
     assert inputs == INPUTS
 

@@ -117,8 +117,10 @@ def enrolled_home(softhsm_env, tmp_path):
     paths = Paths.from_env(home)
     with Verifier.init(paths.verifier_dir, "startup") as verifier:
         with Authenticator(paths.authenticator_dir, load_config(paths)) as auth:
-            _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
-            verifier.accept_enrollment(auth.add_or_update(Method.DEVICE, offer))
+            offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+            verifier.accept_enrollment(
+                auth.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
+            )
         session = verifier.start_session("alice", "Log in to ws-7", methods=[Method.DEVICE])
         sync = verifier.sync_message("alice", Method.DEVICE)
     return home, session.text, sync
@@ -192,8 +194,16 @@ def test_parsing_a_command_alone_gives_what_the_whole_parser_gives(monkeypatch):
     paths = list(_command_paths(cli.build_parser()))
     assert ("verifier", "session") in paths and ("start",) in paths
     tails = (
-        [], ["--help"], ["--bogus"], ["--home"], ["--home", "/h", "--json"], ["--version"],
-        ["HA1:X"], ["--user", "u", "--method", "device"], ["--pin-fd", "x"], ["start"],
+        [],
+        ["--help"],
+        ["--bogus"],
+        ["--home"],
+        ["--home", "/h", "--json"],
+        ["--version"],
+        ["HA1:X"],
+        ["--user", "u", "--method", "device"],
+        ["--pin-fd", "x"],
+        ["start"],
     )
     compared = 0
     for path in paths:

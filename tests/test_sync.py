@@ -12,7 +12,7 @@ import os
 
 import cbor2
 import pytest
-from _cli import cli_ok, run_cli
+from _cli import cli_ok, code_file, run_cli
 from _verifier_device import Clock
 
 from hsm_auth import textcode
@@ -50,8 +50,9 @@ def auth(softhsm_env, tmp_path, clock, verifier):
     uri = Pkcs11Uri(token=token.label, module_path=token.module_path, pin_source=f"file:{pin_file}")
     config = Config(methods={Method.DEVICE: MethodConfig("pkcs11", {"uri": str(uri)})})
     with Authenticator(tmp_path / "auth", config, clock=clock) as a:
-        _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
-        verifier.accept_enrollment(a.add_or_update(Method.DEVICE, offer))
+        offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+        response = a.add_or_update(Method.DEVICE, offer.text, activation_code=offer.activation_code)
+        verifier.accept_enrollment(response)
         yield a
 
 
@@ -176,8 +177,10 @@ def test_cli_login_required_then_sync_then_accepted(tmp_path):
     with prepare(home, tpm=False, fido2=False):
         pass
     cli_ok(home, "verifier", "init", "--name", "CLI")
-    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", "device")
-    response = cli_ok(home, "enroll", "--method", "device", stdin=offer)
+    offer = cli_ok(
+        home, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", "device"
+    )
+    response = cli_ok(home, "enroll", *code_file(home), "--method", "device", stdin=offer)
     cli_ok(home, "verifier", "enroll", stdin=response)
 
     def session() -> tuple[str, str]:

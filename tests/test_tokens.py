@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from _cli import cli_ok, run_cli
+from _cli import cli_ok, code_file, run_cli
 
 from hsm_auth import tokens
 from hsm_auth.config import Paths
@@ -22,8 +22,10 @@ from hsm_auth.testing.swtpm import socket_accepts, swtpm_available
 
 
 def flow(home: Path, method: str, *pin: str) -> str:
-    offer = cli_ok(home, "verifier", "offer", "--user", "alice", "--methods", method)
-    response = cli_ok(home, "enroll", "--method", method, *pin, stdin=offer)
+    offer = cli_ok(
+        home, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", method
+    )
+    response = cli_ok(home, "enroll", *code_file(home), "--method", method, *pin, stdin=offer)
     cli_ok(home, "verifier", "enroll", stdin=response)
     session = json.loads(
         cli_ok(home, "--json", "verifier", "session", "--user", "alice", "--context", "c")

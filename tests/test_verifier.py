@@ -11,7 +11,7 @@ import logging
 
 import pytest
 from _unattested import allow_unattested_fido2_methods
-from _verifier_device import Clock, PythonDevice
+from _verifier_device import Clock, PythonDevice, activated
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
 from hsm_auth import ec
@@ -24,7 +24,7 @@ from hsm_auth.errors import (
     UntrustedMessage,
 )
 from hsm_auth.methods import Method
-from hsm_auth.protocol import EnrollmentOffer
+from hsm_auth.protocol import EnrollmentOffer, EnrollmentResponse
 from hsm_auth.verifier import Verifier
 
 ENGINES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -55,7 +55,7 @@ def verifier(tmp_path, clock, database):
 @pytest.fixture
 def device(verifier):
     d = PythonDevice()
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     verifier.accept_enrollment(d.enroll(offer, Method.DEVICE))
     return d
 
@@ -163,12 +163,12 @@ def test_session_for_unenrolled_user_or_method(verifier, device):
 
 def test_enrollment_offer_is_single_use_and_expires(verifier, clock):
     d = PythonDevice()
-    _, offer = verifier.create_offer("bob", methods=[Method.PIN])
+    offer = verifier.create_offer("bob", methods=[Method.PIN])
     response = d.enroll(offer, Method.PIN)
     verifier.accept_enrollment(response)
     with pytest.raises(InvalidInput, match="already used"):
         verifier.accept_enrollment(response)
-    _, offer2 = verifier.create_offer("carol", methods=[Method.PIN])
+    offer2 = verifier.create_offer("carol", methods=[Method.PIN])
     clock.now += verifier.identity.offer_ttl + 1
     with pytest.raises(ExpiredMessage):
         verifier.accept_enrollment(PythonDevice().enroll(offer2, Method.PIN))
@@ -176,24 +176,25 @@ def test_enrollment_offer_is_single_use_and_expires(verifier, clock):
 
 def test_enrollment_needs_proof_of_possession(verifier):
     d = PythonDevice()
-    _, offer = verifier.create_offer("bob", methods=[Method.PIN])
+    offer = verifier.create_offer("bob", methods=[Method.PIN])
     forged = d.enroll(offer, Method.PIN, sign_with=cec.generate_private_key(cec.SECP256R1()))
     with pytest.raises(UntrustedMessage):
         verifier.accept_enrollment(forged)
 
 
 def test_method_not_in_offer_is_refused(verifier):
-    _, offer = verifier.create_offer("bob", methods=[Method.PIN])
+    offer = verifier.create_offer("bob", methods=[Method.PIN])
     with pytest.raises(UnknownMethod):
         verifier.accept_enrollment(PythonDevice().enroll(offer, Method.DEVICE))
 
 
 def test_re_enrollment_needs_a_replace_offer(verifier, device):
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     with pytest.raises(AlreadyEnrolled):
         verifier.accept_enrollment(PythonDevice().enroll(offer, Method.DEVICE))
     new = PythonDevice()
-    _, replace = verifier.create_offer("alice", methods=[Method.DEVICE], replace=True)
+    verifier.policy = dataclasses.replace(verifier.policy, allow_override=True)
+    replace = verifier.create_offer("alice", methods=[Method.DEVICE], replace=True)
     verifier.accept_enrollment(new.enroll(replace, Method.DEVICE))
     s = verifier.start_session("alice", "ctx")
     with pytest.raises(InvalidToken):
@@ -301,7 +302,7 @@ def test_lockout_and_unlock_are_audited(verifier, device):
 
 def test_fido2_style_wrapped_key_is_stored_as_ciphertext_and_works(verifier):
     d = PythonDevice(wrapped=True)
-    _, offer = verifier.create_offer("bob", methods=[Method.BIOMETRIC])
+    offer = verifier.create_offer("bob", methods=[Method.BIOMETRIC])
     verifier.accept_enrollment(d.enroll(offer, Method.BIOMETRIC))
     cred = verifier.credential("bob", Method.BIOMETRIC)
     assert cred.agreement_key is None and cred.wrapped_otp_key is not None
@@ -312,15 +313,18 @@ def test_fido2_style_wrapped_key_is_stored_as_ciphertext_and_works(verifier):
 
 def test_wrapped_key_that_does_not_decrypt_is_refused_at_enrollment(verifier):
     d = PythonDevice(wrapped=True)
-    _, offer = verifier.create_offer("bob", methods=[Method.FACE])
+    offer = verifier.create_offer("bob", methods=[Method.FACE])
     other = cec.generate_private_key(cec.SECP256R1()).public_key()
-    parsed, _ = EnrollmentOffer.from_text(offer)
+    parsed, _ = EnrollmentOffer.from_text(offer.text)
     # Wrapped to a key that is not the verifier's: refused now, not at the first login
     # (the key confirmation cannot check under a key that does not unwrap).
     fake = dataclasses.replace(parsed, verifier_agreement_key=ec.encode_point(other))
-    response = d.enroll(fake.to_text(verifier.keys.sign_raw), Method.FACE)
+    response, _ = EnrollmentResponse.from_text(
+        d.enroll(fake.to_text(verifier.keys.sign_raw), Method.FACE)
+    )
+    # bob has the code: the activation MAC is right for the real offer
     with pytest.raises(UntrustedMessage, match="key confirmation"):
-        verifier.accept_enrollment(response)
+        verifier.accept_enrollment(activated(response, offer).to_text(d.sign_raw))
     with pytest.raises(UnknownMethod):
         verifier.credential("bob", Method.FACE)
 

@@ -9,6 +9,7 @@ import io
 import json
 
 import pytest
+from _cli import code_file
 from _verifier_device import PythonDevice
 
 from hsm_auth import cli
@@ -38,8 +39,11 @@ def run(home, *argv, code=0):
 def test_lockout_unlock_show_revoke_audit(home):
     run(home, "verifier", "init", "--name", "Admin test")
     device = PythonDevice()
-    offer, _ = run(home, "verifier", "offer", "--user", "alice", "--methods", "device")
-    run(home, "verifier", "enroll", device.enroll(offer, Method.DEVICE))
+    offer, _ = run(
+        home, "verifier", "offer", *code_file(home), "--user", "alice", "--methods", "device"
+    )
+    code = (home / "activation-code").read_text().strip()
+    run(home, "verifier", "enroll", device.enroll(offer, Method.DEVICE, activation_code=code))
     out, _ = run(home, "verifier", "session", "--user", "alice", "--context", "ctx", "--json")
     session = json.loads(out)
     data, _ = VerificationData.from_text(session["data"])

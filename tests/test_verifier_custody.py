@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from _unattested import allow_unattested_fido2_methods
-from _verifier_device import Clock, PythonDevice, enroll
+from _verifier_device import Clock, PythonDevice, activated, enroll
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
@@ -105,10 +105,14 @@ def test_an_attacker_driving_the_hsm_gets_no_enrolled_otp_key(hsm, authenticator
         v.purge_every = 0
         alice = enroll(v, "alice")  # PKCS#11-style: OTP key = ECDH x-coordinate
         bob = enroll(v, "bob", Method.FACE, wrapped=True)  # FIDO2-style: wrapped key
-        _, offer = v.create_offer("carol", methods=[Method.DEVICE])  # a real SoftHSM token
-        v.accept_enrollment(authenticator.add_or_update(Method.DEVICE, offer))
+        offer = v.create_offer("carol", methods=[Method.DEVICE])  # a real SoftHSM token
+        v.accept_enrollment(
+            authenticator.add_or_update(
+                Method.DEVICE, offer.text, activation_code=offer.activation_code
+            )
+        )
         # The control: an offer still pending, and the key a device would get from it.
-        pending, _ = v.create_offer("dave", methods=[Method.DEVICE])
+        pending = v.create_offer("dave", methods=[Method.DEVICE]).offer
         dave = cec.generate_private_key(ec.CURVE)
         dave_key = dave.exchange(cec.ECDH(), ec.decode_point(pending.verifier_agreement_key))
 
@@ -137,8 +141,11 @@ def test_an_attacker_driving_the_hsm_gets_no_enrolled_otp_key(hsm, authenticator
     assert report["attempts"] > 200 and report["refused"] > 100
     assert probes["alice"] == hmac.digest(alice.otp_key, PROBE, hashlib.sha256)  # the oracle
     assert probes["bob"] == hmac.digest(bob.otp_key, PROBE, hashlib.sha256)
-    leaked = sorted(user for user, expected in probes.items() if any(
-        hmac.compare_digest(hmac.digest(k, PROBE, hashlib.sha256), expected) for k in got))
+    leaked = sorted(
+        user
+        for user, expected in probes.items()
+        if any(hmac.compare_digest(hmac.digest(k, PROBE, hashlib.sha256), expected) for k in got)
+    )
     assert leaked == [], f"the OTP keys of {leaked} came out of the HSM"
     # What the attacker found: the signing and device CA key pairs, the KEK, the
     # pending offer's key.
@@ -146,8 +153,9 @@ def test_an_attacker_driving_the_hsm_gets_no_enrolled_otp_key(hsm, authenticator
     assert len([i for i in inventory if i.startswith("PRIVATE_KEY")]) == 3, inventory
     assert any(i == f"PRIVATE_KEY {i.split()[1].rsplit('/', 1)[0]}/ca" for i in inventory)
     assert any(i.endswith("/kek") for i in inventory), inventory
-    assert any(i.endswith(f"/offer/{pending.offer_id.hex()}/{pending.expires}")
-               for i in inventory), inventory
+    assert any(
+        i.endswith(f"/offer/{pending.offer_id.hex()}/{pending.expires}") for i in inventory
+    ), inventory
 
     # The attack destroyed nothing: every credential still verifies.
     with Verifier.open(tmp_path / "verifier", clock=Clock()) as v:
@@ -193,8 +201,7 @@ def value_reads(monkeypatch):
     return reads
 
 
-def test_no_secret_key_value_is_read_in_a_whole_hsm_flow(hsm, authenticator, tmp_path,
-                                                        value_reads):
+def test_no_secret_key_value_is_read_in_a_whole_hsm_flow(hsm, authenticator, tmp_path, value_reads):
     import pkcs11
 
     _, uri = hsm
@@ -203,8 +210,12 @@ def test_no_secret_key_value_is_read_in_a_whole_hsm_flow(hsm, authenticator, tmp
     with Verifier.init(tmp_path / "verifier", "Custody", clock=clock, hsm=uri) as v:
         alice = enroll(v, "alice")
         bob = enroll(v, "bob", Method.FACE, wrapped=True)
-        _, offer = v.create_offer("carol", methods=[Method.DEVICE])
-        v.accept_enrollment(authenticator.add_or_update(Method.DEVICE, offer))
+        offer = v.create_offer("carol", methods=[Method.DEVICE])
+        v.accept_enrollment(
+            authenticator.add_or_update(
+                Method.DEVICE, offer.text, activation_code=offer.activation_code
+            )
+        )
         v.create_offer("dave")  # left pending, then expired and purged
         for user, device in (("alice", alice), ("bob", bob)):
             s = v.start_session(user, "Log in")
@@ -236,11 +247,13 @@ def test_a_refused_wrapped_key_and_a_missing_offer_key_under_the_hsm(hsm, tmp_pa
     allow_unattested_fido2_methods(tmp_path / "verifier")  # software FIDO2 stand-ins
     with Verifier.init(tmp_path / "verifier", "Custody", clock=Clock(), hsm=uri) as v:
         v.purge_every = 0
-        this, _ = v.create_offer("erin", methods=[Method.FACE])
-        _, other_text = v.create_offer("erin", methods=[Method.FACE])
+        this_issued = v.create_offer("erin", methods=[Method.FACE])
+        this = this_issued.offer
+        other_text = v.create_offer("erin", methods=[Method.FACE])
         device = PythonDevice(wrapped=True)
         response, _ = EnrollmentResponse.from_text(device.enroll(other_text, Method.FACE))
-        moved = dataclasses.replace(response, offer_id=this.offer_id)
+        # erin holds both codes: the activation MAC is right for this offer
+        moved = activated(dataclasses.replace(response, offer_id=this.offer_id), this_issued)
         text = moved.to_text(
             lambda body: ec.der_to_raw(device.signing.sign(body, cec.ECDSA(hashes.SHA256())))
         )
@@ -264,7 +277,11 @@ def _accept_in_child(directory: Path, response: str, kill_at: int, tmp_path: Pat
     path.write_text(response)
     done = subprocess.run(
         [sys.executable, str(KILLER), str(directory), str(path), str(kill_at)],
-        capture_output=True, text=True, timeout=120, check=False, env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=os.environ.copy(),
     )
     if done.returncode == -9:
         return -9
@@ -282,7 +299,9 @@ def _check_no_stale_offer_key(v: Verifier) -> None:
 
 @pytest.mark.slow
 def test_a_kill_inside_accept_enrollment_leaves_nothing_that_purge_does_not_remove(
-    hsm, tmp_path, capsys,
+    hsm,
+    tmp_path,
+    capsys,
 ):
     _, uri = hsm
     home = tmp_path / "home"
@@ -291,8 +310,8 @@ def test_a_kill_inside_accept_enrollment_leaves_nothing_that_purge_does_not_remo
 
     def offer_for(v: Verifier, user: str) -> tuple[PythonDevice, bytes, str]:
         device = PythonDevice()
-        offer, text = v.create_offer(user, methods=[Method.DEVICE])
-        return device, offer.offer_id, device.enroll(text, Method.DEVICE)
+        issued = v.create_offer(user, methods=[Method.DEVICE])
+        return device, issued.offer.offer_id, device.enroll(issued, Method.DEVICE)
 
     with Verifier.open(directory) as v:
         v.purge_every = 0
@@ -348,7 +367,7 @@ def test_purge_removes_the_keys_of_expired_offers_only(hsm, tmp_path):
         v.purge_every = 0
         v.create_offer("alice")
         clock.now += v.identity.offer_ttl // 2
-        late, _ = v.create_offer("bob")
+        late = v.create_offer("bob").offer
         assert v.purge() == 0
         clock.now += v.identity.offer_ttl // 2 + 1  # the first expired, not the second
         assert v.purge_offer_keys() == 1

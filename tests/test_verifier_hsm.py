@@ -69,8 +69,11 @@ def test_keys_live_in_the_hsm_and_are_not_extractable(tmp_path, verifier):
                          key=lambda k: k[attr.LABEL])
     assert (ca[attr.LABEL].rsplit("/", 1)[1], signing[attr.LABEL].rsplit("/", 1)[1]) == (
         "ca", "sign")
-    [kek] = _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY)
-    for key in (signing, ca, kek):
+    secrets = _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY)
+    [kek] = [k for k in secrets if k[attr.LABEL].endswith("/kek")]
+    [act] = [k for k in secrets if k[attr.LABEL].endswith("/activation")]
+    assert len(secrets) == 2
+    for key in (signing, ca, kek, act):
         assert key[attr.SENSITIVE] is True
         assert key[attr.EXTRACTABLE] is False
         assert (key[attr.MODIFIABLE], key[attr.COPYABLE]) == (False, False)
@@ -81,15 +84,26 @@ def test_keys_live_in_the_hsm_and_are_not_extractable(tmp_path, verifier):
                                  attr.DERIVE, attr.SIGN)}
     assert usage == {attr.WRAP: True, attr.UNWRAP: True, attr.ENCRYPT: False,
                      attr.DECRYPT: False, attr.DERIVE: False, attr.SIGN: False}
-    assert set(json.loads(identity)["keys"]) == {"type", "token", "signing", "kek", "ca"}
+    # the activation-code key: a 256-bit generic secret that can only HMAC (CKA_SIGN)
+    usage = {a: act[a] for a in (attr.SIGN, attr.VERIFY, attr.WRAP, attr.UNWRAP, attr.ENCRYPT,
+                                 attr.DECRYPT, attr.DERIVE)}
+    assert usage == {attr.SIGN: True, attr.VERIFY: False, attr.WRAP: False, attr.UNWRAP: False,
+                     attr.ENCRYPT: False, attr.DECRYPT: False, attr.DERIVE: False}
+    assert (act[attr.KEY_TYPE], act[attr.VALUE_LEN], act[attr.TOKEN]) == (
+        pkcs11.KeyType.GENERIC_SECRET, 32, True
+    )
+    assert set(json.loads(identity)["keys"]) == {
+        "type", "token", "signing", "kek", "ca", "activation"
+    }
 
 
 def test_each_offer_has_its_own_agreement_key_until_it_is_used(tmp_path, verifier):
     import pkcs11
 
     attr = pkcs11.Attribute
-    first, _ = verifier.create_offer("alice", methods=[Method.DEVICE])
-    second, text = verifier.create_offer("bob", methods=[Method.DEVICE])
+    first = verifier.create_offer("alice", methods=[Method.DEVICE]).offer
+    issued = verifier.create_offer("bob", methods=[Method.DEVICE])
+    second = issued.offer
     assert first.verifier_agreement_key != second.verifier_agreement_key
     assert first.verifier_agreement_key != ec.encode_point(verifier.keys.signing_public)
     held = {k.offer_id: k.expires for k in verifier.keys.offer_keys()}
@@ -101,7 +115,7 @@ def test_each_offer_has_its_own_agreement_key_until_it_is_used(tmp_path, verifie
         True, False, True, False, True, False, False
     )
     assert key[attr.LABEL].endswith(f"/offer/{second.offer_id.hex()}/{second.expires}")
-    verifier.accept_enrollment(PythonDevice().enroll(text, Method.DEVICE))
+    verifier.accept_enrollment(PythonDevice().enroll(issued, Method.DEVICE))
     assert [k.offer_id for k in verifier.keys.offer_keys()] == [first.offer_id]
     # the offers' public halves were destroyed at once: only the signing and CA keys' are left
     publics = _objects(verifier.keys, pkcs11.ObjectClass.PUBLIC_KEY)
@@ -132,10 +146,11 @@ def test_otp_checks_run_in_the_hsm_and_leave_no_key_behind(tmp_path, verifier):
     assert verifier.verify(s.session_id, otp).atc == 1
     with pytest.raises(InvalidToken):
         verifier.verify(s.session_id, otp)
-    # Only the KEK remains: the per-check keys were destroyed, and so was the offer's
-    # agreement key (only the signing and CA keys are left).
-    [kek] = _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY)
-    assert kek[pkcs11.Attribute.LABEL].endswith("/kek")
+    # Only the KEK and the activation-code key remain: the per-check keys were destroyed,
+    # and so was the offer's agreement key (only the signing and CA keys are left).
+    secrets = _objects(verifier.keys, pkcs11.ObjectClass.SECRET_KEY)
+    labels = [k[pkcs11.Attribute.LABEL] for k in secrets]
+    assert sorted(label.rsplit("/", 1)[1] for label in labels) == ["activation", "kek"]
     assert len(_objects(verifier.keys, pkcs11.ObjectClass.PRIVATE_KEY)) == 2
 
 
@@ -233,8 +248,7 @@ def test_the_walk_finds_a_cached_key_with_file_keys(tmp_path):
         assert _holds(_reachable_bytes(v), device.otp_key)
 
 
-def test_a_token_uri_without_module_path_uses_the_backends_default(tmp_path, hsm_uri,
-                                                                    monkeypatch):
+def test_a_token_uri_without_module_path_uses_the_backends_default(tmp_path, hsm_uri, monkeypatch):
     """The keys find their token as the pkcs11 backend does (its default module)."""
     from hsm_auth_backends.pkcs11 import MODULE_ENV
 

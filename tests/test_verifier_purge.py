@@ -45,7 +45,7 @@ def _rows(v: Verifier) -> tuple[int, int]:
 
 def test_purge_deletes_only_what_expired_before_the_grace(verifier, clock):
     device = PythonDevice()
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     verifier.accept_enrollment(device.enroll(offer, Method.DEVICE))  # a used offer
     verifier.create_offer("bob")  # never used
     used = verifier.start_session("alice", "used")
@@ -75,7 +75,7 @@ def test_purge_deletes_only_what_expired_before_the_grace(verifier, clock):
 def test_writes_purge_now_and_then(verifier, clock, monkeypatch):
     verifier.create_offer("alice")
     device = PythonDevice()
-    _, offer = verifier.create_offer("carol", methods=[Method.DEVICE])
+    offer = verifier.create_offer("carol", methods=[Method.DEVICE])
     verifier.accept_enrollment(device.enroll(offer, Method.DEVICE))
     for context in ("a", "b", "c"):
         verifier.start_session("carol", context)
@@ -96,7 +96,9 @@ def test_writes_purge_now_and_then(verifier, clock, monkeypatch):
 def test_cli_verifier_purge(tmp_path, capsys):
     home = tmp_path / "home"
     assert main(["--home", str(home), "verifier", "init", "--name", "P"]) == 0
-    assert main(["--home", str(home), "verifier", "offer", "--user", "alice"]) == 0
+    code = str(tmp_path / "code")
+    assert main(["--home", str(home), "verifier", "offer", "--user", "alice",
+                 "--activation-code-file", code]) == 0  # fmt: skip
     capsys.readouterr()
     assert main(["--home", str(home), "--json", "verifier", "purge"]) == 0
     assert capsys.readouterr().out.strip() == '{"purged": 0}'

@@ -50,7 +50,7 @@ def report_from(device: PythonDevice, message_text: str, *, atc: int | None = No
 
 def test_unsubmitted_otps_then_a_report_then_the_next_otp(verifier):
     device = PythonDevice()
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     verifier.accept_enrollment(device.enroll(offer, Method.DEVICE))
     for _ in range(25):  # far beyond the window: never submitted
         device.otp(verifier.start_session("alice", "lost"))
@@ -67,7 +67,7 @@ def test_unsubmitted_otps_then_a_report_then_the_next_otp(verifier):
 
 def test_a_report_with_a_wrong_atc_is_refused_and_counted(verifier):
     device = PythonDevice()
-    _, offer = verifier.create_offer("alice", methods=[Method.DEVICE])
+    offer = verifier.create_offer("alice", methods=[Method.DEVICE])
     verifier.accept_enrollment(device.enroll(offer, Method.DEVICE))
     message = verifier.sync_message("alice", Method.DEVICE)
     good = report_from(device, message)

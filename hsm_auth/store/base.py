@@ -49,6 +49,16 @@ class OfferRecord:
 
 
 @dataclass(frozen=True)
+class ActivationFailure:
+    """What :meth:`VerifierStore.fail_activation` counted: the offer's wrong activation
+    MACs so far, whether this one burned it, and the audit records written."""
+
+    tries: int
+    burned: bool
+    records: tuple[AuditRecord, ...]
+
+
+@dataclass(frozen=True)
 class CredentialRecord:
     user: str
     method: Method
@@ -171,6 +181,16 @@ class VerifierStore(ABC):
         offer allows replacing. Otherwise this raises (InvalidInput, ExpiredMessage,
         UnknownMethod, AlreadyEnrolled) and changes nothing: the offer stays usable.
         A crash at any instant leaves either both changes or neither."""
+
+    @abstractmethod
+    def fail_activation(
+        self, offer_id: bytes, *, limit: int, record: AuditRecord
+    ) -> ActivationFailure | None:
+        """Count one wrong activation MAC for the unused offer ``offer_id`` and, at
+        ``limit`` of them, burn it (mark it used), in **one** statement and
+        transaction with the audit: ``record`` with ``detail`` "n of limit", plus an
+        :attr:`Event.OFFER_BURNED` record when this one burned it. None: the
+        offer is unknown or used (nothing counted or audited)."""
 
     @abstractmethod
     def offer(self, offer_id: bytes) -> OfferRecord | None:

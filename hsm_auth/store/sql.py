@@ -29,6 +29,7 @@ from ..methods import Method
 from .base import (
     MAX_ATC,
     Accept,
+    ActivationFailure,
     Applied,
     Change,
     CredentialRecord,
@@ -255,6 +256,34 @@ class SqlStore(VerifierStore):
             None if row[5] is None else bytes(row[5]),
             int(row[6]),
         )
+
+    def fail_activation(
+        self, offer_id: bytes, *, limit: int, record: AuditRecord
+    ) -> ActivationFailure | None:
+        with self._tx() as db:
+            # One UPDATE counts and burns: of racing wrong tries each sees its own count,
+            # and exactly the one that reaches the limit burns the offer.
+            row = db.one(
+                "UPDATE offers SET failed_activations=failed_activations+1, "
+                "used=CASE WHEN failed_activations+1 >= ? THEN 1 ELSE used END "
+                "WHERE offer_id=? AND used=0 RETURNING failed_activations",
+                (limit, offer_id),
+            )
+            if row is None:
+                return None
+            tries = int(row[0])
+            written = [dataclasses.replace(record, detail=f"{tries} of {limit}")]
+            if tries >= limit:
+                written.append(
+                    dataclasses.replace(
+                        record,
+                        event=Event.OFFER_BURNED,
+                        detail=f"{tries} wrong activation codes",
+                    )
+                )
+            for entry in written:
+                self._audit(db, entry)
+            return ActivationFailure(tries, tries >= limit, tuple(written))
 
     def used_offers(self, offer_ids: Iterable[bytes]) -> set[bytes]:
         used: set[bytes] = set()

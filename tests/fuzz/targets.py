@@ -322,7 +322,7 @@ def _verifier_enroll_seeds() -> tuple[bytes, ...]:
         (Method.DEVICE, _POINT, None, None),
         (Method.BIOMETRIC, None, b"\x02" * 73, _attestation()),
     ):
-        offer, _ = v.create_offer("alice", methods=[method])
+        offer = v.create_offer("alice", methods=[method]).offer
         response = protocol.EnrollmentResponse(
             verifier_id=v.identity.verifier_id, offer_id=offer.offer_id, user="alice",
             method=method, backend="pkcs11", signing_key=_POINT, agreement_key=agreement,
