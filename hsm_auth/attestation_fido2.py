@@ -63,6 +63,7 @@ from .attestation import (
 )
 from .errors import ConfigError
 from .files import read_state
+from .methods import Method
 from .webauthn_proof import EnrollmentProof, enrollment_binding, verify_enrollment_attestation
 
 if TYPE_CHECKING:  # fido2.mds3 is imported only for a policy with mds_blob (7 ms)
@@ -87,7 +88,26 @@ def check(attestation: bytes, ctx: EnrollmentContext, policy: MethodPolicy) -> A
     _check_aaguid(aaguid, policy)
     if policy.attestation is AttestationMode.NONE:
         return AttestationResult("not-checked", False, "", details)
-    return _check_statement(proof, ctx, policy, details)
+    result = _check_statement(proof, ctx, policy, details)
+    _check_modality(ctx.method, details)
+    return result
+
+
+#: The FIDO registry's user verification method each method needs (where metadata says).
+_MODALITY: Final = {Method.BIOMETRIC: "fingerprint_internal", Method.FACE: "faceprint_internal"}
+
+
+def _check_modality(method: Method, details: dict[str, str]) -> None:
+    """Metadata that lists the authenticator's certified user verification methods
+    must list the method's: the backend's own check reads getInfo, the client's word."""
+    certified = details.get("uv_modalities")
+    wanted = _MODALITY.get(method)
+    if certified is None or wanted is None or wanted in certified.split(","):
+        return
+    raise AttestationRefused(
+        f"the {method.value} method needs {wanted}; the authenticator's metadata "
+        f"certifies {certified}"
+    )
 
 
 def _check_aaguid(aaguid: str, policy: MethodPolicy) -> None:

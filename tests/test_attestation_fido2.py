@@ -394,7 +394,7 @@ def _b64url(data: bytes) -> bytes:
 
 def _blob(
     ca: tuple[x509.Certificate, rsa.RSAPrivateKey], device: SoftAuthenticator,
-    status: str = "FIDO_CERTIFIED_L1",
+    status: str = "FIDO_CERTIFIED_L1", uv: tuple[str, ...] = ("fingerprint_internal",),
 ) -> bytes:
     """An MDS3 BLOB (a JWS) with one entry for the device's AAGUID and root, signed by a
     signer certificate that ``ca`` issued."""
@@ -423,8 +423,7 @@ def _blob(
                 "authenticatorVersion": 1, "schema": 3, "upv": [{"major": 1, "minor": 1}],
                 "attestationTypes": ["basic_full"],
                 "userVerificationDetails": [
-                    [{"userVerificationMethod": "fingerprint_internal"}],
-                    [{"userVerificationMethod": "presence_internal"}],
+                    [{"userVerificationMethod": m}] for m in (*uv, "presence_internal")
                 ],
                 "keyProtection": ["software"], "matcherProtection": ["software"],
                 "attachmentHint": ["external"], "tcDisplay": [],
@@ -444,11 +443,13 @@ def mds_ca() -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     return _rsa_ca("test FIDO MDS root")
 
 
-def _mds_policy(setup: Setup, blob: bytes, ca: x509.Certificate) -> None:
+def _mds_policy(
+    setup: Setup, blob: bytes, ca: x509.Certificate, method: Method = Method.BIOMETRIC,
+) -> None:
     atomic_write(setup.verifier_dir / "mds.jwt", blob)
     atomic_write(setup.verifier_dir / "mds-ca.pem", ca.public_bytes(Encoding.PEM))
     setup.policy(  # no roots: the BLOB's entry gives the root
-        f'[methods.biometric]\nmds_blob = "mds.jwt"\nmds_ca = "mds-ca.pem"\n'
+        f'[methods.{method.value}]\nmds_blob = "mds.jwt"\nmds_ca = "mds-ca.pem"\n'
         f'aaguid_allow = ["{SOFT_AAGUID.hex()}"]\n'
     )
 
@@ -519,3 +520,20 @@ def test_a_verifier_without_python_fido2_refuses_fido2_enrollments_clearly(
                          check=True, timeout=60).stdout
     assert out.startswith("HsmAuthError checking a FIDO2 enrollment's attestation needs "
                           "python-fido2 on the verifier (pip install 'hsm-auth[fido2]')"), out
+
+
+def test_metadata_that_certifies_another_uv_method_refuses_the_method(
+    make_setup: Callable[..., Setup], soft_fido2_factory: Factory, mds_ca: Any,
+) -> None:
+    # getInfo says "face" (the backend believes it); the metadata certifies a fingerprint.
+    setup = make_setup(soft_fido2_factory(uv_modality=UvModality.FACE), policy=False)
+    _mds_policy(setup, _blob(mds_ca, setup.device), mds_ca[0], Method.FACE)
+    with pytest.raises(AttestationRefused, match=r"face method needs faceprint_internal; .* "
+                       r"certifies fingerprint_internal,presence_internal$"):
+        setup.verifier.accept_enrollment(setup.response(Method.FACE))
+    _mds_policy(setup, _blob(mds_ca, setup.device, uv=("faceprint_internal",)), mds_ca[0],
+                Method.FACE)
+    setup.verifier.accept_enrollment(setup.response(Method.FACE))
+    assert _stored(setup, Method.FACE).details["uv_modalities"] == (
+        "faceprint_internal,presence_internal"
+    )
