@@ -126,6 +126,9 @@ class EnrolledMethod:
         cid = d.get("credential_id", "")
         if not isinstance(cid, str) or (cid and not _is_hex(cid, 16)):
             raise StateError(f"{where}: a malformed credential_id")
+        for pem in ("certificate", "ca_certificate"):
+            if not isinstance(d.get(pem, ""), str):
+                raise StateError(f"{where}: a malformed {pem}")
         return cls(
             **{**d, "verifier_id": bytes.fromhex(d["verifier_id"]), "method": Method(d["method"]),
                "window": state_int(d, "window", None, 1, 1000, where),

@@ -441,6 +441,17 @@ def test_cli_flow_stores_the_certificate_and_methods_shows_it(tmp_path):
     ca.write_text(cli_ok(home, "verifier", "ca-cert") + "\n")
     checked = _openssl_verify(ca, der, tmp_path)
     assert checked.returncode == 0, checked
+    # A stored certificate edited into something else is one error line.
+    creds = Paths.from_env(home).authenticator_dir / "credentials.json"
+    saved = creds.read_bytes()
+    for bad in (5, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "\u00e9"):
+        edited = read_json(creds)
+        edited["methods"][0]["certificate"] = bad
+        atomic_write_json(creds, edited)
+        broken = run_cli(home, "methods")
+        assert broken.returncode != 0 and "Traceback" not in broken.stderr, broken.stderr
+        assert broken.stderr.strip().splitlines()[-1].startswith("hsm-auth: error: ")
+    creds.write_bytes(saved)
     # A second store of the same result is fine, and so is the result printed again;
     # garbage is one error line.
     cli_ok(home, "certificate", result)
