@@ -148,3 +148,16 @@ def test_the_pin_prompt_asks_for_the_existing_token_pin(home):
     assert "Offline PIN (PKCS#11: the token's user PIN; TPM2: the PIN for the new keys):" in screen
     assert "New offline PIN" not in screen
     assert code == 0, screen
+
+
+def test_enroll_asks_for_the_activation_code_on_the_terminal(home):
+    """Without --activation-code-file, enroll asks on the terminal (never argv or stdin)."""
+    offer_file = home / "offer-code.txt"
+    offer_file.write_text(offer(home, "device"))
+    code = (home / "activation-code").read_text().strip()
+    status, screen = _pty_run(
+        home, ["enroll", "--method", "device", "--offer", f"@{offer_file}"], code.lower()
+    )
+    assert "Activation code (from the verifier" in screen
+    assert status == 0, screen
+    assert "enrolled the device method" in screen
