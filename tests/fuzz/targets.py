@@ -284,6 +284,55 @@ def _attestation_target(data: bytes) -> None:
     verify_enrollment_attestation(data, _POINT, b"binding", b"\x02" * 60, initial_atc=0)
 
 
+@functools.cache
+def _fido2_statement_setup() -> tuple[Any, Any, Any, bytes]:
+    """A FIDO2 proof of possession as webauthn_proof leaves it, a required policy whose
+    root file holds a test root, and a packed statement (x5c) that verifies: the seed."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from hsm_auth.attestation import (
+        AttestationMode,
+        EnrollmentContext,
+        MethodPolicy,
+    )
+    from hsm_auth.testing import soft_fido2
+    from hsm_auth.webauthn_proof import EnrollmentProof
+
+    ca = soft_fido2.make_attestation_ca()
+    key = soft_fido2._attestation_key(b"\x22" * 16, ca)
+    top = cbor.loads(_attestation(), maps=True)
+    auth_data, cdh = top["authData"], b"\x33" * 32
+    sig = soft_fido2._p256_key(key.scalar).sign(auth_data + cdh, ec.ECDSA(hashes.SHA256()))
+    statement = {"alg": -7, "sig": sig, "x5c": [key.certificate]}
+    roots = _write("fido2-roots.pem", ca[0].public_bytes(Encoding.PEM))
+    proof = EnrollmentProof(b"\x22" * 16, b"\x04" * 16, b"\x11" * 32, "packed", 2, 3,
+                            auth_data, statement, cdh)
+    ctx = EnrollmentContext(b"\x01" * 16, "alice", Method.BIOMETRIC, _POINT, None, 0, False)
+    policy = MethodPolicy(AttestationMode.REQUIRED, (str(roots),))
+    return proof, ctx, policy, cbor2.dumps(statement, canonical=True)
+
+
+def _fido2_statement(data: bytes) -> None:
+    """The attestation statement through python-fido2's verifiers and the policy's roots
+    (hsm_auth.attestation_fido2), behind a proof of possession that holds."""
+    import dataclasses
+
+    from hsm_auth import attestation_fido2
+
+    proof, ctx, policy, _ = _fido2_statement_setup()
+    try:  # leniently: most mutations are not strict CBOR, and the verifiers are the target
+        statement = cbor2.loads(data)
+    except Exception:  # cbor2 raises many types; its decoding is not what is fuzzed
+        return
+    if not isinstance(statement, dict):
+        return
+    fmt = "none" if len(data) % 7 == 0 else "packed"  # both verifiers
+    attestation_fido2._check_statement(
+        dataclasses.replace(proof, statement=statement, fmt=fmt), ctx, policy, {}
+    )
+
+
 def _uri(data: bytes) -> None:
     text = _text(data)
     with contextlib.suppress(HsmAuthError):
@@ -437,6 +486,7 @@ def targets() -> list[FuzzTarget]:
         FuzzTarget("textcode", lambda d: textcode.decode(_text(d)), texts),
         FuzzTarget("attestation", _attestation_target, (_attestation(),)),
         FuzzTarget("device-certificate", _device_certificate, _certificates()),
+        FuzzTarget("fido2-statement", _fido2_statement, (_fido2_statement_setup()[3],)),
         FuzzTarget("verifier-enroll", _verifier_enroll, _verifier_enroll_seeds()),
         FuzzTarget("uri", _uri, (
             b"pkcs11:token=a%20b;id=%01%02;slot-id=3;type=private?module-path=/x.so&pin-source=file:/p",
