@@ -1,4 +1,5 @@
-"""Enrollment time per method, and what the device certificate adds, in one run.
+"""Enrollment time per method, and what the device certificate adds, in one run
+(``bench/enroll.py`` times whole re-enrollments; this one isolates the certificate).
 
 On the demo's tokens (``hsm_auth.demo.prepare``: ``device`` on swtpm if installed,
 else SoftHSM; ``pin`` on SoftHSM; ``biometric`` and ``face`` on the software FIDO2
@@ -65,12 +66,14 @@ def main() -> int:
                 store: list[float] = []
                 for i in range(2 * args.n):
                     certify = i % 2 == 0
-                    _, offer = v.create_offer(f"{method.value}{i}", methods=[method])
+                    issued = v.create_offer(f"{method.value}{i}", methods=[method])
                     # one authenticator per enrollment: each holds one method per verifier
                     with Authenticator(Path(tmp) / f"auth-{method.value}-{i}",
                                        tokens.config()) as a:
                         start = time.perf_counter()
-                        response = a.add_or_update(method, offer, pin=pin)
+                        response = a.add_or_update(
+                            method, issued.text, activation_code=issued.activation_code, pin=pin
+                        )
                         client.append(time.perf_counter() - start)
                         if not certify:
                             v._certify = lambda *a, **k: None  # type: ignore[method-assign]
