@@ -193,10 +193,9 @@ def logind_remote(pid: int, *, loginctl: Path = LOGINCTL) -> bool:
     session scope (a terminal started by the user's systemd instance, or a process
     moved there with ``systemd-run --user``) counts as remote if its real user has
     any remote session."""
-    cgroup = _proc(pid, "cgroup")
-    match = _SESSION_SCOPE.search(cgroup)
-    if match is not None:
-        sessions = [match.group(1)]
+    session = session_of(_proc(pid, "cgroup"))
+    if session is not None:
+        sessions = [session]
     else:
         uid = _real_uid(_proc(pid, "status"))
         listed = _loginctl(loginctl, "show-user", str(uid), "--property=Sessions", "--value")
@@ -208,6 +207,19 @@ def logind_remote(pid: int, *, loginctl: Path = LOGINCTL) -> bool:
         if value == "yes":
             return True
     return False
+
+
+def session_of(cgroup: str) -> str | None:
+    """The logind session a ``/proc/PID/cgroup`` text puts the process in (its
+    ``session-N.scope``, cgroup v2 or v1's ``name=systemd`` line), ``None`` if none."""
+    for line in cgroup.splitlines():
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers not in ("", "name=systemd"):
+            continue
+        match = _SESSION_SCOPE.search(path)
+        if match is not None:
+            return match.group(1)
+    return None
 
 
 def _real_uid(status: str) -> int:
@@ -227,7 +239,7 @@ def pam_items_remote(request: LoginRequest) -> bool:
     )
 
 
-def is_remote(request: LoginRequest, *, loginctl: Path = LOGINCTL,
+def is_remote(request: LoginRequest, *, loginctl: Path | None = None,
               logind: bool | None = None) -> bool:
     """A remote session: the PAM items (:func:`pam_items_remote`), or, where logind
     runs, the caller's logind session (:func:`logind_remote`). Without logind (a
@@ -237,7 +249,7 @@ def is_remote(request: LoginRequest, *, loginctl: Path = LOGINCTL,
     if pam_items_remote(request):
         return True
     if logind if logind is not None else logind_running():
-        return logind_remote(request.caller_pid or os.getpid(), loginctl=loginctl)
+        return logind_remote(request.caller_pid or os.getpid(), loginctl=loginctl or LOGINCTL)
     return False
 
 
