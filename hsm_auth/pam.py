@@ -1,4 +1,4 @@
-r"""The Python side of ``pam_hsm_auth.so`` (and, until it is retired, ``hsm-auth-pam``).
+r"""The Python side of ``pam_hsm_auth.so``, the native PAM module.
 
 ``pam_hsm_auth.so`` (``pam/pam_hsm_auth.c``) runs ``python -I -m hsm_auth.pam``
 (the interpreter fixed when the module is built) with the environment
@@ -16,11 +16,16 @@ Module arguments go to :meth:`hsm_auth.login.LoginOptions.from_args`, except
 reads: root-owned (or the running user's, for tests), not writable by others,
 not a symlink. ``[login] authdir`` and ``state_dir`` name the authfile and
 failure-record directories.
+
+``hsm-auth-pam``, the helper that ``pam_exec.so`` ran, is retired: pam_exec
+gives its command the PAM environment (which modules and users can fill) and
+a console script starts Python without ``-I``, so it could not be isolated.
+An old ``pam_exec.so ... hsm-auth-pam`` line now fails (no such command), and
+``python -I -m hsm_auth.pam`` only speaks the module's protocol.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -33,59 +38,8 @@ DEFAULT_CONFIG = Path("/etc/hsm-auth/config.toml")
 DEFAULT_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
-class Options:
-    authdir: Path
-    timeout: float
-    remote: str  # "deny" | "allow"
-    unenrolled: str  # "fail" | "succeed"
-    cue: str
-    method: str | None
-    cancel: str  # "empty-pin" | "never"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # never exit 0, never print usage to the user
-        raise _Refused(f"bad option: {message}")
-
-    def exit(self, status: int = 0, message: str | None = None) -> Any:
-        raise _Refused("argparse tried to exit")
-
-
 class _Refused(Exception):
-    """Any reason to fail that is not an HsmAuthError."""
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="hsm-auth-pam", add_help=False)
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    p.add_argument("--authdir", type=Path)
-    p.add_argument("--timeout", type=float)
-    p.add_argument("--remote", choices=("deny", "allow"))
-    p.add_argument("--unenrolled", choices=("fail", "succeed"))
-    p.add_argument("--cue")
-    p.add_argument("--method")
-    p.add_argument("--cancel", choices=("empty-pin", "never"))
-    return p
-
-
-def seal_descriptors() -> None:
-    """Make every open descriptor above stderr close-on-exec."""
-    try:
-        fds = [int(n) for n in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, 1024))
-    for fd in fds:
-        if fd > 2:
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                continue
-
-
-def _arm_timeout(seconds: float) -> None:
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the kernel kills us, no Python needed
-    signal.alarm(max(1, int(seconds + 0.999)))
+    """Any reason to fail that is not an HsmAuthError (never carries a secret)."""
 
 
 def read_config(path: Path) -> Mapping[str, Any]:
@@ -95,157 +49,15 @@ def read_config(path: Path) -> Mapping[str, Any]:
     return read_file(path) or {}
 
 
-def options(args: argparse.Namespace, table: Mapping[str, Any]) -> Options:
-    from .errors import ConfigError
-    from .login import DEFAULT_AUTHDIR
-
-    if not isinstance(table, dict):
-        raise ConfigError("[login] must be a table")
-
-    def pick(name: str, default: Any, choices: Sequence[str] | None = None) -> Any:
-        value = getattr(args, name)
-        if value is None:
-            value = table.get(name, default)
-        if choices is not None and value not in choices:
-            raise ConfigError(f"[login] {name} must be one of {', '.join(choices)}")
-        return value
-
-    timeout = pick("timeout", DEFAULT_TIMEOUT)
-    if not isinstance(timeout, int | float) or not 0 < timeout <= 600:
-        raise ConfigError("[login] timeout must be a number of seconds in (0, 600]")
-    cue, method = pick("cue", ""), pick("method", None)
-    if not isinstance(cue, str) or not (method is None or isinstance(method, str)):
-        raise ConfigError("[login] cue and method must be strings")
-    return Options(
-        authdir=Path(pick("authdir", str(DEFAULT_AUTHDIR))),
-        timeout=float(timeout),
-        remote=pick("remote", "deny", ("deny", "allow")),
-        unenrolled=pick("unenrolled", "fail", ("fail", "succeed")),
-        cue=cue,
-        method=method,
-        cancel=pick("cancel", "empty-pin", ("empty-pin", "never")),
-    )
-
-
-def is_remote(env: Mapping[str, str]) -> bool:
-    """A remote session as PAM reports it: PAM_RHOST set, sshd, or an ssh tty."""
-    return bool(env.get("PAM_RHOST")) or env.get("PAM_SERVICE") == "sshd" or (
-        env.get("PAM_TTY") == "ssh"
-    )
-
-
-def read_authtok() -> str | None:
-    """The PIN pam_exec wrote to stdin (``expose_authtok``), ``None`` if there is none.
-
-    Never reads a terminal."""
-    from .files import MAX_PIN_BYTES, decode_pin
-
-    if os.isatty(0):
-        return None
-    chunks = []
-    size = 0
-    while size <= MAX_PIN_BYTES:
-        try:
-            chunk = os.read(0, 1024)
-        except OSError:
-            return None
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if b"\x00" in chunk:
-            break
-    if not chunks:
-        return None
-    # too long or not UTF-8 is refused as such (not taken for "no PIN", i.e. cancelled)
-    return decode_pin(b"".join(chunks).split(b"\x00", 1)[0], "PAM (stdin)")
-
-
 def _log(message: str) -> None:
+    """One line to syslog (authpriv): the helper's stderr is /dev/null."""
     import syslog
 
-    line = f"hsm-auth-pam: {message}"
     try:
-        syslog.openlog("hsm-auth-pam", 0, syslog.LOG_AUTHPRIV)
+        syslog.openlog("hsm-auth-pam", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
         syslog.syslog(syslog.LOG_NOTICE, message)
     except OSError:
         pass
-    print(line, file=sys.stderr, flush=True)
-
-
-def authenticate(argv: Sequence[str], env: Mapping[str, str]) -> str:
-    """Run one login; return a log line on success, raise on every failure."""
-    args = _parser().parse_args(list(argv))
-    if env.get("PAM_TYPE") != "auth":
-        raise _Refused("not run by pam_exec for the auth phase (PAM_TYPE must be 'auth')")
-    user = env.get("PAM_USER", "")
-    if not user:
-        raise _Refused("PAM_USER is not set")
-
-    from .config import parse as parse_config
-    from .errors import Cancelled, UnknownMethod
-    from .login import AuthDir, check_user_name, login
-    from .methods import Method
-
-    check_user_name(user)
-    raw = read_config(args.config)
-    config = parse_config(raw)  # the schema first: options() may then trust [login]'s types
-    opts = options(args, raw.get("login", {}))
-    _arm_timeout(opts.timeout)
-    if opts.remote == "deny" and is_remote(env):
-        raise _Refused(f"remote session refused for {user} (remote = deny)")
-    config.apply_environment()
-    method = Method.parse(opts.method) if opts.method else None
-    with AuthDir(opts.authdir) as authdir:
-        creds = authdir.read(user)
-        if not creds:
-            if opts.unenrolled == "succeed":
-                return f"{user} has no login enrollment; passed (unenrolled = succeed)"
-            raise UnknownMethod(f"{user} is not enrolled for login (unenrolled = fail)")
-        needs_pin = any(c.method.needs_pin for c in creds if method in (None, c.method))
-        pin = read_authtok() if needs_pin else None
-        if needs_pin and not pin and opts.cancel == "empty-pin":
-            raise Cancelled("cancelled: empty PIN")
-        if opts.cue:
-            print(opts.cue, flush=True)
-        result = login(authdir, user, pin=pin, method=method, prompt=opts.cue or None,
-                       timeout=opts.timeout)
-    return f"{result.user} logged in with {result.method.value} (counter {result.counter})"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: exit 0 only after a successful authentication."""
-    code = 1
-    try:
-        _arm_timeout(DEFAULT_TIMEOUT)  # until the configured timeout is known
-        seal_descriptors()
-        message = authenticate(sys.argv[1:] if argv is None else argv, os.environ)
-        _log(message)
-        code = 0
-    except BaseException as e:  # fail closed on everything, KeyboardInterrupt included
-        from .errors import HsmAuthError
-
-        if isinstance(e, HsmAuthError):
-            from .cli import describe  # the one place that words an error's data
-
-            code = max(1, e.exit_code)
-            _log(f"refused: {describe(e)}")
-        elif isinstance(e, _Refused):
-            code = 2
-            _log(f"refused: {e}")
-        else:
-            code = 1
-            _log(f"refused: internal error {e.__class__.__name__}")
-    return code
-
-
-def run() -> None:
-    """Console-script entry (``hsm-auth-pam``)."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
 
 
 # --- pam_hsm_auth.so: the helper's side of the line protocol -------------------------
@@ -564,5 +376,54 @@ def _authenticate(
     return "SUCCESS", f"{result.user} logged in with {result.method.value}"
 
 
+# --- the install check (scripts/pam-install) ---------------------------------------------
+
+
+def check_install() -> list[str]:
+    """What makes this interpreter unfit for the PAM module (empty: fit): root must not
+    import code that others can change, nor a checkout (an editable install)."""
+    import importlib
+    import sysconfig
+
+    from .errors import StateError
+    from .files import check_state
+
+    problems = []
+    if not sys.flags.isolated:
+        problems.append("run the check as python -I, as the module does")
+    if os.geteuid() != 0:
+        problems.append("run the check as root (files must be root's, not the caller's)")
+    paths = sysconfig.get_paths()
+    roots = {os.path.realpath(paths[k]) for k in ("purelib", "platlib")}
+    for name in ("hsm_auth", "hsm_auth_backends"):
+        module = importlib.import_module(name)
+        where = os.path.realpath(os.path.dirname(module.__file__ or ""))
+        if os.path.dirname(where) not in roots:
+            problems.append(f"{name} is imported from {where}, outside {sorted(roots)[0]}: an "
+                            "editable install or a checkout (install with pip install ., not -e)")
+            continue
+        for top, _dirs, files in os.walk(where):
+            for entry in [top, *(os.path.join(top, f) for f in files)]:
+                try:
+                    check_state(entry, directory=entry == top)
+                except StateError as e:
+                    problems.append(str(e))
+    try:
+        check_state(os.path.realpath(sys.executable))
+    except StateError as e:
+        problems.append(str(e))
+    return problems
+
+
+def _check_install_main() -> int:
+    problems = check_install()
+    for problem in problems[:20]:
+        print(f"hsm-auth: error: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{sys.executable}: fit for pam_hsm_auth.so")
+    sys.stdout.flush()
+    return 1 if problems else 0
+
+
 if __name__ == "__main__":
-    os._exit(serve())
+    os._exit(_check_install_main() if sys.argv[1:] == ["--check-install"] else serve())

@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from hsm_auth.registry import load_backend
 from hsm_auth.verifier import Verifier
 
 PAM_WRAPPER = "/usr/lib/x86_64-linux-gnu/libpam_wrapper.so"
-PAM_EXEC = "/lib/x86_64-linux-gnu/security/pam_exec.so"
+PAM_MODULE = Path(__file__).resolve().parent.parent / "build" / "pam" / "pam_hsm_auth.so"
 
 
 def _config(target) -> Config:
@@ -97,9 +96,10 @@ def test_local_login(target, tmp_path):
 
 
 def test_pam_login(target, tmp_path):
-    for path, package in ((PAM_WRAPPER, "libpam-wrapper"), (PAM_EXEC, "libpam-modules")):
+    for path, package in ((PAM_WRAPPER, "apt install libpam-wrapper"),
+                          (str(PAM_MODULE), "scripts/setup builds it")):
         if not os.path.exists(path):
-            pytest.skip(f"{path} not found (apt install {package})")
+            pytest.skip(f"{path} not found ({package})")
     if shutil.which("pamtester") is None:
         pytest.skip("pamtester not found (apt install pamtester)")
     root = tmp_path / "pam"
@@ -111,12 +111,7 @@ def test_pam_login(target, tmp_path):
         env = "".join(f'{k} = "{v}"\n' for k, v in target.helper_environment.items())
         config = root / "config.toml"
         config.write_text(f'[environment]\n{env}[login]\nauthdir = "{authdir_path}"\n')
-        script = Path(sys.executable).with_name("hsm-auth-pam")
-        helper = str(script) if script.exists() else f"{sys.executable} -m hsm_auth.pam"
-        (root / "pam.d" / "hw").write_text(
-            f"auth [success=done default=die] {PAM_EXEC} quiet expose_authtok stdout "
-            f"{helper} --config {config}\n"
-        )
+        (root / "pam.d" / "hw").write_text(f"auth required {PAM_MODULE} config={config}\n")
         run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LD_PRELOAD": PAM_WRAPPER,
                    "PAM_WRAPPER": "1", "PAM_WRAPPER_SERVICE_DIR": str(root / "pam.d")}
 

@@ -12,8 +12,9 @@
  * PAM environment; the Python side builds the rest from root's config file),
  * descriptors 0 and 1 are one end of a socketpair, 2 is /dev/null, every other
  * descriptor is closed, signal dispositions and mask are reset, a new session,
- * umask 022, cwd /, and real ids set to the effective ones when running as root
- * (so the user who ran su cannot signal it).
+ * umask 022, cwd /, and, when running as root, real ids set to the effective
+ * ones and no supplementary groups (so the user who ran su cannot signal it).
+ * With PAM_SILENT, info and error lines are acknowledged without being shown.
  *
  * Line protocol (version 1). Every line is at most 1024 bytes including its
  * final '\n', has no byte below 0x20 nor 0x7f; anything else is a protocol
@@ -64,6 +65,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -84,6 +86,9 @@
 #ifndef HSM_AUTH_PYTHON
 #error "compile with -DHSM_AUTH_PYTHON='\"/absolute/path/to/python3\"'"
 #endif
+#ifndef HSM_AUTH_ENTRY
+#define HSM_AUTH_ENTRY "hsm_auth.pam" /* the module run with -m (another one for benchmarks) */
+#endif
 
 #define LINE_BYTES 1024     /* a protocol line, '\n' included */
 #define MAX_SECRET 256      /* bytes of an answer or authtok */
@@ -98,6 +103,7 @@ enum first_pass { FIRST_PASS_NONE, FIRST_PASS_TRY, FIRST_PASS_USE };
 
 struct opts {
     int debug;
+    int silent; /* PAM_SILENT: no info or error messages (prompts still asked) */
     int timeout;
     enum first_pass first_pass;
 };
@@ -293,7 +299,7 @@ static void finish(struct helper *h, int kill_now)
 static int spawn(pam_handle_t *pamh, struct helper *h)
 {
     char *const argv[] = {(char *)HSM_AUTH_PYTHON, (char *)"-I", (char *)"-m",
-                          (char *)"hsm_auth.pam", NULL};
+                          (char *)HSM_AUTH_ENTRY, NULL};
     char *const envp[] = {(char *)SAFE_PATH, NULL};
     int sv[2], child_fd, devnull;
     sigset_t all, old;
@@ -343,7 +349,8 @@ static int spawn(pam_handle_t *pamh, struct helper *h)
             for (long fd = 3; fd < max_fd; fd++)
                 close((int)fd);
         if (geteuid() == 0) {
-            if (setresgid(getegid(), getegid(), getegid()) < 0 || setresuid(0, 0, 0) < 0)
+            if (setgroups(0, NULL) < 0 || setresgid(getegid(), getegid(), getegid()) < 0 ||
+                setresuid(0, 0, 0) < 0)
                 _exit(127);
         }
         setsid();
@@ -499,8 +506,9 @@ static int run(pam_handle_t *pamh, struct helper *h, const struct opts *o)
         }
         const char *text = strchr(line, ' ') + 1;
         char *answer = NULL;
-        int rc = converse(pamh, style, text, &answer);
-        int sent;
+        int rc = PAM_SUCCESS, sent;
+        if (style == PAM_PROMPT_ECHO_OFF || !o->silent)
+            rc = converse(pamh, style, text, &answer);
         if (style != PAM_PROMPT_ECHO_OFF) {
             if (answer) {
                 explicit_bzero(answer, strlen(answer));
@@ -537,9 +545,9 @@ EXPORT int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const ch
     const char *user = NULL;
     int rc;
 
-    (void)flags;
     if (parse_opts(pamh, argc, argv, &o) < 0)
         return PAM_SERVICE_ERR;
+    o.silent = (flags & PAM_SILENT) != 0;
     rc = pam_get_user(pamh, &user, NULL);
     if (rc != PAM_SUCCESS || user == NULL || *user == '\0')
         return rc == PAM_SUCCESS ? PAM_USER_UNKNOWN : rc;

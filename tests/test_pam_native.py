@@ -286,8 +286,31 @@ def test_login_shape_wrong_pin_is_auth_err_and_changes_nothing(rig: Rig) -> None
     assert rig.pamtester("login", "alice", [PIN], "tty=tty1").ok
 
 
-def test_no_answer_is_auth_err(hsm_rig: Rig) -> None:
-    assert hsm_rig.pamtester(hsm_rig.login(), "alice", []).code(PAM_AUTH_ERR)
+def test_no_answer_an_empty_or_an_oversized_pin_is_auth_err(hsm_rig: Rig) -> None:
+    before = hsm_rig.counter()
+    service = hsm_rig.login()
+    for answers in ([], [""], ["7" * 300]):
+        result = hsm_rig.pamtester(service, "alice", answers)
+        assert result.code(PAM_AUTH_ERR), (answers, result.out)
+    assert hsm_rig.counter() == before
+
+
+def test_unsafe_authfiles_fail_closed(hsm_rig: Rig) -> None:
+    service = hsm_rig.login()
+    good = hsm_rig.authdir / "alice"
+    good.chmod(0o664)
+    assert hsm_rig.pamtester(service, "alice", [PIN]).code(PAM_SYSTEM_ERR)
+    good.chmod(0o644)
+    elsewhere = hsm_rig.root / "alice.json"
+    good.rename(elsewhere)
+    good.symlink_to(elsewhere)
+    assert hsm_rig.pamtester(service, "alice", [PIN]).code(PAM_SYSTEM_ERR)
+    good.unlink()
+    elsewhere.rename(good)
+    hsm_rig.authdir.chmod(0o775)
+    assert hsm_rig.pamtester(service, "alice", [PIN]).code(PAM_SYSTEM_ERR)
+    hsm_rig.authdir.chmod(0o755)
+    assert hsm_rig.pamtester(service, "alice", [PIN]).ok
 
 
 def test_the_cue_is_shown_before_the_token_is_used(hsm_rig: Rig) -> None:
@@ -501,3 +524,61 @@ def test_the_python_side_refuses_to_run_without_isolation(hsm_rig: Rig) -> None:
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.startswith("result SYSTEM_ERR "), result.stdout
     assert "python -I" in result.stdout
+
+
+def test_the_floor_module_for_the_benchmark(hsm_rig: Rig, tmp_path: Path) -> None:
+    """scripts/build-pam with another entry module: bench/login.py's floor logs in."""
+    floor = tmp_path / "pam_floor.so"
+    subprocess.run(["bash", str(REPO / "scripts" / "build-pam"), str(floor), sys.executable,
+                    "hsm_auth.testing.pam_floor"], check=True, capture_output=True)
+    service = hsm_rig.service("floor", [f"auth required {floor}"])
+    assert hsm_rig.pamtester(service, "alice", []).ok
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "build-pam"), str(floor),
+                          sys.executable, "x;rm"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "not a module name" in bad.stderr
+    relative = subprocess.run(["bash", str(REPO / "scripts" / "build-pam"), str(floor),
+                               "python3"], capture_output=True, text=True, check=False)
+    assert relative.returncode == 2 and "absolute path" in relative.stderr
+
+
+# --- installing the module (scripts/pam-install) ----------------------------------------
+
+
+def _pam_install(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(REPO / "scripts" / "pam-install"), *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_pam_install_refuses_an_editable_checkout(tmp_path: Path) -> None:
+    """This checkout's .venv has hsm-auth installed editable: root would import code
+    from the checkout. Nothing is installed."""
+    dest = tmp_path / "security"
+    result = _pam_install("--python", sys.executable, "--dest", str(dest))
+    assert result.returncode != 0
+    assert "editable install or a checkout" in result.stderr
+    assert not dest.exists()
+
+
+@pytest.mark.slow
+def test_pam_install_builds_for_a_root_owned_install(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the install check wants root's files, run as root")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(REPO)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    if pip.returncode != 0:
+        pytest.skip(f"pip cannot install the package here: {pip.stderr[-200:]}")
+    dest = tmp_path / "security"
+    python = str(venv / "bin" / "python")
+    ok = _pam_install("--python", python, "--dest", str(dest))
+    assert ok.returncode == 0, ok.stderr
+    module = dest / "pam_hsm_auth.so"
+    assert module.stat().st_mode & 0o777 == 0o644
+    assert python.encode() + b"\0" in module.read_bytes()
+    again = _pam_install("--python", python, "--dest", str(dest))  # idempotent
+    assert again.returncode == 0, again.stderr
+    installed = next((venv / "lib").glob("python3*/site-packages/hsm_auth/pam.py"))
+    installed.chmod(0o646)
+    bad = _pam_install("--python", python, "--dest", str(dest), "--check")
+    assert bad.returncode != 0 and "writable by group or others" in bad.stderr

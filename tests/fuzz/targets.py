@@ -205,12 +205,11 @@ def _config_file(data: bytes) -> None:
 
 
 def _pam_config(data: bytes) -> None:
-    """What ``hsm-auth-pam`` does with its config before it touches a token."""
+    """What the PAM module's Python side does with its config before it touches a token."""
     from hsm_auth import pam
 
     raw = pam.read_config(_write("pam.toml", data))
-    config.parse(raw)  # in this order, as pam.authenticate does
-    pam.options(pam._parser().parse_args([]), raw.get("login", {}))
+    config.parse(raw)  # the schema first, as pam.serve does
 
 
 def _authfile(data: bytes) -> None:
