@@ -41,9 +41,19 @@ from hsm_auth.verifier import Verifier
 CODE = re.compile(r"[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}")
 
 
+ENGINES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=ENGINES)
+def database(request):
+    """None: the embedded SQLite file; else a DSN on a real PostgreSQL server."""
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres_dsn")
+
+
 @pytest.fixture
-def verifier(tmp_path):
-    with Verifier.init(tmp_path / "verifier", "Bank", clock=Clock()) as v:
+def verifier(tmp_path, database):
+    directory = tmp_path / "verifier"
+    with Verifier.init(directory, "Bank", clock=Clock(), database=database) as v:
         v.purge_every = 0
         yield v
 
@@ -99,7 +109,7 @@ def test_codes_are_50_bits_typeable_and_every_one_or_two_character_typo_is_caugh
         assert bad.replace("-", "") not in str(caught.value) or not bad
 
 
-def test_the_verifier_makes_each_offers_code_again_and_stores_none(verifier, tmp_path):
+def test_the_verifier_makes_each_offers_code_again_and_stores_none(verifier, tmp_path, database):
     issued = verifier.create_offer("alice", methods=[Method.DEVICE])
     assert CODE.fullmatch(issued.activation_code)
     assert verifier.keys.activation_code(issued.offer.offer_id) == issued.activation_code
@@ -108,8 +118,9 @@ def test_the_verifier_makes_each_offers_code_again_and_stores_none(verifier, tmp
     assert issued.activation_code not in repr(issued)
     plain = issued.activation_code.replace("-", "")
     assert plain not in issued.text and issued.activation_code not in issued.text
-    db = (tmp_path / "verifier" / "verifier.db").read_bytes()
-    assert plain.encode() not in db and issued.activation_code.encode() not in db
+    if database is None:
+        db = (tmp_path / "verifier" / "verifier.db").read_bytes()
+        assert plain.encode() not in db and issued.activation_code.encode() not in db
 
 
 # --- an intercepted offer is useless ------------------------------------------------------
@@ -175,10 +186,13 @@ def test_five_wrong_codes_burn_the_offer_and_each_is_audited(verifier, caplog):
         verifier.credential("bob", Method.DEVICE)
 
 
-def test_the_count_is_one_atomic_update(tmp_path):
-    """Counting is the store's single UPDATE ... RETURNING: a second verifier process
-    (another connection) sees the count move, and the limit burns exactly once."""
-    with Verifier.init(tmp_path / "v", "Bank") as first, Verifier.open(tmp_path / "v") as second:
+def test_the_count_is_one_atomic_update(tmp_path, database):
+    """Counting is the store's single UPDATE ... RETURNING: a second verifier (another
+    connection) sees the count move, and the limit burns exactly once."""
+    directory = tmp_path / "v"
+    with Verifier.init(directory, "Bank", database=database) as first, Verifier.open(
+        directory, database=database
+    ) as second:
         offer = first.create_offer("carol", methods=[Method.DEVICE])
         wrong = PythonDevice().enroll(offer.text, Method.DEVICE, activation_code=None)
         seen = []
@@ -188,9 +202,12 @@ def test_the_count_is_one_atomic_update(tmp_path):
             except ActivationRefused as e:
                 seen.append((e.tries, e.burned))
         assert seen == [(1, False), (2, False), (3, False), (4, False), (5, True)]
-    db = sqlite3.connect(tmp_path / "v" / "verifier.db")
-    assert db.execute("SELECT failed_activations, used FROM offers").fetchall() == [(5, 1)]
-    db.close()
+        assert first.store.offer(offer.offer.offer_id) is None  # burned: used
+        assert second.store.used_offers([offer.offer.offer_id]) == {offer.offer.offer_id}
+    if database is None:
+        db = sqlite3.connect(directory / "verifier.db")
+        assert db.execute("SELECT failed_activations, used FROM offers").fetchall() == [(5, 1)]
+        db.close()
 
 
 def test_the_limit_is_the_identitys_activation_tries(tmp_path):
@@ -311,7 +328,7 @@ def _token_objects(token) -> set[tuple[str, bytes]]:
 
 @pytest.mark.softhsm
 def test_re_enrollment_needs_allow_override_and_a_refusal_leaves_nothing(
-    device_token, verifier, tmp_path
+    device_token, verifier, tmp_path, database
 ):
     token, config = device_token
     with Authenticator(tmp_path / "auth", config) as a:
@@ -335,7 +352,7 @@ def test_re_enrollment_needs_allow_override_and_a_refusal_leaves_nothing(
         assert _token_objects(token) == before
         # allow_override = true in policy.toml: the offer may replace, and it does.
         (tmp_path / "verifier" / "policy.toml").write_text("allow_override = true\n")
-        with Verifier.open(tmp_path / "verifier", clock=Clock()) as v:
+        with Verifier.open(tmp_path / "verifier", clock=Clock(), database=database) as v:
             assert v.policy.allow_override is True
             again = v.create_offer("alice", methods=[Method.DEVICE], replace=True)
             response = a.add_or_update(
