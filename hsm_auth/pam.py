@@ -32,7 +32,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
 
 DEFAULT_CONFIG = Path("/etc/hsm-auth/config.toml")
 DEFAULT_TIMEOUT = 30.0
@@ -287,8 +290,8 @@ def _serve(channel: Channel, clock: _Clock) -> tuple[str, str]:
         config = parse_config(raw)
         scrub_environment(config.environment)
         return _authenticate(request, args, raw, config, channel, clock)
-    except _Refused as e:
-        return "SYSTEM_ERR", str(e)
+    except _Refused as e:  # a bad config= argument
+        return "SERVICE_ERR", str(e)
     except HsmAuthError as e:
         from .cli import describe
 
@@ -296,84 +299,42 @@ def _serve(channel: Channel, clock: _Clock) -> tuple[str, str]:
 
 
 def _authenticate(
-    request: PamRequest, args: Sequence[str], raw: Mapping[str, Any], config: Any,
+    request: PamRequest, args: Sequence[str], raw: Mapping[str, Any], config: Config,
     channel: Channel, clock: _Clock,
 ) -> tuple[str, str]:
-    """A thin adapter over :func:`hsm_auth.login.login` until the login API lands:
-    the same options, person methods only, the outcome names of the PAM codes."""
-    from .errors import (
-        AuthorizationError,
-        BackendUnavailable,
-        Cancelled,
-        ConfigError,
-        InvalidInput,
-        InvalidToken,
-        LockedOut,
-        PinLocked,
-        StateError,
+    """The login policy's verdict (:func:`hsm_auth.login.authenticate`) as a result line."""
+    from .errors import ConfigError
+    from .login import (
+        DEFAULT_AUTHDIR,
+        DEFAULT_STATE_DIR,
+        LoginOptions,
+        LoginRequest,
+        authenticate,
     )
-    from .login import DEFAULT_AUTHDIR, AuthDir, check_user_name, login
-    from .methods import Method
 
-    flags = {"nouserok", "cue", "debug", "try_first_pass", "use_first_pass", "second_factor"}
-    opts: dict[str, str] = {}
-    for arg in args:
-        name, eq, value = arg.partition("=")
-        if (name in flags and not eq) or (
-            eq and name in ("cue_prompt", "methods", "timeout", "remote")
-        ):
-            opts[name] = value
-        else:
-            raise ConfigError(f"unknown module argument {arg[:40]!r}")
     table = raw.get("login", {})
-    timeout = float(opts.get("timeout", table.get("timeout", DEFAULT_TIMEOUT)))
-    clock.stop()
-    clock.left = timeout + _GRACE
-    clock.start()
-    conv = PamConversation(channel, clock)
     try:
-        check_user_name(request.user)
-    except InvalidInput:
-        return "USER_UNKNOWN", "not a valid user name"
-    remote = opts.get("remote", table.get("remote", "deny"))
-    if remote == "deny" and (request.rhost or request.service == "sshd" or request.tty == "ssh"):
-        return "PERM_DENIED", f"remote session refused for {request.user}"
-    allowed = [Method.parse(m) for m in opts.get("methods", "pin,biometric,face").split(",")]
-    cue = opts.get("cue_prompt") or ("Touch or verify on your authenticator now."
-                                     if "cue" in opts else "")
-    with AuthDir(Path(table.get("authdir", str(DEFAULT_AUTHDIR)))) as authdir:
-        creds = authdir.read(request.user)
-        if not creds:
-            if "nouserok" in opts:
-                return "IGNORE", f"{request.user} is not enrolled (nouserok)"
-            return "USER_UNKNOWN", f"{request.user} is not enrolled for login"
-        usable = [c for c in creds if c.method in allowed]
-        if not usable:
-            return "PERM_DENIED", f"no enrolled method of {request.user} may log in alone"
-        cred = usable[0]
-        pin = None
-        if cue:
-            conv.info(cue)
-        if cred.method.needs_pin:
-            if "use_first_pass" in opts or ("try_first_pass" in opts and request.authtok):
-                pin = request.authtok
-            else:
-                label = str(cred.settings.get("uri", "")).partition("token=")[2]
-                label = label.split(";")[0].split("?")[0]
-                pin = conv.secret(f"PIN for {label or cred.method.value} token: ")
-            if not pin:
-                return "AUTH_ERR", "no PIN given"
-        try:
-            result = login(authdir, request.user, pin=pin, method=cred.method, timeout=timeout)
-        except (PinLocked, LockedOut) as e:
-            return "MAXTRIES", str(e)
-        except (Cancelled, AuthorizationError, InvalidToken) as e:
-            return "AUTH_ERR", str(e)
-        except BackendUnavailable as e:
-            return "AUTHINFO_UNAVAIL", str(e)
-        except (StateError, ConfigError) as e:
-            return "SYSTEM_ERR", str(e)
-    return "SUCCESS", f"{result.user} logged in with {result.method.value}"
+        options = LoginOptions.from_args(args, table)
+    except ConfigError as e:  # a bad module argument: the service's configuration
+        return "SERVICE_ERR", str(e)
+    clock.stop()
+    clock.left = options.timeout + _GRACE
+    clock.start()
+    channel.write("timeout", f"{options.timeout:g}")
+    login_request = LoginRequest(
+        user=request.user, service=request.service, rhost=request.rhost, tty=request.tty,
+        options=options, first_pass=request.authtok if options.first_pass else None,
+        prior_authtok=request.prior_authtok, caller_pid=request.caller_pid,
+    )
+    conversation = PamConversation(channel, clock)
+    outcome = authenticate(
+        login_request, conversation, config=config,
+        authdir=Path(table.get("authdir", str(DEFAULT_AUTHDIR))),
+        state_dir=Path(table.get("state_dir", str(DEFAULT_STATE_DIR))),
+    )
+    if options.debug:
+        conversation.log(f"{outcome.outcome.name}: {outcome.message}")
+    return outcome.outcome.name, outcome.message
 
 
 # --- the install check (scripts/pam-install) ---------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -104,19 +105,22 @@ def test_pam_login(target, tmp_path):
         pytest.skip("pamtester not found (apt install pamtester)")
     root = tmp_path / "pam"
     (root / "pam.d").mkdir(parents=True, mode=0o755)
+    user = pwd.getpwuid(os.geteuid()).pw_name
     authdir_path = root / "login"
     with AuthDir(authdir_path, create=True) as authdir:
-        cred = enroll(authdir, "hwuser", Method(target.method), _config(target), pin=target.pin)
+        # a real account: the login policy resolves PAM_USER with getpwnam
+        cred = enroll(authdir, user, Method(target.method), _config(target), pin=target.pin)
     try:
         env = "".join(f'{k} = "{v}"\n' for k, v in target.helper_environment.items())
         config = root / "config.toml"
-        config.write_text(f'[environment]\n{env}[login]\nauthdir = "{authdir_path}"\n')
+        config.write_text(f'[environment]\n{env}[login]\nauthdir = "{authdir_path}"\n'
+                          f'state_dir = "{root / "state"}"\n')
         (root / "pam.d" / "hw").write_text(f"auth required {PAM_MODULE} config={config}\n")
         run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LD_PRELOAD": PAM_WRAPPER,
                    "PAM_WRAPPER": "1", "PAM_WRAPPER_SERVICE_DIR": str(root / "pam.d")}
 
         def pamtester(pin: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["pamtester", "-v", "hw", "hwuser", "authenticate"],
+            return subprocess.run(["pamtester", "-v", "hw", user, "authenticate"],
                                   input=pin + "\n", capture_output=True, text=True,
                                   env=run_env, timeout=120, check=False)
 

@@ -41,16 +41,21 @@
  *                               256 bytes) or "none" (no answer, conversation
  *                               failed)
  *     log TEXT                  syslog at LOG_DEBUG when "debug"; no reply
+ *     timeout SECONDS           the effective timeout (the option over root's
+ *                               [login] timeout), in (0, 600]: the helper's
+ *                               time starts again from it; no reply
  *   helper -> module, last:
  *     result OUTCOME MESSAGE    OUTCOME: SUCCESS AUTH_ERR USER_UNKNOWN IGNORE
  *                               AUTHINFO_UNAVAIL MAXTRIES PERM_DENIED SYSTEM_ERR
- *                               (the PAM code returned); MESSAGE goes to syslog
+ *                               SERVICE_ERR (a bad module argument) (the PAM
+ *                               code returned); MESSAGE goes to syslog
  *
  * No secret is ever sent by the helper nor logged. Answers and the authtok
  * travel hex-encoded and every buffer that held them is cleared with
- * explicit_bzero. The helper gets `timeout` seconds (option, default 30)
- * plus 5 of grace for its own work, not counting the time the user spends
- * answering; then it is killed (SIGKILL) and the result is PAM_AUTH_ERR.
+ * explicit_bzero. The helper gets `timeout` seconds (option, default 30,
+ * then what its "timeout" line says) plus 5 of grace for its own work, not
+ * counting the time the user spends answering; then it is killed (SIGKILL)
+ * and the result is PAM_AUTH_ERR.
  * Writes use send(MSG_NOSIGNAL) on the socket, so a dead helper never raises
  * SIGPIPE in the application; the module changes no signal disposition of the
  * application and waits only for its own child (waitpid(pid)), tolerating an
@@ -104,7 +109,7 @@ enum first_pass { FIRST_PASS_NONE, FIRST_PASS_TRY, FIRST_PASS_USE };
 struct opts {
     int debug;
     int silent; /* PAM_SILENT: no info or error messages (prompts still asked) */
-    int timeout;
+    long timeout_ms;
     enum first_pass first_pass;
 };
 
@@ -116,11 +121,6 @@ struct helper {
     long budget_ms; /* time the helper may still use */
 };
 
-static const char *const KNOWN_FLAGS[] = {"nouserok", "cue", "debug", "try_first_pass",
-                                          "use_first_pass", "second_factor", NULL};
-static const char *const KNOWN_VALUES[] = {"cue_prompt=", "methods=", "timeout=", "remote=",
-                                           "config=", NULL};
-
 static int printable(const char *s)
 {
     for (; *s; s++) {
@@ -131,25 +131,18 @@ static int printable(const char *s)
     return 1;
 }
 
-/* Known options only; values printable and short. 0 on success. */
+/* What the module itself needs from its arguments (debug, timeout=, *_first_pass);
+ * every argument must be printable and short. The Python side owns the names: it
+ * answers SERVICE_ERR for an unknown one. 0 on success. */
 static int parse_opts(pam_handle_t *pamh, int argc, const char **argv, struct opts *o)
 {
     o->debug = 0;
-    o->timeout = DEFAULT_TIMEOUT;
+    o->timeout_ms = DEFAULT_TIMEOUT * 1000L;
     o->first_pass = FIRST_PASS_NONE;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
-        int known = 0;
         if (strlen(a) > 512 || !printable(a)) {
             pam_syslog(pamh, LOG_ERR, "an option is too long or not printable");
-            return -1;
-        }
-        for (int k = 0; KNOWN_FLAGS[k]; k++)
-            known |= strcmp(a, KNOWN_FLAGS[k]) == 0;
-        for (int k = 0; KNOWN_VALUES[k]; k++)
-            known |= strncmp(a, KNOWN_VALUES[k], strlen(KNOWN_VALUES[k])) == 0;
-        if (!known) {
-            pam_syslog(pamh, LOG_ERR, "unknown option %s", a);
             return -1;
         }
         if (strcmp(a, "debug") == 0)
@@ -160,15 +153,14 @@ static int parse_opts(pam_handle_t *pamh, int argc, const char **argv, struct op
             o->first_pass = FIRST_PASS_USE;
         else if (strncmp(a, "timeout=", 8) == 0) {
             char *end = NULL;
-            long t;
+            double t;
             errno = 0;
-            t = strtol(a + 8, &end, 10);
-            if (errno || end == a + 8 || *end || t < 1 || t > MAX_TIMEOUT) {
-                pam_syslog(pamh, LOG_ERR, "timeout= must be whole seconds in [1, %d]",
-                           MAX_TIMEOUT);
+            t = strtod(a + 8, &end);
+            if (errno || end == a + 8 || *end || !(t > 0) || t > MAX_TIMEOUT) {
+                pam_syslog(pamh, LOG_ERR, "timeout= must be seconds in (0, %d]", MAX_TIMEOUT);
                 return -1;
             }
-            o->timeout = (int)t;
+            o->timeout_ms = (long)(t * 1000);
         }
     }
     return 0;
@@ -451,6 +443,7 @@ static int outcome_code(const char *word)
         {"MAXTRIES", PAM_MAXTRIES},
         {"PERM_DENIED", PAM_PERM_DENIED},
         {"SYSTEM_ERR", PAM_SYSTEM_ERR},
+        {"SERVICE_ERR", PAM_SERVICE_ERR},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
         if (strcmp(word, table[i].name) == 0)
@@ -465,7 +458,8 @@ static int run(pam_handle_t *pamh, struct helper *h, const struct opts *o)
     for (int count = 0; count < MAX_HELPER_LINES; count++) {
         int r = read_line(h, line, sizeof line);
         if (r == -2) {
-            pam_syslog(pamh, LOG_NOTICE, "the helper timed out (%d s); killed", o->timeout);
+            pam_syslog(pamh, LOG_NOTICE, "the helper timed out (%ld ms); killed",
+                       o->timeout_ms);
             finish(h, 1);
             return PAM_AUTH_ERR;
         }
@@ -489,6 +483,17 @@ static int run(pam_handle_t *pamh, struct helper *h, const struct opts *o)
                        msg ? msg : "");
             finish(h, 0);
             return code;
+        }
+        if (strncmp(line, "timeout ", 8) == 0) {
+            char *end = NULL;
+            double t = strtod(line + 8, &end);
+            if (end == line + 8 || *end || !(t > 0) || t > MAX_TIMEOUT) {
+                pam_syslog(pamh, LOG_ERR, "the helper sent a bad timeout");
+                finish(h, 1);
+                return PAM_SYSTEM_ERR;
+            }
+            h->budget_ms = (long)(t * 1000) + GRACE_MS;
+            continue;
         }
         if (strncmp(line, "log ", 4) == 0) {
             if (o->debug)
@@ -555,7 +560,7 @@ EXPORT int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const ch
         pam_syslog(pamh, LOG_NOTICE, "a user name that is not printable or too long");
         return PAM_USER_UNKNOWN;
     }
-    h.budget_ms = (long)o.timeout * 1000 + GRACE_MS;
+    h.budget_ms = o.timeout_ms + GRACE_MS;
     if (spawn(pamh, &h) < 0)
         return PAM_SYSTEM_ERR;
     if (send_request(pamh, &h, user, argc, argv, &o) < 0) {

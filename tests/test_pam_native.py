@@ -33,6 +33,8 @@ from hsm_auth.testing.swtpm import swtpm, swtpm_available  # noqa: F401 - fixtur
 pytestmark = pytest.mark.pam
 
 PIN = "246810"
+# Real accounts (the policy resolves PAM_USER with getpwnam): one enrolled, one not.
+ALICE, BOB = "games", "news"
 UNIX_PASSWORD = "unix-password-7"
 REPO = Path(__file__).resolve().parent.parent
 MODULE = REPO / "build" / "pam" / "pam_hsm_auth.so"
@@ -150,6 +152,7 @@ class Rig:
 
     def __init__(self, root: Path, environment: dict[str, str]) -> None:
         self.root = root
+        self.environment = environment
         self.services = root / "pam.d"
         self.services.mkdir(mode=0o755)
         self.authdir = root / "login"
@@ -158,14 +161,15 @@ class Rig:
         self.passdb = root / "passdb"
         self.passdb.write_text("".join(
             f"{user}:{UNIX_PASSWORD}:{service}\n"
-            for user in ("alice", "bob", "root") for service in ("su", "sudo", "login")
+            for user in (ALICE, BOB, "root") for service in ("su", "sudo", "login")
         ))
         self.write_config(environment)
 
     def write_config(self, environment: dict[str, str], login: str = "") -> None:
         env = "".join(f'{k} = "{v}"\n' for k, v in environment.items())
         self.config.write_text(
-            f'[environment]\n{env}\n[login]\nauthdir = "{self.authdir}"\n{login}'
+            f'[environment]\n{env}\n[login]\nauthdir = "{self.authdir}"\n'
+            f'state_dir = "{self.root / "state"}"\n{login}'
         )
         self.config.chmod(0o644)
 
@@ -214,14 +218,14 @@ class Rig:
                               env=environment, timeout=timeout, check=False)
         return Result(proc)
 
-    def counter(self, user: str = "alice") -> int:
+    def counter(self, user: str = ALICE) -> int:
         data = json.loads((self.authdir / user).read_text())
         return int(data["credentials"][0]["counter"])
 
 
 @pytest.fixture(params=["softhsm", pytest.param("swtpm", marks=pytest.mark.swtpm)])
 def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
-    """``alice`` enrolled with the pin method on SoftHSM or on swtpm."""
+    """``ALICE`` enrolled with the pin method on SoftHSM or on swtpm."""
     return _rig(request, tmp_path, request.param)
 
 
@@ -249,7 +253,7 @@ def _rig(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> Rig:
         config = Config({Method.PIN: MethodConfig("tpm2", settings)})
         r = Rig(root, {})
     with AuthDir(r.authdir) as authdir:
-        enroll(authdir, "alice", Method.PIN, config, pin=PIN)
+        enroll(authdir, ALICE, Method.PIN, config, pin=PIN)
     return r
 
 
@@ -258,7 +262,7 @@ def _rig(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> Rig:
 
 def test_sudo_shape_asks_the_pin_with_its_own_prompt_and_logs_in(rig: Rig) -> None:
     before = rig.counter()
-    result = rig.pamtester(rig.sudo(), "alice", [PIN])
+    result = rig.pamtester(rig.sudo(), ALICE, [PIN])
     assert result.ok, result.out
     assert "PIN for " in result.out and "Password:" not in result.out
     assert rig.counter() > before
@@ -267,55 +271,55 @@ def test_sudo_shape_asks_the_pin_with_its_own_prompt_and_logs_in(rig: Rig) -> No
 def test_su_shape_the_unix_password_never_reaches_the_token(rig: Rig) -> None:
     """Stacked after the Unix password module, the token's PIN is asked on its own: a
     Unix password equal to the PIN is not used, and with no second answer login fails."""
-    rig.passdb.write_text(f"alice:{PIN}:su\n")
+    rig.passdb.write_text(f"{ALICE}:{PIN}:su\n")
     before = rig.counter()
-    only_password = rig.pamtester(rig.su(), "alice", [PIN])
+    only_password = rig.pamtester(rig.su(), ALICE, [PIN])
     assert only_password.code(PAM_AUTH_ERR), only_password.out
     assert "Password:" in only_password.out and "PIN for " in only_password.out
     assert rig.counter() == before
-    both = rig.pamtester("su", "alice", [PIN, PIN])
+    both = rig.pamtester("su", ALICE, [PIN, PIN])
     assert both.ok, both.out
     assert rig.counter() > before
 
 
 def test_login_shape_wrong_pin_is_auth_err_and_changes_nothing(rig: Rig) -> None:
     before = rig.counter()
-    result = rig.pamtester(rig.login(), "alice", ["999999"], "tty=tty1")
+    result = rig.pamtester(rig.login(), ALICE, ["999999"], "tty=tty1")
     assert result.code(PAM_AUTH_ERR), result.out
     assert rig.counter() == before
-    assert rig.pamtester("login", "alice", [PIN], "tty=tty1").ok
+    assert rig.pamtester("login", ALICE, [PIN], "tty=tty1").ok
 
 
 def test_no_answer_an_empty_or_an_oversized_pin_is_auth_err(hsm_rig: Rig) -> None:
     before = hsm_rig.counter()
     service = hsm_rig.login()
     for answers in ([], [""], ["7" * 300]):
-        result = hsm_rig.pamtester(service, "alice", answers)
+        result = hsm_rig.pamtester(service, ALICE, answers)
         assert result.code(PAM_AUTH_ERR), (answers, result.out)
     assert hsm_rig.counter() == before
 
 
 def test_unsafe_authfiles_fail_closed(hsm_rig: Rig) -> None:
     service = hsm_rig.login()
-    good = hsm_rig.authdir / "alice"
+    good = hsm_rig.authdir / ALICE
     good.chmod(0o664)
-    assert hsm_rig.pamtester(service, "alice", [PIN]).code(PAM_SYSTEM_ERR)
+    assert hsm_rig.pamtester(service, ALICE, [PIN]).code(PAM_SYSTEM_ERR)
     good.chmod(0o644)
     elsewhere = hsm_rig.root / "alice.json"
     good.rename(elsewhere)
     good.symlink_to(elsewhere)
-    assert hsm_rig.pamtester(service, "alice", [PIN]).code(PAM_SYSTEM_ERR)
+    assert hsm_rig.pamtester(service, ALICE, [PIN]).code(PAM_SYSTEM_ERR)
     good.unlink()
     elsewhere.rename(good)
     hsm_rig.authdir.chmod(0o775)
-    assert hsm_rig.pamtester(service, "alice", [PIN]).code(PAM_SYSTEM_ERR)
+    assert hsm_rig.pamtester(service, ALICE, [PIN]).code(PAM_SYSTEM_ERR)
     hsm_rig.authdir.chmod(0o755)
-    assert hsm_rig.pamtester(service, "alice", [PIN]).ok
+    assert hsm_rig.pamtester(service, ALICE, [PIN]).ok
 
 
 def test_the_cue_is_shown_before_the_token_is_used(hsm_rig: Rig) -> None:
     result = hsm_rig.pamtester(hsm_rig.login("[cue_prompt=Insert your hsm-auth token]"),
-                               "alice", [PIN])
+                               ALICE, [PIN])
     assert result.ok, result.out
     assert result.out.index("Insert your hsm-auth token") < result.out.index("successfully")
 
@@ -324,12 +328,12 @@ def test_the_cue_is_shown_before_the_token_is_used(hsm_rig: Rig) -> None:
 
 
 def test_unenrolled_user_nouserok_is_ignore_and_without_it_user_unknown(hsm_rig: Rig) -> None:
-    sudo = hsm_rig.pamtester(hsm_rig.sudo(), "bob", [UNIX_PASSWORD])
+    sudo = hsm_rig.pamtester(hsm_rig.sudo(), BOB, [UNIX_PASSWORD])
     assert sudo.ignored and sudo.ok, sudo.out  # the next module (the password) decided
     assert "PIN for" not in sudo.out
-    wrong = hsm_rig.pamtester("sudo", "bob", ["nope"])
+    wrong = hsm_rig.pamtester("sudo", BOB, ["nope"])
     assert wrong.ignored and not wrong.ok
-    strict = hsm_rig.pamtester(hsm_rig.login(), "bob", [PIN])
+    strict = hsm_rig.pamtester(hsm_rig.login(), BOB, [PIN])
     assert strict.code(PAM_USER_UNKNOWN), strict.out
 
 
@@ -341,32 +345,64 @@ def test_no_token_is_authinfo_unavail(hsm_rig: Rig) -> None:
     label = hsm_rig.token_label  # type: ignore[attr-defined]
     subprocess.run(["softhsm2-util", "--delete-token", "--token", label], check=True,
                    capture_output=True)
-    result = hsm_rig.pamtester(hsm_rig.login(), "alice", [PIN])
+    result = hsm_rig.pamtester(hsm_rig.login(), ALICE, [PIN])
     assert result.code(PAM_AUTHINFO_UNAVAIL), result.out
 
 
 @pytest.mark.swtpm
 def test_locked_tpm_is_maxtries(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     rig = _rig(request, tmp_path, "swtpm")
+    rig.write_config(rig.environment, "deny = 100\n")  # the TPM locks, not the record
     service = rig.login()
-    codes = [rig.pamtester(service, "alice", ["999999"]) for _ in range(4)]
+    codes = [rig.pamtester(service, ALICE, ["999999"]) for _ in range(4)]
     assert codes[0].code(PAM_AUTH_ERR), codes[0].out
     assert codes[-1].code(PAM_MAXTRIES), codes[-1].out
-    assert rig.pamtester(service, "alice", [PIN]).code(PAM_MAXTRIES)
+    assert rig.pamtester(service, ALICE, [PIN]).code(PAM_MAXTRIES)
+
+
+@pytest.mark.softhsm
+def test_device_alone_is_refused_and_passes_only_as_a_configured_second_factor(
+    tmp_path: Path, softhsm_env: Any
+) -> None:
+    """``device`` (possession) counts as not enrolled unless root's [login] makes it a
+    second factor, the line says ``second_factor`` and a module before it set a password."""
+    token = init_token(unique_label("pamdevice"), so_pin="12345678", user_pin=PIN)
+    pin_file = tmp_path / "device.pin"
+    pin_file.write_text(PIN)
+    pin_file.chmod(0o600)
+    uri = f"{token.uri};pin-source=file:{pin_file}" if "?" not in token.uri else (
+        f"{token.uri}&pin-source=file:{pin_file}")
+    root = tmp_path / "rig"
+    root.mkdir(mode=0o755)
+    rig = Rig(root, {"SOFTHSM2_CONF": str(softhsm_env.conf)})
+    config = Config({Method.DEVICE: MethodConfig("pkcs11", {"uri": uri})})
+    with AuthDir(rig.authdir) as authdir:
+        enroll(authdir, ALICE, Method.DEVICE, config)
+    alone = rig.pamtester(rig.login(), ALICE, [])
+    assert alone.code(PAM_USER_UNKNOWN), alone.out
+    assert rig.pamtester(rig.su("second_factor"), ALICE, [UNIX_PASSWORD]).code(
+        PAM_USER_UNKNOWN)  # root's config does not allow it
+    rig.write_config(rig.environment, 'device = "second-factor"\n')
+    assert rig.pamtester(rig.login("second_factor", name="login2"), ALICE, []).code(
+        PAM_USER_UNKNOWN)  # nothing before it: it would be alone
+    second = rig.pamtester(rig.su("second_factor", name="su2"), ALICE, [UNIX_PASSWORD])
+    assert second.ok, second.out
+    assert "PIN for" not in second.out
 
 
 def test_remote_session_refused_unless_allowed(hsm_rig: Rig) -> None:
     before = hsm_rig.counter()
-    denied = hsm_rig.pamtester(hsm_rig.login(), "alice", [PIN], "rhost=203.0.113.7")
+    denied = hsm_rig.pamtester(hsm_rig.login(), ALICE, [PIN], "rhost=203.0.113.7")
     assert denied.code(PAM_PERM_DENIED), denied.out
     assert "PIN for" not in denied.out and hsm_rig.counter() == before
     allowed = hsm_rig.login("remote=allow", name="login-remote")
-    assert hsm_rig.pamtester(allowed, "alice", [PIN], "rhost=203.0.113.7").ok
+    assert hsm_rig.pamtester(allowed, ALICE, [PIN], "rhost=203.0.113.7").ok
 
 
 def test_unknown_or_bad_options_fail_closed(hsm_rig: Rig) -> None:
-    for options in (["unknown_flag"], ["timeout=0"], ["timeout=abc"]):
-        result = hsm_rig.pamtester(hsm_rig.login(*options, name="bad"), "alice", [PIN])
+    for options in (["unknown_flag"], ["timeout=0"], ["timeout=abc"], ["methods=nothing"],
+                    ["remote=maybe"], ["config=relative.toml"], ["cue=x"]):
+        result = hsm_rig.pamtester(hsm_rig.login(*options, name="bad"), ALICE, [PIN])
         assert not result.ok and result.code(PAM_SERVICE_ERR), (options, result.out)
 
 
@@ -422,7 +458,7 @@ def test_caller_and_pam_environment_have_no_effect(
     ])
     env = hostile | {"LD_PRELOAD": f"{PAM_WRAPPER}:{native_libs['marker']}"}
     before = hsm_rig.counter()
-    result = hsm_rig.pamtester(service, "alice", [PIN], env=env)
+    result = hsm_rig.pamtester(service, ALICE, [PIN], env=env)
     assert result.ok, result.out
     assert hsm_rig.counter() > before
     assert not marker.exists(), marker.read_text()
@@ -442,7 +478,7 @@ def test_the_helper_runs_isolated(hsm_rig: Rig, tmp_path: Path) -> None:
         "PAM_WRAPPER_SERVICE_DIR": str(hsm_rig.services),
         "SECRET_OF_THE_CALLER": "1",
     }
-    proc = subprocess.Popen(["pamtester", hsm_rig.login(), "alice", "authenticate"],
+    proc = subprocess.Popen(["pamtester", hsm_rig.login(), ALICE, "authenticate"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env, pass_fds=(r,))
     try:
@@ -507,7 +543,7 @@ def test_a_hung_helper_is_killed_after_the_timeout(hsm_rig: Rig, tmp_path: Path)
     os.mkfifo(fifo)
     hsm_rig.write_config({"SOFTHSM2_CONF": str(fifo)})
     start = time.monotonic()
-    result = hsm_rig.pamtester(hsm_rig.login("timeout=1"), "alice", [PIN], timeout=60)
+    result = hsm_rig.pamtester(hsm_rig.login("timeout=1"), ALICE, [PIN], timeout=60)
     elapsed = time.monotonic() - start
     assert result.code(PAM_AUTH_ERR), result.out
     assert elapsed < 15, elapsed
@@ -517,7 +553,7 @@ def test_a_hung_helper_is_killed_after_the_timeout(hsm_rig: Rig, tmp_path: Path)
 
 def test_the_python_side_refuses_to_run_without_isolation(hsm_rig: Rig) -> None:
     request = (
-        "hsm-auth-pam 1\nuser alice\nservice login\n"
+        f"hsm-auth-pam 1\nuser {ALICE}\nservice login\n"
         f"option config={hsm_rig.config}\nend\n"
     )
     result = subprocess.run([sys.executable, "-m", "hsm_auth.pam"], input=request,
@@ -532,7 +568,7 @@ def test_the_floor_module_for_the_benchmark(hsm_rig: Rig, tmp_path: Path) -> Non
     subprocess.run(["bash", str(REPO / "scripts" / "build-pam"), str(floor), sys.executable,
                     "hsm_auth.testing.pam_floor"], check=True, capture_output=True)
     service = hsm_rig.service("floor", [f"auth required {floor}"])
-    assert hsm_rig.pamtester(service, "alice", []).ok
+    assert hsm_rig.pamtester(service, ALICE, []).ok
     bad = subprocess.run(["bash", str(REPO / "scripts" / "build-pam"), str(floor),
                           sys.executable, "x;rm"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "not a module name" in bad.stderr
@@ -582,3 +618,12 @@ def test_pam_install_builds_for_a_root_owned_install(tmp_path: Path) -> None:
     installed.chmod(0o646)
     bad = _pam_install("--python", python, "--dest", str(dest), "--check")
     assert bad.returncode != 0 and "writable by group or others" in bad.stderr
+
+
+def test_names_that_are_not_the_account_never_pass(hsm_rig: Rig) -> None:
+    """``GAMES`` / ``games.`` resolve to no account here (getpwnam is exact on files NSS):
+    unknown even with nouserok, never a login and never a fall-through."""
+    for name in (ALICE.upper(), ALICE + ".", ALICE.capitalize(), "no-such-account-x"):
+        sudo = hsm_rig.pamtester(hsm_rig.sudo(), name, [PIN, UNIX_PASSWORD])
+        assert not sudo.ok and not sudo.ignored, (name, sudo.out)
+        assert sudo.code(PAM_USER_UNKNOWN), (name, sudo.out)
