@@ -307,13 +307,23 @@ class Pkcs11VerifierKeys(VerifierKeys):
         return cls._generate_signing(session, token_uri, label)
 
     @classmethod
-    def _generate_kek(cls, session: Any, token_uri: str, label: str) -> str:
+    def _generate_secret(
+        cls,
+        session: Any,
+        token_uri: str,
+        label: str,
+        key_type: Any,
+        usages: dict[Any, Any],
+        **generate: Any,
+    ) -> str:
+        """A 256-bit token secret key with only ``usages``: sensitive, not extractable,
+        modifiable or copyable."""
         import pkcs11 as p11
 
         attr = p11.Attribute
         ident = os.urandom(_ID_BYTES)
         session.generate_key(
-            p11.KeyType.AES,
+            key_type,
             256,
             id=ident,
             label=label,
@@ -326,39 +336,43 @@ class Pkcs11VerifierKeys(VerifierKeys):
                 attr.EXTRACTABLE: False,
                 attr.MODIFIABLE: False,
                 attr.COPYABLE: False,
+                **usages,
+            },
+            **generate,
+        )
+        return cls._key_uri(session, token_uri, "secret-key", label, ident)
+
+    @classmethod
+    def _generate_kek(cls, session: Any, token_uri: str, label: str) -> str:
+        """The key-encryption key: AES-256 that only wraps and unwraps, under templates."""
+        import pkcs11 as p11
+
+        attr = p11.Attribute
+        return cls._generate_secret(
+            session,
+            token_uri,
+            label,
+            p11.KeyType.AES,
+            {
                 **_usages(p11, wrap=True, unwrap=True),
                 attr.UNWRAP_TEMPLATE: unwrapped_template(p11),
                 attr.WRAP_TEMPLATE: wrappable_template(p11),
             },
         )
-        return cls._key_uri(session, token_uri, "secret-key", label, ident)
 
     @classmethod
     def _generate_activation(cls, session: Any, token_uri: str, label: str) -> str:
         """The activation-code key: a generic secret that can only HMAC (CKA_SIGN)."""
         import pkcs11 as p11
 
-        attr = p11.Attribute
-        ident = os.urandom(_ID_BYTES)
-        session.generate_key(
+        return cls._generate_secret(
+            session,
+            token_uri,
+            label,
             p11.KeyType.GENERIC_SECRET,
-            256,
-            id=ident,
-            label=label,
-            store=True,
-            capabilities=0,
+            _usages(p11, sign=True),
             mechanism=p11.Mechanism.GENERIC_SECRET_KEY_GEN,
-            template={
-                attr.TOKEN: True,
-                attr.PRIVATE: True,
-                attr.SENSITIVE: True,
-                attr.EXTRACTABLE: False,
-                attr.MODIFIABLE: False,
-                attr.COPYABLE: False,
-                **_usages(p11, sign=True),
-            },
         )
-        return cls._key_uri(session, token_uri, "secret-key", label, ident)
 
     @classmethod
     def open(

@@ -470,15 +470,7 @@ class Verifier:
             # One transaction: the offer is burned exactly when the credential is saved.
             saved = self.store.redeem_offer(response.offer_id, record, now=self._now(), audit=entry)
         except AlreadyEnrolled:
-            refused = AuditRecord(
-                self._now(),
-                Event.ENROLL_REFUSED,
-                record.user,
-                record.method.value,
-                reason=Reason.ALREADY_ENROLLED,
-            )
-            self.store.apply([Note(refused)])
-            audit.emit([refused])
+            self._refuse_enrollment(response, Reason.ALREADY_ENROLLED)
             raise
         audit.emit([entry])
         # The offer is used: its agreement key goes. A kill before this line leaves
@@ -656,15 +648,7 @@ class Verifier:
                 ok = transcript.check_confirmation(mac(message), response.confirmation)
         if ok:
             return
-        refused = AuditRecord(
-            self._now(),
-            Event.ENROLL_REFUSED,
-            record.user,
-            record.method.value,
-            reason=Reason.KEY_CONFIRMATION,
-        )
-        self.store.apply([Note(refused)])
-        audit.emit([refused])
+        self._refuse_enrollment(response, Reason.KEY_CONFIRMATION)
         raise UntrustedMessage("the enrollment response's key confirmation does not verify")
 
     # --- TPM registration (docs/PROTOCOL.md, "TPM 2.0 attestation") ----------------
