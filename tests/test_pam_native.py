@@ -627,3 +627,55 @@ def test_names_that_are_not_the_account_never_pass(hsm_rig: Rig) -> None:
         sudo = hsm_rig.pamtester(hsm_rig.sudo(), name, [PIN, UNIX_PASSWORD])
         assert not sudo.ok and not sudo.ignored, (name, sudo.out)
         assert sudo.code(PAM_USER_UNKNOWN), (name, sudo.out)
+
+
+# --- a helper that breaks the protocol ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hostile") / "pam_hostile.so"
+    subprocess.run(["bash", str(REPO / "scripts" / "build-pam"), str(out), sys.executable,
+                    "hsm_auth.testing.pam_hostile"], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["longline", "control", "flood", "unknown", "ignore-crash",
+                                  "silent-exit"])
+def test_a_helper_that_breaks_the_protocol_is_a_system_error(
+    hsm_rig: Rig, hostile_module: Path, mode: str
+) -> None:
+    service = hsm_rig.service(f"h-{mode}", [
+        f"auth [success=done ignore=ignore default=die] {hostile_module} hostile={mode}",
+        f"auth optional {SECURITY / 'pam_echo.so'} {IGNORED}",
+        "auth required " + str(SECURITY / "pam_permit.so"),
+    ])
+    result = hsm_rig.pamtester(service, ALICE, [])
+    assert result.code(PAM_SYSTEM_ERR) and not result.ignored, result.out
+    assert "x" * 100 not in result.out and "\x1b" not in result.out
+
+
+def test_a_hanging_helper_is_killed_and_fails(hsm_rig: Rig, hostile_module: Path) -> None:
+    service = hsm_rig.service("h-hang", [f"auth required {hostile_module} hostile=hang "
+                                         "timeout=0.5"])
+    start = time.monotonic()
+    result = hsm_rig.pamtester(service, ALICE, [])
+    assert result.code(PAM_AUTH_ERR), result.out
+    assert time.monotonic() - start < 15
+
+
+def test_a_vanished_helper_raises_no_sigpipe_in_the_application(
+    hsm_rig: Rig, hostile_module: Path
+) -> None:
+    """The helper asks a secret and exits; the answer is written to a closed socket.
+    pamtester must get a PAM error, not die of SIGPIPE."""
+    service = hsm_rig.service("h-vanish", [f"auth required {hostile_module} hostile=vanish"])
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LD_PRELOAD": str(PAM_WRAPPER),
+           "PAM_WRAPPER": "1", "PAM_WRAPPER_SERVICE_DIR": str(hsm_rig.services)}
+    proc = subprocess.Popen(["pamtester", service, ALICE, "authenticate"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, text=True)
+    time.sleep(1.5)  # the helper is gone by now
+    out = proc.communicate(PIN + "\n", timeout=60)[0]
+    assert proc.returncode == 1, (proc.returncode, out)  # -13 would be SIGPIPE
+    assert _strerror(PAM_SYSTEM_ERR) in out, out
