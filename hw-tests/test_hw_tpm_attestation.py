@@ -67,8 +67,12 @@ def test_tpm_enrollment_is_attested_to_the_manufacturer_root(attested_tpm, tmp_p
         with Authenticator(tmp_path / "auth", config) as auth:
             auth.tpm_activate(verifier.tpm_challenge(auth.tpm_registration_request(Method.PIN)),
                               Method.PIN)
-            _, offer = verifier.create_offer("hw", methods=[Method.PIN])
-            cred = verifier.accept_enrollment(auth.add_or_update(Method.PIN, offer, pin=pin))
+            issued = verifier.create_offer("hw", methods=[Method.PIN])
+            cred = verifier.accept_enrollment(
+                auth.add_or_update(
+                    Method.PIN, issued.text, activation_code=issued.activation_code, pin=pin
+                )
+            )
             e = auth.enrolled[0]
             uris = [e.signing_key, e.otp_key, e.counter]
         assert cred.attestation is not None
