@@ -88,7 +88,6 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import unquote
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -388,10 +387,58 @@ def _read_pin_source(source: str) -> str:
 # --- token discovery ------------------------------------------------------------
 
 
+def _import_pkcs11() -> Any:
+    """``import pkcs11``, with its ``pkcs11.util`` helpers loaded on first use.
+
+    python-pkcs11's package imports ``pkcs11.util.{dh,dsa,ec,rsa,x509}`` eagerly, and
+    they import asn1crypto: about 19 of its 27 ms here, paid by every PAM login
+    (README: bench/login.py). This backend uses none of them, so they
+    are registered as :class:`importlib.util.LazyLoader` modules first: each loads
+    when an attribute is used. Where the package's layout differs, or it is imported
+    already, this is a plain import."""
+    import sys
+
+    if "pkcs11" not in sys.modules:
+        with contextlib.suppress(Exception):  # an unexpected layout: the plain import
+            _lazy_pkcs11_util(sys.modules)
+    import pkcs11
+
+    return pkcs11
+
+
+def _lazy_pkcs11_util(modules: dict[str, Any]) -> None:
+    import importlib.machinery
+    import importlib.util
+
+    top = importlib.util.find_spec("pkcs11")  # finds, does not run, the package
+    if top is None or not top.submodule_search_locations:
+        return
+    spec = importlib.machinery.PathFinder.find_spec("pkcs11.util",
+                                                    list(top.submodule_search_locations))
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return
+    util = importlib.util.module_from_spec(spec)
+    lazy = {}
+    for name in ("dh", "dsa", "ec", "rsa", "x509"):
+        sub = importlib.machinery.PathFinder.find_spec(
+            f"pkcs11.util.{name}", list(spec.submodule_search_locations))
+        if sub is None or sub.loader is None:
+            return
+        sub.loader = importlib.util.LazyLoader(sub.loader)
+        lazy[name] = (sub, importlib.util.module_from_spec(sub))
+    spec.loader.exec_module(util)  # the package's own __init__: typing only
+    modules["pkcs11.util"] = util
+    for name, (sub, module) in lazy.items():
+        modules[f"pkcs11.util.{name}"] = module
+        assert sub.loader is not None
+        sub.loader.exec_module(module)  # LazyLoader: runs it on first attribute use
+        setattr(util, name, module)
+
+
 def _load(module: str) -> tuple[Any, Any]:
     """(pkcs11 module, pkcs11.lib) or BackendUnavailable with the reason."""
     try:
-        import pkcs11
+        pkcs11 = _import_pkcs11()
     except ImportError:
         raise BackendUnavailable(
             "python-pkcs11 is not installed (pip install 'hsm-auth[pkcs11]')"
@@ -1069,6 +1116,8 @@ class Pkcs11KeyStore(KeyStore):
         can only HMAC (not derive, not be read, not be changed)."""
         if not isinstance(peer_public.curve, ec.SECP256R1):
             raise InvalidInput("the verifier's agreement key must be a P-256 key")
+        from cryptography.hazmat.primitives import serialization  # enrollment only
+
         point = peer_public.public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )

@@ -60,8 +60,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -70,7 +68,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import registry
@@ -281,6 +279,12 @@ def make_proof(
 # --- authfile directory ---------------------------------------------------------
 
 
+def hostname() -> str:
+    """This host's name as signed in login messages (``gethostname(2)``, which Linux
+    takes from ``uname``; ``socket`` is not imported for it: PAM start-up time)."""
+    return os.uname().nodename
+
+
 def check_user_name(user: str) -> str:
     if not _USER.fullmatch(user) or user in (".", ".."):
         raise InvalidInput("not a valid user name for login")
@@ -456,7 +460,7 @@ def enroll(
                 store.capabilities()
             ):
                 raise MechanismNotSupported("signing and a counter")
-            label = f"hsm-auth-login/{user}/{method.value}/{secrets.token_hex(3)}"
+            label = f"hsm-auth-login/{user}/{method.value}/{os.urandom(3).hex()}"
             key = store.generate_key(f"{label}/sign", KeyKind.SIGNING, auth)
             counter_uri: str | None = None
             try:
@@ -465,6 +469,8 @@ def enroll(
                     start = store.counter_value(counter_uri, auth)
                 else:
                     start = 0
+                from cryptography.hazmat.primitives import serialization
+
                 public = store.public_key(key, auth).public_bytes(
                     serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
                 )
@@ -474,8 +480,8 @@ def enroll(
                     method, backend, public_settings, key, counter_uri, public, fmt, start,
                     int(clock()), registry.backend_reference(backend),
                 )
-                host = socket.gethostname()
-                challenge = secrets.token_bytes(CHALLENGE_BYTES)
+                host = hostname()
+                challenge = os.urandom(CHALLENGE_BYTES)
                 proof = make_proof(store, cred, host, user, challenge, auth)
                 cred = replace(cred, counter=verify_proof(cred, host, user, challenge, proof))
                 kept = [c for c in existing if add or c.method is not method]
@@ -547,8 +553,8 @@ def login(
                 cred.method, store, settings, pin if cred.method.needs_pin else None,
                 prompt=prompt, timeout=timeout, warn=warn, interaction=interaction,
             )
-            host = socket.gethostname()
-            challenge = secrets.token_bytes(CHALLENGE_BYTES)
+            host = hostname()
+            challenge = os.urandom(CHALLENGE_BYTES)
             proof = make_proof(store, cred, host, user, challenge, auth)
         counter = verify_proof(cred, host, user, challenge, proof)
         authdir.write(

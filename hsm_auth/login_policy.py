@@ -51,9 +51,6 @@ import json
 import os
 import pwd
 import re
-import secrets
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -85,6 +82,7 @@ from .login import (
     Outcome,
     check_pin_protection,
     check_user_name,
+    hostname,
     make_proof,
     verify_proof,
     with_secrets,
@@ -162,6 +160,8 @@ def logind_running() -> bool:
 def _loginctl(loginctl: Path, *args: str) -> str:
     """One ``loginctl`` query: absolute path, fixed environment, no shell, bounded time.
     A failure is a :class:`StateError` (the caller then fails closed)."""
+    import subprocess  # only where logind runs: PAM start-up time
+
     try:
         result = subprocess.run(
             [str(loginctl), *args], capture_output=True, text=True, timeout=5, check=False,
@@ -233,7 +233,7 @@ def pam_items_remote(request: LoginRequest) -> bool:
     """What the PAM items say: ``PAM_RHOST`` naming another host, the ``sshd`` service,
     or the ``ssh`` tty sshd sets. (sudo sets ``PAM_RHOST`` to the local host name.)"""
     rhost = (request.rhost or "").strip()
-    local = rhost in _LOCAL_HOSTS or rhost == socket.gethostname()
+    local = rhost in _LOCAL_HOSTS or rhost == hostname()
     return (bool(rhost) and not local) or request.service == "sshd" or (
         request.tty is not None and (request.tty == "ssh" or request.tty.startswith("ssh:"))
     )
@@ -471,8 +471,8 @@ def _try(request: LoginRequest, user: str, cred: LoginCredential, directory: Aut
             if options.cue:
                 cue.show(options.cue)
             with directory.locked():
-                host = socket.gethostname()
-                challenge = secrets.token_bytes(CHALLENGE_BYTES)
+                host = hostname()
+                challenge = os.urandom(CHALLENGE_BYTES)
                 proof = make_proof(store, cred, host, user, challenge, auth)
                 fresh = next((c for c in directory.read(user) or []
                               if c.signing_key == cred.signing_key), None)
