@@ -331,7 +331,7 @@ def attestation_of(cert: x509.Certificate) -> AttestationResult | None:
         ext = cert.extensions.get_extension_for_oid(ATTESTATION_OID)
     except x509.ExtensionNotFound:
         return None
-    except ValueError:  # extensions are parsed when first asked for
+    except (ValueError, x509.DuplicateExtension):  # extensions are parsed when first asked for
         raise UntrustedMessage("the certificate's extensions are malformed") from None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):
@@ -358,7 +358,9 @@ def check_device_certificate(
         return _check_device_certificate(
             certificate, ca_certificate, user=user, method=method, credential_id=credential_id
         )
-    except (ValueError, UnsupportedAlgorithm):  # names, extensions: parsed when first asked
+    # Names and extensions are parsed when first asked for (a repeated extension is not
+    # a ValueError in cryptography).
+    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension):
         raise UntrustedMessage("the enrollment result's certificate is malformed") from None
 
 
@@ -430,7 +432,7 @@ def summary(cert: x509.Certificate) -> CertificateSummary:
     cryptography parses its names and extensions only here)."""
     try:
         return _summary(cert)
-    except (ValueError, UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension):
         raise UntrustedMessage("a stored certificate is malformed") from None
 
 

@@ -464,3 +464,34 @@ def test_cli_flow_stores_the_certificate_and_methods_shows_it(tmp_path):
     bad = run_cli(home, "certificate", "HA1:AAAA")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("hsm-auth: error: ")
+
+
+def test_a_certificate_with_a_repeated_extension_is_one_untrusted_message():
+    """A fuzz finding: cryptography raises DuplicateExtension (not a ValueError) when a
+    certificate repeats an extension, first when its extensions are read."""
+    import datetime
+
+    key = cec.generate_private_key(cec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    built = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2030, 1, 1))
+        .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"),
+                       critical=False)
+        .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.5"), b"\x05\x00"),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    repeated = built.replace(bytes.fromhex("06032a0305"), bytes.fromhex("06032a0304"))
+    cert = x509.load_der_x509_certificate(repeated)
+    with pytest.raises(x509.DuplicateExtension):
+        _ = cert.extensions  # what the library met unguarded
+    with pytest.raises(UntrustedMessage, match="malformed"):
+        device_ca.summary(cert)
+    with pytest.raises(UntrustedMessage):  # its signature, or its extensions
+        device_ca.check_device_certificate(
+            repeated, repeated, user="alice", method=Method.DEVICE, credential_id=b"\x00" * 16
+        )
