@@ -159,6 +159,20 @@ def _usages(p11: Any, **on: bool) -> dict[Any, bool]:
     return {getattr(attr, n): on.get(n.lower(), False) for n in names}
 
 
+def _kept(p11: Any) -> dict[Any, bool]:
+    """What every key the verifier keeps in the token is: private, sensitive, and not
+    extractable, modifiable or copyable (its usages are set beside this)."""
+    attr = p11.Attribute
+    return {
+        attr.TOKEN: True,
+        attr.PRIVATE: True,
+        attr.SENSITIVE: True,
+        attr.EXTRACTABLE: False,
+        attr.MODIFIABLE: False,
+        attr.COPYABLE: False,
+    }
+
+
 def unwrapped_template(p11: Any) -> dict[Any, Any]:
     """The KEK's CKA_UNWRAP_TEMPLATE: what every key it unwraps is."""
     attr = p11.Attribute
@@ -286,12 +300,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
             public_template={attr.TOKEN: True, attr.PRIVATE: False, attr.DERIVE: False,
                              attr.MODIFIABLE: False},
             private_template={
-                attr.TOKEN: True,
-                attr.PRIVATE: True,
-                attr.SENSITIVE: True,
-                attr.EXTRACTABLE: False,
-                attr.MODIFIABLE: False,
-                attr.COPYABLE: False,
+                **_kept(p11),
                 attr.SIGN: True,
                 attr.DECRYPT: False,
                 attr.UNWRAP: False,
@@ -320,7 +329,6 @@ class Pkcs11VerifierKeys(VerifierKeys):
         modifiable or copyable."""
         import pkcs11 as p11
 
-        attr = p11.Attribute
         ident = os.urandom(_ID_BYTES)
         session.generate_key(
             key_type,
@@ -330,12 +338,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
             store=True,
             capabilities=0,
             template={
-                attr.TOKEN: True,
-                attr.PRIVATE: True,
-                attr.SENSITIVE: True,
-                attr.EXTRACTABLE: False,
-                attr.MODIFIABLE: False,
-                attr.COPYABLE: False,
+                **_kept(p11),
                 **usages,
             },
             **generate,
@@ -572,12 +575,7 @@ class Pkcs11VerifierKeys(VerifierKeys):
                     public_template={attr.TOKEN: False, attr.PRIVATE: False,
                                      attr.VERIFY: False, attr.DERIVE: False},
                     private_template={
-                        attr.TOKEN: True,
-                        attr.PRIVATE: True,
-                        attr.SENSITIVE: True,
-                        attr.EXTRACTABLE: False,
-                        attr.MODIFIABLE: False,
-                        attr.COPYABLE: False,
+                        **_kept(p11),
                         attr.SIGN: False,
                         attr.DECRYPT: False,
                         attr.UNWRAP: False,
