@@ -28,8 +28,8 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .enrollment_messages import ACTIVATION_MAC_BYTES
 from .errors import InvalidInput, UntrustedMessage
-from .protocol import ACTIVATION_MAC_BYTES
 
 __all__ = [
     "ACTIVATION_MAC_BYTES",

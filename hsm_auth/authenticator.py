@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ec, registry, textcode
+from . import ec, textcode
 from .config import Config
 from .errors import (
     AlreadyEnrolled,
@@ -56,15 +56,11 @@ from .keystore import (
     UserInteraction,
 )
 from .methods import Method
-from .protocol import (
-    EnrollmentOffer,
-    EnrollmentResponse,
-    EnrollmentResult,
-    SyncMessage,
-    SyncReport,
-    VerificationData,
-)
+from .protocol import VerificationData
 
+# Start-up time is part of the interface (bench/startup.py): ``start`` needs only the
+# verification data, so the backends machinery (registry) and the enrollment and sync
+# messages are imported where they are used.
 if TYPE_CHECKING:
     from .otp_scheme import OtpScheme
 
@@ -337,6 +333,8 @@ class Authenticator:
         where a PIN unlocks a whole session (PKCS#11): then the store is opened for this
         operation only and closed (logged out) after it, so that every use of the pin
         method is a fresh login that the token itself checks and counts."""
+        from . import registry
+
         cls = registry.load_backend(backend, reference)  # kept per process by the registry
         if method.needs_pin and cls.pin_unlocks_session:
             with cls.open(settings) as once:
@@ -408,6 +406,9 @@ class Authenticator:
     def _add_or_update(
         self, method: Method, offer_text: str, *, code: str, pin: str | None, replace: bool
     ) -> str:
+        from . import registry
+        from .enrollment_messages import EnrollmentOffer, EnrollmentResponse
+
         offer, signed = EnrollmentOffer.from_text(offer_text)
         verifier_key = ec.decode_point(offer.verifier_signing_key)
         ec.verify(verifier_key, signed.signature, signed.body)
@@ -567,6 +568,8 @@ class Authenticator:
         certificate must be issued by its CA certificate, name the user and method
         and certify this method's signing key (its credential id). Returns the
         updated method."""
+        from .enrollment_messages import EnrollmentResult
+
         with self._exclusive():
             self._verifiers, self._methods = self._load()
             result, signed = EnrollmentResult.from_text(text)
@@ -646,6 +649,8 @@ class Authenticator:
 
     @contextlib.contextmanager
     def _tpm_store(self, method: Method) -> Iterator[Any]:
+        from . import registry
+
         backend, settings = registry.choose_backend(self.config, method)
         if backend != "tpm2":
             raise ConfigError(
@@ -723,6 +728,8 @@ class Authenticator:
     def _survey(
         self, pin: str | None
     ) -> tuple[list[tuple[_Token, TokenKey]], list[tuple[str, str]], dict[str, _Token]]:
+        from . import registry
+
         tokens: dict[str, _Token] = {}
 
         def add(backend: str, settings: Mapping[str, Any], method: Method) -> None:
@@ -884,6 +891,8 @@ class Authenticator:
             return self._sync(text, pin)
 
     def _sync(self, text: str, pin: str | None) -> SyncResult:
+        from .sync_messages import SyncMessage, SyncReport
+
         message, signed = SyncMessage.from_text(text)
         pinned = self._verifiers.get(message.verifier_id)
         if pinned is None:

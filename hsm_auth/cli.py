@@ -801,7 +801,7 @@ def read_activation_code(ctx: Context) -> str:
 def cmd_enroll(ctx: Context) -> int:
     method = Method.parse(ctx.args.method)
     offer = read_text_arg(ctx.args.offer, sys.stdin)
-    from .protocol import EnrollmentOffer
+    from .enrollment_messages import EnrollmentOffer
 
     EnrollmentOffer.from_text(offer)  # a bad offer, or a PIN option for no PIN, is told
     refuse_unused_pin_options(ctx, method)  # before the activation code is asked for
@@ -859,7 +859,7 @@ def cmd_finish(ctx: Context) -> int:
 
 def cmd_sync(ctx: Context) -> int:
     text = read_text_arg(ctx.args.data, sys.stdin)
-    from .protocol import SyncMessage
+    from .sync_messages import SyncMessage
 
     method = SyncMessage.from_text(text)[0].method  # signature checked by sync()
     pin = method_pin(ctx, method)

@@ -64,7 +64,7 @@ BACKDATE: Final = datetime.timedelta(hours=1)
 CA_ORGANIZATION: Final = "hsm-auth device CA"
 #: The most UTF-8 the attestation extension holds: a longer result keeps its format,
 #: verdict and trust (shortened) and leaves its details out, so that a certificate
-#: always fits an EnrollmentResult (``protocol.MAX_CERTIFICATE``).
+#: always fits an EnrollmentResult (``enrollment_messages.MAX_CERTIFICATE``).
 MAX_ATTESTATION_JSON: Final = 1024
 
 

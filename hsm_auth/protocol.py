@@ -9,6 +9,13 @@ check a signature. Text form: :mod:`hsm_auth.textcode` (base32, QR alphanumeric)
 Decoders accept arbitrary bytes and raise only :class:`DecodeError` (or its
 subclass :class:`UnsupportedVersion`); signatures are checked by the caller,
 which knows which key to trust.
+
+This module holds the envelope, the field checks, the shared message base and
+the one message ``hsm-auth start`` reads (:class:`VerificationData`): start-up
+time is part of the interface (``bench/startup.py``). The other messages live
+in :mod:`hsm_auth.enrollment_messages` (offer, response, result) and
+:mod:`hsm_auth.sync_messages` (sync message, sync report); their names are
+still importable from here, loaded on first use.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import cbor2
 
@@ -24,18 +31,24 @@ from . import cbor, display, ec, textcode
 from .errors import DecodeError, UnsupportedVersion
 from .methods import Method
 
+if TYPE_CHECKING:  # the moved names, for type checkers (see __getattr__ below)
+    from .enrollment_messages import ACTIVATION_MAC_BYTES as ACTIVATION_MAC_BYTES
+    from .enrollment_messages import MAX_CA_CERTIFICATE as MAX_CA_CERTIFICATE
+    from .enrollment_messages import MAX_CERTIFICATE as MAX_CERTIFICATE
+    from .enrollment_messages import WRAPPED_OTP_KEY_BYTES as WRAPPED_OTP_KEY_BYTES
+    from .enrollment_messages import EnrollmentOffer as EnrollmentOffer
+    from .enrollment_messages import EnrollmentResponse as EnrollmentResponse
+    from .enrollment_messages import EnrollmentResult as EnrollmentResult
+    from .sync_messages import SYNC_MAC_BYTES as SYNC_MAC_BYTES
+    from .sync_messages import SyncMessage as SyncMessage
+    from .sync_messages import SyncReport as SyncReport
+
 #: 2: the enrollment offer names the methods the user has enrolled at the verifier.
 #: 3: key confirmation in the enrollment response, the user in the verification data,
 #: identities in the OTP question, AES key wrap for the FIDO2 key (docs/PROTOCOL.md).
 VERSION = 3
 MAX_MESSAGE = 4096
 MAX_CONTEXT = display.MAX_CONTEXT
-
-#: A FIDO2 wrapped OTP key: E (33) || AES-KW of the 32-byte key (40). The format's
-#: owner is :mod:`hsm_auth.key_transport` (not imported here: `start` needs none of it).
-WRAPPED_OTP_KEY_BYTES = 73
-#: An enrollment response's activation MAC: a full HMAC-SHA256 (hsm_auth.activation).
-ACTIVATION_MAC_BYTES = 32
 
 #: Signs the body bytes and returns a raw r||s signature.
 RawSigner = Callable[[bytes], bytes]
@@ -226,106 +239,6 @@ class _Message:
 
 
 @dataclass(frozen=True)
-class EnrollmentOffer(_Message):
-    """Verifier → authenticator: an invitation to enroll one method (signed, short-lived).
-
-    ``enrolled`` names the methods the user had enrolled at the verifier when it made
-    the offer: without ``replace`` the verifier will refuse those, so the
-    authenticator refuses them too, before it creates any key."""
-
-    KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_OFFER
-
-    verifier_id: bytes
-    verifier_name: str
-    user: str
-    offer_id: bytes
-    verifier_signing_key: bytes  # SEC1 point
-    verifier_agreement_key: bytes  # SEC1 point
-    suite: str
-    window: int
-    methods: tuple[Method, ...]
-    replace: bool
-    expires: int
-    enrolled: tuple[Method, ...] = ()
-    signature: bytes = field(default=b"", repr=False, compare=False)
-
-    @classmethod
-    def _from_values(cls, v: list[Any], signature: bytes) -> EnrollmentOffer:
-        return cls(
-            verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            verifier_name=_text(v[1], "verifier_name", max_len=display.MAX_NAME),
-            user=_text(v[2], "user", max_len=display.MAX_NAME),
-            offer_id=_bytes(v[3], "offer_id", min_len=16, max_len=32),
-            verifier_signing_key=_point(v[4], "verifier_signing_key"),
-            verifier_agreement_key=_point(v[5], "verifier_agreement_key"),
-            suite=_text(v[6], "suite", max_len=64),
-            window=_int(v[7], "window", lo=1, hi=1000),
-            methods=_methods(v[8]),
-            replace=_bool(v[9], "replace"),
-            expires=_int(v[10], "expires"),
-            enrolled=_method_set(v[11], "enrolled"),
-            signature=signature,
-        )
-
-
-@dataclass(frozen=True)
-class EnrollmentResponse(_Message):
-    """Authenticator → verifier: the public half of one enrolled method.
-
-    Signed with the new signing key (proof of possession) where the backend can
-    sign arbitrary data; otherwise ``attestation`` carries the proof.
-    ``confirmation`` is the key confirmation: HMAC-SHA256 under the new OTP key,
-    made in the token, over the enrollment transcript
-    (:func:`hsm_auth.transcript.confirmation_message`). ``activation_mac`` is the
-    HMAC over the same transcript keyed from the offer's activation code
-    (:mod:`hsm_auth.activation`); None: the authenticator had no code, which the
-    verifier refuses as a wrong one.
-    """
-
-    KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_RESPONSE
-
-    verifier_id: bytes
-    offer_id: bytes
-    user: str
-    method: Method
-    backend: str
-    signing_key: bytes  # SEC1 point
-    agreement_key: bytes | None  # SEC1 point: the verifier derives the OTP key by ECDH
-    wrapped_otp_key: bytes | None  # or: the OTP key encrypted to the verifier
-    initial_atc: int
-    attestation: bytes | None
-    confirmation: bytes = field(repr=False)
-    activation_mac: bytes | None = field(default=None, repr=False)
-    signature: bytes = field(default=b"", repr=False, compare=False)
-
-    @classmethod
-    def _from_values(cls, v: list[Any], signature: bytes) -> EnrollmentResponse:
-        agreement = None if v[6] is None else _point(v[6], "agreement_key")
-        wrapped = None if v[7] is None else _bytes(
-            v[7], "wrapped_otp_key", min_len=WRAPPED_OTP_KEY_BYTES, max_len=WRAPPED_OTP_KEY_BYTES
-        )
-        if (agreement is None) == (wrapped is None):
-            raise DecodeError("exactly one of agreement_key and wrapped_otp_key must be set")
-        return cls(
-            verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            offer_id=_bytes(v[1], "offer_id", min_len=16, max_len=32),
-            user=_text(v[2], "user", max_len=display.MAX_NAME),
-            method=_method(v[3]),
-            backend=_text(v[4], "backend", max_len=32),
-            signing_key=_point(v[5], "signing_key"),
-            agreement_key=agreement,
-            wrapped_otp_key=wrapped,
-            initial_atc=_int(v[8], "initial_atc"),
-            attestation=_opt_bytes(v[9], "attestation", max_len=2048),
-            confirmation=_bytes(v[10], "confirmation", min_len=32, max_len=32),
-            activation_mac=None if v[11] is None else _bytes(
-                v[11], "activation_mac", min_len=ACTIVATION_MAC_BYTES, max_len=ACTIVATION_MAC_BYTES
-            ),
-            signature=signature,
-        )
-
-
-@dataclass(frozen=True)
 class VerificationData(_Message):
     """Verifier → authenticator, shown as a QR code: what to approve, signed.
 
@@ -358,115 +271,6 @@ class VerificationData(_Message):
         )
 
 
-@dataclass(frozen=True)
-class SyncMessage(_Message):
-    """Verifier → authenticator after an online login (signed by the verifier).
-
-    ``atc`` is the ATC the verifier has accepted; ``session_id`` names the sync
-    session the verifier opened, which the authenticator's :class:`SyncReport`
-    answers (once, before ``expires``)."""
-
-    KIND: ClassVar[MessageType] = MessageType.SYNC
-
-    verifier_id: bytes
-    user: str
-    method: Method
-    atc: int
-    session_id: bytes
-    expires: int
-    signature: bytes = field(default=b"", repr=False, compare=False)
-
-    @classmethod
-    def _from_values(cls, v: list[Any], signature: bytes) -> SyncMessage:
-        return cls(
-            verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            user=_text(v[1], "user", max_len=display.MAX_NAME),
-            method=_method(v[2]),
-            atc=_int(v[3], "atc"),
-            session_id=_bytes(v[4], "session_id", min_len=16, max_len=32),
-            expires=_int(v[5], "expires"),
-            signature=signature,
-        )
-
-
-#: Length of the MAC that authenticates a sync report (HMAC-SHA256, not truncated).
-SYNC_MAC_BYTES = 32
-
-
-@dataclass(frozen=True)
-class SyncReport(_Message):
-    """Authenticator → verifier, answering a :class:`SyncMessage`: the token's ATC.
-
-    Its ``signature`` field is not an ECDSA signature but the **full** HMAC-SHA256
-    that the token computed with the method's OTP key, after advancing its counter
-    to ``atc``, over the OCRA data input for counter ``atc`` and the question
-    :meth:`hsm_auth.otp_scheme.OtpScheme.sync_question` (session id, user, method).
-    The verifier, which derives the same OTP key, recomputes it at exactly
-    ``atc``: every body field is bound (``atc`` as the counter, the rest through
-    the question), and the same mechanism works on every backend (a FIDO2
-    credential signs only assertions)."""
-
-    KIND: ClassVar[MessageType] = MessageType.SYNC_REPORT
-
-    verifier_id: bytes
-    session_id: bytes
-    user: str
-    method: Method
-    atc: int
-    signature: bytes = field(default=b"", repr=False, compare=False)
-
-    @classmethod
-    def _from_values(cls, v: list[Any], signature: bytes) -> SyncReport:
-        if len(signature) != SYNC_MAC_BYTES:
-            raise DecodeError("bad sync report MAC")
-        return cls(
-            verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            session_id=_bytes(v[1], "session_id", min_len=16, max_len=32),
-            user=_text(v[2], "user", max_len=display.MAX_NAME),
-            method=_method(v[3]),
-            atc=_int(v[4], "atc", lo=1),
-            signature=signature,
-        )
-
-
-#: Size limits of the certificates an :class:`EnrollmentResult` carries (DER).
-MAX_CERTIFICATE = 2048
-MAX_CA_CERTIFICATE = 1024
-
-
-@dataclass(frozen=True)
-class EnrollmentResult(_Message):
-    """Verifier → authenticator after a recorded enrollment (signed by the verifier's
-    signing key, which the authenticator pinned at enrollment): the X.509
-    certificate the verifier's device CA issued for the method's signing key, the
-    CA certificate, and the attestation result's summary (:mod:`hsm_auth.device_ca`).
-    ``credential_id`` names the enrolled credential (docs/PROTOCOL.md §8.3)."""
-
-    KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_RESULT
-
-    verifier_id: bytes
-    user: str
-    method: Method
-    credential_id: bytes
-    certificate: bytes  # DER
-    ca_certificate: bytes  # DER
-    attestation: str
-    signature: bytes = field(default=b"", repr=False, compare=False)
-
-    @classmethod
-    def _from_values(cls, v: list[Any], signature: bytes) -> EnrollmentResult:
-        return cls(
-            verifier_id=_bytes(v[0], "verifier_id", min_len=8, max_len=32),
-            user=_text(v[1], "user", max_len=display.MAX_NAME),
-            method=_method(v[2]),
-            credential_id=_bytes(v[3], "credential_id", min_len=16, max_len=16),
-            certificate=_bytes(v[4], "certificate", min_len=1, max_len=MAX_CERTIFICATE),
-            ca_certificate=_bytes(v[5], "ca_certificate", min_len=1, max_len=MAX_CA_CERTIFICATE),
-            attestation=_text(v[6], "attestation", max_len=MAX_CONTEXT),
-            signature=signature,
-        )
-
-
 def message_kind(data: bytes) -> MessageType:
     """Which message ``data`` holds (no signature check)."""
     kind = _decode_envelope(data).fields[1]
@@ -474,3 +278,27 @@ def message_kind(data: bytes) -> MessageType:
         return MessageType(kind)
     except (ValueError, TypeError):
         raise DecodeError("unknown message type") from None
+
+
+#: Names that moved to their own modules, still importable from here (loaded on first use).
+_MOVED = {
+    "WRAPPED_OTP_KEY_BYTES": "enrollment_messages",
+    "ACTIVATION_MAC_BYTES": "enrollment_messages",
+    "MAX_CERTIFICATE": "enrollment_messages",
+    "MAX_CA_CERTIFICATE": "enrollment_messages",
+    "EnrollmentOffer": "enrollment_messages",
+    "EnrollmentResponse": "enrollment_messages",
+    "EnrollmentResult": "enrollment_messages",
+    "SYNC_MAC_BYTES": "sync_messages",
+    "SyncMessage": "sync_messages",
+    "SyncReport": "sync_messages",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __package__), name)

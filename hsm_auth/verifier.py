@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from . import activation, attestation, audit, display, ec, ocra, transcript
 from .attestation import VerifierPolicy
 from .audit import AuditRecord, Event, Reason
+from .enrollment_messages import EnrollmentOffer, EnrollmentResponse, EnrollmentResult
 from .errors import (
     AlreadyEnrolled,
     ConfigError,
@@ -51,15 +52,7 @@ from .errors import (
 from .files import atomic_write_json, check_state, ensure_private_dir, read_json, state_int
 from .methods import Method
 from .otp_scheme import MAX_DIGITS, MIN_DIGITS, OtpScheme
-from .protocol import (
-    MAX_CONTEXT,
-    EnrollmentOffer,
-    EnrollmentResponse,
-    EnrollmentResult,
-    SyncMessage,
-    SyncReport,
-    VerificationData,
-)
+from .protocol import MAX_CONTEXT, VerificationData
 from .protocol import (
     VERSION as PROTOCOL_VERSION,
 )
@@ -76,6 +69,7 @@ from .store.base import (
     Status,
     VerifierStore,
 )
+from .sync_messages import SyncMessage, SyncReport
 from .verifier_keys import FileVerifierKeys, VerifierKeys, create_keys, load_keys
 
 if TYPE_CHECKING:
