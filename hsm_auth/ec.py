@@ -50,10 +50,28 @@ def raw_to_der(signature: bytes) -> bytes:
     )
 
 
+class _EcdsaSha256(ec.ECDSA):
+    """``ECDSA(SHA256())`` for verifying, made without ``ECDSA.__init__``: that imports
+    cryptography's whole OpenSSL backend module (RSA, ciphers: ~5 ms of ``hsm-auth
+    start``, bench/startup.py) to check deterministic signing, which verifying never
+    uses. Only the public properties are defined, as cryptography reads them."""
+
+    def __init__(self) -> None:
+        pass
+
+    @property
+    def algorithm(self) -> hashes.HashAlgorithm:
+        return hashes.SHA256()
+
+    @property
+    def deterministic_signing(self) -> bool:
+        return False
+
+
 def verify(public: ec.EllipticCurvePublicKey, raw_signature: bytes, data: bytes) -> None:
     """Raise UntrustedMessage unless ``raw_signature`` (r||s) is ECDSA-SHA256 over ``data``."""
     try:
-        public.verify(raw_to_der(raw_signature), data, ec.ECDSA(hashes.SHA256()))
+        public.verify(raw_to_der(raw_signature), data, _EcdsaSha256())
     except InvalidSignature:
         raise UntrustedMessage("signature does not verify") from None
 
