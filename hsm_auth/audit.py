@@ -38,6 +38,8 @@ class Event(enum.Enum):
     REVOKE = "revoke"
     SYNC = "sync"  # a sync session opened (after an online login)
     SYNCED = "synced"  # a sync report applied: the ATC moved to the token's
+    API_KEY_CREATE = "api-key-create"  # an API key of the online service made (detail: id)
+    API_KEY_REVOKE = "api-key-revoke"
 
 
 class Reason(enum.Enum):

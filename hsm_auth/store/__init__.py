@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .base import (
     Accept,
+    ApiKeyRecord,
     Applied,
     Change,
     CredentialRecord,
@@ -26,6 +27,7 @@ from .base import (
 
 __all__ = [
     "Accept",
+    "ApiKeyRecord",
     "Applied",
     "Change",
     "CredentialRecord",

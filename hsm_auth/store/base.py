@@ -90,6 +90,19 @@ class CredentialRecord:
 
 
 @dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key of the online service (:mod:`hsm_auth.api_keys`): its public id, the
+    SHA-256 of its secret (never the secret), what it may do, and when it was revoked."""
+
+    key_id: str
+    secret_hash: bytes = field(repr=False)
+    label: str
+    scopes: tuple[str, ...]
+    created: int
+    revoked: int | None = None
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     session_id: bytes
     user: str
@@ -275,6 +288,23 @@ class VerifierStore(ABC):
     @abstractmethod
     def audit_records(self, user: str | None = None, limit: int = 100) -> list[AuditRecord]:
         """The newest audit records (of ``user``), oldest first."""
+
+    # --- API keys of the online service (schema version 7) --------------------
+    @abstractmethod
+    def put_api_key(self, record: ApiKeyRecord, audit: AuditRecord | None = None) -> None:
+        """Store a new key (its id must be new: InvalidInput otherwise)."""
+
+    @abstractmethod
+    def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The key ``key_id``, revoked or not; None when unknown."""
+
+    @abstractmethod
+    def api_keys(self) -> list[ApiKeyRecord]:
+        """Every key, oldest first."""
+
+    @abstractmethod
+    def revoke_api_key(self, key_id: str, now: int, audit: AuditRecord | None = None) -> bool:
+        """Mark the key revoked at ``now``; False when unknown or revoked already."""
 
     def purge(self, now: int) -> int:
         """Delete sessions and offers that expired before ``now``; returns how many."""

@@ -74,6 +74,11 @@ _V6 = (
     "ALTER TABLE credentials ADD COLUMN certificate BYTEA",
     "ALTER TABLE offers ADD COLUMN failed_activations INTEGER NOT NULL DEFAULT 0",
 )
+# Version 7 (issue 13): the online service's API keys (hsm_auth.api_keys).
+_V7 = (
+    "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, secret_hash BYTEA NOT NULL,"
+    " label TEXT NOT NULL, scopes TEXT NOT NULL, created BIGINT NOT NULL, revoked BIGINT)",
+)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -135,7 +140,7 @@ class _PgCursor:
 
 class PostgresStore(SqlStore):
     engine = "postgresql"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:
         try:

@@ -30,6 +30,7 @@ from .base import (
     MAX_ATC,
     Accept,
     ActivationFailure,
+    ApiKeyRecord,
     Applied,
     Change,
     CredentialRecord,
@@ -559,6 +560,61 @@ class SqlStore(VerifierStore):
                     (user, limit),
                 )
         return [AuditRecord.from_row(*r) for r in reversed(rows)]
+
+    # --- API keys -------------------------------------------------------------
+    _API_KEY_COLS = "key_id, secret_hash, label, scopes, created, revoked"
+
+    @staticmethod
+    def _api_key(row: Sequence[Any]) -> ApiKeyRecord:
+        return ApiKeyRecord(
+            str(row[0]),
+            bytes(row[1]),
+            str(row[2]),
+            tuple(s for s in str(row[3]).split(",") if s),
+            int(row[4]),
+            None if row[5] is None else int(row[5]),
+        )
+
+    def put_api_key(self, record: ApiKeyRecord, audit: AuditRecord | None = None) -> None:
+        with self._tx() as db:
+            if db.one("SELECT 1 FROM api_keys WHERE key_id=?", (record.key_id,)):
+                raise InvalidInput("an API key with this id exists already")
+            db.count(
+                f"INSERT INTO api_keys ({self._API_KEY_COLS}) VALUES (?,?,?,?,?,?)",  # noqa: S608
+                (
+                    record.key_id,
+                    record.secret_hash,
+                    record.label,
+                    ",".join(record.scopes),
+                    record.created,
+                    record.revoked,
+                ),
+            )
+            self._audit(db, audit)
+
+    def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        with self._read() as db:
+            row = db.one(
+                f"SELECT {self._API_KEY_COLS} FROM api_keys WHERE key_id=?",  # noqa: S608
+                (key_id,),
+            )
+        return None if row is None else self._api_key(row)
+
+    def api_keys(self) -> list[ApiKeyRecord]:
+        with self._read() as db:
+            rows = db.rows(
+                f"SELECT {self._API_KEY_COLS} FROM api_keys ORDER BY created, key_id"  # noqa: S608
+            )
+        return [self._api_key(r) for r in rows]
+
+    def revoke_api_key(self, key_id: str, now: int, audit: AuditRecord | None = None) -> bool:
+        with self._tx() as db:
+            done = db.count(
+                "UPDATE api_keys SET revoked=? WHERE key_id=? AND revoked IS NULL", (now, key_id)
+            )
+            if done:
+                self._audit(db, audit)
+        return bool(done)
 
     def purge(self, now: int) -> int:
         with self._tx() as db:

@@ -71,6 +71,12 @@ _V6 = (
     "ALTER TABLE credentials ADD COLUMN certificate BLOB",
     "ALTER TABLE offers ADD COLUMN failed_activations INTEGER NOT NULL DEFAULT 0",
 )
+# Version 7 (issue 13): the online service's API keys (hsm_auth.api_keys): the SHA-256
+# of each key's secret, never the secret.
+_V7 = (
+    "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL,"
+    " label TEXT NOT NULL, scopes TEXT NOT NULL, created INTEGER NOT NULL, revoked INTEGER)",
+)
 
 
 class _SqliteCursor:
@@ -95,7 +101,7 @@ class _SqliteCursor:
 
 class SqliteStore(SqlStore):
     engine = "sqlite"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
         try:
