@@ -4,6 +4,7 @@ users can run their own CI on the same emulators."""
 import contextlib
 
 from hsm_auth.testing.postgres import postgres_dsn, postgres_server_fixture  # noqa: F401
+from hsm_auth.testing.service import service, service_factory, service_verifier  # noqa: F401
 from hsm_auth.testing.softhsm import softhsm_env, softhsm_token  # noqa: F401
 from hsm_auth.testing.swtpm import (  # noqa: F401
     swtpm,
