@@ -732,6 +732,177 @@ def cmd_verifier_audit(ctx: Context) -> int:
     return 0
 
 
+# --- the online service (hsm_auth.service; imported only by these commands) ---
+
+
+def _rate_arg(text: str) -> tuple[float, int]:
+    """``RATE[/BURST]``: requests per second and the bucket's size (0: no limit)."""
+    rate_text, _, burst_text = text.partition("/")
+    try:
+        rate = float(rate_text)
+        burst = int(burst_text) if burst_text else max(1, int(rate * 2))
+    except ValueError:
+        raise argparse.ArgumentTypeError("takes RATE[/BURST], e.g. 5/20 (0: no limit)") from None
+    if not (0 <= rate <= 1e6 and 1 <= burst <= 10**7):
+        raise argparse.ArgumentTypeError("RATE is 0..10^6 per second, BURST 1..10^7")
+    return rate, burst
+
+
+def _service_settings(ctx: Context) -> Any:
+    from .service.context import ServiceSettings
+
+    args = ctx.args
+    address_rate, address_burst = args.rate_address
+    user_rate, user_burst = args.rate_user
+    directory = Path(args.verifier) if args.verifier else ctx.paths.verifier_dir
+    return ServiceSettings(
+        verifier_dir=directory,
+        database=ctx.verifier_database(),
+        hsm=ctx.verifier_hsm(),
+        workers=args.workers,
+        max_body=args.max_body,
+        address_rate=address_rate,
+        address_burst=address_burst,
+        user_rate=user_rate,
+        user_burst=user_burst,
+    )
+
+
+def cmd_serve(ctx: Context) -> int:
+    try:
+        from .service import server
+    except ImportError as e:
+        raise errors.ConfigError(
+            f"the service needs the 'service' extra ({e.name} is missing): "
+            "pip install 'hsm-auth[service]'"
+        ) from None
+    args = ctx.args
+    listen = server.parse_listen(args.listen)
+
+    def announce(url: str) -> None:
+        print(f"hsm-auth: serving on {url}", file=ctx.err, flush=True)
+
+    server.serve(
+        _service_settings(ctx),
+        listen,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        access_log=args.access_log,
+        proxy_headers=args.proxy_headers,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        announce=announce,
+    )
+    return 0
+
+
+def _add_serve_command(add: Callable[..., argparse.ArgumentParser], sub: Any) -> None:
+    p = add(sub, "serve", cmd_serve, "run the online verifier (HTTP API, see README)")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:8080; port 0: any free port)")
+    p.add_argument("--verifier", metavar="DIR",
+                   help="the verifier's directory (default: the one under --home)")
+    p.add_argument("--database", "--db", dest="db", metavar="DSN",
+                   help="postgresql://… or a SQLite file (default: as for `verifier`; a DSN "
+                   "with a password belongs in HSM_AUTH_VERIFIER_DATABASE, not argv)")
+    p.add_argument("--hsm", metavar="URI", help="pkcs11: URI of the verifier's keys' token")
+    p.add_argument("--workers", type=count_arg(64), default=1,
+                   help="worker processes (default 1; more than 1 needs PostgreSQL)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--max-body", type=count_arg(16 * 1024 * 1024), default=64 * 1024,
+                   metavar="BYTES", help="largest request body (default 65536; larger: 413)")
+    p.add_argument("--rate-address", type=_rate_arg, default=(200.0, 400), metavar="RATE/BURST",
+                   help="requests per second per client address, per worker (default 200/400;"
+                   " 0: no limit)")
+    p.add_argument("--rate-user", type=_rate_arg, default=(5.0, 20), metavar="RATE/BURST",
+                   help="requests per second per user name, per worker (default 5/20)")
+    p.add_argument("--proxy-headers", action="store_true",
+                   help="take the client address from X-Forwarded-For (behind a reverse proxy)")
+    p.add_argument("--forwarded-allow-ips", metavar="IPS",
+                   help="the proxies trusted for --proxy-headers (default 127.0.0.1)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per request (paths, never bodies or headers)")
+
+
+def _api_key_row(record: Any) -> dict[str, Any]:
+    return {
+        "key_id": record.key_id,
+        "label": record.label,
+        "scopes": list(record.scopes),
+        "created": record.created,
+        "revoked": record.revoked,
+    }
+
+
+def cmd_api_key_create(ctx: Context) -> int:
+    from . import api_keys
+
+    v = ctx.verifier()
+    try:
+        issued = api_keys.create(
+            v.store, ctx.args.label, ctx.args.scope or (), now=int(time.time())
+        )
+    finally:
+        v.close()
+    # The key itself goes to stdout once, and nowhere else (no log, no file).
+    ctx.emit(issued.key, {**_api_key_row(issued.record), "key": issued.key})
+    print(
+        f"API key {issued.record.key_id} ({','.join(issued.record.scopes)}) created: "
+        "it is shown only this once",
+        file=ctx.err,
+    )
+    return 0
+
+
+def cmd_api_key_list(ctx: Context) -> int:
+    v = ctx.verifier()
+    try:
+        records = v.store.api_keys()
+    finally:
+        v.close()
+    rows = [_api_key_row(r) for r in records]
+    lines = [
+        f"{r['key_id']}  {','.join(r['scopes']):<32} "
+        f"{'revoked ' + _utc_text(r['revoked']) if r['revoked'] else 'active'}  {r['label']}"
+        for r in rows
+    ]
+    ctx.emit("\n".join(lines) or "no API keys", {"api_keys": rows})
+    return 0
+
+
+def cmd_api_key_revoke(ctx: Context) -> int:
+    from . import api_keys
+
+    v = ctx.verifier()
+    try:
+        api_keys.revoke(v.store, ctx.args.key_id, now=int(time.time()))
+    finally:
+        v.close()
+    ctx.emit(f"API key {ctx.args.key_id} revoked", {"revoked": ctx.args.key_id})
+    return 0
+
+
+def _add_api_key_commands(
+    add: Callable[..., argparse.ArgumentParser], vsub: Any, common: Any, vopt: Any,
+    only: Collection[str] | None,
+) -> None:
+    if only is not None and "api-key" not in only:
+        return
+    ap = vsub.add_parser("api-key", help="API keys of the online service (hsm-auth serve)",
+                         parents=[common])
+    asub = ap.add_subparsers(dest="api_key_command", required=True, metavar="COMMAND")
+    p = add(asub, "create", cmd_api_key_create,
+            "make an API key (printed once, to stdout) for the service provider's backend",
+            [vopt])
+    p.add_argument("--label", type=text_arg, required=True, help="what the key is for")
+    p.add_argument("--scope", action="append", choices=("enroll", "verify", "challenge", "admin"),
+                   help="a scope the key has (repeat for several)")
+    add(asub, "list", cmd_api_key_list, "list API keys (ids, labels, scopes; never a secret)",
+        [vopt])
+    p = add(asub, "revoke", cmd_api_key_revoke, "revoke an API key: refused from now on", [vopt])
+    p.add_argument("key_id", help="the key's id (16 hex digits, from `api-key list`)")
+
+
 def method_pin(ctx: Context, method: Method, prompt: str = "Offline PIN: ") -> str | None:
     """The PIN for ``method``: read for the pin method; for the others a PIN option is
     refused rather than ignored (it would never reach the token: their token PIN, if
@@ -1594,6 +1765,9 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         default=100,
         help="the newest N records (default 100)",
     )
+
+    _add_api_key_commands(add, vsub, common, vopt, only)
+    _add_serve_command(add, sub)
 
     tp = group("token", "software tokens to try hsm-auth (SoftHSM, swtpm)")
     tsub = tp.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
