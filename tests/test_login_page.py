@@ -1,0 +1,370 @@
+"""The reference login page (hsm_auth.service.login_page) in a real headless Chromium
+against a real uvicorn service, with a real SoftHSM authenticator.
+
+Screenshots of each step: $HSM_AUTH_SCREENSHOTS or tests/artifacts/screenshots/<test>/
+(printed at the end of each browser test)."""
+
+from __future__ import annotations
+
+import html.parser
+import socket
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import httpx
+import pytest
+from _browser import browser  # noqa: F401
+
+from hsm_auth.authenticator import Authenticator
+from hsm_auth.config import Config, MethodConfig
+from hsm_auth.methods import Method
+from hsm_auth.testing.softhsm import init_token, unique_label
+from hsm_auth.uri import Pkcs11Uri
+from hsm_auth.verifier import Verifier
+
+pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+# --- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def authenticator(softhsm_env, tmp_path):
+    token = init_token(unique_label("web"), so_pin="12345678", user_pin="device-secret")
+    pin_file = tmp_path / "device.pin"
+    pin_file.write_text(token.user_pin)
+    pin_file.chmod(0o600)
+    uri = Pkcs11Uri(token=token.label, module_path=token.module_path,
+                    pin_source=f"file:{pin_file}")
+    config = Config(methods={Method.DEVICE: MethodConfig("pkcs11", {"uri": str(uri)})})
+    with Authenticator(tmp_path / "auth", config) as a:
+        yield a
+
+
+@pytest.fixture
+def verifier_dir(tmp_path, authenticator):
+    directory = tmp_path / "verifier"
+    with Verifier.init(directory, "Example Site") as v:
+        offer = v.create_offer("alice", methods=[Method.DEVICE])
+        v.accept_enrollment(authenticator.add_or_update(
+            Method.DEVICE, offer.text, activation_code=offer.activation_code))
+    return directory
+
+
+@pytest.fixture
+def service(verifier_dir):
+    """TEMPORARY: a bare app in a thread until S1a's hsm_auth.testing.service lands."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from hsm_auth.service import login_page
+    from hsm_auth.service.context import ServiceContext, ServiceSettings
+    from hsm_auth.service.limits import Limits
+
+    settings = ServiceSettings(verifier_dir=verifier_dir)
+    verifier = Verifier.open(verifier_dir)
+    app = FastAPI()
+    app.state.context = ServiceContext(settings, verifier, Limits(
+        max_body=65536, address_rate=0, address_burst=1, user_rate=0, user_burst=1))
+    app.include_router(login_page.router)
+    from fastapi.responses import JSONResponse
+
+    from hsm_auth.errors import InvalidInput
+
+    @app.exception_handler(InvalidInput)
+    async def _bad(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+    verifier.close()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _wait(driver, predicate, timeout: float = 20.0):
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    try:
+        return WebDriverWait(driver, timeout, ignored_exceptions=ignored).until(predicate)
+    except TimeoutException:
+        raise AssertionError(f"the page did not get there: {driver.page_source[:3000]}") from None
+
+
+def _by(driver, css: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, css)
+
+
+def _start(browser, service: str, flow: str, user: str = "alice") -> None:
+    d = browser.driver
+    d.get(service + "/login")
+    _by(d, "#user").send_keys(user)
+    browser.shot("user-name")
+    _by(d, f"#{flow}").click()
+
+
+def _otp_for(authenticator: Authenticator, text: str) -> str:
+    request = authenticator.start_offline_authentication(text)
+    return authenticator.finish_offline_authentication(request, Method.DEVICE).otp
+
+
+def _page(driver) -> str:
+    return _by(driver, "#page").get_attribute("data-page")
+
+
+# --- (a) the offline flow --------------------------------------------------------------
+
+
+def test_offline_login_then_replay_refused(browser, service, authenticator):
+    d = browser.driver
+    _start(browser, service, "offline")
+    _wait(d, lambda d: _page(d) == "offline")
+    text = _by(d, "#verification-data").get_attribute("textContent").strip()
+    qr = _by(d, "#qr-image")
+    assert qr.get_attribute("src").startswith("data:image/svg+xml;base64,")
+    assert d.execute_script("return arguments[0].naturalWidth", qr) > 0  # the image decoded
+    assert "Web login as alice from 127.0.0.1" in _by(d, "#context").text
+    browser.shot("offline-qr")
+    otp = _otp_for(authenticator, text)
+    _by(d, "#otp").send_keys(otp)
+    browser.shot("otp-typed")
+    _by(d, "#verify").click()
+    _wait(d, lambda d: _page(d) == "done")
+    assert _by(d, "#result").text == "Logged in as alice."
+    browser.shot("logged-in")
+    # the same OTP on a new page (a new session) is refused
+    d.delete_all_cookies()
+    _start(browser, service, "offline")
+    _wait(d, lambda d: _page(d) == "offline")
+    _by(d, "#otp").send_keys(otp)
+    _by(d, "#verify").click()
+    _wait(d, lambda d: _page(d) == "refused")
+    assert _by(d, "#result").get_attribute("data-reason") == "otp-refused"
+    browser.shot("replay-refused")
+
+
+def test_the_page_runs_under_its_csp_without_violations(browser, service):
+    d = browser.driver
+    d.get(service + "/login")
+    _by(d, "#user").send_keys("alice")
+    _by(d, "#offline").click()
+    _wait(d, lambda d: _page(d) == "offline")
+    # the style sheet applied (a CSP refusal would leave the default white background)
+    bg = d.execute_script("return getComputedStyle(document.documentElement).backgroundColor")
+    assert bg == "rgb(243, 245, 248)"
+    assert d.execute_script("return document.querySelectorAll('script:not([src])').length") == 0
+    errors = [e for e in d.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert errors == []
+    # an inline script the page did not send is refused by the browser (the policy bites)
+    d.execute_script(
+        "const s = document.createElement('script'); s.textContent = 'window.ran = 1';"
+        "document.body.append(s);")
+    assert d.execute_script("return window.ran === undefined")
+    assert any("Content Security Policy" in e["message"] for e in d.get_log("browser"))
+
+
+# --- HTTP-level: CSRF, headers, the HTML itself ------------------------------------------
+
+
+class _Html(html.parser.HTMLParser):
+    """Every start tag with its attributes, and the text inside each <script>/<style>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.inline: list[str] = []
+        self._in: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag in ("script", "style"):
+            self._in = tag
+
+    def handle_endtag(self, tag):
+        if tag == self._in:
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in and data.strip():
+            self.inline.append(data)
+
+
+def _parse(text: str) -> _Html:
+    p = _Html()
+    p.feed(text)
+    return p
+
+
+def _csrf(text: str) -> str:
+    tokens = {a["value"] for t, a in _parse(text).tags if t == "input" and a.get("name") == "csrf"}
+    assert len(tokens) == 1, tokens
+    return tokens.pop()
+
+
+def _pre(text: str, element_id: str) -> str:
+    start = text.index(f'id="{element_id}"')
+    return html.unescape(text[text.index(">", start) + 1 : text.index("</pre>", start)])
+
+
+def _post(client: httpx.Client, path: str, **fields: str) -> httpx.Response:
+    return client.post(path, content=urllib.parse.urlencode(fields),
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+
+def _audit_count(verifier_dir: Path, event: str) -> int:
+    with Verifier.open(verifier_dir) as v:
+        return sum(1 for r in v.show("alice", recent=1000).recent if r.event.value == event)
+
+
+def _check_html(response: httpx.Response) -> None:
+    assert response.headers["content-security-policy"] == CSP
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "same-origin"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    page = _parse(response.text)
+    assert page.inline == []  # no inline script or style
+    for tag, attrs in page.tags:
+        assert not any(a.startswith("on") for a in attrs), (tag, attrs)  # no handlers
+        assert "style" not in attrs, (tag, attrs)
+        if tag == "script":
+            assert attrs["src"].startswith("/login/static/"), attrs
+        if tag == "a":
+            assert attrs["href"].startswith("/"), attrs  # nothing third-party
+        if tag == "form":
+            assert attrs["action"].startswith("/login/") and attrs["method"] == "post"
+    assert [t for t, _ in page.tags].count("script") == 1
+
+
+def test_every_page_has_the_headers_and_no_inline_script(service, authenticator):
+    with httpx.Client(base_url=service) as c:
+        first = c.get("/login")
+        _check_html(first)
+        cookie = first.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/login" in cookie
+        assert "Secure" not in cookie  # plain HTTP here; https sets it
+        qr = _post(c, "/login/start", csrf=_csrf(first.text), user="alice", flow="offline")
+        _check_html(qr)
+        wrong = _post(c, "/login/offline", csrf=_csrf(qr.text), otp="00000000")
+        assert wrong.status_code == 403
+        _check_html(wrong)
+        otp = _otp_for(authenticator, _pre(qr.text, "verification-data"))
+        ok = _post(c, "/login/offline", csrf=_csrf(qr.text), otp=otp)
+        assert ok.status_code == 200, ok.text
+        _check_html(ok)
+        assert "Logged in as <strong>alice</strong>" in ok.text
+        assert _csrf(ok.text) != _csrf(qr.text)  # rotated at login
+        for name, kind in (("login.js", "text/javascript"), ("login.css", "text/css")):
+            r = c.get(f"/login/static/{name}")
+            assert r.headers["content-type"].startswith(kind)
+            assert r.headers["x-content-type-options"] == "nosniff"
+        assert c.get("/login/static/../app.py").status_code == 404
+        assert c.get("/login/static/base.html").status_code == 404
+
+
+def test_csrf_token_missing_or_wrong_is_403_and_nothing_changed(service, verifier_dir,
+                                                                authenticator):
+    with httpx.Client(base_url=service) as c:
+        page = c.get("/login")
+        token = _csrf(page.text)
+        sessions = _audit_count(verifier_dir, "session")
+        for fields in ({}, {"csrf": ""}, {"csrf": token[:-1] + ("A" if token[-1] != "A" else "B")}):
+            r = _post(c, "/login/start", user="alice", flow="offline", **fields)
+            assert r.status_code == 403, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.json()["type"].endswith("/csrf-refused")
+        assert _audit_count(verifier_dir, "session") == sessions  # no session was started
+        qr = _post(c, "/login/start", csrf=token, user="alice", flow="offline")
+        assert qr.status_code == 200
+        otp = _otp_for(authenticator, _pre(qr.text, "verification-data"))
+        # a wrong token with the right OTP: refused before the OTP is looked at
+        r = _post(c, "/login/offline", csrf="x" * len(token), otp=otp)
+        assert r.status_code == 403 and r.json()["type"].endswith("/csrf-refused")
+        # another site's form, even with the token (Origin / Sec-Fetch-Site)
+        for headers in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                        {"Origin": "null"}):
+            body = urllib.parse.urlencode({"csrf": token, "otp": otp})
+            r = c.post("/login/offline", content=body,
+                       headers={"Content-Type": "application/x-www-form-urlencoded", **headers})
+            assert r.status_code == 403, headers
+        # a forged cookie (the MAC does not match) or none at all
+        good = c.cookies["hsm_auth_login"]
+        body, mac = good.split(".")
+        for forged in (body + "." + mac[::-1], body[:-2] + "." + mac, ""):
+            with httpx.Client(base_url=service, cookies={"hsm_auth_login": forged}) as other:
+                r = _post(other, "/login/offline", csrf=token, otp=otp)
+                assert r.status_code == 403
+        # nothing was used up: the same OTP still logs in with the right token
+        r = _post(c, "/login/offline", csrf=token, otp=otp)
+        assert r.status_code == 200 and "Logged in as" in r.text
+
+
+def test_a_replayed_otp_with_the_old_cookie_is_refused(service, authenticator):
+    with httpx.Client(base_url=service) as c:
+        token = _csrf(c.get("/login").text)
+        qr = _post(c, "/login/start", csrf=token, user="alice", flow="offline")
+        pending = dict(c.cookies)
+        otp = _otp_for(authenticator, _pre(qr.text, "verification-data"))
+        assert _post(c, "/login/offline", csrf=token, otp=otp).status_code == 200
+    with httpx.Client(base_url=service, cookies=pending) as replay:
+        r = _post(replay, "/login/offline", csrf=token, otp=otp)
+        assert r.status_code == 403 and 'data-reason="otp-refused"' in r.text
+        assert "Logged in" not in r.text
+
+
+def test_bad_form_input_is_refused(service):
+    with httpx.Client(base_url=service) as c:
+        token = _csrf(c.get("/login").text)
+        for user in ("", "a" * 65, "al\u202eice", "al\x00ice"):
+            r = _post(c, "/login/start", csrf=token, user=user, flow="offline")
+            assert r.status_code == 400, user
+        r = _post(c, "/login/start", csrf=token, user="nobody", flow="offline")
+        assert r.status_code == 404 and 'data-reason="no-method"' in r.text
+        r = _post(c, "/login/start", csrf=token, user="alice", flow="telepathy")
+        assert r.status_code == 400
+        r = c.post("/login/start", json={"csrf": token, "user": "alice"})
+        assert r.status_code == 400
+        r = _post(c, "/login/offline", csrf=token, otp="123456")
+        assert r.status_code == 409  # no session started in this cookie
+        r = c.post("/login/start", content=f"csrf={token}&csrf={token}&user=alice&flow=offline",
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 400
+
+
+def test_the_wheel_would_carry_every_web_file():
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "hsm_auth.service" in project["packages"]
+    globs = project["package-data"]["hsm_auth.service"]
+    web = root / "hsm_auth" / "service"
+    files = [p.relative_to(web).as_posix() for p in (web / "web").rglob("*") if p.is_file()]
+    assert files
+    for name in files:
+        assert any(fnmatch.fnmatch(name, g) for g in globs), name
