@@ -7,9 +7,6 @@ Screenshots of each step: $HSM_AUTH_SCREENSHOTS or tests/artifacts/screenshots/<
 from __future__ import annotations
 
 import html.parser
-import socket
-import threading
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from _browser import browser  # noqa: F401
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Config, MethodConfig
 from hsm_auth.methods import Method
+from hsm_auth.testing.service import running_service
 from hsm_auth.testing.softhsm import init_token, unique_label
 from hsm_auth.uri import Pkcs11Uri
 from hsm_auth.verifier import Verifier
@@ -59,40 +57,15 @@ def verifier_dir(tmp_path, authenticator):
 
 
 @pytest.fixture
-def service(verifier_dir):
-    """TEMPORARY: a bare app in a thread until S1a's hsm_auth.testing.service lands."""
-    import uvicorn
-    from fastapi import FastAPI
+def running(verifier_dir):
+    """A real ``hsm-auth serve`` (uvicorn in a subprocess) on the verifier."""
+    with running_service(verifier_dir) as svc:
+        yield svc
 
-    from hsm_auth.service import login_page
-    from hsm_auth.service.context import ServiceContext, ServiceSettings
-    from hsm_auth.service.limits import Limits
 
-    settings = ServiceSettings(verifier_dir=verifier_dir)
-    verifier = Verifier.open(verifier_dir)
-    app = FastAPI()
-    app.state.context = ServiceContext(settings, verifier, Limits(
-        max_body=65536, address_rate=0, address_burst=1, user_rate=0, user_burst=1))
-    app.include_router(login_page.router)
-    from fastapi.responses import JSONResponse
-
-    from hsm_auth.errors import InvalidInput
-
-    @app.exception_handler(InvalidInput)
-    async def _bad(request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    verifier.close()
+@pytest.fixture
+def service(running):
+    return running.url
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -368,3 +341,22 @@ def test_the_wheel_would_carry_every_web_file():
     assert files
     for name in files:
         assert any(fnmatch.fnmatch(name, g) for g in globs), name
+
+
+def test_the_per_user_rate_limit_applies(verifier_dir):
+    with running_service(verifier_dir, args=["--rate-user", "0.01/3"]) as svc, \
+            httpx.Client(base_url=svc.url) as c:
+        token = _csrf(c.get("/login").text)
+        for _ in range(3):
+            assert _post(c, "/login/start", csrf=token, user="alice", flow="offline") \
+                .status_code == 200
+        sessions = _audit_count(verifier_dir, "session")
+        r = _post(c, "/login/start", csrf=token, user="alice", flow="offline")
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["type"].endswith("/rate-limited")
+        assert _audit_count(verifier_dir, "session") == sessions  # refused before the verifier
+        # the OTP check counts against the user too; another user is not affected
+        r = _post(c, "/login/offline", csrf=token, otp="12345678")
+        assert r.status_code == 429
+        r = _post(c, "/login/start", csrf=token, user="bob", flow="offline")
+        assert r.status_code == 404

@@ -108,9 +108,10 @@ def create_app(
         summary="The service is up and its store answers",
         tags=["service"],
     )
-    from . import provider_api
+    from . import login_page, provider_api
 
     app.include_router(provider_api.router)
+    app.include_router(login_page.router)
     return app
 
 

@@ -54,7 +54,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -64,6 +64,9 @@ from ..errors import InvalidInput, InvalidToken, UnknownMethod
 from ..files import atomic_write, ensure_private_dir, locked, read_state
 from .context import ServiceContext, blocking, get_context
 from .problems import problem
+
+if TYPE_CHECKING:
+    from ..verifier import Acceptance
 
 __all__ = ["COOKIE", "CSP", "LoginState", "Safe", "StateCodec", "router"]
 
@@ -368,16 +371,14 @@ async def start(request: Request) -> Response:
     state, form = checked.state, checked.form
     user = form.get("user", "").strip()
     flow = form.get("flow", "")
-    if flow not in ("offline", "push"):
+    if flow != "offline":
         return _refused(request, "flow", "Choose a way to log in.", status=400)
     try:
         display.check(user, "the user name", max_len=display.MAX_NAME)
     except InvalidInput:
         return _refused(request, "user", "That is not a user name.", status=400)
     _limit_user(context, user)
-    if flow == "offline":
-        return await _start_offline(request, context, state, user)
-    return await _start_push(request, context, state, user)
+    return await _start_offline(request, context, state, user)
 
 
 async def _start_offline(
@@ -412,12 +413,6 @@ async def _start_offline(
     return _page(request, "offline", "Scan the code", body, state=state)
 
 
-async def _start_push(
-    request: Request, context: ServiceContext, state: LoginState, user: str
-) -> Response:
-    return _refused(request, "unavailable", "Push login is not available yet.", status=503)
-
-
 @router.post("/offline")
 async def offline(request: Request) -> Response:
     context = get_context(request)
@@ -444,10 +439,7 @@ async def offline(request: Request) -> Response:
     return _done(request, accepted.user)
 
 
-async def _verify(context: ServiceContext, session_id: bytes, otp: str) -> Any:
-    committer = context.committer
-    if committer is not None and hasattr(committer, "verify"):
-        return await committer.verify(session_id, otp)
+async def _verify(context: ServiceContext, session_id: bytes, otp: str) -> Acceptance:
     return await blocking(context.verifier.verify, session_id, otp)
 
 
