@@ -22,6 +22,12 @@ gives its command the PAM environment (which modules and users can fill) and
 a console script starts Python without ``-I``, so it could not be isolated.
 An old ``pam_exec.so ... hsm-auth-pam`` line now fails (no such command), and
 ``python -I -m hsm_auth.pam`` only speaks the module's protocol.
+
+The resident login service (:mod:`hsm_auth.login_service`) runs the same
+:func:`serve` in a child per connection, with the :class:`Peer` the kernel
+gave for the socket (``SO_PEERCRED``): its pid replaces the request's
+``caller`` line, and :func:`caller_refusal` is the caller rule (a non-root
+peer only for its own account, with the service's config).
 """
 
 from __future__ import annotations
@@ -39,6 +45,15 @@ if TYPE_CHECKING:
 
 DEFAULT_CONFIG = Path("/etc/hsm-auth/config.toml")
 DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The other end of a login-service connection, from the kernel (``SO_PEERCRED``)."""
+
+    pid: int
+    uid: int
+    gid: int
 
 
 class _Refused(Exception):
@@ -243,28 +258,68 @@ def scrub_environment(environment: Mapping[str, str]) -> None:
         os.environ[key] = value
 
 
-def split_config_arg(args: Sequence[str]) -> tuple[Path, list[str]]:
-    """``config=PATH`` (this side's) apart from the login options."""
-    path, rest = DEFAULT_CONFIG, []
+def split_config_arg(args: Sequence[str], default: Path = DEFAULT_CONFIG
+                     ) -> tuple[Path, bool, list[str]]:
+    """``config=PATH`` (this side's) apart from the login options: (the config file,
+    whether an argument named it, the rest). ``socket=`` is the C module's own (which
+    service to ask) and is dropped here."""
+    path, named, rest = default, False, []
     for arg in args:
         if arg.startswith("config="):
-            path = Path(arg[len("config="):])
+            path, named = Path(arg[len("config="):]), True
             if not path.is_absolute():
                 raise _Refused("config= must be an absolute path")
-        else:
+        elif not arg.startswith("socket="):
             rest.append(arg)
-    return path, rest
+    return path, named, rest
 
 
-def serve(channel: Channel | None = None) -> int:
+def caller_refusal(peer: Peer, user: str, config_path: Path, named: bool,
+                   service_config: Path) -> str | None:
+    """The login service's caller rule; ``None``: the peer may ask, else why not.
+
+    A peer running as root (sudo, su, login, a display manager, sshd) may ask for any
+    account, with any config file, as the spawned helper would. Any other peer (a
+    screen locker) runs as a user who controls its every byte: it may ask only for the
+    account whose uid it has (``PAM_USER`` resolved with ``getpwnam``, as the policy
+    does) and only under the service's own config file, so it cannot pick a config
+    with another failure record or other limits."""
+    if peer.uid == 0:
+        return None
+    from .login_policy import canonical_user
+
+    canonical = canonical_user(user)
+    try:
+        uid = None if canonical is None else pwd_uid(canonical)
+    except KeyError:
+        uid = None
+    if uid != peer.uid:
+        return (f"a caller with uid {peer.uid} may log in only its own account, "
+                f"not {user[:64]!r}")
+    if named and os.path.realpath(config_path) != os.path.realpath(service_config):
+        return f"a caller with uid {peer.uid} may not choose the config file"
+    return None
+
+
+def pwd_uid(name: str) -> int:
+    import pwd
+
+    return int(pwd.getpwnam(name).pw_uid)
+
+
+def serve(channel: Channel | None = None, peer: Peer | None = None,
+          service_config: Path = DEFAULT_CONFIG) -> int:
     """Run one authentication for the module; always ends with one ``result`` line.
 
-    Returns the process exit status (0 when a result was sent)."""
+    ``peer`` is set when the login service serves the connection: the kernel's
+    word on the caller (see :func:`caller_refusal`), and ``service_config`` the
+    config file used when the module names none. Returns the process exit status
+    (0 when a result was sent)."""
     channel = channel or Channel()
     clock = _Clock(DEFAULT_TIMEOUT + _GRACE)
     clock.start()
     try:
-        outcome, message = _serve(channel, clock)
+        outcome, message = _serve(channel, clock, peer, service_config)
     except ProtocolError as e:  # the module is gone or broke the protocol: no result
         _log(f"protocol error: {e}")
         return 3
@@ -277,7 +332,10 @@ def serve(channel: Channel | None = None) -> int:
     return 0
 
 
-def _serve(channel: Channel, clock: _Clock) -> tuple[str, str]:
+def _serve(channel: Channel, clock: _Clock, peer: Peer | None = None,
+           service_config: Path = DEFAULT_CONFIG) -> tuple[str, str]:
+    import dataclasses
+
     from .config import parse as parse_config
     from .errors import HsmAuthError
 
@@ -285,7 +343,16 @@ def _serve(channel: Channel, clock: _Clock) -> tuple[str, str]:
     if not sys.flags.isolated:
         return "SYSTEM_ERR", "hsm_auth.pam must run as python -I (from pam_hsm_auth.so)"
     try:
-        config_path, args = split_config_arg(request.args)
+        config_path, named, args = split_config_arg(request.args, service_config)
+        if peer is not None:
+            # The kernel's pid of the PAM application, never what the request says.
+            request = dataclasses.replace(request, caller_pid=peer.pid)
+            refusal = caller_refusal(peer, request.user, config_path, named, service_config)
+            if refusal is not None:
+                return "PERM_DENIED", refusal
+            if "debug" in args:
+                channel.write("log", f"served by the login service for pid {peer.pid} "
+                                     f"uid {peer.uid}")
         raw = read_config(config_path)
         config = parse_config(raw)
         scrub_environment(config.environment)

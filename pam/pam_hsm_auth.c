@@ -2,11 +2,22 @@
  * pam_hsm_auth.so: the hsm-auth workstation-login PAM module (auth only).
  *
  * The module owns the PAM conversation; the product's logic stays in Python
- * (hsm_auth/pam.py, hsm_auth/login.py). For each pam_authenticate() it runs
+ * (hsm_auth/pam.py, hsm_auth/login.py). For each pam_authenticate() it first
+ * connects to the resident login service (hsm_auth/login_service.py, a root
+ * service started by systemd: pam/hsm-auth-login.service) on the UNIX socket
+ * given by socket=PATH (default /run/hsm-auth/login.sock; socket=none: never)
+ * and speaks the line protocol below with it. The service is trusted only if
+ * the socket is not a symlink, is a socket owned by root (or by this
+ * process's euid, for tests), every directory above it is root's (or the
+ * euid's) and not writable by group or others (a sticky one, like /tmp,
+ * excepted above the socket's own directory), and the kernel says the process
+ * listening on it runs as uid 0 (or the euid): SO_PEERCRED. A socket that
+ * fails one of these is PAM_SYSTEM_ERR, never a silent fallback. When there is
+ * no service (no socket, nobody listening, its backlog full) the module runs
  *
  *     HSM_AUTH_PYTHON -I -m hsm_auth.pam
  *
- * where HSM_AUTH_PYTHON is an absolute path fixed when this file is compiled
+ * instead, where HSM_AUTH_PYTHON is an absolute path fixed when this file is compiled
  * (never looked up through PATH), with a scrubbed process: the environment is
  * exactly { PATH=/usr/sbin:/usr/bin:/sbin:/bin } (neither the caller's nor the
  * PAM environment; the Python side builds the rest from root's config file),
@@ -80,6 +91,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <syslog.h>
 #include <time.h>
@@ -102,6 +114,8 @@
 #define MAX_TIMEOUT 600
 #define GRACE_MS 5000
 #define SAFE_PATH "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+#define DEFAULT_SOCKET "/run/hsm-auth/login.sock"
+#define SOCKET_BYTES 100 /* below sizeof(sun_path), the service's own limit */
 #define EXPORT __attribute__((visibility("default")))
 
 enum first_pass { FIRST_PASS_NONE, FIRST_PASS_TRY, FIRST_PASS_USE };
@@ -111,6 +125,7 @@ struct opts {
     int silent; /* PAM_SILENT: no info or error messages (prompts still asked) */
     long timeout_ms;
     enum first_pass first_pass;
+    char socket[SOCKET_BYTES]; /* the login service's socket; "" with socket=none */
 };
 
 struct helper {
@@ -139,6 +154,7 @@ static int parse_opts(pam_handle_t *pamh, int argc, const char **argv, struct op
     o->debug = 0;
     o->timeout_ms = DEFAULT_TIMEOUT * 1000L;
     o->first_pass = FIRST_PASS_NONE;
+    snprintf(o->socket, sizeof o->socket, "%s", DEFAULT_SOCKET);
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (strlen(a) > 512 || !printable(a)) {
@@ -161,6 +177,16 @@ static int parse_opts(pam_handle_t *pamh, int argc, const char **argv, struct op
                 return -1;
             }
             o->timeout_ms = (long)(t * 1000);
+        } else if (strncmp(a, "socket=", 7) == 0) {
+            const char *path = a + 7;
+            if (strcmp(path, "none") == 0)
+                o->socket[0] = '\0';
+            else if (path[0] != '/' || strlen(path) >= sizeof o->socket) {
+                pam_syslog(pamh, LOG_ERR, "socket= must be none or an absolute path shorter "
+                                          "than %d bytes", SOCKET_BYTES);
+                return -1;
+            } else
+                snprintf(o->socket, sizeof o->socket, "%s", path);
         }
     }
     return 0;
@@ -366,6 +392,101 @@ static int spawn(pam_handle_t *pamh, struct helper *h)
     return 0;
 }
 
+/* Every directory above the socket must be root's (or ours) and not writable by group
+ * or others, or an attacker could put a socket of their own there. The socket's own
+ * directory must not even be sticky-writable. 0 if so. */
+static int check_directories(pam_handle_t *pamh, const char *path, uid_t me)
+{
+    char dir[SOCKET_BYTES];
+    int own = 1;
+    snprintf(dir, sizeof dir, "%s", path);
+    for (;;) {
+        char *slash = strrchr(dir, '/');
+        struct stat st;
+        if (slash == NULL)
+            return 0;
+        if (slash == dir)
+            slash[1] = '\0'; /* "/" itself */
+        else
+            *slash = '\0';
+        if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
+            pam_syslog(pamh, LOG_ERR, "the service socket's directory %s: not a directory",
+                       dir);
+            return -1;
+        }
+        if ((st.st_uid != 0 && st.st_uid != me) ||
+            ((st.st_mode & 022) && (own || !(st.st_mode & S_ISVTX)))) {
+            pam_syslog(pamh, LOG_ERR, "the service socket's directory %s is not root's or is "
+                                      "writable by group or others: not trusted", dir);
+            return -1;
+        }
+        if (strcmp(dir, "/") == 0)
+            return 0;
+        own = 0;
+    }
+}
+
+/* Connect to the login service: 1 connected (h->fd), 0 no service (spawn the helper),
+ * -1 a socket that is not trustworthy or cannot be used (PAM_SYSTEM_ERR). */
+static int connect_service(pam_handle_t *pamh, const struct opts *o, struct helper *h)
+{
+    struct sockaddr_un addr;
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    struct stat st;
+    uid_t me = geteuid();
+    int fd, flags;
+
+    if (lstat(o->socket, &st) < 0) {
+        if (errno == ENOENT || errno == ENOTDIR)
+            return 0;
+        pam_syslog(pamh, LOG_ERR, "the service socket %s: %m", o->socket);
+        return -1;
+    }
+    if (!S_ISSOCK(st.st_mode) || (st.st_uid != 0 && st.st_uid != me)) {
+        pam_syslog(pamh, LOG_ERR, "%s is not a socket owned by root (a symlink, another "
+                                  "file or another user's): not trusted", o->socket);
+        return -1;
+    }
+    if (check_directories(pamh, o->socket, me) < 0)
+        return -1;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    memcpy(addr.sun_path, o->socket, strlen(o->socket) + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        pam_syslog(pamh, LOG_ERR, "socket: %m");
+        return -1;
+    }
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        int e = errno;
+        close(fd);
+        if (e == ECONNREFUSED || e == ENOENT || e == EAGAIN) {
+            if (o->debug)
+                pam_syslog(pamh, LOG_DEBUG, "the service at %s does not answer (%s)",
+                           o->socket, strerror(e));
+            return 0;
+        }
+        pam_syslog(pamh, LOG_ERR, "connect %s: %s", o->socket, strerror(e));
+        return -1;
+    }
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || len != sizeof cred ||
+        (cred.uid != 0 && cred.uid != me)) {
+        pam_syslog(pamh, LOG_ERR, "the process listening on %s does not run as root: not "
+                                  "trusted", o->socket);
+        close(fd);
+        return -1;
+    }
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) {
+        pam_syslog(pamh, LOG_ERR, "fcntl: %m");
+        close(fd);
+        return -1;
+    }
+    h->fd = fd;
+    return 1;
+}
+
 static int item_line(pam_handle_t *pamh, struct helper *h, int item, const char *key,
                      int required)
 {
@@ -548,7 +669,7 @@ EXPORT int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const ch
     struct opts o;
     struct helper h = {.pid = -1, .fd = -1, .len = 0};
     const char *user = NULL;
-    int rc;
+    int rc, via_service;
 
     if (parse_opts(pamh, argc, argv, &o) < 0)
         return PAM_SERVICE_ERR;
@@ -561,12 +682,23 @@ EXPORT int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const ch
         return PAM_USER_UNKNOWN;
     }
     h.budget_ms = o.timeout_ms + GRACE_MS;
-    if (spawn(pamh, &h) < 0)
+    via_service = o.socket[0] ? connect_service(pamh, &o, &h) : 0;
+    if (via_service < 0)
+        return PAM_SYSTEM_ERR;
+    if (o.debug)
+        pam_syslog(pamh, LOG_DEBUG, via_service ? "asking the login service at %s"
+                                                : "running %s -I -m " HSM_AUTH_ENTRY,
+                   via_service ? o.socket : HSM_AUTH_PYTHON);
+    if (!via_service && spawn(pamh, &h) < 0)
         return PAM_SYSTEM_ERR;
     if (send_request(pamh, &h, user, argc, argv, &o) < 0) {
         pam_syslog(pamh, LOG_ERR, "cannot send the request to the helper");
-        finish(&h, 1);
-        return PAM_SYSTEM_ERR;
+        if (!via_service) {
+            finish(&h, 1);
+            return PAM_SYSTEM_ERR;
+        }
+        /* A service that is busy answers "result SYSTEM_ERR busy" and closes at once:
+         * read what it said (anything else ends as PAM_SYSTEM_ERR too). */
     }
     rc = run(pamh, &h, &o);
     explicit_bzero(h.buf, sizeof h.buf);
