@@ -1,22 +1,29 @@
-"""End-to-end PAM login time on SoftHSM and on swtpm against the same PAM stack
-running an empty Python program and a bare ``python -c pass``, in one run.
+"""End-to-end PAM login time on SoftHSM and on swtpm, through the resident login
+service and through the spawned helper, against the same PAM stacks answering
+SUCCESS at once and a bare ``python -c pass``, all in one run.
 
     .venv/bin/python bench/login.py [--runs N]
 
 One login = pamtester (under pam_wrapper) -> ``pam_hsm_auth.so`` (the native
-module, ``build/pam``) -> ``python -I -m hsm_auth.pam`` -> the login policy ->
-the token: a fresh challenge, the counter advanced and the signature made in
-the token, verified, the counter stored, the failure record cleared. The
-*floor* is the same stack with the module built to run
-``hsm_auth.testing.pam_floor`` instead, which reads the request and answers
-SUCCESS (what any Python helper of this module costs: pamtester, pam_wrapper,
-the module's fork/exec, the interpreter's start, the protocol). Target: a login
-at most 3x the bare start.
+module, ``build/pam``) -> the Python side -> the login policy -> the token: a
+fresh challenge, the counter advanced and the signature made in the token,
+verified, the counter stored, the failure record cleared. The Python side is
+either the resident service (``python -I -m hsm_auth.login_service`` on a temp
+socket, the module's ``socket=``: the default deployment, one forked child per
+login with everything imported) or, the fallback when no service runs
+(``socket=none``), ``python -I -m hsm_auth.pam`` spawned for the login. Target:
+a login through the service at most 3x the bare start (OK / OVER TARGET); the
+fallback's figures are printed as information.
 
-Then, to show where a login's time goes, the same Python side is timed in
-parts in one process started as the module starts it (``python -I``): the
-imports of the login path (and which modules cost most, ``-X importtime``),
-the backend's import, and one ``authenticate`` call with the token work.
+Floors, to show where the time goes: the service floor is pamtester,
+pam_wrapper, the module's connect and checks, the service's accept and fork
+and the protocol, with a child that answers SUCCESS
+(``hsm_auth.testing.pam_floor --serve``); the spawn floor is the module built
+to run ``hsm_auth.testing.pam_floor`` (fork/exec, the interpreter's start).
+Then the spawned Python side is timed in parts in one ``python -I`` process:
+the imports of the login path (and which modules cost most, ``-X
+importtime``), the backend's import, and one ``authenticate`` call with the
+token work (which is what a service child does).
 """
 
 from __future__ import annotations
@@ -72,6 +79,35 @@ def accounts() -> tuple[str, str]:
     return chosen[0], chosen[1]
 
 
+class Resident:
+    """A service process on ``socket`` (``-m MODULE ARGS``), stopped by :meth:`stop`."""
+
+    def __init__(self, module: str, socket: Path, *args: str) -> None:
+        import socket as sockets
+
+        self.proc = subprocess.Popen([sys.executable, "-I", "-m", module, *args,
+                                      "--socket", str(socket)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE,
+                                     env={"PATH": "/usr/bin:/bin"})
+        deadline = time.monotonic() + 30
+        while True:
+            probe = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+            try:
+                probe.connect(str(socket))
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{module} did not start") from None
+                time.sleep(0.02)
+            finally:
+                probe.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def floor_module(tmp: Path) -> Path:
     """pam_hsm_auth.so built to run :mod:`hsm_auth.testing.pam_floor` (reads the
     request, answers ``result SUCCESS``): the same stack, module, interpreter and
@@ -84,6 +120,9 @@ def floor_module(tmp: Path) -> Path:
 
 _PARTS = r"""
 import sys, time
+if sys.argv[6] == "preload":  # as the login service's parent does, before any fork
+    from hsm_auth.login_service import preload
+    preload()
 t0 = time.perf_counter()
 import hsm_auth.pam, hsm_auth.login, hsm_auth.login_policy, hsm_auth.config, hsm_auth.registry
 t1 = time.perf_counter()
@@ -112,12 +151,14 @@ print(f"{(t1 - t0) * 1000:.1f} {(t3 - t2) * 1000:.1f} {(t4 - t3) * 1000:.1f}")
 
 
 def parts(config: Path, authdir: Path, user: str, state: Path, env: dict[str, str],
-          runs: int) -> tuple[float, float, float]:
-    """Median ms of: the login path's imports, the backend's import, authenticate()."""
+          runs: int, preload: bool = False) -> tuple[float, float, float]:
+    """Median ms of: the login path's imports, the backend's import, authenticate()
+    (``preload``: after the login service's imports, as in a service child)."""
     rows = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-I", "-c", _PARTS, str(config), str(authdir),
-                              user, str(state), PIN], capture_output=True, text=True, env=env,
+                              user, str(state), PIN, "preload" if preload else "-"],
+                             capture_output=True, text=True, env=env,
                              check=True).stdout.split()
         rows.append([float(x) for x in out])
     a, b, c = (statistics.median(col) for col in zip(*rows, strict=True))
@@ -177,53 +218,87 @@ def main() -> int:
         config = tmp / "config.toml"
         config.write_text(f'[environment]\nSOFTHSM2_CONF = "{env.conf}"\n'
                           f'[login]\nauthdir = "{authdir}"\nstate_dir = "{state}"\n')
+        run = tmp / "run"
+        run.mkdir(mode=0o755)
+        service_socket, floor_socket = run / "login.sock", run / "floor.sock"
+        resident = Resident("hsm_auth.login_service", service_socket, "--config", str(config))
+        stack.callback(resident.stop)
+        floor_service = Resident("hsm_auth.testing.pam_floor", floor_socket, "--serve")
+        stack.callback(floor_service.stop)
         services = tmp / "pam.d"
         services.mkdir()
-        (services / "bench").write_text(f"auth required {MODULE} config={config}\n")
-        (services / "floor").write_text(f"auth required {floor_module(tmp)} config={config}\n")
+        (services / "bench").write_text(f"auth required {MODULE} config={config} "
+                                        "socket=none\n")
+        (services / "floor").write_text(f"auth required {floor_module(tmp)} config={config} "
+                                        "socket=none\n")
+        (services / "svc").write_text(f"auth required {MODULE} config={config} "
+                                      f"socket={service_socket}\n")
+        (services / "svc-floor").write_text(f"auth required {MODULE} config={config} "
+                                            f"socket={floor_socket}\n")
         pam_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                    "LD_PRELOAD": str(PAM_WRAPPER), "PAM_WRAPPER": "1",
                    "PAM_WRAPPER_SERVICE_DIR": str(services)}
         bare = [sys.executable, "-c", "pass"]
-        cases = {"SoftHSM": ["pamtester", "bench", hsm_user, "authenticate"]}
-        if tpm_reason is None:
-            cases["swtpm"] = ["pamtester", "bench", tpm_user, "authenticate"]
-        floor = ["pamtester", "floor", hsm_user, "authenticate"]
+        users = {"SoftHSM": hsm_user, "swtpm": tpm_user}
+        tokens = ["SoftHSM", *(["swtpm"] if tpm_reason is None else [])]
+        cases = {f"service {t}": ["pamtester", "svc", users[t], "authenticate"]
+                 for t in tokens}
+        cases |= {f"spawn {t}": ["pamtester", "bench", users[t], "authenticate"]
+                  for t in tokens}
+        cases["service floor"] = ["pamtester", "svc-floor", hsm_user, "authenticate"]
+        cases["spawn floor"] = ["pamtester", "floor", hsm_user, "authenticate"]
         for args in cases.values():  # warm the page and bytecode caches
             timed(args, pam_env, PIN + "\n")
         timed(bare, user_environment())
-        times: dict[str, list[float]] = {name: [] for name in (*cases, "floor", "bare")}
+        times: dict[str, list[float]] = {name: [] for name in (*cases, "bare")}
         for _ in range(runs):  # interleaved, so all see the same machine load
             for name, args in cases.items():
                 times[name].append(timed(args, pam_env, PIN + "\n"))
-            times["floor"].append(timed(floor, pam_env, PIN + "\n"))
             times["bare"].append(timed(bare, user_environment()))
-        split = {"SoftHSM": parts(config, authdir, hsm_user, state, user_environment(),
-                                  max(5, runs // 2))}
-        if tpm_reason is None:
-            split["swtpm"] = parts(config, authdir, tpm_user, state, user_environment(),
-                                   max(5, runs // 2))
+        split = {t: parts(config, authdir, users[t], state, user_environment(),
+                          max(5, runs // 2)) for t in tokens}
+        resident_work = {t: parts(config, authdir, users[t], state, user_environment(),
+                                  max(5, runs // 2), preload=True)[2] for t in tokens}
         imports = {"SoftHSM": top_imports(user_environment(), "hsm_auth_backends.pkcs11"),
                    "swtpm": top_imports(user_environment(), "hsm_auth_backends.tpm2")}
     med = {name: statistics.median(v) * 1000 for name, v in times.items()}
     low = {name: min(v) * 1000 for name, v in times.items()}
-    bm, fm = med["bare"], med["floor"]
-    print(f"bare `python -c pass`:                              median {bm:6.1f} ms, "
-          f"min {low['bare']:6.1f} ms ({runs} runs)")
-    print(f"same PAM stack, helper hsm_auth.testing.pam_floor:  median {fm:6.1f} ms, "
-          f"min {low['floor']:6.1f} ms ({fm / bm:.1f}x bare)")
-    for name in cases:
-        ratio = med[name] / bm
-        verdict = "OK" if ratio <= TARGET else "ABOVE TARGET"
-        print(f"PAM login on {name + ':':9}                           median "
-              f"{med[name]:6.1f} ms, min {low[name]:6.1f} ms: {ratio:.1f}x bare "
-              f"(target <= {TARGET:.0f}x: {verdict}), {med[name] - fm:.1f} ms above the floor")
+    bm = med["bare"]
+
+    def row(label: str, name: str) -> str:
+        return (f"{label:<58} median {med[name]:6.1f} ms, min {low[name]:6.1f} ms: "
+                f"{med[name] / bm:.1f}x bare")
+
+    print(f"{'bare `python -c pass`:':<58} median {bm:6.1f} ms, min {low['bare']:6.1f} ms "
+          f"({runs} runs, interleaved)")
+    print("through the login service (the default deployment):")
+    print(row("  floor: the same stack, a service child answering SUCCESS", "service floor"))
+    for token in tokens:
+        name = f"service {token}"
+        verdict = "OK" if med[name] / bm <= TARGET else "OVER TARGET"
+        print(row(f"  PAM login on {token}:", name)
+              + f" (target <= {TARGET:.0f}x: {verdict}), "
+              f"{med[name] - med['service floor']:.1f} ms above the floor")
+    print("fallback, no service (python -I -m hsm_auth.pam spawned per login), information:")
+    print(row("  floor: the same stack, helper hsm_auth.testing.pam_floor", "spawn floor"))
+    for token in tokens:
+        name = f"spawn {token}"
+        print(row(f"  PAM login on {token}:", name)
+              + f", {med[name] - med['spawn floor']:.1f} ms above the floor")
     if tpm_reason is not None:
         print(f"swtpm skipped: {tpm_reason}")
+    print("where the service path's time goes: the floor above (pamtester, pam_wrapper, the "
+          "module, accept, fork, protocol), then the child's token work:")
+    for name, work in resident_work.items():
+        rest = med[f"service {name}"] - med["service floor"] - work
+        print(f"  {name}: authenticate() after the service's imports {work:.1f} ms; the "
+              f"rest, {rest:.1f} ms: root's config read and checked, the conversation's "
+              "round trips, copy-on-write after the fork, noise")
+    print("where the spawned path's time goes, in one `python -I` process:")
     for name, (imp, backend, login) in split.items():
-        print(f"  {name}, in one `python -I` process: login-path imports {imp:.1f} ms, "
-              f"backend import {backend:.1f} ms, authenticate() {login:.1f} ms "
-              "(token open, PIN, counter, signature, checks, authfile and record writes)")
+        print(f"  {name}: login-path imports {imp:.1f} ms, backend import {backend:.1f} ms, "
+              f"authenticate() {login:.1f} ms (bindings' import on first use, token open, "
+              "PIN, counter, signature, checks, authfile and record writes)")
         print(f"    imports: {imports[name]}")
     return 0
 

@@ -17,8 +17,9 @@
  *
  *     HSM_AUTH_PYTHON -I -m hsm_auth.pam
  *
- * instead, where HSM_AUTH_PYTHON is an absolute path fixed when this file is compiled
- * (never looked up through PATH), with a scrubbed process: the environment is
+ * instead (socket=none: always), where HSM_AUTH_PYTHON is an absolute path
+ * fixed when this file is compiled (never looked up through PATH), with a
+ * scrubbed process: the environment is
  * exactly { PATH=/usr/sbin:/usr/bin:/sbin:/bin } (neither the caller's nor the
  * PAM environment; the Python side builds the rest from root's config file),
  * descriptors 0 and 1 are one end of a socketpair, 2 is /dev/null, every other
@@ -38,7 +39,8 @@
  *     rhost HOST                PAM_RHOST (only when set)
  *     tty TTY                   PAM_TTY (only when set)
  *     ruser NAME                PAM_RUSER (only when set)
- *     caller PID                the PAM application's process id
+ *     caller PID                the PAM application's process id (the service
+ *                               ignores it: the kernel's SO_PEERCRED pid is used)
  *     option ARG                each module argument, as written in pam.d
  *     prior-authtok yes         an earlier module set PAM_AUTHTOK (the fact only)
  *     authtok HEX               PAM_AUTHTOK, hex, only with try_first_pass or
@@ -66,7 +68,9 @@
  * explicit_bzero. The helper gets `timeout` seconds (option, default 30,
  * then what its "timeout" line says) plus 5 of grace for its own work, not
  * counting the time the user spends answering; then it is killed (SIGKILL)
- * and the result is PAM_AUTH_ERR.
+ * and the result is PAM_AUTH_ERR. A service child cannot be killed from here:
+ * the module closes the connection (same result) and the child's own alarm
+ * ends it. A busy service answers "result SYSTEM_ERR busy" at once.
  * Writes use send(MSG_NOSIGNAL) on the socket, so a dead helper never raises
  * SIGPIPE in the application; the module changes no signal disposition of the
  * application and waits only for its own child (waitpid(pid)), tolerating an

@@ -368,10 +368,13 @@ def test_pam_install_refuses_an_editable_checkout(tmp_path: Path) -> None:
     """This checkout's .venv has hsm-auth installed editable: root would import code
     from the checkout. Nothing is installed."""
     dest = tmp_path / "security"
-    result = _pam_install("--python", sys.executable, "--dest", str(dest))
+    result = _pam_install("--python", sys.executable, "--dest", str(dest), "--unit-dir",
+                          str(tmp_path / "units"))
     assert result.returncode != 0
     assert "editable install or a checkout" in result.stderr
-    assert not dest.exists()
+    assert not dest.exists() and not (tmp_path / "units").exists()
+    odd = _pam_install("--python", "/opt/my python/bin/python", "--check")
+    assert odd.returncode == 2 and "may hold only" in odd.stderr
 
 
 @pytest.mark.slow
@@ -384,15 +387,20 @@ def test_pam_install_builds_for_a_root_owned_install(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300, check=False)
     if pip.returncode != 0:
         pytest.skip(f"pip cannot install the package here: {pip.stderr[-200:]}")
-    dest = tmp_path / "security"
+    dest, units = tmp_path / "security", tmp_path / "units"
     python = str(venv / "bin" / "python")
-    ok = _pam_install("--python", python, "--dest", str(dest))
+    ok = _pam_install("--python", python, "--dest", str(dest), "--unit-dir", str(units))
     assert ok.returncode == 0, ok.stderr
     module = dest / "pam_hsm_auth.so"
     assert module.stat().st_mode & 0o777 == 0o644
     assert python.encode() + b"\0" in module.read_bytes()
-    again = _pam_install("--python", python, "--dest", str(dest))  # idempotent
-    assert again.returncode == 0, again.stderr
+    unit = units / "hsm-auth-login.service"
+    assert unit.stat().st_mode & 0o777 == 0o644
+    text = unit.read_text()
+    assert f"ExecStart={python} -I -m hsm_auth.login_service " in text
+    assert "RuntimeDirectory=hsm-auth" in text and "@PYTHON@" not in text
+    again = _pam_install("--python", python, "--dest", str(dest), "--unit-dir", str(units))
+    assert again.returncode == 0, again.stderr  # idempotent
     installed = next((venv / "lib").glob("python3*/site-packages/hsm_auth/pam.py"))
     installed.chmod(0o646)
     bad = _pam_install("--python", python, "--dest", str(dest), "--check")
