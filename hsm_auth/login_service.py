@@ -60,7 +60,8 @@ _UCRED = struct.Struct("3i")
 PRELOAD = (
     "hsm_auth.pam", "hsm_auth.login", "hsm_auth.login_policy", "hsm_auth.config",
     "hsm_auth.registry", "hsm_auth.files", "hsm_auth.uri", "hsm_auth.cli", "tomllib",
-    "pkcs11", "pkcs11._pkcs11", "pkcs11.attributes", "tpm2_pytss", "tpm2_pytss.constants", "tpm2_pytss.types",
+    "pkcs11", "pkcs11._pkcs11", "pkcs11.attributes",
+    "tpm2_pytss", "tpm2_pytss.constants", "tpm2_pytss.types",
     "fido2.ctap", "fido2.ctap2", "fido2.ctap2.base", "fido2.ctap2.pin", "fido2.hid",
     "fido2.pcsc",
 )

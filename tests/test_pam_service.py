@@ -662,3 +662,24 @@ def test_the_parent_preloads_bindings_but_opens_no_token(
     fds = [os.readlink(f) for f in (Path("/proc") / str(service.proc.pid) / "fd").iterdir()]
     assert not any("softhsm" in f or "tpm" in f for f in fds), fds
 
+
+
+def test_the_service_floor_for_the_benchmark(hsm_rig: Rig, nospawn_module: Path) -> None:
+    """bench/login.py's floor of the service path: the service's own loop and fork with
+    a child answering SUCCESS (``hsm_auth.testing.pam_floor --serve``)."""
+    run = Path(tempfile.mkdtemp(prefix="hsm-auth-run-"))
+    run.chmod(0o755)
+    path = run / "floor.sock"
+    proc = subprocess.Popen([sys.executable, "-I", "-m", "hsm_auth.testing.pam_floor",
+                             "--serve", "--socket", str(path)], env={"PATH": "/usr/bin:/bin"})
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        hsm_rig.socket, hsm_rig.module = str(path), nospawn_module
+        result = hsm_rig.pamtester(hsm_rig.login(), ALICE, [])
+        assert result.ok and "PIN for" not in result.out, result.out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(run, ignore_errors=True)
