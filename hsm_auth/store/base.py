@@ -231,6 +231,18 @@ class VerifierStore(ABC):
     @abstractmethod
     def all_credentials(self) -> list[CredentialRecord]: ...
 
+    def credential_by_id(self, credential_id: bytes) -> CredentialRecord | None:
+        """The credential whose protocol credential id
+        (:func:`hsm_auth.transcript.credential_id` of its signing key) is
+        ``credential_id``; None when none is. Engines index it (schema version 8);
+        this default reads every credential."""
+        from ..transcript import credential_id as name_of
+
+        for record in self.all_credentials():
+            if name_of(record.signing_key) == credential_id:
+                return record
+        return None
+
     # --- sessions -----------------------------------------------------------
     @abstractmethod
     def put_session(self, session: SessionRecord, audit: AuditRecord | None = None) -> None: ...

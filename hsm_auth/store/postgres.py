@@ -79,6 +79,13 @@ _V7 = (
     "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, secret_hash BYTEA NOT NULL,"
     " label TEXT NOT NULL, scopes TEXT NOT NULL, created BIGINT NOT NULL, revoked BIGINT)",
 )
+# Version 8 (issue 13): each credential's protocol credential id
+# (hsm_auth.transcript.credential_id of its signing key), indexed: the online service
+# finds credentials by it. Rows from before get theirs on the first lookup.
+_V8 = (
+    "ALTER TABLE credentials ADD COLUMN credential_id BYTEA",
+    "CREATE INDEX credentials_credential_id ON credentials (credential_id)",
+)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -140,7 +147,9 @@ class _PgCursor:
 
 class PostgresStore(SqlStore):
     engine = "postgresql"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8,
+    )
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:
         try:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
 
+from .. import transcript
 from ..audit import AuditRecord, Event, Reason
 from ..errors import AlreadyEnrolled, ExpiredMessage, InvalidInput, StateError, UnknownMethod
 from ..methods import Method
@@ -352,7 +353,7 @@ class SqlStore(VerifierStore):
         row = db.one(
             "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
             "wrapped_otp_key, suite, atc, created, protocol, sealed_otp_key, attestation, "
-            "certificate) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "certificate, credential_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "RETURNING id",
             (
                 record.user,
@@ -368,6 +369,7 @@ class SqlStore(VerifierStore):
                 record.sealed_otp_key,
                 record.attestation,
                 record.certificate,
+                transcript.credential_id(record.signing_key),
             ),
         )
         self._audit(db, audit)
@@ -396,6 +398,28 @@ class SqlStore(VerifierStore):
             ):
                 found[row[1]].append(_cred(row))
         return found
+
+    def credential_by_id(self, credential_id: bytes) -> CredentialRecord | None:
+        select = f"SELECT {_CRED_COLS} FROM credentials WHERE credential_id=?"  # noqa: S608
+        with self._read() as db:
+            row = db.one(select, (credential_id,))
+            unnamed = row is None and db.one(
+                "SELECT 1 FROM credentials WHERE credential_id IS NULL LIMIT 1"
+            )
+        if row is not None:
+            return _cred(row)
+        if not unnamed:
+            return None
+        with self._tx() as db:  # rows saved before schema version 8: name them once
+            for cid, key in db.rows(
+                "SELECT id, signing_key FROM credentials WHERE credential_id IS NULL"
+            ):
+                db.count(
+                    "UPDATE credentials SET credential_id=? WHERE id=?",
+                    (transcript.credential_id(bytes(key)), cid),
+                )
+            row = db.one(select, (credential_id,))
+        return None if row is None else _cred(row)
 
     def all_credentials(self) -> list[CredentialRecord]:
         with self._read() as db:

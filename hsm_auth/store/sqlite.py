@@ -77,6 +77,13 @@ _V7 = (
     "CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL,"
     " label TEXT NOT NULL, scopes TEXT NOT NULL, created INTEGER NOT NULL, revoked INTEGER)",
 )
+# Version 8 (issue 13): each credential's protocol credential id
+# (hsm_auth.transcript.credential_id of its signing key), indexed: the online service
+# finds credentials by it. Rows from before get theirs on the first lookup.
+_V8 = (
+    "ALTER TABLE credentials ADD COLUMN credential_id BLOB",
+    "CREATE INDEX credentials_credential_id ON credentials (credential_id)",
+)
 
 
 class _SqliteCursor:
@@ -101,7 +108,9 @@ class _SqliteCursor:
 
 class SqliteStore(SqlStore):
     engine = "sqlite"
-    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8,
+    )
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
         try:
