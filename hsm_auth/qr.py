@@ -67,15 +67,22 @@ def _reason(e: BaseException) -> str:
     return str(getattr(e, "strerror", None) or e)
 
 
+def image(text: str, kind: str) -> bytes:
+    """The QR code of ``text`` as a PNG (``kind`` "png") or SVG ("svg") document."""
+    if kind not in ("png", "svg"):
+        raise InvalidInput("a QR image is png or svg")
+    factory = PyPNGImage if kind == "png" else SvgPathImage
+    buf = io.BytesIO()
+    _qr(text).make_image(image_factory=factory).save(buf)
+    return buf.getvalue()
+
+
 def write_image(text: str, target: str) -> Path:
     """``target`` is ``png:PATH`` or ``svg:PATH``."""
     kind, path = image_target(target)
-    factory = PyPNGImage if kind == "png" else SvgPathImage
-    image = _qr(text).make_image(image_factory=factory)
-    buf = io.BytesIO()
-    image.save(buf)
+    data = image(text, kind)
     try:
-        atomic_write(path, buf.getvalue(), mode=0o644)
+        atomic_write(path, data, mode=0o644)
     except (OSError, ValueError) as e:
         raise InvalidInput(f"cannot write the QR code to {str(path)[:80]}: {_reason(e)}") from None
     return path
