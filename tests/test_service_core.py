@@ -72,7 +72,7 @@ def test_a_huge_body_is_refused_before_it_is_read(service):
     answer = _raw(
         service.url,
         b"POST /v1/health HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 1000000000\r\n\r\n",
+        b"Content-Length: 1000000000\r\nConnection: close\r\n\r\n",
     )
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -84,7 +84,8 @@ def test_a_chunked_body_past_the_limit_is_refused(service):
     chunk = b"x" * 70000
     answer = _raw(
         service.url,
-        b"POST /v1/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /v1/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n"
         + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n0\r\n\r\n",
     )
     # The route does not read bodies: uvicorn sees the method refused first (405), or
@@ -171,3 +172,71 @@ def test_tls_serves_https(tmp_path, service_factory, listen):
     assert running.url.startswith("https://")
     r = httpx.get(running.url + "/v1/health", verify=context)
     assert r.status_code == 200
+
+
+def test_an_unexpected_error_is_a_500_without_detail_and_logged_without_its_message(
+    caplog, tmp_path
+):
+    # The service's own stack, in-process, with one route that fails the way a bug would.
+    import asyncio
+    import logging
+
+    from hsm_auth.service.app import close_context, create_app, open_context
+    from hsm_auth.service.context import ServiceSettings
+
+    context = open_context(ServiceSettings(make_verifier(tmp_path / "v")))
+    app = create_app(context)
+
+    async def boom() -> None:
+        raise RuntimeError("hsk_0123456789abcdef_s3cr3t in the message")
+
+    app.add_api_route("/v1/boom", boom, methods=["GET"])
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get("/v1/boom")
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="hsm_auth.service"):
+            r = asyncio.run(call())
+    finally:
+        close_context(context)
+    body = _problem(r, 500, "internal-error")
+    assert "s3cr3t" not in r.text and "RuntimeError" not in r.text
+    assert body["detail"] == "the service failed; it is logged"
+    assert "RuntimeError" in caplog.text and "/v1/boom" in caplog.text
+    assert "s3cr3t" not in caplog.text
+
+
+def test_behind_a_proxy_each_forwarded_client_has_its_own_bucket(service_factory, tmp_path):
+    verifier = make_verifier(tmp_path / "v")
+    running = service_factory(verifier, args=[
+        "--rate-address", "0.01/1", "--proxy-headers", "--forwarded-allow-ips", "127.0.0.1"])
+    url = running.url + "/openapi.json"
+    assert httpx.get(url, headers={"X-Forwarded-For": "192.0.2.1"}).status_code == 200
+    _problem(httpx.get(url, headers={"X-Forwarded-For": "192.0.2.1"}), 429, "rate-limited")
+    assert httpx.get(url, headers={"X-Forwarded-For": "192.0.2.2"}).status_code == 200
+
+
+def test_without_proxy_headers_a_forwarded_address_is_ignored(service_factory, tmp_path):
+    verifier = make_verifier(tmp_path / "v")
+    running = service_factory(verifier, args=["--rate-address", "0.01/1"])
+    url = running.url + "/openapi.json"
+    assert httpx.get(url, headers={"X-Forwarded-For": "192.0.2.1"}).status_code == 200
+    _problem(httpx.get(url, headers={"X-Forwarded-For": "192.0.2.2"}), 429, "rate-limited")
+
+
+def test_token_buckets_refill_and_stay_bounded():
+    from hsm_auth.service.limits import TokenBuckets
+
+    now = [0.0]
+    buckets = TokenBuckets(2.0, 3, clock=lambda: now[0], max_keys=4)
+    assert [buckets.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.take("a") == pytest.approx(0.5)  # empty: one token in 0.5 s
+    now[0] += 0.5
+    assert buckets.take("a") == 0.0
+    for name in "bcdefg":  # a flood of new addresses never grows the table past its bound
+        buckets.take(name)
+        assert len(buckets) <= 4
+    assert TokenBuckets(0, 1).take("x") == 0.0  # rate 0: no limit
