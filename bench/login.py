@@ -15,6 +15,10 @@ login with everything imported) or, the fallback when no service runs
 a login through the service at most 3x the bare start (OK / OVER TARGET); the
 fallback's figures are printed as information.
 
+The service rows run one service per token through
+:func:`hsm_auth.login_service.main` with the real handler wrapped to note how
+long each child's :func:`hsm_auth.pam.serve` took (written after its result).
+
 Floors, to show where the time goes: the service floor is pamtester,
 pam_wrapper, the module's connect and checks, the service's accept and fork
 and the protocol, with a child that answers SUCCESS
@@ -79,14 +83,31 @@ def accounts() -> tuple[str, str]:
     return chosen[0], chosen[1]
 
 
-class Resident:
-    """A service process on ``socket`` (``-m MODULE ARGS``), stopped by :meth:`stop`."""
+#: The login service as ``python -I -m hsm_auth.login_service`` runs it, with a handler
+#: that notes how long each child's :func:`hsm_auth.pam.serve` took (after the result).
+_TIMED_SERVICE = r"""
+import os, sys, time
+from pathlib import Path
+from hsm_auth import login_service
+log, argv = sys.argv[1], sys.argv[2:]
+real = login_service.serve_login(Path(argv[argv.index("--config") + 1]))
+def timed(channel, peer):
+    start = time.perf_counter()
+    status = real(channel, peer)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.write(fd, f"{(time.perf_counter() - start) * 1000:.3f}\n".encode())
+    return status
+sys.exit(login_service.main(argv, handler=timed))
+"""
 
-    def __init__(self, module: str, socket: Path, *args: str) -> None:
+
+class Resident:
+    """A service process (``python -I ARGS --socket SOCKET``), stopped by :meth:`stop`."""
+
+    def __init__(self, socket: Path, *args: str) -> None:
         import socket as sockets
 
-        self.proc = subprocess.Popen([sys.executable, "-I", "-m", module, *args,
-                                      "--socket", str(socket)],
+        self.proc = subprocess.Popen([sys.executable, "-I", *args, "--socket", str(socket)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE,
                                      env={"PATH": "/usr/bin:/bin"})
@@ -98,7 +119,7 @@ class Resident:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"{module} did not start") from None
+                    raise SystemExit(f"{args} did not start") from None
                 time.sleep(0.02)
             finally:
                 probe.close()
@@ -220,10 +241,14 @@ def main() -> int:
                           f'[login]\nauthdir = "{authdir}"\nstate_dir = "{state}"\n')
         run = tmp / "run"
         run.mkdir(mode=0o755)
-        service_socket, floor_socket = run / "login.sock", run / "floor.sock"
-        resident = Resident("hsm_auth.login_service", service_socket, "--config", str(config))
-        stack.callback(resident.stop)
-        floor_service = Resident("hsm_auth.testing.pam_floor", floor_socket, "--serve")
+        tokens = ["SoftHSM", *(["swtpm"] if tpm_reason is None else [])]
+        floor_socket = run / "floor.sock"
+        child_logs = {t: tmp / f"child-{t}.log" for t in tokens}
+        for token in tokens:  # one service per token, so each child log is one token's
+            resident = Resident(run / f"login-{token}.sock", "-c", _TIMED_SERVICE,
+                                str(child_logs[token]), "--config", str(config))
+            stack.callback(resident.stop)
+        floor_service = Resident(floor_socket, "-m", "hsm_auth.testing.pam_floor", "--serve")
         stack.callback(floor_service.stop)
         services = tmp / "pam.d"
         services.mkdir()
@@ -231,8 +256,9 @@ def main() -> int:
                                         "socket=none\n")
         (services / "floor").write_text(f"auth required {floor_module(tmp)} config={config} "
                                         "socket=none\n")
-        (services / "svc").write_text(f"auth required {MODULE} config={config} "
-                                      f"socket={service_socket}\n")
+        for token in tokens:
+            (services / f"svc-{token.lower()}").write_text(
+                f"auth required {MODULE} config={config} socket={run / f'login-{token}.sock'}\n")
         (services / "svc-floor").write_text(f"auth required {MODULE} config={config} "
                                             f"socket={floor_socket}\n")
         pam_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -240,8 +266,7 @@ def main() -> int:
                    "PAM_WRAPPER_SERVICE_DIR": str(services)}
         bare = [sys.executable, "-c", "pass"]
         users = {"SoftHSM": hsm_user, "swtpm": tpm_user}
-        tokens = ["SoftHSM", *(["swtpm"] if tpm_reason is None else [])]
-        cases = {f"service {t}": ["pamtester", "svc", users[t], "authenticate"]
+        cases = {f"service {t}": ["pamtester", f"svc-{t.lower()}", users[t], "authenticate"]
                  for t in tokens}
         cases |= {f"spawn {t}": ["pamtester", "bench", users[t], "authenticate"]
                   for t in tokens}
@@ -257,6 +282,8 @@ def main() -> int:
             times["bare"].append(timed(bare, user_environment()))
         split = {t: parts(config, authdir, users[t], state, user_environment(),
                           max(5, runs // 2)) for t in tokens}
+        child = {t: statistics.median(float(x) for x in
+                                      child_logs[t].read_text().split()[1:]) for t in tokens}
         resident_work = {t: parts(config, authdir, users[t], state, user_environment(),
                                   max(5, runs // 2), preload=True)[2] for t in tokens}
         imports = {"SoftHSM": top_imports(user_environment(), "hsm_auth_backends.pkcs11"),
@@ -288,12 +315,15 @@ def main() -> int:
     if tpm_reason is not None:
         print(f"swtpm skipped: {tpm_reason}")
     print("where the service path's time goes: the floor above (pamtester, pam_wrapper, the "
-          "module, accept, fork, protocol), then the child's token work:")
+          "module, accept, fork, protocol), then the child:")
     for name, work in resident_work.items():
-        rest = med[f"service {name}"] - med["service floor"] - work
-        print(f"  {name}: authenticate() after the service's imports {work:.1f} ms; the "
-              f"rest, {rest:.1f} ms: root's config read and checked, the conversation's "
-              "round trips, copy-on-write after the fork, noise")
+        above = med[f"service {name}"] - med["service floor"]
+        print(f"  {name}: {above:.1f} ms above the floor: the child's serve() {child[name]:.1f} ms "
+              "(timed in each child of this run: root's config, the policy, the conversation, "
+              f"the token work), {above - child[name]:.1f} ms outside it (pamtester's PIN "
+              "prompt, copy-on-write after the fork, noise)")
+        print(f"    authenticate() alone in a process with the service's imports, timed after "
+              f"the logins: {work:.1f} ms")
     print("where the spawned path's time goes, in one `python -I` process:")
     for name, (imp, backend, login) in split.items():
         print(f"  {name}: login-path imports {imp:.1f} ms, backend import {backend:.1f} ms, "
