@@ -4,6 +4,8 @@ over HTTP."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from _service import bearer, enroll_python_device, make_key, problem, zbar
@@ -22,7 +24,11 @@ def test_two_workers_on_postgresql(postgres_dsn, tmp_path, service_factory):
     h = bearer(key)
     assert "postgresql://" not in " ".join(service.process.args)  # the DSN is not in argv
     device = enroll_python_device(service.url, key, verifier_dir, database=postgres_dsn)
-    assert service.log().count("service ready") == 2  # one Verifier per worker
+    # one Verifier per worker: health answered once one of them was up; wait for the other
+    deadline = time.monotonic() + 30
+    while service.log().count("service ready") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.log().count("service ready") == 2, service.log()
     sessions = []
     for _ in range(12):  # fresh connections: the kernel spreads them over both workers
         with httpx.Client() as client:
