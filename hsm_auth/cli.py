@@ -1346,6 +1346,74 @@ def cmd_login_check(ctx: Context) -> int:
     return 0
 
 
+
+# --- the agent (hsm_auth.agent_cli holds these commands; imported when one runs) --------
+
+
+def cmd_agent(ctx: Context) -> int:
+    from . import agent_cli
+
+    return agent_cli.cmd_agent(ctx)
+
+
+def cmd_challenges(ctx: Context) -> int:
+    from . import agent_cli
+
+    return agent_cli.cmd_challenges(ctx)
+
+
+def cmd_approve(ctx: Context) -> int:
+    from . import agent_cli
+
+    return agent_cli.cmd_approve(ctx)
+
+
+def cmd_reject(ctx: Context) -> int:
+    from . import agent_cli
+
+    return agent_cli.cmd_reject(ctx)
+
+
+def cmd_claim(ctx: Context) -> int:
+    from . import agent_cli
+
+    return agent_cli.cmd_claim(ctx)
+
+
+def add_agent_commands(add: Callable[..., argparse.ArgumentParser], sub: Any, pin: Any) -> None:
+    """``agent``, ``challenges``, ``approve``, ``reject``, ``claim``."""
+    sock = _Parser(add_help=False)
+    sock.add_argument(
+        "--socket", metavar="PATH",
+        help="the agent's socket (default: $HSM_AUTH_AGENT_SOCKET, else "
+        "$XDG_RUNTIME_DIR/hsm-auth/agent.sock)",
+    )
+    p = add(sub, "agent", cmd_agent, "run the agent: polls online verifiers for push "
+            "challenges, answers them, holds the PIN cache (see README, The agent)", [sock])
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--status", action="store_true", help="show a running agent's state")
+    what.add_argument("--lock", action="store_true", help="wipe a running agent's PIN cache")
+    what.add_argument(
+        "--install-unit", action="store_true",
+        help="write the systemd user unit hsm-auth-agent.service (ExecStart: this hsm-auth)",
+    )
+    p.add_argument("--unit-dir", metavar="DIR",
+                   help="with --install-unit: where (default ~/.config/systemd/user)")
+    add(sub, "challenges", cmd_challenges, "list the challenges the agent holds", [sock])
+    for name, func, verb in (("approve", cmd_approve, "approve"), ("reject", cmd_reject, "reject")):
+        p = add(sub, name, func, f"{verb} a challenge (signed in the token)", [sock, pin])
+        p.add_argument("id", type=text_arg, help="the challenge id (hsm-auth challenges)")
+        p.add_argument("--method", type=text_arg,
+                       help="answer with this enrolled method (default: the one that received it)")
+    p = add(sub, "claim", cmd_claim,
+            "claim a QR challenge: show its context (IP, browser, location, data), then "
+            "approve or reject it", [sock, pin])
+    p.add_argument("claim", nargs="?", help="the QR code's text, @FILE, or - for stdin (default)")
+    p.add_argument("--method", type=text_arg, help="claim with this enrolled method")
+    decide = p.add_mutually_exclusive_group()
+    decide.add_argument("--approve", action="store_true", help="approve without asking")
+    decide.add_argument("--reject", action="store_true", help="reject without asking")
+
 # --- parser -----------------------------------------------------------------
 
 
@@ -1815,6 +1883,7 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
             p.add_argument("--replace", action="store_true", help="replace an enrolled method")
             p.add_argument("--add", action="store_true",
                            help="enroll another token of the method (login tries each)")
+    add_agent_commands(add, sub, pin)
     return parser
 
 
