@@ -183,8 +183,11 @@ class Source(Protocol):
     def methods(self) -> Mapping[Method, CredentialPolicy]:
         """The methods enrolled at this verifier for this user."""
 
-    def pending(self, method: Method, wait: float, auth: Authorization) -> list[ChallengeView]:
-        """The user's pending push / in-app challenges (long-poll up to ``wait`` s)."""
+    def pending(
+        self, method: Method, wait: float, auth: Authorization, known: Sequence[str]
+    ) -> list[ChallengeView]:
+        """The user's pending push / in-app challenges: long-poll up to ``wait`` s for
+        the set to differ from ``known`` (the ids the agent holds)."""
 
     def owns_claim(self, claim: str) -> bool:
         """Whether ``claim`` (a QR text) names this source's verifier."""
@@ -192,9 +195,11 @@ class Source(Protocol):
     def claim(self, claim: str, method: Method, auth: Authorization) -> ChallengeView: ...
 
     def answer(
-        self, challenge: ChallengeView, approve: bool, method: Method, auth: Authorization
+        self, challenge: ChallengeView, approve: bool, method: Method, auth: Authorization,
+        authorized_at: float | None,
     ) -> None:
-        """Approve or reject, signed in the token."""
+        """Approve or reject, signed in the token. ``authorized_at``: when the PIN in
+        ``auth`` was typed, if it comes from the cache (the policy may refuse it)."""
 
 
 class Notify(Protocol):
@@ -286,8 +291,10 @@ class Agent:
                 state.state = "waiting for the PIN (answer or claim a challenge with it)"
                 self.cache.wait_for_change(30.0)
                 continue
+            with self._lock:
+                known = [c for c, p in self._pending.items() if p.source is source]
             try:
-                views = source.pending(method, POLL_WAIT, self._auth(source, method, pin))
+                views = source.pending(method, POLL_WAIT, self._auth(source, method, pin), known)
             except HsmAuthError as e:
                 if isinstance(e, AuthorizationError) and pin is not None:
                     self.cache.drop(policy.credential_id)  # wrong now: never try it again
@@ -406,7 +413,7 @@ class Agent:
             )
         self._with_token(
             entry.source, method, pin,
-            lambda auth: entry.source.answer(entry.view, approve, method, auth),
+            lambda auth, at: entry.source.answer(entry.view, approve, method, auth, at),
         )
         with self._lock:
             self._pending.pop(challenge_id, None)
@@ -425,7 +432,7 @@ class Agent:
         state = sources[0]
         method = state.method if method_name is None else Method.parse(method_name)
         view = self._with_token(
-            state.source, method, pin, lambda auth: state.source.claim(text, method, auth)
+            state.source, method, pin, lambda auth, at: state.source.claim(text, method, auth)
         )
         with self._lock:
             self._pending[view.challenge_id] = _Pending(view, state.source, method, claimed=True)
@@ -434,23 +441,27 @@ class Agent:
 
     def _with_token(
         self, source: Source, method: Method, pin: str | None,
-        work: Callable[[Authorization], Any],
+        work: Callable[[Authorization, float | None], Any],
     ) -> Any:
-        """Run one signed operation with the PIN given, else the cached one; cache a
-        given PIN that the token took when the credential's policy allows it."""
+        """Run one signed operation with the PIN given, else the cached one (with the
+        time it was typed); cache a given PIN that the token took when the credential's
+        policy allows it."""
         policy = source.methods().get(method)
         if policy is None:
             raise UnknownMethod(
                 f"the {method.value} method is not enrolled at {source.name} for {source.user}"
             )
-        cached = self.cache.get(policy.credential_id) if pin is None else None
-        use = pin if pin is not None else cached
+        cached = self.cache.lookup(policy.credential_id) if pin is None else None
+        use = pin if pin is not None else (cached.pin if cached is not None else None)
         if method.needs_pin and use is None:
             raise PinRequired(f"the {method.value} method needs its PIN")
         try:
-            result = work(self._auth(source, method, use))
-        except PinInvalid:
-            if cached is not None:
+            result = work(
+                self._auth(source, method, use),
+                cached.authorized_at if cached is not None else None,
+            )
+        except (PinInvalid, PinRequired):
+            if cached is not None:  # wrong now, or too old for the policy: never again
                 self.cache.drop(policy.credential_id)
             raise
         if pin is not None and policy.timeout > 0:

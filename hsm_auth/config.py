@@ -159,6 +159,8 @@ class Config:
 #: to strings.
 SCHEMA: Mapping[str, Mapping[str, tuple[type, ...]]] = {
     "verifier": {"database": (str,), "hsm": (str,)},
+    # the online service the agent polls (hsm_auth.agent_online)
+    "online": {"url": (str,), "verifier": (str,)},
     "login": {
         "authdir": (str,),
         "timeout": (int, float),
@@ -176,7 +178,7 @@ SCHEMA: Mapping[str, Mapping[str, tuple[type, ...]]] = {
         "state_dir": (str,),
     },
 }
-TABLES = ("environment", "login", "methods", "verifier")
+TABLES = ("environment", "login", "methods", "online", "verifier")
 #: Method settings the core itself reads, whatever the backend.
 CORE_SETTINGS: Mapping[str, tuple[type, ...]] = {
     "backend": (str,),

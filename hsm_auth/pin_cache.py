@@ -73,6 +73,15 @@ class _Entry:
     secret: bytearray = field(repr=False)
     expires: float
     locked: bool
+    authorized_at: float  # wall-clock time the PIN was given (the verifier's policy counts it)
+
+
+@dataclass(frozen=True)
+class CachedPin:
+    """A PIN out of the cache, and when it was given (wall clock)."""
+
+    pin: str = field(repr=False)
+    authorized_at: float
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,9 @@ class PinCache:
     """PINs keyed by credential (any hashable; the agent uses the credential id), each
     with its own expiry. Thread-safe; every read drops what has expired first."""
 
-    def __init__(self, clock: Clock = boot_clock) -> None:
+    def __init__(self, clock: Clock = boot_clock, *, wall: Clock = time.time) -> None:
         self._clock = clock
+        self._wall = wall
         self._entries: dict[Hashable, _Entry] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -103,7 +113,7 @@ class PinCache:
             self.drop(key)
             return
         secret = bytearray(pin.encode("utf-8"))
-        entry = _Entry(secret, self._clock() + timeout, _mlock(secret))
+        entry = _Entry(secret, self._clock() + timeout, _mlock(secret), self._wall())
         with self._lock:
             old = self._entries.pop(key, None)
             self._entries[key] = entry
@@ -113,12 +123,17 @@ class PinCache:
 
     def get(self, key: Hashable) -> str | None:
         """The PIN kept for ``key`` if it has not expired (then it is wiped, ``None``)."""
+        cached = self.lookup(key)
+        return None if cached is None else cached.pin
+
+    def lookup(self, key: Hashable) -> CachedPin | None:
+        """:meth:`get` with the time the PIN was given."""
         self.expire()
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            return entry.secret.decode("utf-8")
+            return CachedPin(entry.secret.decode("utf-8"), entry.authorized_at)
 
     def drop(self, key: Hashable) -> None:
         with self._lock:

@@ -547,11 +547,16 @@ class FakeSource:
         self.answers: list[tuple[str, bool, Method, str | None]] = []
         self.batches: list[list[ChallengeView]] = []
         self.polled = threading.Event()
+        self.known: list[list[str]] = []
+        self.authorized: list[float | None] = []
 
     def methods(self) -> Mapping[Method, CredentialPolicy]:
         return self._methods
 
-    def pending(self, method: Method, wait: float, auth: Authorization) -> list[ChallengeView]:
+    def pending(
+        self, method: Method, wait: float, auth: Authorization, known: Any
+    ) -> list[ChallengeView]:
+        self.known.append(sorted(known))
         if self.batches:
             return self.batches.pop(0)
         self.polled.set()
@@ -566,10 +571,12 @@ class FakeSource:
         return view(claim.rsplit(":", 1)[1], kind="qr", ip="203.0.113.9")
 
     def answer(
-        self, challenge: ChallengeView, approve: bool, method: Method, auth: Authorization
+        self, challenge: ChallengeView, approve: bool, method: Method, auth: Authorization,
+        authorized_at: float | None,
     ) -> None:
         self._check(method, auth)
         self.answers.append((challenge.challenge_id, approve, method, auth.pin))
+        self.authorized.append(authorized_at)
 
     def _check(self, method: Method, auth: Authorization) -> None:
         if method.needs_pin and auth.pin != self.pin:
@@ -583,7 +590,7 @@ CID2 = "ffeeddccbbaa99887766554433221100"
 def make_agent(source: FakeSource, clock: FakeClock | None = None) -> tuple[Agent, Recorder]:
     rec = Recorder()
     clock = clock or FakeClock(1_000_000_000)
-    return Agent([source], notify=rec, cache=PinCache(clock), clock=clock), rec
+    return Agent([source], notify=rec, cache=PinCache(clock, wall=clock), clock=clock), rec
 
 
 def test_polled_challenges_are_shown_once_and_forgotten_when_gone() -> None:
@@ -597,6 +604,7 @@ def test_polled_challenges_are_shown_once_and_forgotten_when_gone() -> None:
     a.stopping.set()
     assert [c["challenge_id"] for c in a.list()["challenges"]] == [CID2]  # CID: answered elsewhere
     assert len(rec.notes) == 2  # CID once, CID2 once
+    assert source.known[:4] == [[], [CID], [CID, CID2], [CID2]]  # the long-poll's "known"
     summary, body = rec.notes[0]
     assert summary == "Example verifier: push challenge for alice"
     assert "203.0.113.9" in body and "Berlin" in body and f"hsm-auth approve {CID}" in body
@@ -614,6 +622,7 @@ def test_approve_with_a_pin_caches_it_only_when_the_policy_allows() -> None:
     assert a.cache.get("c-pin") == "2468"
     assert a.answer(CID2, False, "pin", None)["state"] == "rejected"  # the cached PIN
     assert source.answers == [(CID, True, Method.PIN, "2468"), (CID2, False, Method.PIN, "2468")]
+    assert source.authorized == [None, 1_000_000_000]  # the cached one says when it was typed
     clock.now += 300
     a._merge(a._sources[0], [view(CID)])
     with pytest.raises(PinRequired):  # expired: asked again
@@ -831,7 +840,8 @@ class TokenSource(FakeSource):
         self._uri, self._key = uri, key
 
     def answer(
-        self, challenge: ChallengeView, approve: bool, method: Method, auth: Authorization
+        self, challenge: ChallengeView, approve: bool, method: Method, auth: Authorization,
+        authorized_at: float | None,
     ) -> None:
         from hsm_auth_backends.pkcs11 import Pkcs11KeyStore
 
