@@ -15,7 +15,6 @@ import html
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from typing import TextIO
 
@@ -36,10 +35,11 @@ def clean(text: str, most: int) -> str:
 
 class Notifier:
     """``notify-send`` when it is on PATH and a display is set (``DISPLAY``,
-    ``WAYLAND_DISPLAY`` or ``DBUS_SESSION_BUS_ADDRESS``), else a line on ``stream``."""
+    ``WAYLAND_DISPLAY`` or ``DBUS_SESSION_BUS_ADDRESS``), else a line on ``stream``
+    (the agent's stderr, which its front end, ``hsm-auth agent``, passes)."""
 
-    def __init__(self, stream: TextIO | None = None, *, use_desktop: bool | None = None) -> None:
-        self._stream = stream if stream is not None else sys.stderr
+    def __init__(self, stream: TextIO, *, use_desktop: bool | None = None) -> None:
+        self._stream = stream
         self._lock = threading.Lock()
         if use_desktop is None:
             use_desktop = bool(shutil.which("notify-send")) and any(
@@ -68,4 +68,5 @@ class Notifier:
 
     def line(self, text: str) -> None:
         with self._lock:
-            print(f"hsm-auth agent: {display.escape(text, keep='')}", file=self._stream, flush=True)
+            self._stream.write(f"hsm-auth agent: {display.escape(text, keep='')}\n")
+            self._stream.flush()

@@ -813,7 +813,7 @@ def test_notifications_carry_only_escaped_text(tmp_path: Path) -> None:
     fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
                     f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
     fake.chmod(0o755)
-    n = Notifier(use_desktop=True)
+    n = Notifier(sys.stderr, use_desktop=True)
     old = os.environ["PATH"]
     os.environ["PATH"] = f"{fake.parent}:{old}"
     try:

@@ -18,7 +18,7 @@ from hsm_auth.keystore import Authorization, UserInteraction
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Front ends, which own the terminal; and the test tools.
-FRONT_ENDS = {"cli.py", "demo.py", "pam.py", "login_service.py", "__main__.py"}
+FRONT_ENDS = {"cli.py", "agent_cli.py", "demo.py", "pam.py", "login_service.py", "__main__.py"}
 
 
 class Recorder(UserInteraction):
