@@ -418,6 +418,18 @@ def test_a_flood_of_idle_connections_does_not_lock_out_the_user(
     _wait_for(answered, "an answer after the idle connections closed", proc)
 
 
+def test_the_test_helper_runs_an_agent_and_its_cli(tmp_path: Path) -> None:
+    from hsm_auth.testing.agent import running_agent
+
+    sock = tmp_path / "run" / "agent.sock"
+    with running_agent(tmp_path / "home", sock) as agent:
+        assert agent.status()["sources"] == [] and agent.challenges() == {}
+        r = agent.cli("approve", "00" * 16)
+        assert r.returncode == InvalidInput.exit_code and "no pending challenge" in r.stderr
+    assert agent.process.returncode == 0 and not sock.exists()
+    assert "no [online] url" in agent.log() or "listening on" in agent.log()
+
+
 def test_cli_without_an_agent_says_how_to_start_it(tmp_path: Path) -> None:
     env = agent_env({"HSM_AUTH_AGENT_SOCKET": str(tmp_path / "none" / "agent.sock")})
     for argv in (["challenges"], ["approve", "00" * 16], ["reject", "00" * 16],
