@@ -112,6 +112,9 @@ def create_app(
 
     app.include_router(provider_api.router)
     app.include_router(login_page.router)
+    from . import verify_api
+
+    app.include_router(verify_api.router)
     return app
 
 

@@ -42,7 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidInput, StateError
+from .. import api_keys
+from ..errors import HsmAuthError, InvalidInput, StateError
 from ..verifier import _unwrap
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class _Item:
     #: None for a blocking caller (a concurrent.futures.Future).
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[Result] | concurrent.futures.Future[Result]
+    #: The caller's API key text, authenticated in the batch (None: the caller did).
+    api_key: str | None = field(default=None, repr=False)
 
 
 _STOP = object()
@@ -93,6 +96,7 @@ class Committer:
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pending: int = DEFAULT_MAX_PENDING,
+        scope: str = "verify",
         name: str = "hsm-auth-committer",
     ) -> None:
         if max_batch < 1 or max_pending < 1:
@@ -100,6 +104,7 @@ class Committer:
         self.verifier = verifier
         self.max_batch = max_batch
         self.max_pending = max_pending
+        self.scope = scope  # what an API key handed with a request must allow
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
@@ -139,6 +144,8 @@ class Committer:
         # Checked here, not in the batch: one malformed item must not fail the others'.
         if not isinstance(item.session_id, bytes) or not isinstance(item.otp, str):
             raise InvalidInput("a verification is a session id (bytes) and an OTP (text)")
+        if item.api_key is not None and not isinstance(item.api_key, str):
+            raise InvalidInput("an API key is text")
         with self._lock:  # nothing is queued after the stop marker
             if self._closed or not self._thread.is_alive():
                 raise StateError("the verifier service is shutting down")
@@ -146,18 +153,24 @@ class Committer:
                 raise CommitterBusy("the verifier is busy; try again shortly")
             self._queue.put(item)
 
-    async def verify(self, session_id: bytes, otp: str) -> Acceptance:
+    async def verify(
+        self, session_id: bytes, otp: str, *, api_key: str | None = None
+    ) -> Acceptance:
         """Verify on the running event loop: returns after the commit that decided it.
-        Raises InvalidToken, InvalidInput or StateError like :meth:`Verifier.verify`."""
+        Raises InvalidToken, InvalidInput or StateError like :meth:`Verifier.verify`;
+        with ``api_key``, first ApiKeyRefused / ScopeRefused if that key may not verify
+        (checked in the batch, see :meth:`_authenticate`)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._admit(_Item(session_id, otp, loop, future))
+        self._admit(_Item(session_id, otp, loop, future, api_key))
         return _unwrap(await future)
 
-    def verify_blocking(self, session_id: bytes, otp: str) -> Acceptance:
+    def verify_blocking(
+        self, session_id: bytes, otp: str, *, api_key: str | None = None
+    ) -> Acceptance:
         """Verify from a thread that is not an event loop's (blocks until committed)."""
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
-        self._admit(_Item(session_id, otp, None, future))
+        self._admit(_Item(session_id, otp, None, future, api_key))
         return _unwrap(future.result())
 
     # --- the committer thread ----------------------------------------------
@@ -197,10 +210,29 @@ class Committer:
             _settle(leftovers, [StateError("the verifier service is shutting down")
                                 for _ in leftovers])
 
+    def _authenticate(self, batch: Sequence[_Item]) -> dict[str, HsmAuthError]:
+        """The refused API keys of the batch and why: each distinct key is looked up
+        in the store once per batch (so a revocation holds from the next batch on, in
+        every worker), in this thread: no threadpool hop per request. StateError
+        (the database failed) fails the batch."""
+        refused: dict[str, HsmAuthError] = {}
+        for key in {i.api_key for i in batch if i.api_key is not None}:
+            try:
+                api_keys.authenticate(self.verifier.store, key, self.scope)
+            except (api_keys.ApiKeyRefused, api_keys.ScopeRefused) as e:
+                refused[key] = e
+        return refused
+
     def _commit(self, batch: Sequence[_Item]) -> None:
         results: list[Result]
         try:
-            results = self.verifier.verify_many([(i.session_id, i.otp) for i in batch])
+            refused = self._authenticate(batch)
+            allowed = [i for i in batch if i.api_key not in refused]
+            verified = iter(self.verifier.verify_many([(i.session_id, i.otp) for i in allowed]))
+            results = [
+                _copy(refused[i.api_key]) if i.api_key in refused else next(verified)
+                for i in batch
+            ]
         except StateError as e:
             log.warning("a batch of %d verifications failed: %s", len(batch), e)
             results = [StateError(str(e)) for _ in batch]  # one exception object each
@@ -213,6 +245,13 @@ class Committer:
         self._requests += len(batch)
         self._largest = max(self._largest, len(batch))
         _settle(batch, results)
+
+
+def _copy(error: HsmAuthError) -> HsmAuthError:
+    """A fresh exception like ``error`` (each caller raises its own object)."""
+    if isinstance(error, api_keys.ScopeRefused):
+        return api_keys.ScopeRefused(error.scope)
+    return api_keys.ApiKeyRefused()
 
 
 def _settle(batch: Sequence[_Item], results: Sequence[Result]) -> None:

@@ -1,0 +1,93 @@
+"""``POST /v1/verify``: check an OTP for an offline session (API key, scope ``verify``).
+
+    {"session_id": "<32 lowercase hex digits>", "otp": "<6..10 digits>"}
+    -> 200 {"user", "method", "atc"}
+    -> 403 otp-refused (one body for every refusal: unknown, used or expired session,
+       replay, wrong OTP, locked or revoked credential; the audit trail keeps which)
+    -> 400 invalid-input (an OTP of a length none of the session's credentials has)
+    -> 422 validation (a body that is not this shape), 400 malformed-json
+
+Every verification goes through the worker's group committer
+(:mod:`hsm_auth.service.committer`): the answer is sent only after the commit that
+decided it, so a 200 is on disk. A database failure is 503 with nothing accepted.
+
+The API key (``Authorization: Bearer``, the same scheme and answers as
+:mod:`hsm_auth.service.auth`: 401 / 403) is checked by the committer thread with the
+batch it came in, one store read per distinct key per batch, instead of one
+threadpool hop and read per request (bench/http.py: that hop alone cost more than
+the whole verification). A key that is malformed or missing is 401 at once; a
+revoked one is refused from the first batch after the revocation, in every worker.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Security
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import api_keys
+from ..otp_scheme import MAX_DIGITS, MIN_DIGITS
+from ..verifier import SESSION_ID_BYTES
+from .auth import _bearer  # the API-key scheme of every provider route (OpenAPI)
+from .committer import Committer
+from .context import ServiceContext, get_context
+
+__all__ = ["VerifyRequest", "VerifyResponse", "committer_of", "router"]
+
+router = APIRouter(tags=["provider"])
+
+_SESSION_ID = f"^[0-9a-f]{{{2 * SESSION_ID_BYTES}}}$"
+_OTP = f"^[0-9]{{{MIN_DIGITS},{MAX_DIGITS}}}$"
+
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: Annotated[
+        str, Field(pattern=_SESSION_ID, description="The session's id (POST /v1/sessions)")
+    ]
+    otp: Annotated[str, Field(pattern=_OTP, description="The OTP the user typed")]
+
+
+class VerifyResponse(BaseModel):
+    user: str
+    method: str
+    atc: int = Field(description="The counter value the OTP was made with (now stored)")
+
+
+def committer_of(ctx: ServiceContext) -> Committer:
+    """The worker's committer, started on first use (the context of a worker, or one a
+    caller passed to create_app); stopped when the context closes."""
+    committer = ctx.committer
+    if committer is None:
+        committer = ctx.committer = Committer(ctx.verifier).start()
+        ctx.on_close.append(committer.close)
+    assert isinstance(committer, Committer)
+    return committer
+
+
+@router.post(
+    "/v1/verify",
+    response_model=VerifyResponse,
+    summary="Verify the OTP of an offline session (single use, group-committed)",
+    responses={
+        403: {"description": "refused (otp-refused; the same for every reason)"},
+        400: {"description": "an OTP of a length the session's credentials do not make"},
+        401: {"description": "no valid API key"},
+        503: {"description": "the database failed: nothing was accepted; retry"},
+    },
+)
+async def verify(
+    body: VerifyRequest,
+    ctx: ServiceContext = Depends(get_context),  # noqa: B008
+    credentials: HTTPAuthorizationCredentials | None = Security(_bearer),  # noqa: B008
+) -> VerifyResponse:
+    if credentials is None:
+        raise api_keys.ApiKeyRefused()
+    api_keys.parse(credentials.credentials)  # a malformed key: 401 now, not in a batch
+    accepted = await committer_of(ctx).verify(
+        bytes.fromhex(body.session_id), body.otp, api_key=credentials.credentials
+    )
+    return VerifyResponse(user=accepted.user, method=accepted.method.value, atc=accepted.atc)
