@@ -13,6 +13,7 @@ import threading
 import pytest
 from _verifier_device import enroll
 
+from hsm_auth import api_keys
 from hsm_auth.errors import InvalidInput, InvalidToken, StateError
 from hsm_auth.methods import Method
 from hsm_auth.service.committer import Committer, CommitterBusy
@@ -224,3 +225,32 @@ def test_bad_items_are_refused_before_the_batch_and_close_drains(verifier):
     assert isinstance(asyncio.run(run()), Acceptance)
     with pytest.raises(StateError):
         committer.verify_blocking(sid, otp)
+
+
+def test_api_keys_are_checked_with_the_batch_and_a_revocation_holds_at_once(verifier):
+    jobs = _one_each(verifier, 4)
+    now = 1_800_000_000
+    good = api_keys.create(verifier.store, "good", ["verify"], now=now)
+    other = api_keys.create(verifier.store, "other", ["verify"], now=now)
+    enroll_only = api_keys.create(verifier.store, "enroll", ["enroll"], now=now)
+    with Committer(verifier) as committer:
+
+        async def run():
+            verifier.store._lock.acquire()  # all four in one batch
+            keys = [good.key, other.key, enroll_only.key, f"{good.key[:-1]}x"]
+            tasks = [
+                asyncio.ensure_future(committer.verify(s, o, api_key=k))
+                for (s, o), k in zip(jobs, keys, strict=True)
+            ]
+            await asyncio.sleep(0.1)
+            api_keys.revoke(verifier.store, other.record.key_id, now=now)  # before the batch
+            verifier.store._lock.release()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(run())
+    assert isinstance(results[0], Acceptance)
+    assert type(results[1]) is api_keys.ApiKeyRefused  # revoked while it waited
+    assert type(results[2]) is api_keys.ScopeRefused
+    assert type(results[3]) is api_keys.ApiKeyRefused  # a wrong secret
+    assert _atcs(verifier, 4) == [1, 0, 0, 0]
+    assert [_used(verifier, sid) for sid, _ in jobs] == [True, False, False, False]

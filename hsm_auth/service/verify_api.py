@@ -15,7 +15,9 @@ The API key (``Authorization: Bearer``, the same scheme and answers as
 :mod:`hsm_auth.service.auth`: 401 / 403) is checked by the committer thread with the
 batch it came in, one store read per distinct key per batch, instead of one
 threadpool hop and read per request (bench/http.py: that hop alone cost more than
-the whole verification). A key that is malformed or missing is 401 at once; a
+the whole verification). A key that is malformed or missing is 401 at once, before
+the body is looked at; a well-formed one is checked after the body is validated (so
+an unknown key with a malformed body is 422, as the public schema says), and a
 revoked one is refused from the first batch after the revocation, in every worker.
 """
 
@@ -34,7 +36,7 @@ from .auth import _bearer  # the API-key scheme of every provider route (OpenAPI
 from .committer import Committer
 from .context import ServiceContext, get_context
 
-__all__ = ["VerifyRequest", "VerifyResponse", "committer_of", "router"]
+__all__ = ["VerifyRequest", "VerifyResponse", "api_key_text", "committer_of", "router"]
 
 router = APIRouter(tags=["provider"])
 
@@ -68,6 +70,17 @@ def committer_of(ctx: ServiceContext) -> Committer:
     return committer
 
 
+async def api_key_text(
+    credentials: HTTPAuthorizationCredentials | None = Security(_bearer),  # noqa: B008
+) -> str:
+    """The request's API key text if it is well formed (401 now otherwise, before the
+    body is looked at, as for every provider route); the committer checks the rest."""
+    if credentials is None:
+        raise api_keys.ApiKeyRefused()
+    api_keys.parse(credentials.credentials)
+    return credentials.credentials
+
+
 @router.post(
     "/v1/verify",
     response_model=VerifyResponse,
@@ -82,12 +95,9 @@ def committer_of(ctx: ServiceContext) -> Committer:
 async def verify(
     body: VerifyRequest,
     ctx: ServiceContext = Depends(get_context),  # noqa: B008
-    credentials: HTTPAuthorizationCredentials | None = Security(_bearer),  # noqa: B008
+    key: str = Depends(api_key_text),
 ) -> VerifyResponse:
-    if credentials is None:
-        raise api_keys.ApiKeyRefused()
-    api_keys.parse(credentials.credentials)  # a malformed key: 401 now, not in a batch
     accepted = await committer_of(ctx).verify(
-        bytes.fromhex(body.session_id), body.otp, api_key=credentials.credentials
+        bytes.fromhex(body.session_id), body.otp, api_key=key
     )
     return VerifyResponse(user=accepted.user, method=accepted.method.value, atc=accepted.atc)
