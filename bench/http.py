@@ -49,6 +49,9 @@ def _sibling(name: str):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -78,9 +81,23 @@ def _requests(plan, key: str) -> list[bytes]:
     ]
 
 
-def _load(url: str, requests: list[bytes], connections: int, *, expect: int):
+def _service_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of the service's processes: ``pid`` and its children."""
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    total = 0
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _load(url: str, pid: int, requests: list[bytes], connections: int, *, expect: int):
     parts = urlsplit(url)
+    before = _service_cpu(pid)
     result = loadgen.run(parts.hostname, parts.port, requests, connections)
+    result.server_cpu = _service_cpu(pid) - before
     wrong = {s: n for s, n in result.statuses.items() if s != expect}
     if wrong:
         raise SystemExit(f"bench: {wrong} answers that are not {expect}: {result.bodies[:2]}")
@@ -90,7 +107,26 @@ def _load(url: str, requests: list[bytes], connections: int, *, expect: int):
 def _report(what: str, result, unit: str) -> None:
     _line(what, result.rate, unit,
           f"  p50 {result.percentile(50):6.2f} ms  p99 {result.percentile(99):6.2f} ms"
+          f"  service CPU {result.server_cpu / len(result.latencies_ns) * 1e6:4.0f} us/request"
           f"  (load generator CPU {result.cpu:.2f} s of {result.wall:.2f} s)")
+
+
+def _profile(pid: int, directory: str | None, label: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on every worker of the service (``--profile DIR``): raw stacks per worker."""
+    if not directory:
+        return []
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    workers = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        workers += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+    out = []
+    for worker in [int(w) for w in workers] or [pid]:
+        path = os.path.join(directory, f"{label}-{worker}.txt")
+        out.append(subprocess.Popen([spy, "record", "-f", "raw", "-r", "250", "-o", path,
+                                     "-p", str(worker)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # py-spy attaches
+    return out
 
 
 def stack(label: str, directory: Path, database: str | None, workers: int, args) -> float:
@@ -102,11 +138,15 @@ def stack(label: str, directory: Path, database: str | None, workers: int, args)
     flags = ["--rate-address", "0", "--rate-user", "0"]
     with running_service(directory, database=database, workers=workers, args=flags) as svc:
         n = max(5000, len(requests))
-        _load(svc.url, [loadgen.get("/v1/health")] * 2000, args.connections, expect=200)  # warm-up
-        trivial = _load(svc.url, [loadgen.get("/v1/no-such-route")] * n, args.connections,
-                        expect=404)
-        health = _load(svc.url, [loadgen.get("/v1/health")] * n, args.connections, expect=200)
-        verify = _load(svc.url, requests, args.connections, expect=200)
+        pid, c = svc.process.pid, args.connections
+        _load(svc.url, pid, [loadgen.get("/v1/health")] * 2000, c, expect=200)  # warm-up
+        trivial = _load(svc.url, pid, [loadgen.get("/v1/no-such-route")] * n, c, expect=404)
+        health = _load(svc.url, pid, [loadgen.get("/v1/health")] * n, c, expect=200)
+        profilers = _profile(svc.process.pid, args.profile, label)
+        verify = _load(svc.url, pid, requests, c, expect=200)
+        for p in profilers:
+            p.send_signal(signal.SIGINT)
+            p.wait(30)
         log = svc.log()
     where = f"{label}, {workers} worker{'s' if workers > 1 else ' '}"
     _report(f"{where}: trivial route (404 problem)", trivial, "requests/s")
@@ -125,6 +165,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--target", type=float, default=2000.0, help="verifications/s over HTTP")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy each worker during the verify run (raw stacks in DIR)")
     args = parser.parse_args()
     print(f"bench: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"{args.connections} keep-alive connections, {args.users * args.rounds} "

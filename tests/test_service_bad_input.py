@@ -133,13 +133,66 @@ def _fill(path: str, value: str) -> str:
     return re.sub(r"\{[^}]+\}", value, path)
 
 
+def hidden_routes(directory, spec: dict) -> list[tuple[str, str]]:
+    """(method, path) of every route of the application that its OpenAPI description
+    does not list (the login page's), read from the app itself."""
+    from hsm_auth.service.app import create_app
+    from hsm_auth.service.context import ServiceSettings
+
+    app = create_app(settings=ServiceSettings(verifier_dir=directory))
+    listed = {(m.upper(), p) for p, item in spec["paths"].items() for m in item}
+
+    def walk(routes, prefix: str):
+        for route in routes:
+            inner = getattr(route, "original_router", None)  # FastAPI's included router
+            if inner is not None:
+                yield from walk(inner.routes, prefix + route.include_context.prefix)
+            elif hasattr(route, "routes"):  # an older FastAPI, or a mounted router
+                yield from walk(route.routes, prefix)
+            for method in sorted(getattr(route, "methods", None) or ()):
+                yield method, prefix + route.path
+
+    return sorted(
+        {(m, p) for m, p in walk(app.routes, "")
+         if m != "HEAD" and (m, p) not in listed and p != "/openapi.json"}
+    )
+
+
+def hidden_requests(routes: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+    """Bad requests for routes outside the API (browser pages): forms without or with a
+    forged CSRF token, JSON where a form belongs, junk, hostile path values."""
+    out = []
+    forms = [b"", b"user=alice&flow=offline", b"csrf=forged&user=alice&flow=offline",
+             b"csrf=&otp=12345678", b"%ZZ=%YY", b"a" * 70_000, b"user=" + b"\xff" * 40,
+             b"csrf=x&csrf=y&flow=offline&user=" + b"u" * 300]
+    for method, path in routes:
+        has_param = "{" in path
+        targets = [_fill(path, v) for v in HOSTILE_VALUES] if has_param else [path]
+        if method == "GET":
+            if has_param:
+                out += [(f"hidden {method} {path}", _request(method, t, None, None))
+                        for t in targets]
+            continue
+        for target in targets:
+            for body in forms:
+                out.append((f"hidden {method} {path} form", _request(
+                    method, target, body, None, "application/x-www-form-urlencoded")))
+            for body in _bodies({"user": {}, "otp": {}, "csrf": {}})[:12]:
+                out.append((f"hidden {method} {path} json", _request(method, target, body, None)))
+            out.append((f"hidden {method} {path} origin", _request(
+                method, target, b"csrf=x&user=alice&flow=offline", None,
+                "application/x-www-form-urlencoded\r\nOrigin: https://evil.example")))
+    return out
+
+
 def storm_requests(spec: dict, keys: dict[str, str], victim) -> list[tuple[str, bytes]]:
     """(what, raw request) pairs, every one of them bad."""
     rng = random.Random(2026)
+    wrong_secret = keys["verify"][:-1] + ("1" if keys["verify"].endswith("0") else "0")
     bad_auth = [
         None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer hsk_", "bearer x y",
         f"Bearer {keys['revoked']}", f"Bearer {keys['unknown']}",
-        f"Bearer {keys['verify'][:-1]}0", "Bearer " + "A" * 6000, "Bearer \u00e9",
+        f"Bearer {wrong_secret}", "Bearer " + "A" * 6000, "Bearer \u00e9",
         f"Bearer {keys['verify']} {keys['verify']}", f"Bearer  {keys['verify']}x",
     ]
     full = f"Bearer {keys['all']}"
@@ -267,6 +320,8 @@ def test_a_storm_of_bad_requests_changes_nothing_and_the_service_keeps_verifying
         requests = storm_requests(
             spec, keys, {"session": victim, "others": others, "expired": expired, "fuzzed": fuzzed}
         )
+        hidden = hidden_routes(directory, spec)
+        requests += hidden_requests(hidden)
         random.Random(13).shuffle(requests)
         assert len(requests) >= 2000
         results = asyncio.run(_fire(svc.url, requests))
@@ -278,6 +333,9 @@ def test_a_storm_of_bad_requests_changes_nothing_and_the_service_keeps_verifying
                 assert status == 401, (what, status)
             if what.startswith("POST /v1/verify auth"):  # a well-formed key: with the batch
                 assert status in (401, 422), (what, status)
+            if what.startswith("hidden "):  # a browser page: its own 4xx page or problem
+                assert b"Traceback" not in body, (what, body[:300])
+                continue
             assert ctype == PROBLEM, (what, status, ctype, body[:300])
             problem = json.loads(body)
             assert problem["status"] == status and problem["type"].startswith(
@@ -308,5 +366,7 @@ def test_a_storm_of_bad_requests_changes_nothing_and_the_service_keeps_verifying
             assert not sessions[p.session_id].used, p.user
             trail = v.store.audit_records(p.user, 10_000)
             assert "accept" not in [r.event.value for r in trail], p.user
+        # The login page's forms (user alice, forged or missing CSRF) started nothing.
+        assert v.store.audit_records("alice", 100) == []
         # The victim's OTP, sent with every bad key, was never even tried.
         assert v.credential(victim.user, Method.DEVICE).failures == 0
