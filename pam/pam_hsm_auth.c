@@ -702,7 +702,9 @@ EXPORT int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const ch
             return PAM_SYSTEM_ERR;
         }
         /* A service that is busy answers "result SYSTEM_ERR busy" and closes at once:
-         * read what it said (anything else ends as PAM_SYSTEM_ERR too). */
+         * read what it said. Else (a value that cannot be sent, a child gone) the child
+         * sees the end of the request and ends without a result: PAM_SYSTEM_ERR. */
+        shutdown(h.fd, SHUT_WR);
     }
     rc = run(pamh, &h, &o);
     explicit_bzero(h.buf, sizeof h.buf);

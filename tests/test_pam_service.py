@@ -482,6 +482,10 @@ def test_garbage_hangups_and_floods_do_not_stop_the_service(
             with contextlib.suppress(OSError):
                 busy += s.recv(100) == b"result SYSTEM_ERR busy\n"
         assert busy > 0
+        nospawn, r.module = r.module, REPO / "build" / "pam" / "pam_hsm_auth.so"
+        refused = r.pamtester(r.login(name="busy"), ALICE, [PIN])  # it reads "busy"
+        assert refused.code(PAM_SYSTEM_ERR) and "PIN for" not in refused.out, refused.out
+        r.module = nospawn  # (the real module would have logged in had it spawned)
     finally:
         for s in held:
             s.close()
@@ -683,3 +687,14 @@ def test_the_service_floor_for_the_benchmark(hsm_rig: Rig, nospawn_module: Path)
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_a_request_the_module_cannot_send_is_a_system_error_at_once(
+        hsm_served: tuple[Rig, Service]) -> None:
+    """A PAM item with a control character cannot be framed: the module stops the request
+    half-way. Through the service that is PAM_SYSTEM_ERR as with the spawned helper, not
+    a child left waiting for the rest until the timeout (PAM_AUTH_ERR)."""
+    r, service = hsm_served
+    result = r.pamtester(r.login("timeout=3"), ALICE, [PIN], "rhost=host\x01name")
+    assert result.code(PAM_SYSTEM_ERR), result.out
+    assert service.alive
