@@ -232,20 +232,12 @@ def verify_proof(
         signed = login_message(host, user, challenge, proof.counter)
         counter = proof.counter
     elif cred.format == FIDO2_ASSERTION:
-        data = proof.authenticator_data
-        if len(data) < 37:
-            raise InvalidToken("authenticator data too short")
-        rp_id = str(cred.settings.get("rp_id", "hsm-auth"))
-        if data[:32] != hashlib.sha256(rp_id.encode()).digest():
-            raise InvalidToken("assertion for another relying party")
-        flags = data[32]
-        if not flags & _FLAG_UP:
-            raise InvalidToken("assertion without user presence")
-        if cred.method.needs_user_verification and not flags & _FLAG_UV:
-            raise InvalidToken("assertion without user verification")
-        counter = int.from_bytes(data[33:37], "big")
         client_hash = hashlib.sha256(login_message(host, user, challenge, None)).digest()
-        signed = data + client_hash
+        return check_assertion(
+            public, proof.authenticator_data, client_hash, proof.signature,
+            rp_id=str(cred.settings.get("rp_id", "hsm-auth")),
+            user_verification=cred.method.needs_user_verification, last_counter=cred.counter,
+        )
     else:
         raise InvalidToken("unknown signature format")
     try:
@@ -253,6 +245,36 @@ def verify_proof(
     except InvalidSignature:
         raise InvalidToken("signature does not verify with the enrolled key") from None
     if counter <= cred.counter:
+        raise InvalidToken("counter did not move forward (cloned or rolled-back token?)")
+    return counter
+
+
+def check_assertion(
+    public: ec.EllipticCurvePublicKey, authenticator_data: bytes, client_data_hash: bytes,
+    signature: bytes, *, rp_id: str, user_verification: bool, last_counter: int,
+) -> int:
+    """Check a FIDO2 assertion (the one owner of this check: workstation login, and
+    the online service's signed requests and approvals, :mod:`hsm_auth.request_signing`):
+    the rpId hash is SHA-256 of ``rp_id``, user presence (and ``user_verification``)
+    flags are set, the DER ``signature`` verifies over ``authenticatorData ||
+    clientDataHash`` with ``public``, and the signature counter is above
+    ``last_counter``. Returns the new counter; :class:`InvalidToken` for every failure."""
+    data = authenticator_data
+    if len(data) < 37:
+        raise InvalidToken("authenticator data too short")
+    if data[:32] != hashlib.sha256(rp_id.encode()).digest():
+        raise InvalidToken("assertion for another relying party")
+    flags = data[32]
+    if not flags & _FLAG_UP:
+        raise InvalidToken("assertion without user presence")
+    if user_verification and not flags & _FLAG_UV:
+        raise InvalidToken("assertion without user verification")
+    counter = int.from_bytes(data[33:37], "big")
+    try:
+        public.verify(signature, data + client_data_hash, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        raise InvalidToken("signature does not verify with the enrolled key") from None
+    if counter <= last_counter:
         raise InvalidToken("counter did not move forward (cloned or rolled-back token?)")
     return counter
 
