@@ -40,6 +40,10 @@ class Event(enum.Enum):
     SYNCED = "synced"  # a sync report applied: the ATC moved to the token's
     API_KEY_CREATE = "api-key-create"  # an API key of the online service made (detail: id)
     API_KEY_REVOKE = "api-key-revoke"
+    CHALLENGE = "challenge"  # a push / QR / in-app challenge started (session: its id)
+    CLAIM = "claim"  # a QR challenge claimed by an authenticator
+    APPROVE = "approve"  # a challenge approved (signed in the token)
+    REJECT = "reject"  # a challenge rejected (signed in the token)
 
 
 class Reason(enum.Enum):

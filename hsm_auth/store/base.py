@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from ..audit import AuditRecord, Event, Reason
+from ..challenges import Challenge, ChallengeKind, ChallengeState
 from ..methods import Method
 
 #: Stored counters are signed 64-bit integers in both engines.
@@ -87,6 +88,9 @@ class CredentialRecord:
     attestation: str | None = None
     #: The DER X.509 certificate the verifier issued for the signing key (None: none).
     certificate: bytes | None = field(default=None, repr=False)
+    #: FIDO2: the highest signature counter of the credential's signed requests and
+    #: approvals so far (schema 9; 0 until its first one).
+    sign_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,16 @@ class SessionRecord:
     methods: tuple[Method, ...]
     expires: int
     used: bool = False
+
+
+class Consumed(enum.Enum):
+    """What :meth:`VerifierStore.consume_nonce` and :meth:`VerifierStore.answer_challenge`
+    did: done, or nothing because the nonce or challenge was gone (used, expired,
+    unknown, answered), or because a FIDO2 signature counter did not move forward."""
+
+    DONE = "done"
+    GONE = "gone"
+    COUNTER = "counter"
 
 
 # --- batched state changes ---------------------------------------------------
@@ -321,6 +335,52 @@ class VerifierStore(ABC):
     def purge(self, now: int) -> int:
         """Delete sessions and offers that expired before ``now``; returns how many."""
         return 0
+
+    # --- online service: signed requests and challenges (schema 9) ----------
+    @abstractmethod
+    def put_nonce(self, nonce: bytes, expires: int, now: int) -> None:
+        """Store a request nonce valid until ``expires`` (and drop those expired at ``now``)."""
+
+    @abstractmethod
+    def consume_nonce(
+        self, nonce: bytes, now: int, *, credential: int, sign_count: int | None = None
+    ) -> Consumed:
+        """Use the nonce once, in **one** transaction with the FIDO2 counter of the
+        signing credential (row id ``credential``), moved to ``sign_count`` only
+        from below it (compare-and-swap): both or neither."""
+
+    @abstractmethod
+    def put_challenge(self, challenge: Challenge, audit: AuditRecord | None = None) -> None: ...
+
+    @abstractmethod
+    def challenge(self, challenge_id: str) -> Challenge | None:
+        """The challenge as stored (its state not adjusted for the clock)."""
+
+    @abstractmethod
+    def pending_challenges(
+        self, user: str, now: int, kinds: Sequence[ChallengeKind]
+    ) -> list[Challenge]:
+        """The user's pending, unexpired challenges of ``kinds``, oldest first."""
+
+    @abstractmethod
+    def claim_challenge(
+        self, challenge_id: str, *, credential_id: bytes, user: str, now: int,
+        audit: AuditRecord | None = None,
+    ) -> Challenge | None:
+        """pending -> claimed (compare-and-swap) for a QR challenge of ``user`` or of
+        nobody yet (it becomes ``user``'s), unexpired at ``now``; claiming again with
+        the same credential is allowed. Returns the claimed challenge, or None."""
+
+    @abstractmethod
+    def answer_challenge(
+        self, challenge_id: str, *, expected: ChallengeState, decision: ChallengeState,
+        user: str, method: Method, credential_id: bytes, credential: int,
+        sign_count: int | None, approval: str, now: int, audit: AuditRecord | None = None,
+    ) -> Consumed:
+        """``expected`` -> ``decision`` (approved/rejected) for ``user``'s unexpired
+        challenge, which a QR challenge's claimer only may answer; with the FIDO2
+        counter of the answering credential (row id ``credential``) in the same
+        transaction, as :meth:`consume_nonce`. Of racing answers exactly one is DONE."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

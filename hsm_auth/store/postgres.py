@@ -86,6 +86,20 @@ _V8 = (
     "ALTER TABLE credentials ADD COLUMN credential_id BYTEA",
     "CREATE INDEX credentials_credential_id ON credentials (credential_id)",
 )
+# Version 9 (issue 13, the online service): the FIDO2 signature counter of each
+# credential's signed requests and approvals; single-use request nonces; push / QR /
+# in-app challenges.
+_V9 = (
+    "ALTER TABLE credentials ADD COLUMN sign_count BIGINT NOT NULL DEFAULT 0",
+    "CREATE TABLE request_nonces (nonce BYTEA PRIMARY KEY, expires BIGINT NOT NULL)",
+    "CREATE INDEX request_nonces_expires ON request_nonces (expires)",
+    "CREATE TABLE challenges (challenge_id BYTEA PRIMARY KEY, kind TEXT NOT NULL,"
+    " user_name TEXT, message TEXT NOT NULL, context TEXT NOT NULL, state TEXT NOT NULL,"
+    " created BIGINT NOT NULL, expires BIGINT NOT NULL, claimed_by BYTEA, method TEXT,"
+    " credential_id BYTEA, answered BIGINT, approval TEXT)",
+    "CREATE INDEX challenges_user ON challenges (user_name, state, expires)",
+    "CREATE INDEX challenges_expires ON challenges (expires)",
+)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -148,7 +162,7 @@ class _PgCursor:
 class PostgresStore(SqlStore):
     engine = "postgresql"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9,
     )
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Protocol
 
 from .. import transcript
 from ..audit import AuditRecord, Event, Reason
+from ..challenges import Challenge, ChallengeKind, ChallengeState, context_from_text, context_text
 from ..errors import AlreadyEnrolled, ExpiredMessage, InvalidInput, StateError, UnknownMethod
 from ..methods import Method
 from .base import (
@@ -34,6 +35,7 @@ from .base import (
     ApiKeyRecord,
     Applied,
     Change,
+    Consumed,
     CredentialRecord,
     Failure,
     Note,
@@ -71,7 +73,12 @@ def methods_parse(text: str) -> tuple[Method, ...]:
 
 _CRED_COLS = (
     "id, user_name, method, backend, signing_key, agreement_key, wrapped_otp_key, suite, atc, "
-    "failures, locked, created, last_used, protocol, sealed_otp_key, attestation, certificate"
+    "failures, locked, created, last_used, protocol, sealed_otp_key, attestation, certificate, "
+    "sign_count"
+)
+_CHALLENGE_COLS = (
+    "challenge_id, kind, user_name, message, context, state, created, expires, claimed_by, "
+    "method, credential_id, answered"
 )
 _SESSION_COLS = "session_id, user_name, challenge, context, methods, expires, used"
 AUDIT_INSERT = (
@@ -99,7 +106,29 @@ def _cred(row: Sequence[Any]) -> CredentialRecord:
         sealed_otp_key=None if row[14] is None else bytes(row[14]),
         attestation=None if row[15] is None else str(row[15]),
         certificate=None if row[16] is None else bytes(row[16]),
+        sign_count=int(row[17]),
     )
+
+
+def _challenge(row: Sequence[Any]) -> Challenge:
+    return Challenge(
+        challenge_id=bytes(row[0]).hex(),
+        kind=ChallengeKind(row[1]),
+        user=row[2],
+        message=row[3],
+        context=context_from_text(row[4]),
+        state=ChallengeState(row[5]),
+        created=int(row[6]),
+        expires=int(row[7]),
+        claimed_by=None if row[8] is None else bytes(row[8]).hex(),
+        method=None if row[9] is None else Method(row[9]),
+        credential_id=None if row[10] is None else bytes(row[10]).hex(),
+        answered=None if row[11] is None else int(row[11]),
+    )
+
+
+class _Rollback(Exception):
+    """Undo a transaction whose compare-and-swap lost (caught by the caller)."""
 
 
 def _session(row: Sequence[Any]) -> SessionRecord:
@@ -375,7 +404,8 @@ class SqlStore(VerifierStore):
         self._audit(db, audit)
         assert row is not None
         return CredentialRecord(
-            **{**record.__dict__, "id": int(row[0]), "failures": 0, "locked": False}
+            **{**record.__dict__, "id": int(row[0]), "failures": 0, "locked": False,
+               "sign_count": 0}
         )
 
     def credentials(self, user: str) -> list[CredentialRecord]:
@@ -642,9 +672,136 @@ class SqlStore(VerifierStore):
 
     def purge(self, now: int) -> int:
         with self._tx() as db:
-            return db.count("DELETE FROM sessions WHERE expires < ?", (now,)) + db.count(
-                "DELETE FROM offers WHERE expires < ?", (now,)
+            return sum(
+                db.count(f"DELETE FROM {table} WHERE expires < ?", (now,))  # noqa: S608
+                for table in ("sessions", "offers", "challenges", "request_nonces")
             )
+
+    # --- online service: signed requests and challenges ---------------------
+    def put_nonce(self, nonce: bytes, expires: int, now: int) -> None:
+        with self._tx() as db:
+            db.count("DELETE FROM request_nonces WHERE expires < ?", (now,))
+            db.count("INSERT INTO request_nonces (nonce, expires) VALUES (?,?)", (nonce, expires))
+
+    def consume_nonce(
+        self, nonce: bytes, now: int, *, credential: int, sign_count: int | None = None
+    ) -> Consumed:
+        try:
+            with self._tx() as db:
+                # One DELETE: of two workers presenting the same nonce, one deletes the row.
+                if not db.count(
+                    "DELETE FROM request_nonces WHERE nonce=? AND expires>=?", (nonce, now)
+                ):
+                    return Consumed.GONE
+                if sign_count is not None and not self._advance_sign_count(
+                    db, credential, sign_count
+                ):
+                    raise _Rollback
+                return Consumed.DONE
+        except _Rollback:
+            return Consumed.COUNTER
+
+    @staticmethod
+    def _advance_sign_count(db: Cursor, credential: int, sign_count: int) -> bool:
+        return bool(db.count(
+            "UPDATE credentials SET sign_count=? WHERE id=? AND sign_count<?",
+            (sign_count, credential, sign_count),
+        ))
+
+    def put_challenge(self, challenge: Challenge, audit: AuditRecord | None = None) -> None:
+        with self._tx() as db:
+            db.count(
+                "INSERT INTO challenges (challenge_id, kind, user_name, message, context, state, "
+                "created, expires) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    challenge.id_bytes,
+                    challenge.kind.value,
+                    challenge.user,
+                    challenge.message,
+                    context_text(challenge.context),
+                    challenge.state.value,
+                    challenge.created,
+                    challenge.expires,
+                ),
+            )
+            self._audit(db, audit)
+
+    def challenge(self, challenge_id: str) -> Challenge | None:
+        with self._read() as db:
+            return self._challenge(db, bytes.fromhex(challenge_id))
+
+    @staticmethod
+    def _challenge(db: Cursor, challenge_id: bytes) -> Challenge | None:
+        row = db.one(
+            f"SELECT {_CHALLENGE_COLS} FROM challenges WHERE challenge_id=?",  # noqa: S608
+            (challenge_id,),
+        )
+        return None if row is None else _challenge(row)
+
+    def pending_challenges(
+        self, user: str, now: int, kinds: Sequence[ChallengeKind]
+    ) -> list[Challenge]:
+        if not kinds:
+            return []
+        marks = ",".join("?" * len(kinds))
+        with self._read() as db:
+            rows = db.rows(
+                f"SELECT {_CHALLENGE_COLS} FROM challenges "  # noqa: S608 - fixed columns
+                f"WHERE user_name=? AND state='pending' AND expires>=? AND kind IN ({marks}) "
+                "ORDER BY created, challenge_id LIMIT 100",
+                (user, now, *(k.value for k in kinds)),
+            )
+        return [_challenge(r) for r in rows]
+
+    def claim_challenge(
+        self, challenge_id: str, *, credential_id: bytes, user: str, now: int,
+        audit: AuditRecord | None = None,
+    ) -> Challenge | None:
+        cid = bytes.fromhex(challenge_id)
+        with self._tx() as db:
+            claimed = db.count(
+                "UPDATE challenges SET state='claimed', claimed_by=?, "
+                "user_name=COALESCE(user_name, ?) "
+                "WHERE challenge_id=? AND kind='qr' AND expires>=? "
+                "AND (user_name IS NULL OR user_name=?) "
+                "AND (state='pending' OR (state='claimed' AND claimed_by=?))",
+                (credential_id, user, cid, now, user, credential_id),
+            )
+            if not claimed:
+                return None
+            self._audit(db, audit)
+            return self._challenge(db, cid)
+
+    def answer_challenge(
+        self, challenge_id: str, *, expected: ChallengeState, decision: ChallengeState,
+        user: str, method: Method, credential_id: bytes, credential: int,
+        sign_count: int | None, approval: str, now: int, audit: AuditRecord | None = None,
+    ) -> Consumed:
+        if expected not in (ChallengeState.PENDING, ChallengeState.CLAIMED) or decision not in (
+            ChallengeState.APPROVED, ChallengeState.REJECTED
+        ):
+            raise InvalidInput("a challenge is answered from pending or claimed")
+        try:
+            with self._tx() as db:
+                # The compare-and-swap: of racing answers, one finds the expected state.
+                if not db.count(
+                    "UPDATE challenges SET state=?, method=?, credential_id=?, answered=?, "
+                    "approval=? WHERE challenge_id=? AND state=? AND expires>=? AND user_name=? "
+                    "AND (claimed_by IS NULL OR claimed_by=?)",
+                    (
+                        decision.value, method.value, credential_id, now, approval,
+                        bytes.fromhex(challenge_id), expected.value, now, user, credential_id,
+                    ),
+                ):
+                    return Consumed.GONE
+                if sign_count is not None and not self._advance_sign_count(
+                    db, credential, sign_count
+                ):
+                    raise _Rollback
+                self._audit(db, audit)
+                return Consumed.DONE
+        except _Rollback:
+            return Consumed.COUNTER
 
     @staticmethod
     def _audit(db: Cursor, record: AuditRecord | None) -> None:

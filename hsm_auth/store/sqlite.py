@@ -84,6 +84,20 @@ _V8 = (
     "ALTER TABLE credentials ADD COLUMN credential_id BLOB",
     "CREATE INDEX credentials_credential_id ON credentials (credential_id)",
 )
+# Version 9 (issue 13, the online service): the FIDO2 signature counter of each
+# credential's signed requests and approvals; single-use request nonces; push / QR /
+# in-app challenges.
+_V9 = (
+    "ALTER TABLE credentials ADD COLUMN sign_count INTEGER NOT NULL DEFAULT 0",
+    "CREATE TABLE request_nonces (nonce BLOB PRIMARY KEY, expires INTEGER NOT NULL)",
+    "CREATE INDEX request_nonces_expires ON request_nonces (expires)",
+    "CREATE TABLE challenges (challenge_id BLOB PRIMARY KEY, kind TEXT NOT NULL,"
+    " user_name TEXT, message TEXT NOT NULL, context TEXT NOT NULL, state TEXT NOT NULL,"
+    " created INTEGER NOT NULL, expires INTEGER NOT NULL, claimed_by BLOB, method TEXT,"
+    " credential_id BLOB, answered INTEGER, approval TEXT)",
+    "CREATE INDEX challenges_user ON challenges (user_name, state, expires)",
+    "CREATE INDEX challenges_expires ON challenges (expires)",
+)
 
 
 class _SqliteCursor:
@@ -109,7 +123,7 @@ class _SqliteCursor:
 class SqliteStore(SqlStore):
     engine = "sqlite"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9,
     )
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
