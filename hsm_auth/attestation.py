@@ -23,6 +23,14 @@ verifier's directory (:meth:`VerifierPolicy.load`), a file others cannot write::
     aaguid_allow = []               # empty: any AAGUID the roots vouch for
     aaguid_deny = []
 
+    [approval]                      # online approvals (hsm_auth.challenges)
+    require_user_authentication = false   # true: refuse approvals from `device`
+    rp_id = "hsm-auth"              # the rpId of FIDO2 credentials' assertions
+
+    [approval.pin]                  # per method (device, pin, biometric, face)
+    user_authentication = true      # what the method is (see ApprovalPolicy)
+    timeout = 0                     # seconds a PIN / UV may be reused; 0: each approval
+
 An absent file, or an absent table, gives the defaults: ``required`` for the
 FIDO2 methods (biometric, face), ``if-available`` for the others. The software
 test authenticator's AAGUID (:data:`SOFT_AUTHENTICATOR_AAGUID`) is refused
@@ -48,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "POLICY_FILE",
     "SOFT_AUTHENTICATOR_AAGUID",
+    "ApprovalPolicy",
     "AttestationMode",
     "AttestationRefused",
     "AttestationResult",
@@ -99,14 +108,53 @@ def _default_mode(method: Method) -> AttestationMode:
     return AttestationMode.IF_AVAILABLE
 
 
+#: The longest time a PIN or user verification may be reused for approvals.
+MAX_APPROVAL_TIMEOUT: Final = 3600
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    """User authentication for one method's approvals (Authsignal's
+    ``userAuthenticationRequired`` / ``timeout``).
+
+    ``user_authentication`` is what the method is: ``device`` is possession only
+    (false: nothing asks the user), ``pin``, ``biometric`` and ``face`` need the PIN
+    or a user verification in the token (true); a policy that says otherwise is a
+    configuration error, so the file always states what an approval proves.
+    ``timeout`` is how long (seconds) the authenticator's agent may reuse a PIN it
+    was given for further approvals: 0 asks for it on each approval. The FIDO2
+    methods verify the user in the authenticator on every assertion whatever the
+    timeout. The verifier states the policy to the authenticator in the online
+    enrollment's answer and in its credential list; the authenticator enforces it
+    (:meth:`hsm_auth.authenticator.Authenticator.sign_approval`)."""
+
+    user_authentication: bool
+    timeout: int = 0
+
+    @classmethod
+    def default(cls, method: Method) -> ApprovalPolicy:
+        return cls(method is not Method.DEVICE, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"user_authentication": self.user_authentication, "timeout": self.timeout}
+
+
 @dataclass(frozen=True)
 class VerifierPolicy:
     methods: Mapping[Method, MethodPolicy] = field(default_factory=dict)
     #: Whether an offer may allow re-enrolling a method the user has (issue 11).
     allow_override: bool = False
+    #: Online approvals: per method, whether only user-authenticated ones are taken,
+    #: and the FIDO2 rpId (``[approval]``).
+    approval: Mapping[Method, ApprovalPolicy] = field(default_factory=dict)
+    require_user_authentication: bool = False
+    rp_id: str = "hsm-auth"
 
     def for_method(self, method: Method) -> MethodPolicy:
         return self.methods.get(method) or MethodPolicy.default(method)
+
+    def approval_for(self, method: Method) -> ApprovalPolicy:
+        return self.approval.get(method) or ApprovalPolicy.default(method)
 
     @classmethod
     def default(cls) -> VerifierPolicy:
@@ -129,7 +177,7 @@ class VerifierPolicy:
     @classmethod
     def parse(cls, document: Mapping[str, Any], directory: Path | None = None) -> VerifierPolicy:
         """The policy in ``document``; relative file names are in ``directory``."""
-        unknown = set(document) - {"allow_override", "methods"}
+        unknown = set(document) - {"allow_override", "methods", "approval"}
         if unknown:
             raise ConfigError(f"unknown policy key {sorted(unknown)[0]!r}")
         override = document.get("allow_override", False)
@@ -141,7 +189,50 @@ class VerifierPolicy:
         methods = {}
         for name, table in tables.items():
             methods[Method.parse(name)] = _method_policy(name, table, directory)
-        return cls(methods, override)
+        return cls(methods, override, *_approval_policy(document.get("approval", {})))
+
+
+def _approval_policy(table: Any) -> tuple[dict[Method, ApprovalPolicy], bool, str]:
+    if not isinstance(table, dict):
+        raise ConfigError("[approval] must be a table")
+    require = table.get("require_user_authentication", False)
+    if not isinstance(require, bool):
+        raise ConfigError("[approval] require_user_authentication must be true or false")
+    rp_id = table.get("rp_id", "hsm-auth")
+    if not isinstance(rp_id, str) or not 0 < len(rp_id) <= 128 or not rp_id.isprintable():
+        raise ConfigError("[approval] rp_id must be 1 to 128 printable characters")
+    policies: dict[Method, ApprovalPolicy] = {}
+    for name, sub in table.items():
+        if name in ("require_user_authentication", "rp_id"):
+            continue
+        where = f"[approval.{name}]"
+        try:
+            method = Method.parse(name)
+        except HsmAuthError:
+            raise ConfigError(f"[approval]: unknown key {name!r}") from None
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(sub) - {"user_authentication", "timeout"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        nature = ApprovalPolicy.default(method).user_authentication
+        said = sub.get("user_authentication", nature)
+        if not isinstance(said, bool):
+            raise ConfigError(f"{where}: user_authentication must be true or false")
+        if said != nature:
+            raise ConfigError(
+                f"{where}: user_authentication = {str(said).lower()}, but "
+                + ("the device method is possession only: nothing asks the user"
+                   if method is Method.DEVICE else
+                   f"the {method.value} method always asks the user in the token")
+            )
+        timeout = sub.get("timeout", 0)
+        if type(timeout) is not int or not 0 <= timeout <= MAX_APPROVAL_TIMEOUT:
+            raise ConfigError(f"{where}: timeout is whole seconds in [0, {MAX_APPROVAL_TIMEOUT}]")
+        if method is Method.DEVICE and timeout:
+            raise ConfigError(f"{where}: the device method has no user authentication to reuse")
+        policies[method] = ApprovalPolicy(nature, timeout)
+    return policies, require, rp_id
 
 
 def _method_policy(name: str, table: Any, directory: Path | None) -> MethodPolicy:

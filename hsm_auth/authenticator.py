@@ -31,6 +31,7 @@ from .errors import (
     ConfigError,
     ExpiredMessage,
     HsmAuthError,
+    InvalidInput,
     LoginRequired,
     MechanismNotSupported,
     PinRequired,
@@ -62,7 +63,9 @@ from .protocol import VerificationData
 # verification data, so the backends machinery (registry) and the enrollment and sync
 # messages are imported where they are used.
 if TYPE_CHECKING:
+    from .challenges import Challenge, Decision
     from .otp_scheme import OtpScheme
+    from .request_signing import Signature
 
 Clock = Callable[[], float]
 Warn = Callable[[str], None]
@@ -108,6 +111,10 @@ class EnrolledMethod:
     #: (PEM; :meth:`Authenticator.store_result`), "" until the result is stored.
     certificate: str = ""
     ca_certificate: str = ""
+    #: The verifier's approval policy for this method, stated when it was enrolled
+    #: online (:meth:`Authenticator.set_approval_policy`): seconds a PIN may be reused
+    #: for approvals (0: each approval needs it; ``hsm_auth.attestation.ApprovalPolicy``).
+    approval_timeout: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -128,7 +135,8 @@ class EnrolledMethod:
         return cls(
             **{**d, "verifier_id": bytes.fromhex(d["verifier_id"]), "method": Method(d["method"]),
                "window": state_int(d, "window", None, 1, 1000, where),
-               "synced_atc": state_int(d, "synced_atc", None, 0, 2**63 - 1, where)}
+               "synced_atc": state_int(d, "synced_atc", None, 0, 2**63 - 1, where),
+               "approval_timeout": state_int(d, "approval_timeout", 0, 0, 3600, where)}
         )
 
 
@@ -221,6 +229,15 @@ class _Token:
     auth: Authorization = NO_AUTH
     keys: list[KeyInfo] = field(default_factory=list)
     listed: bool = False
+
+
+@dataclass(frozen=True)
+class OnlineSignature:
+    """A signature made in the token for the online service
+    (:mod:`hsm_auth.request_signing`): the credential that made it and the signature."""
+
+    credential_id: bytes
+    signature: Signature
 
 
 @dataclass(frozen=True)
@@ -632,6 +649,118 @@ class Authenticator:
                     done = False
                     self._warn(f"warning: could not delete an old key ({e})")
         return done
+
+    # --- the online service (hsm_auth.online_client, docs/PROTOCOL.md §13) -----------
+
+    def online_method(self, verifier_id: bytes, method: Method) -> EnrolledMethod:
+        """The method enrolled here for ``verifier_id`` that signs online requests."""
+        enrolled = self._find(verifier_id, method)
+        if enrolled is None:
+            raise UnknownMethod(f"the {method.value} method is not enrolled for that verifier")
+        if not enrolled.credential_id:
+            raise StateError(
+                f"the {method.value} method was enrolled with an older protocol; enroll it again"
+            )
+        return enrolled
+
+    def sign_online(
+        self, verifier_id: bytes, method: Method, message: bytes, *,
+        auth: Authorization | None = None,
+    ) -> OnlineSignature:
+        """Sign ``message`` (a request or approval message of
+        :mod:`hsm_auth.request_signing`) with the enrolled method's key, in the token:
+        ECDSA (:meth:`KeyStore.sign`) or, for FIDO2, an assertion over SHA-256(message)
+        (``login_assertion``). ``auth`` is the PIN / the user interaction (the pin
+        method needs its PIN; FIDO2 verifies the user in the authenticator)."""
+        import hashlib
+
+        from .request_signing import FIDO2_ASSERTION, Signature, signature_format
+
+        enrolled = self.online_method(verifier_id, method)
+        with self._store(
+            enrolled.backend, enrolled.settings, method, enrolled.backend_ref
+        ) as store:
+            pin = auth.pin if auth is not None and method.needs_pin else None
+            given = self._authorization(method, store, enrolled.settings, pin)
+            if auth is not None:
+                given = dataclasses.replace(
+                    given, prompt=auth.prompt or given.prompt, timeout=auth.timeout,
+                    interaction=auth.interaction or given.interaction,
+                )
+            if signature_format(method) == FIDO2_ASSERTION:
+                assertion = getattr(store, "login_assertion", None)
+                if assertion is None:
+                    raise MechanismNotSupported("FIDO2 assertions")
+                authdata, der = assertion(
+                    enrolled.signing_key, hashlib.sha256(message).digest(), given
+                )
+                signature = Signature(ec.der_to_raw(der), bytes(authdata))
+            else:
+                signature = Signature(ec.der_to_raw(store.sign(enrolled.signing_key, message,
+                                                               given)))
+        return OnlineSignature(bytes.fromhex(enrolled.credential_id), signature)
+
+    def sign_approval(
+        self, verifier_id: bytes, method: Method, challenge: Challenge, decision: Decision,
+        *, auth: Authorization | None = None, authorized_at: float | None = None,
+    ) -> OnlineSignature:
+        """The approval of ``challenge`` (its id, context hash and ``decision``), signed
+        in the token by the method's key. The verifier's approval policy is enforced
+        here: a PIN given earlier (``authorized_at``, when the agent's cache supplies
+        ``auth``) is refused with :class:`PinRequired` once older than the method's
+        ``approval_timeout`` (0: every approval needs a PIN typed for it)."""
+        from .challenges import context_hash
+        from .request_signing import approval_message
+
+        enrolled = self.online_method(verifier_id, method)
+        if authorized_at is not None and method.needs_pin and (
+            self._clock() - authorized_at > enrolled.approval_timeout
+            or self._clock() < authorized_at
+        ):
+            raise PinRequired(
+                "the verifier's policy needs the PIN for this approval"
+                + (f" (reused for at most {enrolled.approval_timeout} s)"
+                   if enrolled.approval_timeout else " (on each approval)")
+            )
+        if challenge.user is not None and challenge.user != enrolled.user:
+            raise UnknownMethod(f"the challenge is for another user than {enrolled.user!r}")
+        message = approval_message(
+            challenge.id_bytes, context_hash(challenge, enrolled.user), decision, verifier_id,
+            bytes.fromhex(enrolled.credential_id),
+        )
+        return self.sign_online(verifier_id, method, message, auth=auth)
+
+    def set_approval_policy(self, verifier_id: bytes, method: Method, timeout: int) -> None:
+        """Keep what the verifier stated for the method's approvals (seconds a PIN may
+        be reused; 0: each approval)."""
+        if type(timeout) is not int or not 0 <= timeout <= 3600:
+            raise InvalidInput("an approval timeout is whole seconds in [0, 3600]")
+        with self._exclusive():
+            self._verifiers, self._methods = self._load()
+            enrolled = self.online_method(verifier_id, method)
+            updated = dataclasses.replace(enrolled, approval_timeout=timeout)
+            self._save(self._verifiers, [updated if m is enrolled else m for m in self._methods])
+
+    def remove(self, verifier_id: bytes, method: Method, *, pin: str | None = None) -> None:
+        """Forget the enrolled method and delete its keys from the token. The record
+        goes first, its keys recorded as pending, so that a kill in between leaves
+        them to :meth:`prune_orphans`; a key that fails to delete stays recorded."""
+        with self._exclusive():
+            self._verifiers, self._methods = self._load()
+            enrolled = self._find(verifier_id, method)
+            if enrolled is None:
+                raise UnknownMethod(f"the {method.value} method is not enrolled for that verifier")
+            doomed = PendingKeys(
+                enrolled.backend, dict(enrolled.settings), enrolled.user, enrolled.method,
+                enrolled.label, _uris(enrolled),
+            )
+            self._save(
+                self._verifiers,
+                [m for m in self._methods if m is not enrolled],
+                [*self._pending, doomed],
+            )
+            if self._delete_keys(enrolled, pin if method.needs_pin else None):
+                self._forget_pending(doomed)
 
     # --- TPM registration (docs/PROTOCOL.md, "TPM 2.0 attestation") ----------------
 
