@@ -108,13 +108,15 @@ def create_app(
         summary="The service is up and its store answers",
         tags=["service"],
     )
-    from . import login_page, provider_api
+    from . import challenge_api, device_api, login_page, provider_api
 
     app.include_router(provider_api.router)
     app.include_router(login_page.router)
     from . import verify_api
 
     app.include_router(verify_api.router)
+    app.include_router(challenge_api.router)
+    app.include_router(device_api.router)
     return app
 
 
