@@ -59,6 +59,9 @@ class World:
     alice_client: OnlineClient
     bob_client: OnlineClient
     verifier_id: bytes
+    #: SoftHSM tokens made with the others, for a test with its own verifier (python-pkcs11
+    #: sees tokens made after it was loaded only once this process holds no session)
+    spare_methods: dict[Method, Any] | None = None
 
     def start(self, **body: Any) -> dict[str, Any]:
         r = self.api.post("/v1/challenges", json=body)
@@ -86,6 +89,7 @@ def world(softhsm_env, tmp_path_factory) -> Iterator[World]:  # type: ignore[no-
             Method.BIOMETRIC: fido2_method(device.path, root / "fido2-state"),
         }))
         bob_methods = softhsm_methods(root / "bob-tokens")
+        spare = softhsm_methods(root / "spare-tokens")
         bob = stack.enter_context(make_authenticator(root / "bob", {
             Method.DEVICE: bob_methods[Method.DEVICE]}))
         service = stack.enter_context(running_service(verifier_dir))
@@ -96,7 +100,7 @@ def world(softhsm_env, tmp_path_factory) -> Iterator[World]:  # type: ignore[no-
             alice_client.enroll(response_for(verifier, alice, "alice", method))
         bob_client.enroll(response_for(verifier, bob, "bob", Method.DEVICE))
         yield World(service, verifier_dir, api, alice, bob, alice_client, bob_client,
-                    verifier.identity.verifier_id)
+                    verifier.identity.verifier_id, spare)
         assert "Traceback" not in service.log()
 
 
@@ -397,7 +401,7 @@ def test_remove_forgets_the_credential_and_deletes_the_tokens_keys(world) -> Non
 
 @pytest.mark.postgres
 def test_two_postgresql_workers_take_a_signed_request_and_an_answer_once(
-    softhsm_env, tmp_path, postgres_dsn
+    world, tmp_path, postgres_dsn
 ) -> None:  # type: ignore[no-untyped-def]
     from hsm_auth.approvals import OnlineVerifier
     from hsm_auth.files import atomic_write
@@ -409,20 +413,20 @@ def test_two_postgresql_workers_take_a_signed_request_and_an_answer_once(
     with contextlib.ExitStack() as stack:
         stack.callback(verifier.close)
         key = api_keys.create(verifier.store, "tests", ["challenge"], now=int(time.time()))
-        carol = stack.enter_context(
-            make_authenticator(tmp_path / "carol", softhsm_methods(tmp_path / "tokens")))
+        assert world.spare_methods is not None
+        carol = stack.enter_context(make_authenticator(tmp_path / "carol", world.spare_methods))
         online = OnlineVerifier(verifier)
         for method in (Method.DEVICE, Method.PIN):
             carol.store_result(online.enroll(response_for(verifier, carol, "carol", method)).result)
         service = stack.enter_context(
             running_service(verifier_dir, database=postgres_dsn, workers=2))
-        world = World(service, verifier_dir, httpx.Client(
+        pg = World(service, verifier_dir, httpx.Client(
             base_url=service.url, headers={"Authorization": f"Bearer {key.key}"}, timeout=40),
             carol, carol, OnlineClient(carol, service.url), OnlineClient(carol, service.url),
             verifier.identity.verifier_id)
-        stack.callback(world.api.close)
+        stack.callback(pg.api.close)
 
-        headers = _signed(world, carol, Method.DEVICE, "GET", "/v1/device/credentials")
+        headers = _signed(pg, carol, Method.DEVICE, "GET", "/v1/device/credentials")
         barrier = threading.Barrier(16)
 
         def replay(_: int) -> int:
@@ -434,24 +438,24 @@ def test_two_postgresql_workers_take_a_signed_request_and_an_answer_once(
             statuses = sorted(pool.map(replay, range(16)))
         assert statuses == [200] + [403] * 15
 
-        started = world.start(user="carol", kind="push", message="Log in", context=CONTEXT)
-        challenge = _pending(world.alice_client, started["challenge_id"])
+        started = pg.start(user="carol", kind="push", message="Log in", context=CONTEXT)
+        challenge = _pending(pg.alice_client, started["challenge_id"])
         # possession only: this verifier refuses the device method's approvals
-        refused = _answer(world, challenge.challenge_id, _approval(
-            world, carol, Method.DEVICE, challenge, Decision.APPROVE))
+        refused = _answer(pg, challenge.challenge_id, _approval(
+            pg, carol, Method.DEVICE, challenge, Decision.APPROVE))
         _refused(refused)
         assert "possession only" in refused.json()["detail"]
-        bodies = [_approval(world, carol, Method.PIN, challenge, Decision.APPROVE)
+        bodies = [_approval(pg, carol, Method.PIN, challenge, Decision.APPROVE)
                   for _ in range(8)]
         gate = threading.Barrier(len(bodies))
 
         def send(body: dict[str, Any]) -> int:
             gate.wait()
-            return _answer(world, challenge.challenge_id, body).status_code
+            return _answer(pg, challenge.challenge_id, body).status_code
 
         with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
             answers = sorted(pool.map(send, bodies))
         assert answers == [200] + [410] * 7
-        state = world.state(started["challenge_id"])
+        state = pg.state(started["challenge_id"])
         assert (state["state"], state["method"]) == ("approved", "pin")
         assert "Traceback" not in service.log()
