@@ -83,6 +83,8 @@ def create_app(
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
         openapi_url="/openapi.json",
+        # "/v1/challenges/" (an empty id) is a 404 problem, not a 307 to "/v1/challenges"
+        redirect_slashes=False,
         lifespan=lifespan,
     )
     if context is not None:
