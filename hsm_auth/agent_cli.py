@@ -208,17 +208,29 @@ def run_agent(ctx: Context) -> int:
 
     path = socket_path(ctx)
     notifier = notify.Notifier(ctx.err)
-    sources = agent_online.sources(ctx.paths, ctx.config(), report=notifier.line)
+    held: list[str] | None = []  # what is said before the socket is ours: after it
+
+    def report(line: str) -> None:
+        if held is None:
+            notifier.line(line)
+        else:
+            held.append(line)
+
+    sources = agent_online.sources(ctx.paths, ctx.config(), report=report)
     the_agent = agent.Agent(sources, notify=notifier, prompts=PROMPTS)
 
     def on_event(event: str) -> None:
         the_agent.wipe("screen locked" if event == session_watch.LOCK else "going to sleep")
 
-    watch = session_watch.SessionWatch(on_event, report=notifier.line)
+    watch = session_watch.SessionWatch(on_event, report=report)
 
     def ready(p: Path) -> None:
+        nonlocal held
         names = ", ".join(f"{s.name} ({s.url})" for s in sources) or "none (enroll online first)"
+        lines, held = held or [], None
         notifier.line(f"listening on {p}; polling: {names}")
+        for line in lines:
+            notifier.line(line)
 
     try:
         return agent.run(the_agent, path, ready=ready, watch=watch)

@@ -92,9 +92,10 @@ def hostile_argvs(seed: int, per_command: int, scratch: Path) -> Iterator[list[s
         positionals = [a for a in parser._actions if not a.option_strings]
         for _ in range(per_command):
             argv = list(words)
-            # the demo and token init make real tokens (and start swtpm): only
+            # the demo and token init make real tokens (and start swtpm), the agent
+            # runs until stopped and --install-unit writes into ~/.config: only
             # argparse-level hostility
-            if words in (("demo",), ("token", "init")):
+            if words in (("demo",), ("token", "init"), ("agent",)):
                 argv += [rng.choice(["--bogus", "--pin-fd", "extra"]), rng.choice(values)]
                 yield argv
                 continue
