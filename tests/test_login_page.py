@@ -1,13 +1,17 @@
 """The reference login page (hsm_auth.service.login_page) in a real headless Chromium
-against a real uvicorn service, with a real SoftHSM authenticator.
+against a real uvicorn service (hsm-auth serve), with a real authenticator: SoftHSM
+for the offline code, the soft FIDO2 authenticator (user verification) for push and
+QR-claim approvals.
 
 Screenshots of each step: $HSM_AUTH_SCREENSHOTS or tests/artifacts/screenshots/<test>/
 (printed at the end of each browser test)."""
 
 from __future__ import annotations
 
+import contextlib
 import html.parser
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -15,14 +19,17 @@ import pytest
 from _browser import browser  # noqa: F401
 
 from hsm_auth.authenticator import Authenticator
+from hsm_auth.challenges import ChallengeState, Decision
 from hsm_auth.config import Config, MethodConfig
 from hsm_auth.methods import Method
-from hsm_auth.testing.service import running_service
+from hsm_auth.online_client import OnlineClient
+from hsm_auth.testing.fido2 import authenticator_factory, write_soft_policy
+from hsm_auth.testing.service import RunningService, running_service
 from hsm_auth.testing.softhsm import init_token, unique_label
 from hsm_auth.uri import Pkcs11Uri
 from hsm_auth.verifier import Verifier
 
-pytestmark = [pytest.mark.softhsm, pytest.mark.slow]
+pytestmark = [pytest.mark.softhsm, pytest.mark.fido2, pytest.mark.slow]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -34,21 +41,35 @@ CSP = (
 
 
 @pytest.fixture
-def authenticator(softhsm_env, tmp_path):
+def fido2_device(tmp_path):
+    return authenticator_factory(tmp_path)()
+
+
+@pytest.fixture
+def authenticator(softhsm_env, tmp_path, fido2_device):
+    """alice's: device (SoftHSM) for the offline code, biometric (soft FIDO2, user
+    verification on every assertion) for approvals."""
     token = init_token(unique_label("web"), so_pin="12345678", user_pin="device-secret")
     pin_file = tmp_path / "device.pin"
     pin_file.write_text(token.user_pin)
     pin_file.chmod(0o600)
     uri = Pkcs11Uri(token=token.label, module_path=token.module_path,
                     pin_source=f"file:{pin_file}")
-    config = Config(methods={Method.DEVICE: MethodConfig("pkcs11", {"uri": str(uri)})})
+    config = Config(methods={
+        Method.DEVICE: MethodConfig("pkcs11", {"uri": str(uri)}),
+        Method.BIOMETRIC: MethodConfig("fido2", {
+            "device": f"soft:{fido2_device.path}", "state_dir": str(tmp_path / "fido2-state"),
+            "prompts": False, "allow_software_authenticator": True,
+        }),
+    })
     with Authenticator(tmp_path / "auth", config) as a:
         yield a
 
 
 @pytest.fixture
-def verifier_dir(tmp_path, authenticator):
+def verifier_dir(tmp_path, authenticator, fido2_device):
     directory = tmp_path / "verifier"
+    write_soft_policy(directory, [fido2_device])
     with Verifier.init(directory, "Example Site") as v:
         offer = v.create_offer("alice", methods=[Method.DEVICE])
         v.accept_enrollment(authenticator.add_or_update(
@@ -66,6 +87,26 @@ def running(verifier_dir):
 @pytest.fixture
 def service(running):
     return running.url
+
+
+@dataclass
+class Site:
+    url: str
+    running: RunningService
+    client: OnlineClient  # alice's authenticator, online
+
+
+@pytest.fixture
+def site(running, verifier_dir, authenticator):
+    """The service with alice's biometric method enrolled online as well (the
+    authenticator keeps the approval policy the enrollment result states)."""
+    with contextlib.closing(Verifier.open(verifier_dir)) as v:
+        offer = v.create_offer("alice", methods=[Method.BIOMETRIC])
+    client = OnlineClient(authenticator, running.url)
+    client.enroll(authenticator.add_or_update(
+        Method.BIOMETRIC, offer.text, activation_code=offer.activation_code))
+    yield Site(running.url, running, client)
+    assert "Traceback" not in running.log()
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -146,6 +187,7 @@ def test_the_page_runs_under_its_csp_without_violations(browser, service):
     _by(d, "#user").send_keys("alice")
     _by(d, "#offline").click()
     _wait(d, lambda d: _page(d) == "offline")
+    browser.shot("offline-under-csp")
     # the style sheet applied (a CSP refusal would leave the default white background)
     bg = d.execute_script("return getComputedStyle(document.documentElement).backgroundColor")
     assert bg == "rgb(243, 245, 248)"
@@ -360,3 +402,114 @@ def test_the_per_user_rate_limit_applies(verifier_dir):
         assert r.status_code == 429
         r = _post(c, "/login/start", csrf=token, user="bob", flow="offline")
         assert r.status_code == 404
+
+
+# --- (b) push: the page waits and updates live ------------------------------------------
+
+
+def _live(driver) -> str:
+    return _by(driver, "#live").get_attribute("data-state")
+
+
+def _pending_for_page(site: Site, user_agent: str):
+    found = [c for c in site.client.pending(Method.DEVICE, wait=10)
+             if c.context.user_agent == user_agent]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_push_login_approved_updates_the_page_without_a_reload(browser, site):
+    d = browser.driver
+    _start(browser, site.url, "push")
+    _wait(d, lambda d: _page(d) == "push")
+    d.execute_script("window.hsmAuthTestMarker = 'the same document'")
+    assert _live(d) == "pending" and "Waiting for your device" in _by(d, "#status").text
+    browser.shot("push-waiting")
+    navigator = d.execute_script("return navigator.userAgent")
+    challenge = _pending_for_page(site, navigator)
+    assert challenge.user == "alice" and challenge.message == "Log in to Example Site as alice"
+    assert (challenge.context.ip, challenge.context.user_agent) == ("127.0.0.1", navigator)
+    site.client.answer(challenge, Decision.APPROVE, Method.BIOMETRIC)  # UV on the soft FIDO2
+    _wait(d, lambda d: _page(d) == "done")  # login.js rewrote the page in place
+    assert d.execute_script("return window.hsmAuthTestMarker") == "the same document"
+    assert _by(d, "#result").text == "Logged in as alice."
+    browser.shot("push-approved")
+    d.get(site.url + "/login")  # the answer set the logged-in cookie
+    assert _page(d) == "done" and _by(d, "#result").get_attribute("data-user") == "alice"
+    _by(d, "#logout").click()
+    _wait(d, lambda d: _page(d) == "start")
+
+
+def test_push_login_rejected_shows_rejected(browser, site):
+    d = browser.driver
+    _start(browser, site.url, "push")
+    _wait(d, lambda d: _page(d) == "push")
+    d.execute_script("window.hsmAuthTestMarker = 'the same document'")
+    challenge = _pending_for_page(site, d.execute_script("return navigator.userAgent"))
+    site.client.answer(challenge, Decision.REJECT, Method.BIOMETRIC)
+    _wait(d, lambda d: _live(d) == "rejected")
+    assert d.execute_script("return window.hsmAuthTestMarker") == "the same document"
+    assert _by(d, "#status").text == "The login was rejected on your device."
+    browser.shot("push-rejected")
+    d.get(site.url + "/login")
+    assert _page(d) == "start"  # not logged in
+
+
+# --- (c) QR claim: the claim carries the page's request context ---------------------------
+
+
+def test_qr_claim_login_shows_the_desktops_context_and_logs_in(browser, site):
+    d = browser.driver
+    d.get(site.url + "/login")
+    browser.shot("start")
+    _by(d, "#qr").click()
+    _wait(d, lambda d: _page(d) == "qr")
+    d.execute_script("window.hsmAuthTestMarker = 'the same document'")
+    claim = _by(d, "#claim-data").get_attribute("textContent").strip()
+    assert claim.startswith("hsm-auth:claim:v1:")
+    assert _by(d, "#qr-image").get_attribute("src").startswith("data:image/svg+xml;base64,")
+    browser.shot("qr-claim")
+    claimed = site.client.claim(claim, Method.BIOMETRIC)
+    assert claimed.user == "alice" and claimed.state is ChallengeState.CLAIMED
+    context = claimed.context
+    assert context.ip == "127.0.0.1"
+    assert context.user_agent == d.execute_script("return navigator.userAgent")
+    zone = d.execute_script("return Intl.DateTimeFormat().resolvedOptions().timeZone")
+    assert zone and context.location == f"browser time zone {zone}"
+    assert context.custom["page"] == "/login"
+    assert context.custom["language"].startswith("en-US")  # Chromium's --lang
+    _wait(d, lambda d: _live(d) == "claimed")
+    browser.shot("qr-claimed")
+    site.client.answer(claimed, Decision.APPROVE, Method.BIOMETRIC)
+    _wait(d, lambda d: _page(d) == "done")  # login.js rewrote the page in place
+    assert d.execute_script("return window.hsmAuthTestMarker") == "the same document"
+    assert _by(d, "#result").text == "Logged in as alice."
+    browser.shot("qr-approved")
+
+
+def test_push_and_qr_forms_need_the_csrf_token_and_status_needs_the_cookie(site):
+    with httpx.Client(base_url=site.url) as c:
+        token = _csrf(c.get("/login").text)
+        assert _post(c, "/login/start", user="alice", flow="push").status_code == 403
+        assert _post(c, "/login/qr", csrf="nope").status_code == 403
+        assert site.client.pending(Method.DEVICE) == []  # no challenge was started
+        assert c.get("/login/status").status_code == 409  # no push or QR login here
+        r = _post(c, "/login/qr", csrf=token, tz="Europe/Berlin")
+        assert r.status_code == 200
+        _check_html(r)
+        claim = _pre(r.text, "claim-data")
+        assert c.get("/login/status").json() == {"state": "pending"}
+        # another browser (no cookie, or a forged one) learns nothing and logs in nobody
+        with httpx.Client(base_url=site.url) as other:
+            assert other.get("/login/status").status_code == 409
+        claimed = site.client.claim(claim, Method.BIOMETRIC)
+        assert claimed.context.location == "browser time zone Europe/Berlin"
+        assert claimed.context.user_agent.startswith("python-httpx/")
+        assert c.get("/login/status?wait=1").json() == {"state": "claimed"}
+        site.client.answer(claimed, Decision.APPROVE, Method.BIOMETRIC)
+        answer = c.get("/login/status").json()
+        assert (answer["state"], answer["user"]) == ("approved", "alice")
+        assert answer["csrf"] != token
+        page = c.get("/login")
+        assert "Logged in as <strong>alice</strong>" in page.text
+        assert _csrf(page.text) == answer["csrf"]

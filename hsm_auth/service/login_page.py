@@ -15,6 +15,21 @@ Flows, all under ``/login``:
   (``<pre id="verification-data">``), and an OTP field. ``POST /login/offline``
   verifies the OTP for the session the login cookie names: "Logged in as alice", or
   a refusal (a replayed OTP is refused by the verifier: a session takes one OTP).
+* ``POST /login/start`` ``flow=push``: a push challenge for the user
+  (:class:`~hsm_auth.approvals.OnlineVerifier`, as ``POST /v1/challenges`` does), with
+  this request's context (address, user agent, the browser's time zone, custom data).
+  The page says "approve on your device" and ``login.js`` long-polls
+  ``GET /login/status`` (same origin), updating the page in place, without a reload:
+  approved ("Logged in as alice"; that answer sets the logged-in cookie), rejected or
+  expired.
+* ``POST /login/qr``: a QR-claim login for whoever claims it (no user name). The page
+  shows the claim as a QR code (and as text in ``<pre id="claim-data">``); the
+  authenticator that claims it sees this request's context, and its approval logs in
+  its user. The page follows it like a push (claimed, then approved / rejected).
+
+An approval logs in the browser that holds that challenge's cookie, until
+:data:`APPROVAL_GRACE` after the challenge's expiry; the answer that logs in replaces
+that cookie.
 
 Login state lives in one signed cookie (:class:`LoginState`, HMAC-SHA256 under a
 32-byte key kept 0600 in the verifier directory, ``login-page.key``, made once under
@@ -50,6 +65,7 @@ import json
 import os
 import secrets
 import string
+import time
 import urllib.parse
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -60,8 +76,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import display
+from ..challenges import Challenge, ChallengeContext, ChallengeKind, ChallengeState
 from ..errors import InvalidInput, InvalidToken, UnknownMethod
 from ..files import atomic_write, ensure_private_dir, locked, read_state
+from . import challenge_api
 from .context import ServiceContext, blocking, get_context
 from .problems import problem
 
@@ -76,6 +94,12 @@ COOKIE = "hsm_auth_login"
 #: How long a login cookie (a pending flow, or being logged in) lasts, seconds.
 STATE_TTL = 3600
 KEY_FILE = "login-page.key"
+#: Seconds a push or QR login waits for the authenticator.
+PUSH_TTL = 120
+#: Seconds after its challenge's expiry an approval still logs its browser in.
+APPROVAL_GRACE = 60
+#: The longest long-poll of ``/login/status`` (seconds).
+MAX_WAIT = 25
 #: The largest form body read (the forms have at most three short fields).
 MAX_FORM = 4096
 CSP = (
@@ -371,14 +395,16 @@ async def start(request: Request) -> Response:
     state, form = checked.state, checked.form
     user = form.get("user", "").strip()
     flow = form.get("flow", "")
-    if flow != "offline":
+    if flow not in ("offline", "push"):
         return _refused(request, "flow", "Choose a way to log in.", status=400)
     try:
         display.check(user, "the user name", max_len=display.MAX_NAME)
     except InvalidInput:
         return _refused(request, "user", "That is not a user name.", status=400)
     _limit_user(context, user)
-    return await _start_offline(request, context, state, user)
+    if flow == "offline":
+        return await _start_offline(request, context, state, user)
+    return await _start_push(request, context, state, user, form)
 
 
 async def _start_offline(
@@ -411,6 +437,78 @@ async def _start_offline(
         expires_text=expires.strftime("%H:%M:%S UTC"),
     )
     return _page(request, "offline", "Scan the code", body, state=state)
+
+
+def _shown(text: str, max_len: int) -> str:
+    """``text`` cut to ``max_len`` if it may be shown on the authenticator, else ""."""
+    text = text.strip()[:max_len]
+    return text if display.problem(text, max_len=max_len) is None else ""
+
+
+def _request_context(request: Request, form: dict[str, str]) -> ChallengeContext:
+    """What the authenticator shows about the desktop that asked: its address, user
+    agent, the time zone its page reported (not verified: a hint) and custom data."""
+    from ..challenges import MAX_CUSTOM_VALUE, MAX_LOCATION, MAX_USER_AGENT
+
+    zone = _shown(form.get("tz", ""), 64)
+    custom = {"page": "/login"}
+    language = _shown(request.headers.get("accept-language", ""), MAX_CUSTOM_VALUE)
+    if language:
+        custom["language"] = language
+    return ChallengeContext(
+        ip=_shown(_client(request), 64),
+        user_agent=_shown(request.headers.get("user-agent", ""), MAX_USER_AGENT),
+        location=_shown(f"browser time zone {zone}", MAX_LOCATION) if zone else "",
+        custom=custom,
+    )
+
+
+def _waiting(request: Request, state: LoginState, intro: Safe) -> Response:
+    body = render("wait.html", intro=intro, csrf=state.csrf,
+                  waiting="Waiting for your device\u2026")
+    return _page(request, state.flow, "Approve on your device", body, state=state)
+
+
+async def _start_push(
+    request: Request, context: ServiceContext, state: LoginState, user: str,
+    form: dict[str, str],
+) -> Response:
+    site = context.verifier.identity.name
+    message = f"Log in to {site} as {user}"
+    try:
+        challenge, _ = await blocking(
+            challenge_api.online(context).start, user=user, kind=ChallengeKind.PUSH,
+            message=message, context=_request_context(request, form), ttl=PUSH_TTL,
+        )
+    except UnknownMethod:
+        return _refused(request, "no-method",
+                        f"{user} cannot approve a login here (no method enrolled).",
+                        status=404)
+    challenge_api.changes(request).notify()
+    state = replace(state, flow="push", user=user, session="",
+                    challenge=challenge.challenge_id, logged_in="")
+    return _waiting(request, state, render("push_intro.html", user=user, message=message))
+
+
+@router.post("/qr")
+async def start_qr(request: Request) -> Response:
+    """A QR-claim login: no user name; whoever's authenticator claims and approves it
+    is logged in (the claim shows it where the request came from)."""
+    context = get_context(request)
+    checked = await _checked(request)
+    if isinstance(checked, Response):
+        return checked
+    message = f"Log in to {context.verifier.identity.name}"
+    challenge, claim = await blocking(
+        challenge_api.online(context).start, user=None, kind=ChallengeKind.QR,
+        message=message, context=_request_context(request, checked.form), ttl=PUSH_TTL,
+    )
+    assert claim is not None
+    state = replace(checked.state, flow="qr", user="", session="",
+                    challenge=challenge.challenge_id, logged_in="")
+    qr, modules = _qr_data_uri(claim)
+    intro = render("qr_intro.html", qr=qr, qr_size=modules * 8, claim=claim, message=message)
+    return _waiting(request, state, intro)
 
 
 @router.post("/offline")
@@ -463,10 +561,52 @@ async def logout(request: Request) -> Response:
 
 @router.get("/status")
 async def status(request: Request) -> Response:
+    """The state of this browser's push or QR login (JSON, for login.js). With
+    ``?wait=S`` (at most :data:`MAX_WAIT`) it answers when the state changes. Once the
+    challenge is approved the answer logs this browser in: a new cookie (new CSRF
+    token, returned for the page's logout form)."""
+    context = get_context(request)
     state = _state(request)
-    if state is None or state.flow not in ("push", "qr"):
+    if state is None or state.flow not in ("push", "qr") or not state.challenge:
         return JSONResponse({"state": "none"}, status_code=409, headers=HEADERS)
-    return JSONResponse({"state": "pending"}, headers=HEADERS)
+    try:
+        wait = min(MAX_WAIT, max(0, int(request.query_params.get("wait", "0"))))
+    except ValueError:
+        wait = 0
+    challenge = await _wait_for_change(request, context, state.challenge, wait)
+    current = challenge.state
+    kind = ChallengeKind.PUSH if state.flow == "push" else ChallengeKind.QR
+    if challenge.kind is not kind or (state.user and challenge.user != state.user):
+        return JSONResponse({"state": "none"}, status_code=409, headers=HEADERS)
+    if current is ChallengeState.APPROVED and challenge.user:
+        if context.now() > challenge.expires + APPROVAL_GRACE:  # an old pending cookie
+            return JSONResponse({"state": "expired"}, headers=HEADERS)
+        fresh = replace(LoginState.fresh(context.now()), logged_in=challenge.user)
+        response = JSONResponse(
+            {"state": "approved", "user": challenge.user, "csrf": fresh.csrf}, headers=HEADERS
+        )
+        _set_cookie(request, response, fresh)
+        return response
+    return JSONResponse({"state": current.value}, headers=HEADERS)
+
+
+async def _wait_for_change(
+    request: Request, context: ServiceContext, challenge_id: str, wait: int
+) -> Challenge:
+    """The challenge once its state differs from now, is final, or ``wait`` passed
+    (woken by this worker's answers, polling the store for other workers')."""
+    online = challenge_api.online(context)
+    current: Challenge = await blocking(online.status, challenge_id)
+    start = current.state
+    deadline = time.monotonic() + wait
+    notifier = challenge_api.changes(request)
+    while (
+        not current.state.final and current.state is start and time.monotonic() < deadline
+        and not await request.is_disconnected()
+    ):
+        await notifier.wait(min(challenge_api.POLL, max(0.0, deadline - time.monotonic())))
+        current = await blocking(online.status, challenge_id)
+    return current
 
 
 @router.get("/static/{name}")

@@ -4,6 +4,17 @@
 "use strict";
 
 (function () {
+  // The browser's time zone goes with a push or QR request: the authenticator shows it.
+  let zone = "";
+  try {
+    zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "";
+  } catch (e) {
+    zone = "";
+  }
+  for (const input of document.querySelectorAll("input.time-zone")) {
+    input.value = zone;
+  }
+
   const live = document.getElementById("live");
   if (!live) {
     return;
@@ -61,7 +72,6 @@
     form.append(token, button);
     main.append(p, form);
     main.dataset.page = "done";
-    live.dataset.state = "approved";
   }
 
   async function poll() {
