@@ -513,3 +513,51 @@ def test_push_and_qr_forms_need_the_csrf_token_and_status_needs_the_cookie(site)
         page = c.get("/login")
         assert "Logged in as <strong>alice</strong>" in page.text
         assert _csrf(page.text) == answer["csrf"]
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_over_tls_the_cookie_is_secure(tmp_path, verifier_dir, authenticator):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    trust = ssl.create_default_context(cafile=str(cert))
+    with running_service(verifier_dir, args=["--tls-cert", str(cert), "--tls-key", str(key)],
+                         ready_context=trust) as svc, \
+            httpx.Client(base_url=svc.url, verify=trust) as c:
+        assert svc.url.startswith("https://")
+        first = c.get("/login")
+        cookie = first.headers["set-cookie"]
+        assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        qr = _post(c, "/login/start", csrf=_csrf(first.text), user="alice", flow="offline")
+        otp = _otp_for(authenticator, _pre(qr.text, "verification-data"))
+        ok = _post(c, "/login/offline", csrf=_csrf(qr.text), otp=otp)
+        assert ok.status_code == 200 and "; Secure" in ok.headers["set-cookie"]
