@@ -250,6 +250,10 @@ def _post(client: httpx.Client, path: str, **fields: str) -> httpx.Response:
                        headers={"Content-Type": "application/x-www-form-urlencoded"})
 
 
+def site_url(client: httpx.Client) -> str:
+    return str(client.base_url).rstrip("/")
+
+
 def _audit_count(verifier_dir: Path, event: str) -> int:
     with Verifier.open(verifier_dir) as v:
         return sum(1 for r in v.show("alice", recent=1000).recent if r.event.value == event)
@@ -275,13 +279,15 @@ def _check_html(response: httpx.Response) -> None:
     assert [t for t, _ in page.tags].count("script") == 1
 
 
-def test_every_page_has_the_headers_and_no_inline_script(service, authenticator):
+def test_every_page_has_the_headers_and_no_inline_script(service, running, authenticator):
     with httpx.Client(base_url=service) as c:
         first = c.get("/login")
         _check_html(first)
         cookie = first.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/login" in cookie
         assert "Secure" not in cookie  # plain HTTP here; https sets it
+        key = running.verifier_dir / "login-page.key"
+        assert key.stat().st_mode & 0o777 == 0o600 and key.stat().st_size == 32
         qr = _post(c, "/login/start", csrf=_csrf(first.text), user="alice", flow="offline")
         _check_html(qr)
         wrong = _post(c, "/login/offline", csrf=_csrf(qr.text), otp="00000000")
@@ -333,6 +339,17 @@ def test_csrf_token_missing_or_wrong_is_403_and_nothing_changed(service, verifie
             with httpx.Client(base_url=service, cookies={"hsm_auth_login": forged}) as other:
                 r = _post(other, "/login/offline", csrf=token, otp=otp)
                 assert r.status_code == 403
+        # a cookie edited to say "logged in" (the MAC no longer matches) is no login
+        import base64
+        import json
+
+        payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        payload["logged_in"] = "alice"
+        edited = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+        with httpx.Client(base_url=site_url(c), cookies={"hsm_auth_login": f"{edited}.{mac}"}) \
+                as other:
+            page = other.get("/login")
+            assert 'data-page="start"' in page.text and "Logged in" not in page.text
         # nothing was used up: the same OTP still logs in with the right token
         r = _post(c, "/login/offline", csrf=token, otp=otp)
         assert r.status_code == 200 and "Logged in as" in r.text
@@ -359,6 +376,8 @@ def test_bad_form_input_is_refused(service):
             assert r.status_code == 400, user
         r = _post(c, "/login/start", csrf=token, user="nobody", flow="offline")
         assert r.status_code == 404 and 'data-reason="no-method"' in r.text
+        r = _post(c, "/login/start", csrf=token, user="<b>x</b>", flow="offline")
+        assert r.status_code == 404 and "&lt;b&gt;x&lt;/b&gt;" in r.text and "<b>" not in r.text
         r = _post(c, "/login/start", csrf=token, user="alice", flow="telepathy")
         assert r.status_code == 400
         r = c.post("/login/start", json={"csrf": token, "user": "alice"})
