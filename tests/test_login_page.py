@@ -580,3 +580,51 @@ def test_over_tls_the_cookie_is_secure(tmp_path, verifier_dir, authenticator):
         otp = _otp_for(authenticator, _pre(qr.text, "verification-data"))
         ok = _post(c, "/login/offline", csrf=_csrf(qr.text), otp=otp)
         assert ok.status_code == 200 and "; Secure" in ok.headers["set-cookie"]
+
+
+@pytest.mark.postgres
+def test_two_services_on_one_postgresql_verifier_share_the_login(
+    tmp_path, postgres_dsn, authenticator, fido2_device
+):
+    """Two service processes on one verifier (as two workers would be): a cookie made by
+    one is good at the other (one key, made once under a lock); a push started at one
+    and answered through the other wakes a long-poll at the first (the store is polled)."""
+    import concurrent.futures
+
+    directory = tmp_path / "pg-verifier"
+    write_soft_policy(directory, [fido2_device])
+    with Verifier.init(directory, "Example Site", database=postgres_dsn) as v:
+        offers = {m: v.create_offer("alice", methods=[m])
+                  for m in (Method.DEVICE, Method.BIOMETRIC)}
+    with running_service(directory, database=postgres_dsn) as a, \
+            running_service(directory, database=postgres_dsn) as b, \
+            httpx.Client(base_url=a.url, timeout=30) as at_a, \
+            httpx.Client(base_url=b.url, timeout=30) as at_b:
+        client = OnlineClient(authenticator, b.url)
+        for method, offer in offers.items():
+            client.enroll(authenticator.add_or_update(
+                method, offer.text, activation_code=offer.activation_code))
+        token = _csrf(at_a.get("/login").text)
+        at_b.cookies = at_a.cookies  # one browser: cookies are per host, not per port
+        qr = _post(at_b, "/login/start", csrf=token, user="alice", flow="offline")
+        assert qr.status_code == 200, qr.text
+        at_a.cookies = at_b.cookies
+        otp = _otp_for(authenticator, _pre(qr.text, "verification-data"))
+        ok = _post(at_a, "/login/offline", csrf=token, otp=otp)
+        assert ok.status_code == 200 and "Logged in as <strong>alice</strong>" in ok.text
+        at_b.cookies = at_a.cookies
+        assert "Logged in" in at_b.get("/login").text
+        # push started at b, waited for at a, answered through b
+        token = _csrf(_post(at_b, "/login/logout", csrf=_csrf(ok.text)).text)
+        at_a.cookies = at_b.cookies
+        assert _post(at_b, "/login/start", csrf=token, user="alice", flow="push") \
+            .status_code == 200
+        at_a.cookies = at_b.cookies
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(at_a.get, "/login/status", params={"wait": 20})
+            [challenge] = client.pending(Method.DEVICE, wait=10)
+            assert not waiting.done()
+            client.answer(challenge, Decision.APPROVE, Method.BIOMETRIC)
+            answer = waiting.result(timeout=25).json()
+        assert (answer["state"], answer["user"]) == ("approved", "alice")
+        assert (a.verifier_dir / "login-page.key").stat().st_size == 32
