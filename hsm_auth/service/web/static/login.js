@@ -79,6 +79,7 @@
     for (;;) {
       let response;
       let answer;
+      const asked = Date.now();
       try {
         response = await fetch(url + "?wait=20", {
           credentials: "same-origin",
@@ -96,6 +97,11 @@
         continue;
       }
       failures = 0;
+      if (response.status === 429) {
+        const after = parseInt(response.headers.get("Retry-After") || "1", 10);
+        await sleep(1000 * Math.min(Math.max(after, 1), 30));
+        continue;
+      }
       if (!response.ok) {
         show("error", answer && answer.title ? answer.title : words.error);
         return;
@@ -108,8 +114,8 @@
       if (answer.state !== "pending" && answer.state !== "claimed") {
         return;
       }
-      if (response.headers.get("Retry-After")) {
-        await sleep(1000);
+      if (Date.now() - asked < 1000) {
+        await sleep(1000); // a long-poll that came back at once: never a tight loop
       }
     }
   }
