@@ -8,6 +8,7 @@ Screenshots of each step: $HSM_AUTH_SCREENSHOTS or tests/artifacts/screenshots/<
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import html.parser
 import urllib.parse
@@ -18,6 +19,7 @@ import httpx
 import pytest
 from _browser import browser  # noqa: F401
 
+from hsm_auth import qr as hsm_qr
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.challenges import ChallengeState, Decision
 from hsm_auth.config import Config, MethodConfig
@@ -161,6 +163,8 @@ def test_offline_login_then_replay_refused(browser, service, authenticator):
     qr = _by(d, "#qr-image")
     assert qr.get_attribute("src").startswith("data:image/svg+xml;base64,")
     assert d.execute_script("return arguments[0].naturalWidth", qr) > 0  # the image decoded
+    src = qr.get_attribute("src").split(",", 1)[1]
+    assert base64.b64decode(src) == hsm_qr.image(text, "svg")  # the QR code of that text
     assert "Web login as alice from 127.0.0.1" in _by(d, "#context").text
     browser.shot("offline-qr")
     otp = _otp_for(authenticator, text)
@@ -340,7 +344,6 @@ def test_csrf_token_missing_or_wrong_is_403_and_nothing_changed(service, verifie
                 r = _post(other, "/login/offline", csrf=token, otp=otp)
                 assert r.status_code == 403
         # a cookie edited to say "logged in" (the MAC no longer matches) is no login
-        import base64
         import json
 
         payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))

@@ -60,7 +60,6 @@ import functools
 import hashlib
 import hmac
 import html
-import io
 import json
 import os
 import secrets
@@ -266,17 +265,11 @@ def _set_cookie(request: Request, response: Response, state: LoginState) -> None
     )
 
 
-def _qr_data_uri(text: str) -> tuple[str, int]:
-    """The QR code of ``text`` as a ``data:`` SVG image, and its size in modules."""
-    from qrcode.image.svg import SvgPathImage
+def _qr_data_uri(text: str) -> str:
+    """The QR code of ``text`` as a ``data:`` SVG image (CSP ``img-src data:``)."""
+    from .. import qr
 
-    from ..qr import _qr
-
-    code = _qr(text)
-    buf = io.BytesIO()
-    code.make_image(image_factory=SvgPathImage).save(buf)
-    modules = len(code.get_matrix())
-    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode(), modules
+    return "data:image/svg+xml;base64," + base64.b64encode(qr.image(text, "svg")).decode()
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -422,12 +415,11 @@ async def _start_offline(
         return _refused(request, "user", "That is not a user name.", status=400)
     state = replace(state, flow="offline", user=user, session=session.session_id.hex(),
                     challenge="", logged_in="")
-    qr, modules = _qr_data_uri(session.text)
+    qr = _qr_data_uri(session.text)
     expires = datetime.datetime.fromtimestamp(session.data.expires, datetime.UTC)
     body = render(
         "offline.html",
         qr=qr,
-        qr_size=modules * 8,
         text=session.text,
         session=session.session_id.hex(),
         context=text,
@@ -506,8 +498,7 @@ async def start_qr(request: Request) -> Response:
     assert claim is not None
     state = replace(checked.state, flow="qr", user="", session="",
                     challenge=challenge.challenge_id, logged_in="")
-    qr, modules = _qr_data_uri(claim)
-    intro = render("qr_intro.html", qr=qr, qr_size=modules * 8, claim=claim, message=message)
+    intro = render("qr_intro.html", qr=_qr_data_uri(claim), claim=claim, message=message)
     return _waiting(request, state, intro)
 
 
