@@ -177,9 +177,21 @@ async def get_challenge(
     ctx: ServiceContext = Depends(get_context),  # noqa: B008
     key: Any = Depends(require_scope("challenge")),  # noqa: B008
 ) -> dict[str, Any]:
+    start = ChallengeState(seen) if seen is not None else None
+    return status_json(await wait_for_change(request, ctx, challenge_id, wait, start))
+
+
+async def wait_for_change(
+    request: Request, ctx: ServiceContext, challenge_id: str, wait: float,
+    seen: ChallengeState | None = None,
+) -> Challenge:
+    """The challenge once its state is final or differs from ``seen`` (default: its
+    state now), or after ``wait`` seconds, or when the client went away. Woken at once
+    by a change in this worker (:class:`Changes`), the store polled every :data:`POLL`
+    s for other workers'. (Also the login page's long-poll.)"""
     verifier = online(ctx)
     current: Challenge = await run(verifier.status, challenge_id)
-    start = ChallengeState(seen) if seen is not None else current.state
+    start = seen if seen is not None else current.state
     deadline = time.monotonic() + wait
     notifier = changes(request)
     while (
@@ -188,4 +200,4 @@ async def get_challenge(
     ):
         await notifier.wait(min(POLL, max(0.0, deadline - time.monotonic())))
         current = await run(verifier.status, challenge_id)
-    return status_json(current)
+    return current

@@ -64,7 +64,6 @@ import json
 import os
 import secrets
 import string
-import time
 import urllib.parse
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -75,7 +74,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import display
-from ..challenges import Challenge, ChallengeContext, ChallengeKind, ChallengeState
+from ..challenges import ChallengeContext, ChallengeKind, ChallengeState
 from ..errors import InvalidInput, InvalidToken, UnknownMethod
 from ..files import atomic_write, ensure_private_dir, locked, read_state
 from . import challenge_api
@@ -529,7 +528,11 @@ async def offline(request: Request) -> Response:
 
 
 async def _verify(context: ServiceContext, session_id: bytes, otp: str) -> Acceptance:
-    return await blocking(context.verifier.verify, session_id, otp)
+    """Through the worker's group committer, like ``POST /v1/verify``: the answer comes
+    after the commit that decided it."""
+    from .verify_api import committer_of
+
+    return await committer_of(context).verify(session_id, otp)
 
 
 @router.post("/cancel")
@@ -564,7 +567,7 @@ async def status(request: Request) -> Response:
         wait = min(MAX_WAIT, max(0, int(request.query_params.get("wait", "0"))))
     except ValueError:
         wait = 0
-    challenge = await _wait_for_change(request, context, state.challenge, wait)
+    challenge = await challenge_api.wait_for_change(request, context, state.challenge, wait)
     current = challenge.state
     kind = ChallengeKind.PUSH if state.flow == "push" else ChallengeKind.QR
     if challenge.kind is not kind or (state.user and challenge.user != state.user):
@@ -579,25 +582,6 @@ async def status(request: Request) -> Response:
         _set_cookie(request, response, fresh)
         return response
     return JSONResponse({"state": current.value}, headers=HEADERS)
-
-
-async def _wait_for_change(
-    request: Request, context: ServiceContext, challenge_id: str, wait: int
-) -> Challenge:
-    """The challenge once its state differs from now, is final, or ``wait`` passed
-    (woken by this worker's answers, polling the store for other workers')."""
-    online = challenge_api.online(context)
-    current: Challenge = await blocking(online.status, challenge_id)
-    start = current.state
-    deadline = time.monotonic() + wait
-    notifier = challenge_api.changes(request)
-    while (
-        not current.state.final and current.state is start and time.monotonic() < deadline
-        and not await request.is_disconnected()
-    ):
-        await notifier.wait(min(challenge_api.POLL, max(0.0, deadline - time.monotonic())))
-        current = await blocking(online.status, challenge_id)
-    return current
 
 
 @router.get("/static/{name}")
