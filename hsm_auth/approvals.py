@@ -203,6 +203,9 @@ class OnlineVerifier:
                              detail=kind.value)
         self.store.put_challenge(challenge, record)
         audit.emit([record])
+        # Old challenges go as sessions and offers do: a purge after 1 in PURGE_EVERY
+        # writes (the Verifier owns that policy), expired ones kept PURGE_GRACE first.
+        self.verifier._purge_now_and_then()
         claim = claim_text(self.verifier_id, challenge.challenge_id) if (
             kind is ChallengeKind.QR
         ) else None

@@ -324,6 +324,16 @@ def store(request, tmp_path):  # type: ignore[no-untyped-def]
     s.close()
 
 
+def test_a_nonce_lives_once_and_briefly(store) -> None:  # type: ignore[no-untyped-def]
+    fresh, old = bytes([1]) * 32, bytes([2]) * 32
+    store.put_nonce(old, 1059, 999)
+    store.put_nonce(fresh, 1060, 1000)
+    assert store.consume_nonce(old, 1060, credential=0) is Consumed.GONE  # expired
+    assert store.consume_nonce(bytes(32), 1000, credential=0) is Consumed.GONE  # unknown
+    assert store.consume_nonce(fresh, 1060, credential=0) is Consumed.DONE
+    assert store.consume_nonce(fresh, 1060, credential=0) is Consumed.GONE  # used
+
+
 def _qr(user: str | None = None) -> Challenge:
     from hsm_auth.challenges import new_challenge_id
 
