@@ -333,6 +333,11 @@ class Authenticator:
     def enrolled(self) -> list[EnrolledMethod]:
         return list(self._methods)
 
+    def verifier_name(self, verifier_id: bytes) -> str:
+        """The name a pinned verifier gave itself (its id in hex if none is pinned)."""
+        pinned = self._verifiers.get(verifier_id)
+        return pinned.name if pinned is not None else verifier_id.hex()
+
     def _find(self, verifier_id: bytes, method: Method) -> EnrolledMethod | None:
         for m in self._methods:
             if m.verifier_id == verifier_id and m.method is method:
