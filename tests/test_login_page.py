@@ -1,7 +1,9 @@
 """The reference login page (hsm_auth.service.login_page) in a real headless Chromium
 against a real uvicorn service (hsm-auth serve), with a real authenticator: SoftHSM
 for the offline code, the soft FIDO2 authenticator (user verification) for push and
-QR-claim approvals.
+QR-claim approvals. Push approvals go through a real ``hsm-auth agent`` (its long-poll
+receives the challenge, ``hsm-auth approve ID`` / ``reject ID`` answer); the QR claim
+through the authenticator's OnlineClient.
 
 Screenshots of each step: $HSM_AUTH_SCREENSHOTS or tests/artifacts/screenshots/<test>/
 (printed at the end of each browser test)."""
@@ -11,6 +13,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import html.parser
+import json
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +23,14 @@ import httpx
 import pytest
 from _browser import browser  # noqa: F401
 
+from hsm_auth import config as configmod
 from hsm_auth import qr as hsm_qr
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.challenges import ChallengeState, Decision
-from hsm_auth.config import Config, MethodConfig
+from hsm_auth.config import Config, MethodConfig, Paths
 from hsm_auth.methods import Method
 from hsm_auth.online_client import OnlineClient
+from hsm_auth.testing.agent import RunningAgent, running_agent
 from hsm_auth.testing.fido2 import authenticator_factory, write_soft_policy
 from hsm_auth.testing.service import RunningService, running_service
 from hsm_auth.testing.softhsm import init_token, unique_label
@@ -344,7 +350,6 @@ def test_csrf_token_missing_or_wrong_is_403_and_nothing_changed(service, verifie
                 r = _post(other, "/login/offline", csrf=token, otp=otp)
                 assert r.status_code == 403
         # a cookie edited to say "logged in" (the MAC no longer matches) is no login
-        import json
 
         payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         payload["logged_in"] = "alice"
@@ -433,47 +438,98 @@ def _live(driver) -> str:
     return _by(driver, "#live").get_attribute("data-state")
 
 
-def _pending_for_page(site: Site, user_agent: str):
-    found = [c for c in site.client.pending(Method.DEVICE, wait=10)
-             if c.context.user_agent == user_agent]
-    assert len(found) == 1, found
-    return found[0]
+@dataclass
+class AgentSite:
+    url: str
+    running: RunningService
+    agent: RunningAgent
 
 
-def test_push_login_approved_updates_the_page_without_a_reload(browser, site):
+def _toml(value: str) -> str:
+    return json.dumps(value)  # a TOML basic string reads as JSON
+
+
+@pytest.fixture
+def agent_site(tmp_path, fido2_device):
+    """alice's authenticator home (biometric: the soft FIDO2 authenticator, UV on every
+    assertion) enrolled online, and a real ``hsm-auth agent`` long-polling the service."""
+    verifier_dir = tmp_path / "agent-verifier"
+    write_soft_policy(verifier_dir, [fido2_device])
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    with contextlib.ExitStack() as stack:
+        verifier = stack.enter_context(Verifier.init(verifier_dir, "Example Site"))
+        svc = stack.enter_context(running_service(verifier_dir))
+        config = home / "config.toml"
+        config.write_text(
+            f"[online]\nurl = {_toml(svc.url)}\n"
+            "[methods.biometric]\nbackend = \"fido2\"\n"
+            f"device = {_toml('soft:' + str(fido2_device.path))}\n"
+            f"state_dir = {_toml(str(tmp_path / 'agent-fido2-state'))}\n"
+            "prompts = false\nallow_software_authenticator = true\n"
+        )
+        config.chmod(0o600)
+        paths = Paths(home)
+        with Authenticator(paths.authenticator_dir, configmod.load(paths)) as authenticator:
+            offer = verifier.create_offer("alice", methods=[Method.BIOMETRIC])
+            OnlineClient(authenticator, svc.url).enroll(authenticator.add_or_update(
+                Method.BIOMETRIC, offer.text, activation_code=offer.activation_code))
+        agent = stack.enter_context(running_agent(
+            home, tmp_path / "run" / "agent.sock", log_path=tmp_path / "agent.log"))
+        yield AgentSite(svc.url, svc, agent)
+        assert "Traceback" not in agent.log() and "Traceback" not in svc.log()
+
+
+def _received(agent: RunningAgent, user_agent: str, timeout: float = 30.0) -> dict:
+    """The challenge the agent's long-poll brought for the page whose browser this is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [c for c in agent.challenges().values()
+                 if c["context"].get("user_agent") == user_agent]
+        if found:
+            assert len(found) == 1, found
+            return found[0]
+        assert time.monotonic() < deadline, f"the agent never got it:\n{agent.log()}"
+        time.sleep(0.1)
+
+
+def test_push_login_approved_updates_the_page_without_a_reload(browser, agent_site):
     d = browser.driver
-    _start(browser, site.url, "push")
+    _start(browser, agent_site.url, "push")
     _wait(d, lambda d: _page(d) == "push")
     d.execute_script("window.hsmAuthTestMarker = 'the same document'")
     assert _live(d) == "pending" and "Waiting for your device" in _by(d, "#status").text
     browser.shot("push-waiting")
     navigator = d.execute_script("return navigator.userAgent")
-    challenge = _pending_for_page(site, navigator)
-    assert challenge.user == "alice" and challenge.message == "Log in to Example Site as alice"
-    assert (challenge.context.ip, challenge.context.user_agent) == ("127.0.0.1", navigator)
-    site.client.answer(challenge, Decision.APPROVE, Method.BIOMETRIC)  # UV on the soft FIDO2
+    held = _received(agent_site.agent, navigator)  # the agent's long-poll brought it
+    assert (held["user"], held["message"]) == ("alice", "Log in to Example Site as alice")
+    assert held["context"]["ip"] == "127.0.0.1"
+    r = agent_site.agent.cli("approve", held["challenge_id"])  # UV on the soft FIDO2
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"approved: {held['challenge_id']}"
     _wait(d, lambda d: _page(d) == "done")  # login.js rewrote the page in place
     assert d.execute_script("return window.hsmAuthTestMarker") == "the same document"
     assert _by(d, "#result").text == "Logged in as alice."
     browser.shot("push-approved")
-    d.get(site.url + "/login")  # the answer set the logged-in cookie
+    d.get(agent_site.url + "/login")  # the answer set the logged-in cookie
     assert _page(d) == "done" and _by(d, "#result").get_attribute("data-user") == "alice"
     _by(d, "#logout").click()
     _wait(d, lambda d: _page(d) == "start")
 
 
-def test_push_login_rejected_shows_rejected(browser, site):
+def test_push_login_rejected_shows_rejected(browser, agent_site):
     d = browser.driver
-    _start(browser, site.url, "push")
+    _start(browser, agent_site.url, "push")
     _wait(d, lambda d: _page(d) == "push")
     d.execute_script("window.hsmAuthTestMarker = 'the same document'")
-    challenge = _pending_for_page(site, d.execute_script("return navigator.userAgent"))
-    site.client.answer(challenge, Decision.REJECT, Method.BIOMETRIC)
+    held = _received(agent_site.agent, d.execute_script("return navigator.userAgent"))
+    r = agent_site.agent.cli("reject", held["challenge_id"])
+    assert r.returncode == 0, r.stderr
     _wait(d, lambda d: _live(d) == "rejected")
     assert d.execute_script("return window.hsmAuthTestMarker") == "the same document"
     assert _by(d, "#status").text == "The login was rejected on your device."
     browser.shot("push-rejected")
-    d.get(site.url + "/login")
+    d.get(agent_site.url + "/login")
     assert _page(d) == "start"  # not logged in
 
 
