@@ -154,8 +154,11 @@ def _otp_for(authenticator: Authenticator, text: str) -> str:
     return authenticator.finish_offline_authentication(request, Method.DEVICE).otp
 
 
-def _page(driver) -> str:
-    return _by(driver, "#page").get_attribute("data-page")
+def _page(driver) -> str | None:
+    """Which page the browser shows (one script call: no element can go stale
+    between finding it and reading it while a form navigates)."""
+    return driver.execute_script(
+        "const m = document.getElementById('page'); return m ? m.dataset.page : null")
 
 
 # --- (a) the offline flow --------------------------------------------------------------
@@ -434,8 +437,9 @@ def test_the_per_user_rate_limit_applies(verifier_dir):
 # --- (b) push: the page waits and updates live ------------------------------------------
 
 
-def _live(driver) -> str:
-    return _by(driver, "#live").get_attribute("data-state")
+def _live(driver) -> str | None:
+    return driver.execute_script(
+        "const l = document.getElementById('live'); return l ? l.dataset.state : null")
 
 
 @dataclass
