@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -471,16 +472,25 @@ def test_garbage_hangups_and_floods_do_not_stop_the_service(
         assert during.ok, during.out
     finally:
         holder.communicate("\n", timeout=30)
+    # nobody's children end with its connections: wait until they are reaped, so the
+    # flood below fills exactly the 32 slots (a slot freed later would serve the module)
+    deadline = time.monotonic() + 20
+    while len(service.children()) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     # root floods past the cap: the excess is answered busy, never served
     held = _open(service.socket, 60)
     try:
-        time.sleep(0.3)
+        # the service answers the excess "busy" as it accepts it: wait until it has
+        # accepted all 60 (32 served, 28 busy), else the module's connect could meet a
+        # full backlog (EAGAIN), which falls back to spawning the helper, not "busy"
+        busy, waiting, deadline = 0, list(held), time.monotonic() + 20
+        while busy < len(held) - 32 and waiting and time.monotonic() < deadline:
+            readable, _, _ = select.select(waiting, [], [], 0.2)
+            for s in readable:
+                waiting.remove(s)
+                with contextlib.suppress(OSError):
+                    busy += s.recv(100) == b"result SYSTEM_ERR busy\n"
         assert len(service.children()) <= 32
-        busy = 0
-        for s in held:
-            s.settimeout(0.05)
-            with contextlib.suppress(OSError):
-                busy += s.recv(100) == b"result SYSTEM_ERR busy\n"
         assert busy > 0
         nospawn, r.module = r.module, REPO / "build" / "pam" / "pam_hsm_auth.so"
         refused = r.pamtester(r.login(name="busy"), ALICE, [PIN])  # it reads "busy"
