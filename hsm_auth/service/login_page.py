@@ -78,7 +78,7 @@ from ..challenges import ChallengeContext, ChallengeKind, ChallengeState
 from ..errors import InvalidInput, InvalidToken, UnknownMethod
 from ..files import atomic_write, ensure_private_dir, locked, read_state
 from . import challenge_api
-from .context import ServiceContext, blocking, get_context
+from .context import ServiceContext, blocking, context_of
 from .problems import problem
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ def _page(
     state: LoginState | None = None,
     clear: bool = False,
 ) -> Response:
-    context = get_context(request)
+    context = context_of(request)
     document = render(
         "base.html",
         title=f"{heading} - {context.verifier.identity.name}",
@@ -252,11 +252,11 @@ def _page(
 
 
 def _set_cookie(request: Request, response: Response, state: LoginState) -> None:
-    codec = _codec(str(get_context(request).settings.verifier_dir))
+    codec = _codec(str(context_of(request).settings.verifier_dir))
     response.set_cookie(
         COOKIE,
         codec.dumps(state),
-        max_age=max(0, state.expires - get_context(request).now()),
+        max_age=max(0, state.expires - context_of(request).now()),
         path="/login",
         secure=request.url.scheme == "https",
         httponly=True,
@@ -275,7 +275,7 @@ def _qr_data_uri(text: str) -> str:
 
 
 def _state(request: Request) -> LoginState | None:
-    context = get_context(request)
+    context = context_of(request)
     codec = _codec(str(context.settings.verifier_dir))
     return codec.loads(request.cookies.get(COOKIE), context.now())
 
@@ -358,7 +358,7 @@ def _refused(request: Request, reason: str, message: str, *, status: int,
 
 
 def _done(request: Request, user: str) -> Response:
-    context = get_context(request)
+    context = context_of(request)
     state = replace(LoginState.fresh(context.now()), logged_in=user)  # new CSRF token
     return _page(request, "done", "Logged in",
                  render("done.html", user=user, csrf=state.csrf), state=state)
@@ -369,7 +369,7 @@ def _done(request: Request, user: str) -> Response:
 
 @router.get("")
 async def login_form(request: Request) -> Response:
-    context = get_context(request)
+    context = context_of(request)
     state = _state(request)
     if state is not None and state.logged_in:
         return _page(request, "done", "Logged in",
@@ -380,7 +380,7 @@ async def login_form(request: Request) -> Response:
 
 @router.post("/start")
 async def start(request: Request) -> Response:
-    context = get_context(request)
+    context = context_of(request)
     checked = await _checked(request)
     if isinstance(checked, Response):
         return checked
@@ -485,7 +485,7 @@ async def _start_push(
 async def start_qr(request: Request) -> Response:
     """A QR-claim login: no user name; whoever's authenticator claims and approves it
     is logged in (the claim shows it where the request came from)."""
-    context = get_context(request)
+    context = context_of(request)
     checked = await _checked(request)
     if isinstance(checked, Response):
         return checked
@@ -503,7 +503,7 @@ async def start_qr(request: Request) -> Response:
 
 @router.post("/offline")
 async def offline(request: Request) -> Response:
-    context = get_context(request)
+    context = context_of(request)
     checked = await _checked(request)
     if isinstance(checked, Response):
         return checked
@@ -540,7 +540,7 @@ async def cancel(request: Request) -> Response:
     checked = await _checked(request)
     if isinstance(checked, Response):
         return checked
-    fresh = LoginState.fresh(get_context(request).now())
+    fresh = LoginState.fresh(context_of(request).now())
     return _page(request, "start", "Log in", render("start.html", csrf=fresh.csrf), state=fresh)
 
 
@@ -549,7 +549,7 @@ async def logout(request: Request) -> Response:
     checked = await _checked(request)
     if isinstance(checked, Response):
         return checked
-    fresh = LoginState.fresh(get_context(request).now())
+    fresh = LoginState.fresh(context_of(request).now())
     return _page(request, "start", "Log in", render("start.html", csrf=fresh.csrf), state=fresh)
 
 
@@ -559,7 +559,7 @@ async def status(request: Request) -> Response:
     ``?wait=S`` (at most :data:`MAX_WAIT`) it answers when the state changes. Once the
     challenge is approved the answer logs this browser in: a new cookie (new CSRF
     token, returned for the page's logout form)."""
-    context = get_context(request)
+    context = context_of(request)
     state = _state(request)
     if state is None or state.flow not in ("push", "qr") or not state.challenge:
         return JSONResponse({"state": "none"}, status_code=409, headers=HEADERS)

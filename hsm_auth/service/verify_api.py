@@ -46,7 +46,7 @@ from ..otp_scheme import MAX_DIGITS, MIN_DIGITS
 from ..verifier import SESSION_ID_BYTES
 from .auth import _bearer  # the API-key scheme of every provider route (OpenAPI)
 from .committer import Committer
-from .context import ServiceContext, get_context
+from .context import ServiceContext, context_of, get_context
 
 __all__ = ["VerifyRequest", "VerifyResponse", "committer_of", "router"]
 
@@ -73,7 +73,7 @@ class _VerifyRoute(APIRoute):
                 raise RequestValidationError(
                     [{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]
                 ) from None
-            result: Response = await endpoint(body, get_context(request), key)
+            result: Response = await endpoint(body, context_of(request), key)
             return result
 
         return handler
