@@ -536,16 +536,9 @@ async def _verify(context: ServiceContext, session_id: bytes, otp: str) -> Accep
 
 
 @router.post("/cancel")
-async def cancel(request: Request) -> Response:
-    checked = await _checked(request)
-    if isinstance(checked, Response):
-        return checked
-    fresh = LoginState.fresh(context_of(request).now())
-    return _page(request, "start", "Log in", render("start.html", csrf=fresh.csrf), state=fresh)
-
-
 @router.post("/logout")
-async def logout(request: Request) -> Response:
+async def start_over(request: Request) -> Response:
+    """Cancel a login under way, or log out: either way a fresh start page and cookie."""
     checked = await _checked(request)
     if isinstance(checked, Response):
         return checked
