@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -278,3 +278,44 @@ def planted(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     (plant / "hsm_auth" / "pam.py").write_text(code)
     (plant / "startup.py").write_text(code)
     yield plant, marker
+
+
+def hostile_environment(plant: Path, tmp_path: Path, libs: dict[str, Path]) -> dict[str, str]:
+    """What a caller of ``su`` sets to take over the Python side or its tokens: the
+    planted directory as Python's path, startup and user base, a bogus SoftHSM config
+    and TCTI, and the marker library as PKCS#11 module."""
+    bogus = tmp_path / "bogus-softhsm2.conf"
+    bogus.write_text(f"directories.tokendir = {tmp_path}\n")
+    return {
+        "PYTHONPATH": str(plant),
+        "PYTHONSTARTUP": str(plant / "startup.py"),
+        "PYTHONUSERBASE": str(plant),
+        "PYTHONINSPECT": "1",
+        "PYTHONWARNINGS": "error",
+        "SOFTHSM2_CONF": str(bogus),
+        "TPM2TOOLS_TCTI": f"swtpm:path={tmp_path}/none.sock",
+        "HSM_AUTH_TCTI": f"swtpm:path={tmp_path}/none.sock",
+        "HSM_AUTH_PKCS11_MODULE": str(libs["marker"]),
+        "HSM_AUTH_SOFTHSM_MODULE": str(libs["marker"]),
+        "HSM_AUTH_PIN_BACKEND": "tpm2",
+        "HSM_AUTH_CONFIG": str(bogus),
+        "HSM_AUTH_SOFT_FIDO2": "1",
+    }
+
+
+def assert_login_ignores(rig: Rig, hostile: dict[str, str], libs: dict[str, Path],
+                         marker: Path, log: Callable[[], str] = str) -> None:
+    """``hostile`` in pamtester's environment (with the marker library preloaded) and put
+    into the PAM environment by the stack: the login still works on root's config (the
+    token's counter moves) and nothing planted ran."""
+    service = rig.service("su-env", [
+        *(f"auth required {libs['pam_test_env']} putenv={k}={v}" for k, v in hostile.items()),
+        f"auth required {rig.hsm()}",
+    ])
+    env = hostile | {"LD_PRELOAD": f"{PAM_WRAPPER}:{libs['marker']}"}
+    before = rig.counter()
+    result = rig.pamtester(service, ALICE, [PIN], env=env)
+    assert result.ok, result.out + log()
+    assert rig.counter() > before
+    assert not marker.exists(), marker.read_text()
+    assert not libs["marker_log"].exists(), libs["marker_log"].read_text()

@@ -33,6 +33,8 @@ from _pam import (  # noqa: F401 - fixtures
     SECURITY,
     UNIX_PASSWORD,
     Rig,
+    assert_login_ignores,
+    hostile_environment,
     hsm_rig,
     make_rig,
     native_libs,
@@ -206,36 +208,8 @@ def test_caller_and_pam_environment_have_no_effect(
     hsm_rig: Rig, planted: tuple[Path, Path], native_libs: dict[str, Path], tmp_path: Path
 ) -> None:
     plant, marker = planted
-    bogus = tmp_path / "bogus-softhsm2.conf"
-    bogus.write_text(f"directories.tokendir = {tmp_path}\n")
-    hostile = {
-        "PYTHONPATH": str(plant),
-        "PYTHONSTARTUP": str(plant / "startup.py"),
-        "PYTHONHOME": str(plant),
-        "PYTHONUSERBASE": str(plant),
-        "PYTHONINSPECT": "1",
-        "PYTHONWARNINGS": "error",
-        "SOFTHSM2_CONF": str(bogus),
-        "TPM2TOOLS_TCTI": f"swtpm:path={tmp_path}/none.sock",
-        "HSM_AUTH_TCTI": f"swtpm:path={tmp_path}/none.sock",
-        "HSM_AUTH_PKCS11_MODULE": str(native_libs["marker"]),
-        "HSM_AUTH_SOFTHSM_MODULE": str(native_libs["marker"]),
-        "HSM_AUTH_PIN_BACKEND": "tpm2",
-        "HSM_AUTH_CONFIG": str(bogus),
-        "HSM_AUTH_SOFT_FIDO2": "1",
-    }
-    service = hsm_rig.service("su-env", [
-        *(f"auth required {native_libs['pam_test_env']} putenv={k}={v}"
-          for k, v in hostile.items()),
-        f"auth required {hsm_rig.hsm()}",
-    ])
-    env = hostile | {"LD_PRELOAD": f"{PAM_WRAPPER}:{native_libs['marker']}"}
-    before = hsm_rig.counter()
-    result = hsm_rig.pamtester(service, ALICE, [PIN], env=env)
-    assert result.ok, result.out
-    assert hsm_rig.counter() > before
-    assert not marker.exists(), marker.read_text()
-    assert not native_libs["marker_log"].exists(), native_libs["marker_log"].read_text()
+    hostile = hostile_environment(plant, tmp_path, native_libs) | {"PYTHONHOME": str(plant)}
+    assert_login_ignores(hsm_rig, hostile, native_libs, marker)
 
 
 @pytest.mark.parametrize("socket", ["none", None])

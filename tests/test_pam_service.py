@@ -45,6 +45,8 @@ from _pam import (  # noqa: F401 - fixtures
     REPO,
     UNIX_PASSWORD,
     Rig,
+    assert_login_ignores,
+    hostile_environment,
     hsm_rig,
     make_rig,
     native_libs,
@@ -516,38 +518,11 @@ def test_the_caller_environment_has_no_effect_through_the_service(
     r, service = hsm_served
     service.stop()
     plant, marker = planted
-    bogus = tmp_path / "bogus-softhsm2.conf"
-    bogus.write_text(f"directories.tokendir = {tmp_path}\n")
-    hostile = {
-        "PYTHONPATH": str(plant),
-        "PYTHONSTARTUP": str(plant / "startup.py"),
-        "PYTHONUSERBASE": str(plant),
-        "PYTHONINSPECT": "1",
-        "PYTHONWARNINGS": "error",
-        "SOFTHSM2_CONF": str(bogus),
-        "TPM2TOOLS_TCTI": f"swtpm:path={tmp_path}/none.sock",
-        "HSM_AUTH_TCTI": f"swtpm:path={tmp_path}/none.sock",
-        "HSM_AUTH_PKCS11_MODULE": str(native_libs["marker"]),
-        "HSM_AUTH_SOFTHSM_MODULE": str(native_libs["marker"]),
-        "HSM_AUTH_PIN_BACKEND": "tpm2",
-        "HSM_AUTH_CONFIG": str(bogus),
-        "HSM_AUTH_SOFT_FIDO2": "1",
-    }
+    hostile = hostile_environment(plant, tmp_path, native_libs)
     service = Service(r.root, r.config, {"PATH": "/usr/bin:/bin", **hostile})
     r.socket = str(service.socket)
     try:
-        pam_service = r.service("su-env", [
-            *(f"auth required {native_libs['pam_test_env']} putenv={k}={v}"
-              for k, v in hostile.items()),
-            f"auth required {r.hsm()}",
-        ])
-        env = hostile | {"LD_PRELOAD": f"{PAM_WRAPPER}:{native_libs['marker']}"}
-        before = r.counter()
-        result = r.pamtester(pam_service, ALICE, [PIN], env=env)
-        assert result.ok, result.out + service.log.read_text()
-        assert r.counter() > before
-        assert not marker.exists(), marker.read_text()
-        assert not native_libs["marker_log"].exists(), native_libs["marker_log"].read_text()
+        assert_login_ignores(r, hostile, native_libs, marker, service.log.read_text)
     finally:
         service.cleanup()
 
