@@ -31,6 +31,9 @@ verifier's directory (:meth:`VerifierPolicy.load`), a file others cannot write::
     user_authentication = true      # what the method is (see ApprovalPolicy)
     timeout = 0                     # seconds a PIN / UV may be reused; 0: each approval
 
+    [offline]                       # offline use (hsm_auth.expiry)
+    validity_days = 90              # expiry after enrollment / renewal; 0: never (default)
+
 An absent file, or an absent table, gives the defaults: ``required`` for the
 FIDO2 methods (biometric, face), ``if-available`` for the others. The software
 test authenticator's AAGUID (:data:`SOFT_AUTHENTICATOR_AAGUID`) is refused
@@ -48,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from .errors import ConfigError, HsmAuthError, UntrustedMessage
+from .expiry import OfflineValidity, parse_validity
 from .methods import Method
 
 if TYPE_CHECKING:
@@ -149,6 +153,9 @@ class VerifierPolicy:
     approval: Mapping[Method, ApprovalPolicy] = field(default_factory=dict)
     require_user_authentication: bool = False
     rp_id: str = "hsm-auth"
+    #: How long a credential may be used offline after enrollment or renewal
+    #: (``[offline] validity_days``, :mod:`hsm_auth.expiry`).
+    offline_validity: OfflineValidity = field(default_factory=OfflineValidity)
 
     def for_method(self, method: Method) -> MethodPolicy:
         return self.methods.get(method) or MethodPolicy.default(method)
@@ -177,7 +184,7 @@ class VerifierPolicy:
     @classmethod
     def parse(cls, document: Mapping[str, Any], directory: Path | None = None) -> VerifierPolicy:
         """The policy in ``document``; relative file names are in ``directory``."""
-        unknown = set(document) - {"allow_override", "methods", "approval"}
+        unknown = set(document) - {"allow_override", "methods", "approval", "offline"}
         if unknown:
             raise ConfigError(f"unknown policy key {sorted(unknown)[0]!r}")
         override = document.get("allow_override", False)
@@ -189,7 +196,10 @@ class VerifierPolicy:
         methods = {}
         for name, table in tables.items():
             methods[Method.parse(name)] = _method_policy(name, table, directory)
-        return cls(methods, override, *_approval_policy(document.get("approval", {})))
+        return cls(
+            methods, override, *_approval_policy(document.get("approval", {})),
+            offline_validity=parse_validity(document.get("offline", {})),
+        )
 
 
 def _approval_policy(table: Any) -> tuple[dict[Method, ApprovalPolicy], bool, str]:

@@ -46,9 +46,9 @@ exit codes:
   5   expired offer/verification data  35  cancelled / timed out
   6   bad or unknown signature         36  login (sync) required
   7   unknown or disallowed method     37  locked out (TPM lockout)
-  8   configuration error              40  OTP refused (InvalidToken)
-  9   method enrolled already         130  interrupted
- 10   local state missing or unsafe
+  8   configuration error              38  credential expired (hsm-auth renew)
+  9   method enrolled already          40  OTP refused (InvalidToken)
+ 10   local state missing or unsafe   130  interrupted
  20   token/backend error
  21   backend unavailable
  22   token not found

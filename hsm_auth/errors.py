@@ -69,6 +69,31 @@ class AlreadyEnrolled(InvalidInput):
     exit_code = 9
 
 
+#: The one line both sides say for an expired credential (docs/PROTOCOL.md §20): the
+#: authenticator at start / finish / sync, the verifier at session start, verify and
+#: sync. ``{method}`` is the method's name, ``{date}`` the expiry in UTC.
+CREDENTIAL_EXPIRED = (
+    "the {method} credential expired on {date}; re-activate online (hsm-auth renew)"
+)
+
+
+class CredentialExpired(ExpiredMessage):
+    """An offline credential past its expiry (``offline_validity`` of the verifier's
+    policy): offline use stops until it is renewed online. ``method`` is the method's
+    name and ``expires`` the Unix time it expired at; the message is
+    :data:`CREDENTIAL_EXPIRED`, the same on both sides."""
+
+    exit_code = 38
+
+    def __init__(self, method: str, expires: int) -> None:
+        import time
+
+        date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
+        super().__init__(CREDENTIAL_EXPIRED.format(method=method, date=date))
+        self.method = method
+        self.expires = expires
+
+
 class StateError(HsmAuthError):
     """Local state (credential file, database) missing, unreadable or unsafe."""
 
