@@ -91,6 +91,9 @@ class CredentialRecord:
     #: FIDO2: the highest signature counter of the credential's signed requests and
     #: approvals so far (schema 9; 0 until its first one).
     sign_count: int = 0
+    #: Until when the credential may be used offline (Unix time, inclusive; 0: never;
+    #: :mod:`hsm_auth.expiry`, schema 10), set at enrollment and renewal.
+    expires: int = 0
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,14 @@ class VerifierStore(ABC):
 
     @abstractmethod
     def unlock(self, credential_id: int, audit: AuditRecord | None = None) -> None: ...
+
+    @abstractmethod
+    def renew(
+        self, credential_id: int, *, expires: int, certificate: bytes,
+        audit: AuditRecord | None = None,
+    ) -> bool:
+        """Set the credential's expiry and certificate (a renewal), with the audit, in
+        one transaction; False when the credential is gone (revoked meanwhile)."""
 
     @abstractmethod
     def revoke(self, credential_id: int, audit: AuditRecord | None = None) -> bool:

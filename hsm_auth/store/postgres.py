@@ -100,6 +100,9 @@ _V9 = (
     "CREATE INDEX challenges_user ON challenges (user_name, state, expires)",
     "CREATE INDEX challenges_expires ON challenges (expires)",
 )
+# Version 10 (issue 14): each credential's offline expiry (Unix time; 0: never;
+# hsm_auth.expiry), set at enrollment and at each renewal.
+_V10 = ("ALTER TABLE credentials ADD COLUMN expires BIGINT NOT NULL DEFAULT 0",)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -162,7 +165,7 @@ class _PgCursor:
 class PostgresStore(SqlStore):
     engine = "postgresql"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10,
     )
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:

@@ -74,7 +74,7 @@ def methods_parse(text: str) -> tuple[Method, ...]:
 _CRED_COLS = (
     "id, user_name, method, backend, signing_key, agreement_key, wrapped_otp_key, suite, atc, "
     "failures, locked, created, last_used, protocol, sealed_otp_key, attestation, certificate, "
-    "sign_count"
+    "sign_count, expires"
 )
 _CHALLENGE_COLS = (
     "challenge_id, kind, user_name, message, context, state, created, expires, claimed_by, "
@@ -107,6 +107,7 @@ def _cred(row: Sequence[Any]) -> CredentialRecord:
         attestation=None if row[15] is None else str(row[15]),
         certificate=None if row[16] is None else bytes(row[16]),
         sign_count=int(row[17]),
+        expires=int(row[18]),
     )
 
 
@@ -382,7 +383,7 @@ class SqlStore(VerifierStore):
         row = db.one(
             "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
             "wrapped_otp_key, suite, atc, created, protocol, sealed_otp_key, attestation, "
-            "certificate, credential_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "certificate, credential_id, expires) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "RETURNING id",
             (
                 record.user,
@@ -399,6 +400,7 @@ class SqlStore(VerifierStore):
                 record.attestation,
                 record.certificate,
                 transcript.credential_id(record.signing_key),
+                record.expires,
             ),
         )
         self._audit(db, audit)
@@ -591,6 +593,19 @@ class SqlStore(VerifierStore):
         with self._tx() as db:
             db.count("UPDATE credentials SET failures=0, locked=0 WHERE id=?", (credential_id,))
             self._audit(db, audit)
+
+    def renew(
+        self, credential_id: int, *, expires: int, certificate: bytes,
+        audit: AuditRecord | None = None,
+    ) -> bool:
+        with self._tx() as db:
+            done = db.count(
+                "UPDATE credentials SET expires=?, certificate=? WHERE id=?",
+                (expires, certificate, credential_id),
+            )
+            if done:
+                self._audit(db, audit)
+        return bool(done)
 
     def revoke(self, credential_id: int, audit: AuditRecord | None = None) -> bool:
         with self._tx() as db:

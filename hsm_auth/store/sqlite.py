@@ -99,6 +99,10 @@ _V9 = (
     "CREATE INDEX challenges_expires ON challenges (expires)",
 )
 
+# Version 10 (issue 14): each credential's offline expiry (Unix time; 0: never;
+# hsm_auth.expiry), set at enrollment and at each renewal.
+_V10 = ("ALTER TABLE credentials ADD COLUMN expires INTEGER NOT NULL DEFAULT 0",)
+
 
 class _SqliteCursor:
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -123,7 +127,7 @@ class _SqliteCursor:
 class SqliteStore(SqlStore):
     engine = "sqlite"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10,
     )
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
