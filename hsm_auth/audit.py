@@ -44,6 +44,7 @@ class Event(enum.Enum):
     CLAIM = "claim"  # a QR challenge claimed by an authenticator
     APPROVE = "approve"  # a challenge approved (signed in the token)
     REJECT = "reject"  # a challenge rejected (signed in the token)
+    RENEW = "renew"  # a credential's offline expiry renewed online (detail: the new expiry)
 
 
 class Reason(enum.Enum):
@@ -64,6 +65,7 @@ class Reason(enum.Enum):
     OLD_PROTOCOL = "old-protocol"  # a credential enrolled before protocol 3
     ATTESTATION = "attestation"  # an enrollment whose attestation the policy refuses
     ACTIVATION = "activation"  # an enrollment whose activation MAC was wrong or missing
+    EXPIRED = "expired"  # the credential's offline use expired (hsm_auth.expiry; detail: when)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ sign-only P-256 key in the HSM. It signs two kinds of certificate only:
 * the **CA certificate**, self-signed, made once at ``verifier init`` and kept
   in the verifier's directory (``ca.pem``, public, mode 0644), printed by
   ``hsm-auth verifier ca-cert``;
-* a **device certificate** for each successful enrollment: subject
+* a **device certificate** for each successful enrollment and renewal: subject
   ``UID=<user>, OU=<method>, serialNumber=<credential id, hex>``, issuer the CA
   certificate's subject, a random 159-bit serial, keyUsage digitalSignature
   and basicConstraints CA=false (both critical), subject and authority key
-  identifiers, and the verifier's :class:`~hsm_auth.attestation.AttestationResult`
-  in a non-critical private extension (:data:`ATTESTATION_OID`)::
+  identifiers, ``notAfter`` the credential's offline expiry (:mod:`hsm_auth.expiry`;
+  3 years when it never expires), and the verifier's
+  :class:`~hsm_auth.attestation.AttestationResult` in a non-critical private extension
+  (:data:`ATTESTATION_OID`)::
 
       hsmAuthAttestation EXTENSION ::= { SYNTAX UTF8String IDENTIFIED BY
           2.25.247082669378731429492814363386460064207 }
@@ -248,11 +250,15 @@ def issue(
     signing_key: bytes,
     attestation: AttestationResult,
     now: float,
+    expires: int = 0,
 ) -> bytes:
-    """The DER device certificate for the credential's ``signing_key`` (SEC1 point)."""
+    """The DER device certificate for the credential's ``signing_key`` (SEC1 point).
+    ``expires`` is the credential's offline expiry (:mod:`hsm_auth.expiry`): the
+    certificate's ``notAfter``; 0 (never): :data:`DEVICE_VALIDITY` after issue."""
     public = ecutil.decode_point(signing_key)
     ca_public = keys.ca_public
     start = _utc(now) - BACKDATE
+    end = _utc(expires) if expires else start + DEVICE_VALIDITY
     cert = (
         x509.CertificateBuilder()
         .subject_name(device_name(user, method, signing_key))
@@ -260,7 +266,7 @@ def issue(
         .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + DEVICE_VALIDITY)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

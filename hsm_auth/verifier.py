@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import activation, attestation, audit, display, ec, ocra, transcript
+from . import activation, attestation, audit, display, ec, expiry, ocra, transcript
 from .attestation import VerifierPolicy
 from .audit import AuditRecord, Event, Reason
 from .enrollment_messages import EnrollmentOffer, EnrollmentResponse, EnrollmentResult
 from .errors import (
     AlreadyEnrolled,
     ConfigError,
+    CredentialExpired,
     DecodeError,
     HsmAuthError,
     InvalidInput,
@@ -180,6 +181,15 @@ class Acceptance:
 
 
 @dataclass(frozen=True)
+class Renewal:
+    """What :meth:`Verifier.renew` did: the renewed credential (its new ``expires`` and
+    certificate) and the EnrollmentResult text that states them."""
+
+    credential: CredentialRecord
+    result: str
+
+
+@dataclass(frozen=True)
 class UserState:
     """What ``hsm-auth verifier show`` prints: counters, lockout, recent audit."""
 
@@ -193,6 +203,25 @@ class _Request:
     index: int
     session_id: bytes
     otps: tuple[str, ...]  # one OTP, or two consecutive ones for a resync
+
+
+@dataclass(frozen=True)
+class _Expired(Note):
+    """A refusal of an expired credential: only an audit record, and the caller is told
+    :class:`CredentialExpired` (the advice to renew), not InvalidToken."""
+
+    method: Method = Method.DEVICE
+    expires: int = 0
+
+    def error(self) -> CredentialExpired:
+        return CredentialExpired(self.method.value, self.expires)
+
+
+def _expired_note(base: AuditRecord, cred: CredentialRecord) -> _Expired:
+    record = dataclasses.replace(
+        base.refused(Reason.EXPIRED), method=cred.method.value, detail=str(cred.expires)
+    )
+    return _Expired(record, cred.method, cred.expires)
 
 
 Result = Acceptance | HsmAuthError
@@ -445,6 +474,7 @@ class Verifier:
             atc=response.initial_atc,
             created=self._now(),
             attestation=verified.to_json(),
+            expires=self.policy.offline_validity.expires(self._now()),
         )
         # The offer's agreement key makes the OTP key and it is sealed at once; the key
         # confirmation is checked with the sealed key, before anything is recorded.
@@ -503,6 +533,7 @@ class Verifier:
             signing_key=record.signing_key,
             attestation=verified,
             now=self._now(),
+            expires=record.expires,
         )
 
     def enrollment_result(self, credential: CredentialRecord) -> str:
@@ -533,6 +564,51 @@ class Verifier:
             ca_certificate=self.ca_certificate.public_bytes(serialization.Encoding.DER),
             attestation=shown,
         ).to_text(self.keys.sign_raw)
+
+    # --- renewal (hsm_auth.expiry, docs/PROTOCOL.md §20) -----------------------------
+
+    def renew(self, credential: CredentialRecord) -> Renewal:
+        """Renew ``credential``'s offline use: a new expiry from now (the policy's
+        ``[offline] validity_days``), a new device certificate stating it, both saved
+        in one transaction with the audit record; returns the renewed credential and
+        the signed :class:`EnrollmentResult` text for the authenticator
+        (:meth:`Authenticator.store_result` takes it for the same credential).
+
+        The caller has authenticated the credential (a request signed by it, the
+        online service's ``POST /v1/device/renewal``); expired or not, it may renew.
+        A locked credential, or one enrolled with an older protocol, may not."""
+        if credential.locked:
+            raise InvalidInput(
+                f"the {credential.method.value} credential is locked; it cannot be renewed "
+                "before the verifier unlocks it"
+            )
+        if not _current(credential):
+            raise UnknownMethod(
+                f"the {credential.method.value} credential was enrolled with an older "
+                "protocol; enroll it again"
+            )
+        now = self._now()
+        expires = self.policy.offline_validity.expires(now)
+        verified = (
+            attestation.AttestationResult.from_json(credential.attestation)
+            if credential.attestation is not None
+            else attestation.AttestationResult("unknown", False)
+        )
+        renewed = dataclasses.replace(credential, expires=expires)
+        renewed = dataclasses.replace(renewed, certificate=self._certify(renewed, verified))
+        assert renewed.certificate is not None
+        record = AuditRecord(
+            now, Event.RENEW, credential.user, credential.method.value,
+            detail=str(expires) if expires else "never",
+        )
+        if not self.store.renew(
+            credential.id, expires=expires, certificate=renewed.certificate, audit=record
+        ):
+            raise UnknownMethod(
+                f"{credential.user!r} has no such {credential.method.value} credential"
+            )
+        audit.emit([record])
+        return Renewal(renewed, self.enrollment_result(renewed))
 
     def _refuse_enrollment(
         self, response: EnrollmentResponse, reason: Reason, detail: str | None = None
@@ -672,7 +748,8 @@ class Verifier:
         _check_user(user)
         display.check(context, "the context", max_len=MAX_CONTEXT)
         credentials = self.store.credentials(user)
-        enrolled = {c.method for c in credentials if _current(c)}
+        current = [c for c in credentials if _current(c)]
+        enrolled = {c.method for c in current}
         if not enrolled:
             if credentials:
                 raise UnknownMethod(
@@ -684,6 +761,13 @@ class Verifier:
         allowed = tuple(m for m in dict.fromkeys(wanted) if m in enrolled)
         if not allowed:
             raise UnknownMethod(f"{user!r} has none of the requested methods enrolled")
+        # Expiry (hsm_auth.expiry): an expired method is left out; none left is the advice.
+        now = self._now()
+        live = {c.method for c in current if not expiry.expired(c.expires, now)}
+        if not any(m in live for m in allowed):
+            first = next(c for m in allowed for c in current if c.method is m)
+            raise CredentialExpired(first.method.value, first.expires)
+        allowed = tuple(m for m in allowed if m in live)
         session_id = os.urandom(SESSION_ID_BYTES)
         data = VerificationData(
             verifier_id=self.identity.verifier_id,
@@ -768,6 +852,8 @@ class Verifier:
                     pending.append(req)  # the ATC moved under us: read and check again
                 elif req.index in results:
                     continue
+                elif isinstance(change, _Expired):
+                    results[req.index] = change.error()
                 elif isinstance(change, Note) and change.record.reason is Reason.MALFORMED_OTP:
                     results[req.index] = InvalidInput(f"an OTP is {change.record.detail} digits")
                 elif outcome.status is Status.DONE and isinstance(change, Accept):
@@ -816,6 +902,10 @@ class Verifier:
             return Note(base.refused(Reason.NOT_SYNC))
         creds = [c for c in creds_by_user.get(session.user, []) if c.method in session.methods]
         usable = [c for c in creds if not c.locked and _current(c)]
+        live = [c for c in usable if not expiry.expired(c.expires, now)]
+        if usable and not live:  # every credential that could answer has expired
+            return _expired_note(base, usable[0])
+        usable = live
         if not usable:
             if not all(map(_current, creds)):
                 return Note(base.refused(Reason.OLD_PROTOCOL))
@@ -946,6 +1036,7 @@ class Verifier:
         :meth:`apply_sync` then moves the stored ATC there, so the next OTP is in
         the window again however many OTPs were made and never submitted."""
         cred = self.credential(user, method)
+        expiry.check(cred.method, cred.expires, self._now())
         session_id = os.urandom(SESSION_ID_BYTES)
         expires = self._now() + self.identity.offer_ttl
         message = SyncMessage(
@@ -985,6 +1076,8 @@ class Verifier:
                 continue  # the ATC moved under us (an OTP was accepted): check again
             if outcome.status is Status.DONE and isinstance(change, Accept):
                 return Acceptance(report.user, report.method, report.atc)
+            if isinstance(change, _Expired):
+                raise change.error()
             raise InvalidToken()
         refused = AuditRecord(
             now,
@@ -1029,6 +1122,8 @@ class Verifier:
             return Note(base.refused(Reason.OLD_PROTOCOL))
         if cred.locked:
             return Note(base.refused(Reason.LOCKED))
+        if expiry.expired(cred.expires, now):
+            return _expired_note(base, cred)
         if not cred.atc < report.atc <= MAX_ATC - self.identity.resync_window - 1:
             return Note(base.refused(Reason.SYNC_STALE))
         scheme = OtpScheme.for_suite(cred.suite)
