@@ -115,6 +115,13 @@ class EnrolledMethod:
     #: online (:meth:`Authenticator.set_approval_policy`): seconds a PIN may be reused
     #: for approvals (0: each approval needs it; ``hsm_auth.attestation.ApprovalPolicy``).
     approval_timeout: int = 0
+    #: The user's tenant at the verifier, from the offer (docs/PROTOCOL.md §17); "" none.
+    tenant: str = ""
+    #: From the EnrollmentResult (docs/PROTOCOL.md §5.6): the Unix time after which the
+    #: method makes no offline OTP (0: never), and how many seconds the authenticator
+    #: may keep it unlocked after a use (0: every use asks).
+    offline_expires: int = 0
+    pin_cache: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -129,14 +136,16 @@ class EnrolledMethod:
         cid = d.get("credential_id", "")
         if not isinstance(cid, str) or (cid and not _is_hex(cid, 16)):
             raise StateError(f"{where}: a malformed credential_id")
-        for pem in ("certificate", "ca_certificate"):
-            if not isinstance(d.get(pem, ""), str):
-                raise StateError(f"{where}: a malformed {pem}")
+        for text in ("certificate", "ca_certificate", "tenant"):
+            if not isinstance(d.get(text, ""), str):
+                raise StateError(f"{where}: a malformed {text}")
         return cls(
             **{**d, "verifier_id": bytes.fromhex(d["verifier_id"]), "method": Method(d["method"]),
                "window": state_int(d, "window", None, 1, 1000, where),
                "synced_atc": state_int(d, "synced_atc", None, 0, 2**63 - 1, where),
-               "approval_timeout": state_int(d, "approval_timeout", 0, 0, 3600, where)}
+               "approval_timeout": state_int(d, "approval_timeout", 0, 0, 3600, where),
+               "offline_expires": state_int(d, "offline_expires", 0, 0, 2**63 - 1, where),
+               "pin_cache": state_int(d, "pin_cache", 0, 0, 3600, where)}
         )
 
 
@@ -250,6 +259,21 @@ class OfflineRequest:
     methods: tuple[Method, ...]  # allowed by the verifier AND enrolled here
     expires: int
     data: VerificationData = field(repr=False)
+
+    @property
+    def tenant(self) -> str | None:
+        """The user's tenant the verifier named (docs/PROTOCOL.md §17), or None."""
+        return self.data.tenant
+
+    @property
+    def transaction(self) -> tuple[tuple[str, str], ...] | None:
+        """The signed transaction data to show with the context (label, value), or None."""
+        return self.data.transaction
+
+    @property
+    def user_data(self) -> int:
+        """How many characters the user must enter (0: none; ``finish(data=…)``)."""
+        return self.data.user_data
 
 
 @dataclass(frozen=True)
@@ -556,6 +580,7 @@ class Authenticator:
                     backend_ref=registry.backend_reference(backend),
                     label=label,
                     credential_id=transcript.credential_id(signing_key).hex(),
+                    tenant=offer.tenant or "",
                 )
                 verifiers = dict(self._verifiers)
                 verifiers[offer.verifier_id] = PinnedVerifier(
@@ -628,6 +653,8 @@ class Authenticator:
                 enrolled,
                 certificate=cert.public_bytes(pem).decode("ascii"),
                 ca_certificate=ca.public_bytes(pem).decode("ascii"),
+                offline_expires=result.offline_expires,
+                pin_cache=result.pin_cache,
             )
             self._save(self._verifiers, [updated if m is enrolled else m for m in self._methods])
             return updated
@@ -946,15 +973,22 @@ class Authenticator:
         ec.verify(ec.decode_point(pinned.signing_key), signed.signature, signed.body)
         if data.expires < self._clock():
             raise ExpiredMessage("the verification data has expired; ask for a new code")
-        mine = [m for m in self._methods if m.verifier_id == data.verifier_id]
+        tenant = data.tenant or ""  # a method enrolled without a tenant has ""
+        mine = [
+            m for m in self._methods if m.verifier_id == data.verifier_id and m.tenant == tenant
+        ]
         if not any(m.user == data.user for m in mine):
             raise UnknownMethod(
-                f"this authenticator holds no enrollment of {data.user!r} at {pinned.name!r}"
+                f"this authenticator holds no enrollment of {data.user!r}"
+                + (f" (tenant {tenant!r})" if tenant else "")
+                + f" at {pinned.name!r}"
             )
         methods = tuple(
             m
             for m in data.methods
-            if (found := self._find(data.verifier_id, m)) is not None and found.user == data.user
+            if (found := self._find(data.verifier_id, m)) is not None
+            and found.user == data.user
+            and found.tenant == tenant
         )
         if not methods:
             allowed = ", ".join(m.value for m in data.methods)
@@ -964,15 +998,34 @@ class Authenticator:
         return OfflineRequest(pinned.name, data.user, data.context, methods, data.expires, data)
 
     def finish_offline_authentication(
-        self, request: OfflineRequest, method: Method, *, pin: str | None = None
+        self,
+        request: OfflineRequest,
+        method: Method,
+        *,
+        pin: str | None = None,
+        data: str | None = None,
+        prompt: str | None = None,
     ) -> OfflineOtp:
-        """Authenticate with ``method`` and return the OTP bound to the request's context."""
+        """Authenticate with ``method`` and return the OTP bound to the request's context,
+        tenant and transaction, and to ``data``: what the user entered, required when the
+        session lets the user enter data (``request.user_data`` > 0), refused otherwise
+        (docs/PROTOCOL.md §17). ``prompt`` is the text shown while the token waits for
+        the user's verification (else the method's own)."""
+        from . import display, transaction
+
+        entered = transaction.user_data(data, request.data.user_data)
+        if prompt is not None:
+            display.check(prompt, "the prompt", max_len=display.MAX_CONTEXT)
         if method not in request.methods:
             raise UnknownMethod(f"the {method.value} method is not allowed here or not enrolled")
         if request.expires < self._clock():
             raise ExpiredMessage("the verification data has expired; ask for a new code")
         enrolled = self._find(request.data.verifier_id, method)
-        if enrolled is None or enrolled.user != request.data.user:
+        if (
+            enrolled is None
+            or enrolled.user != request.data.user
+            or enrolled.tenant != (request.data.tenant or "")
+        ):
             raise UnknownMethod(f"the {method.value} method is not enrolled here")
         if not enrolled.credential_id:
             raise StateError(
@@ -987,11 +1040,16 @@ class Authenticator:
             credential_id=bytes.fromhex(enrolled.credential_id),
             challenge=request.data.challenge,
             context=request.data.context,
+            tenant=request.data.tenant,
+            transaction=request.data.transaction,
+            data=entered,
         )
         with self._store(
             enrolled.backend, enrolled.settings, method, enrolled.backend_ref
         ) as store:
             auth = self._authorization(method, store, enrolled.settings, pin)
+            if prompt is not None:
+                auth = dataclasses.replace(auth, prompt=prompt)
             limit = enrolled.synced_atc + enrolled.window
             with self._exclusive():  # one OTP at a time per authenticator, across processes
                 try:

@@ -23,6 +23,7 @@ from .protocol import (
     _method_set,
     _methods,
     _opt_bytes,
+    _opt_tenant,
     _point,
     _text,
 )
@@ -40,7 +41,9 @@ class EnrollmentOffer(_Message):
 
     ``enrolled`` names the methods the user had enrolled at the verifier when it made
     the offer: without ``replace`` the verifier will refuse those, so the
-    authenticator refuses them too, before it creates any key."""
+    authenticator refuses them too, before it creates any key. ``tenant`` (or None)
+    names the user's tenant at the verifier (docs/PROTOCOL.md §17): the enrolled
+    method keeps it, and sessions of that tenant's user bind it."""
 
     KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_OFFER
 
@@ -56,6 +59,7 @@ class EnrollmentOffer(_Message):
     replace: bool
     expires: int
     enrolled: tuple[Method, ...] = ()
+    tenant: str | None = None
     signature: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
@@ -73,6 +77,7 @@ class EnrollmentOffer(_Message):
             replace=_bool(v[9], "replace"),
             expires=_int(v[10], "expires"),
             enrolled=_method_set(v[11], "enrolled"),
+            tenant=_opt_tenant(v[12]),
             signature=signature,
         )
 
@@ -137,6 +142,8 @@ class EnrollmentResponse(_Message):
 #: Size limits of the certificates an :class:`EnrollmentResult` carries (DER).
 MAX_CERTIFICATE = 2048
 MAX_CA_CERTIFICATE = 1024
+#: The longest an authenticator may keep a method unlocked (EnrollmentResult.pin_cache).
+MAX_PIN_CACHE = 3600
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,10 @@ class EnrollmentResult(_Message):
     signing key, which the authenticator pinned at enrollment): the X.509
     certificate the verifier's device CA issued for the method's signing key, the
     CA certificate, and the attestation result's summary (:mod:`hsm_auth.device_ca`).
-    ``credential_id`` names the enrolled credential (docs/PROTOCOL.md §8.3)."""
+    ``credential_id`` names the enrolled credential (docs/PROTOCOL.md §8.3).
+    ``offline_expires`` is the Unix time after which the credential makes no
+    offline OTP (0: never); ``pin_cache`` how many seconds the authenticator may
+    keep the method unlocked after one use (0: every use asks, at most 3600)."""
 
     KIND: ClassVar[MessageType] = MessageType.ENROLLMENT_RESULT
 
@@ -156,6 +166,8 @@ class EnrollmentResult(_Message):
     certificate: bytes  # DER
     ca_certificate: bytes  # DER
     attestation: str
+    offline_expires: int = 0
+    pin_cache: int = 0
     signature: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
@@ -168,5 +180,7 @@ class EnrollmentResult(_Message):
             certificate=_bytes(v[4], "certificate", min_len=1, max_len=MAX_CERTIFICATE),
             ca_certificate=_bytes(v[5], "ca_certificate", min_len=1, max_len=MAX_CA_CERTIFICATE),
             attestation=_text(v[6], "attestation", max_len=MAX_CONTEXT),
+            offline_expires=_int(v[7], "offline_expires"),
+            pin_cache=_int(v[8], "pin_cache", hi=MAX_PIN_CACHE),
             signature=signature,
         )

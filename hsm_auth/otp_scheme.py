@@ -27,6 +27,8 @@ from typing import Final
 from . import ocra
 from .errors import InvalidInput, InvalidToken
 from .methods import Method
+from .transaction import Transaction
+from .transaction import digest as _transaction_digest
 
 __all__ = ["MAX_DIGITS", "MIN_DIGITS", "OtpScheme"]
 
@@ -89,15 +91,22 @@ class OtpScheme:
         credential_id: bytes,
         challenge: bytes,
         context: str,
+        tenant: str | None = None,
+        transaction: Transaction | None = None,
+        data: str = "",
     ) -> str:
         """The OCRA question (QH64 text) of an offline session (docs/PROTOCOL.md,
         "The OTP question"): SHA-256 over a domain tag, the verifier id, the UTF-8
         user and the method code (who and where), the credential id (which token),
-        the challenge (``>H`` length prefixes) and the UTF-8 context the user saw
-        (``>I`` length prefix). Length-prefixed, so no two inputs collide.
+        the challenge (``>H`` length prefixes), the UTF-8 context the user saw
+        (``>I`` length prefix), then the tenant (empty: none), the transaction's
+        digest (:func:`hsm_auth.transaction.digest`, empty: none) and the data the
+        user entered (normalized by :func:`hsm_auth.transaction.user_data`, empty:
+        none), each ``>H``-prefixed. Length-prefixed, so no two inputs collide.
 
         This is the one definition both sides use: an OTP answers one session of one
-        user's one credential at one verifier, and nothing else."""
+        user's one credential at one verifier, for exactly the data shown and entered,
+        and nothing else."""
         return _question(
             _OTP_DOMAIN,
             (
@@ -107,6 +116,9 @@ class OtpScheme:
                 _short(credential_id),
                 _short(challenge),
                 _long(context.encode("utf-8")),
+                _short((tenant or "").encode("utf-8")),
+                _short(_transaction_digest(transaction)),
+                _short(data.encode("utf-8")),
             ),
         )
 

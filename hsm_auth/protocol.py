@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import cbor2
 
 from . import cbor, display, ec, textcode
+from . import transaction as _transaction
 from .errors import DecodeError, UnsupportedVersion
 from .methods import Method
 
@@ -147,6 +148,26 @@ def _bool(v: Any, name: str) -> bool:
     return v
 
 
+def _opt_tenant(v: Any, name: str = "tenant") -> str | None:
+    """A tenant name or null (docs/PROTOCOL.md §17): 1..64, display text, no whitespace."""
+    if v is None:
+        return None
+    why = _transaction.tenant_problem(v)
+    if why is not None:
+        raise DecodeError(f"bad field {name}: it {why}")
+    return str(v)
+
+
+def _opt_transaction(v: Any) -> _transaction.Transaction | None:
+    """Transaction data or null: 1..8 ``[label, value]`` pairs (docs/PROTOCOL.md §17)."""
+    if v is None:
+        return None
+    why = _transaction.problem(v)
+    if why is not None:
+        raise DecodeError(f"bad field transaction: it {why}")
+    return tuple((label, value) for label, value in v)
+
+
 def _methods(v: Any) -> tuple[Method, ...]:
     if not isinstance(v, list) or not 1 <= len(v) <= len(Method):
         raise DecodeError("bad field methods")
@@ -199,6 +220,8 @@ class _Message:
                 v = v.code
             elif isinstance(v, tuple) and all(isinstance(m, Method) for m in v):
                 v = [m.code for m in v]
+            elif isinstance(v, tuple):  # transaction data: pairs as arrays
+                v = [list(pair) for pair in v]
             out.append(v)
         return out
 
@@ -246,7 +269,11 @@ class VerificationData(_Message):
     the challenge and the context), and every byte makes the QR code denser.
     The verifier keeps its session id beside the challenge. ``user`` names whose
     session it is: the authenticator shows it and answers only for a user it
-    holds an enrollment of, and the OTP question binds it."""
+    holds an enrollment of, and the OTP question binds it. ``tenant`` (or None)
+    names the user's tenant at the verifier; ``transaction`` (or None) is the
+    signed transaction data shown with the context; ``user_data`` is how many
+    characters the user may enter on the authenticator (0: none). All three are
+    bound by the question (docs/PROTOCOL.md §17)."""
 
     KIND: ClassVar[MessageType] = MessageType.VERIFICATION_DATA
 
@@ -256,6 +283,9 @@ class VerificationData(_Message):
     context: str
     methods: tuple[Method, ...]
     expires: int
+    tenant: str | None = None
+    transaction: _transaction.Transaction | None = None
+    user_data: int = 0
     signature: bytes = field(default=b"", repr=False, compare=False)
 
     @classmethod
@@ -267,6 +297,9 @@ class VerificationData(_Message):
             context=_text(v[3], "context", max_len=MAX_CONTEXT),
             methods=_methods(v[4]),
             expires=_int(v[5], "expires"),
+            tenant=_opt_tenant(v[6]),
+            transaction=_opt_transaction(v[7]),
+            user_data=_int(v[8], "user_data", hi=_transaction.MAX_USER_DATA),
             signature=signature,
         )
 

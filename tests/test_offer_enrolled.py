@@ -59,7 +59,7 @@ def test_the_enrolled_methods_round_trip(enrolled):
 )
 def test_a_bad_enrolled_field_is_a_decode_error(bad):
     values = _values(_offer())
-    values[-1] = bad
+    values[2 + 11] = bad  # after version and type: enrolled, the 12th field
     with pytest.raises(DecodeError, match=r"bad field enrolled|CBOR tags are not allowed"):
         EnrollmentOffer.decode(_wire(values))
 

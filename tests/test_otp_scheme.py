@@ -35,7 +35,8 @@ WHO = dict(verifier_id=VID, user="alice", method=Method.PIN, credential_id=CID)
 
 def test_question_is_the_protocol_3_formula() -> None:
     """Recomputed with hashlib alone: domain, verifier id, user, method, credential id,
-    challenge (>H prefixes), context (>I prefix)."""
+    challenge (>H prefixes), context (>I prefix), then tenant, transaction digest and
+    user data (>H prefixes; empty here: none of them)."""
     ctx = CONTEXT.encode()
     expected = hashlib.sha256(
         b"hsm-auth/otp-question/v3"
@@ -45,9 +46,38 @@ def test_question_is_the_protocol_3_formula() -> None:
         + struct.pack(">H", 16) + CID
         + struct.pack(">H", 16) + CHALLENGE
         + struct.pack(">I", len(ctx)) + ctx
+        + struct.pack(">H", 0) * 3
     ).hexdigest()
     q = OtpScheme.default().question(**WHO, challenge=CHALLENGE, context=CONTEXT)
-    assert q == expected == "ab0710b253efbf1757cb1acfa3241716fd15281227da76fb26eb723bab7b198d"
+    assert q == expected == "38595dca42839a087574555a049e6a46209981d639027fe4f5f4636c6207fe39"
+
+
+def test_question_with_tenant_transaction_and_data() -> None:
+    """docs/PROTOCOL.md §17: the tenant's UTF-8, TH (SHA-256 over its own domain, the
+    number of pairs and each label and value, >H prefixes) and the user's data."""
+    ctx = CONTEXT.encode()
+    items = (("Amount", "10.00 EUR"), ("Payee", "Bob"))
+    th = hashlib.sha256(
+        b"hsm-auth/transaction/v1" + bytes([2])
+        + b"\x00\x06Amount" + b"\x00\x0910.00 EUR" + b"\x00\x05Payee" + b"\x00\x03Bob"
+    ).digest()
+    expected = hashlib.sha256(
+        b"hsm-auth/otp-question/v3"
+        + struct.pack(">H", 8) + VID
+        + struct.pack(">H", 5) + b"alice"
+        + bytes([Method.PIN.code])
+        + struct.pack(">H", 16) + CID
+        + struct.pack(">H", 16) + CHALLENGE
+        + struct.pack(">I", len(ctx)) + ctx
+        + struct.pack(">H", 6) + b"retail"
+        + struct.pack(">H", 32) + th
+        + struct.pack(">H", 5) + "Müll".encode()
+    ).hexdigest()
+    q = OtpScheme.default().question(
+        **WHO, challenge=CHALLENGE, context=CONTEXT, tenant="retail", transaction=items,
+        data="Müll",
+    )
+    assert q == expected
 
 
 def test_sync_question_is_todays_formula() -> None:
@@ -70,15 +100,15 @@ def test_otps_and_sync_mac_are_pinned() -> None:
     scheme = OtpScheme.default()
     q = scheme.question(**WHO, challenge=CHALLENGE, context=CONTEXT)
     assert [scheme.otp(KEY, counter=c, question=q) for c in (1, 2, 3)] == [
-        "60167870",
-        "96873909",
-        "80499352",
+        "94184938",
+        "13272806",
+        "37957201",
     ]
     six = OtpScheme.for_suite(SIX)
     assert [six.otp(KEY, counter=c, question=q) for c in (1, 2, 3)] == [
-        "204761",
-        "374905",
-        "502353",
+        "603164",
+        "405210",
+        "873153",
     ]
     sq = scheme.sync_question(session_id=b"\x22" * 16, user="alice", method=Method.PIN)
     mac = hmac.new(KEY, scheme.message(7, sq), hashlib.sha256).digest()
@@ -90,11 +120,11 @@ def test_otps_and_sync_mac_are_pinned() -> None:
     assert scheme.verify_mac(mac_fn, mac, counter=7, question=sq)
     assert not scheme.verify_mac(mac_fn, mac, counter=8, question=sq)
     # The token path (MAC the message, then truncate) equals the software OTP.
-    assert scheme.truncate(mac_fn(scheme.message(2, q))) == "96873909"
-    assert scheme.verify(mac_fn, "96873909", counter=2, question=q)
-    assert scheme.verify(KEY, "96873909", counter=2, question=q)
-    assert not scheme.verify(mac_fn, "96873900", counter=2, question=q)
-    assert not scheme.verify(mac_fn, "96873909", counter=3, question=q)
+    assert scheme.truncate(mac_fn(scheme.message(2, q))) == "13272806"
+    assert scheme.verify(mac_fn, "13272806", counter=2, question=q)
+    assert scheme.verify(KEY, "13272806", counter=2, question=q)
+    assert not scheme.verify(mac_fn, "13272800", counter=2, question=q)
+    assert not scheme.verify(mac_fn, "13272806", counter=3, question=q)
 
 
 def test_question_binds_challenge_and_context_and_sync_has_its_own_domain() -> None:
@@ -111,6 +141,17 @@ def test_question_binds_challenge_and_context_and_sync_has_its_own_domain() -> N
     assert len({q(), q(verifier_id=b"\x0b" * 8), q(user="mallory"), q(method=Method.DEVICE),
                 q(credential_id=b"\x0d" * 16), q(user="alic", credential_id=b"e" + CID)}) == 6
     assert s.sync_question(session_id=c, user="alice", method=Method.PIN) != q(context="alice")
+    # The tenant, each pair of a transaction (and their order) and the user's data.
+    pay = (("Amount", "120.00 EUR"), ("Payee", "DE89 3704"))
+    swapped = (("Amount", "DE89 3704"), ("Payee", "120.00 EUR"))
+    variants = [
+        q(), q(tenant="a"), q(tenant="b"), q(transaction=pay), q(transaction=pay[::-1]),
+        q(transaction=swapped), q(transaction=pay[:1]), q(transaction=(("Amount", "120.00 EUR"),
+        ("Payee", "DE89 3705"))), q(data="1234"), q(data="1235"), q(transaction=pay, data="1"),
+        # no shifting between fields: the tenant's text is not the data's
+        q(tenant="ab"), q(data="ab"),
+    ]
+    assert len(set(variants)) == len(variants)
 
 
 # --- refusing what the product cannot feed -----------------------------------------

@@ -62,14 +62,15 @@ def test_verification_data_round_trips_and_signature_checks():
 def test_verification_data_is_qr_alphanumeric_and_small():
     from hsm_auth import qr
 
-    # Protocol 3 names the user: a 60-character context with a user name of up to 22
+    # Protocol 3 names the user: a 60-character context with a user name of up to 19
     # characters stays within version 10 at level M (it was 273 characters without
-    # the user, 283 with "alice"; version 10 holds 311).
-    text = verification_data(context="x" * 60, user="u" * 22).to_text(signer(KEY))
+    # the user, 283 with "alice", 288 since the three fields of docs/PROTOCOL.md §17,
+    # null/null/0; version 10 holds 311).
+    text = verification_data(context="x" * 60, user="u" * 19).to_text(signer(KEY))
     alphanumeric = set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ $%*+-./:")
     assert set(text) <= alphanumeric
     assert qr.version_of(text) <= 10
-    longer = verification_data(context="x" * 60, user="u" * 23).to_text(signer(KEY))
+    longer = verification_data(context="x" * 60, user="u" * 20).to_text(signer(KEY))
     assert qr.version_of(longer) == 11  # the measured limit above is the real one
     typical = verification_data(context="Log in to ws-7 as alice").to_text(signer(KEY))
     assert qr.version_of(typical) <= 9  # 53x53 modules at M (version 8 before the user)

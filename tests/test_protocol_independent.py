@@ -20,6 +20,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -226,13 +227,25 @@ def client_data_hash(offer_id: bytes, user: str, method: str, ephemeral_point: b
 # --- The OTP ------------------------------------------------------------------------------------
 
 
+def transaction_digest(items: list[list[str]] | None) -> bytes:
+    """TH of section 17: empty without a transaction."""
+    if items is None:
+        return b""
+    out = b"hsm-auth/transaction/v1" + bytes([len(items)])
+    for label, value in items:
+        out += lp16(utf8(label)) + lp16(utf8(value))
+    return hashlib.sha256(out).digest()
+
+
 def question(
-    verifier_id: bytes, user: str, method: str, cid: bytes, challenge: bytes, context: str
+    verifier_id: bytes, user: str, method: str, cid: bytes, challenge: bytes, context: str,
+    tenant: str | None = None, items: list[list[str]] | None = None, data: str = "",
 ) -> str:
     return hashlib.sha256(
         b"hsm-auth/otp-question/v3"
         + lp16(verifier_id) + lp16(utf8(user)) + u8(method) + lp16(cid)
         + lp16(challenge) + lp32(utf8(context))
+        + lp16(utf8(tenant or "")) + lp16(transaction_digest(items)) + lp16(utf8(data))
     ).hexdigest()
 
 
@@ -278,6 +291,7 @@ def compute(v: dict[str, Any]) -> dict[str, Any]:
         OFFER, v["verifier_id"], v["verifier_name"], v["user"], v["offer_id"],
         out["verifier_signing_key"], out["verifier_agreement_key"], v["suite"], v["window"],
         v["offer_methods"], v["offer_replace"], v["offer_expires"], v["offer_enrolled"],
+        None,
     )
     out["offer_hash"] = offer_hash = hashlib.sha256(ob).digest()
 
@@ -311,6 +325,7 @@ def compute(v: dict[str, Any]) -> dict[str, Any]:
     out["verification_body"] = vb = body(
         VERIFICATION, v["verifier_id"], v["user"], v["challenge"], v["context"],
         [METHOD_CODES[m] for m in v["verification_methods"]], v["verification_expires"],
+        None, None, 0,
     )
     out["context_utf8"] = utf8(v["context"])
     out["question"] = q = question(
@@ -320,6 +335,21 @@ def compute(v: dict[str, Any]) -> dict[str, Any]:
     out["otp_mac"] = hmac.digest(z, out["data_input"], "sha256")
     out["otp"] = otp(z, v["suite"], v["counter"], q)
     out["verification_text"] = to_text(envelope(vb, v["verification_signature"]))
+
+    # Section 17: a tenant, transaction data and data the user typed (trimmed, NFC).
+    out["tx_verification_body"] = tb = body(
+        VERIFICATION, v["verifier_id"], v["user"], v["challenge"], v["tx_context"],
+        [METHOD_CODES[m] for m in v["verification_methods"]], v["verification_expires"],
+        v["tx_tenant"], v["tx_items"], v["tx_user_data"],
+    )
+    out["tx_verification_text"] = to_text(envelope(tb, v["tx_verification_signature"]))
+    out["tx_digest"] = transaction_digest(v["tx_items"])
+    out["tx_data"] = entered = unicodedata.normalize("NFC", v["tx_data_typed"].strip())
+    out["tx_question"] = tq = question(
+        v["verifier_id"], v["user"], v["method"], cid, v["challenge"], v["tx_context"],
+        v["tx_tenant"], v["tx_items"], entered,
+    )
+    out["tx_otp"] = otp(z, v["suite"], v["tx_counter"], tq)
 
     e = private_key(v["fido2_ephemeral_scalar"])
     out["fido2_ephemeral_key"] = sec1(e.public_key())
@@ -354,7 +384,7 @@ def compute(v: dict[str, Any]) -> dict[str, Any]:
     out["device_ca_key"] = sec1(ec.derive_private_key(ca_scalar, CURVE).public_key())
     out["enrollment_result_body"] = body(
         ENROLLMENT_RESULT, v["verifier_id"], v["user"], METHOD_CODES[v["method"]], cid,
-        v["device_certificate"], v["device_ca_certificate"], "unattested",
+        v["device_certificate"], v["device_ca_certificate"], "unattested", 0, 0,
     )
 
     # RFC 6287 Appendix C.1, OCRA-1:HOTP-SHA512-8:C-QN08: a numeric question goes in as
@@ -374,8 +404,10 @@ def check_vectors(document: Path) -> int:
     computed = compute(v)
     wrong = sorted(name for name, value in computed.items() if v.get(name) != value)
     assert not wrong, f"the document and its formulas disagree on: {', '.join(wrong)}"
-    for what, key in (("offer", "verifier_signing_key"), ("verification", "verifier_signing_key")):
-        assert verify_signature(v[key], v[f"{what}_signature"], v[f"{what}_body"]), what
+    for what in ("offer", "verification", "tx_verification"):
+        assert verify_signature(
+            v["verifier_signing_key"], v[f"{what}_signature"], v[f"{what}_body"]
+        ), what
     assert verify_signature(
         v["verifier_signing_key"], v["result_signature"], v["enrollment_result_body"]
     )
@@ -464,12 +496,14 @@ def recompute_otp(verifier_dir: Path, data_text: str, method: str, counter: int)
     verifier_signing_key = sec1(_file_keys(verifier_dir)[0].public_key())
     assert verify_signature(verifier_signing_key, signature, body_bytes)
     assert fields[1] == VERIFICATION
-    verifier_id, user, challenge, context, methods, _expires = fields[2:]
+    verifier_id, user, challenge, context, methods, _expires, tenant, items, _data = fields[2:]
     assert verifier_id == bytes.fromhex(identity["verifier_id"])
     assert METHOD_CODES[method] in methods
     key, signing_key, suite, atc = recover_otp_key(verifier_dir, user, method)
     assert atc < counter  # the verifier has not seen this ATC yet
-    q = question(verifier_id, user, method, credential_id(signing_key), challenge, context)
+    q = question(
+        verifier_id, user, method, credential_id(signing_key), challenge, context, tenant, items
+    )
     return otp(key, suite, counter, q)
 
 

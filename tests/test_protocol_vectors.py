@@ -17,7 +17,17 @@ import pytest
 from _vectors import DOCUMENT, load, parse
 from cryptography.hazmat.primitives.asymmetric import ec as cec
 
-from hsm_auth import activation, device_ca, ec, key_transport, ocra, qr, textcode, transcript
+from hsm_auth import (
+    activation,
+    device_ca,
+    ec,
+    key_transport,
+    ocra,
+    qr,
+    textcode,
+    transaction,
+    transcript,
+)
 from hsm_auth.methods import Method
 from hsm_auth.otp_scheme import OtpScheme
 from hsm_auth.protocol import (
@@ -72,6 +82,17 @@ def _verification_data() -> VerificationData:
         context=V["context"],
         methods=tuple(Method.parse(m) for m in V["verification_methods"]),
         expires=V["verification_expires"],
+    )
+
+
+def _transaction_data() -> VerificationData:
+    """Section 17's verification data: a tenant, a transaction and 8 characters of data."""
+    return dataclasses.replace(
+        _verification_data(),
+        context=V["tx_context"],
+        tenant=V["tx_tenant"],
+        transaction=transaction.check(V["tx_items"]),
+        user_data=V["tx_user_data"],
     )
 
 
@@ -187,6 +208,21 @@ def _computed() -> dict[str, Any]:
     out["otp"] = scheme.otp(mac, counter=V["counter"], question=q)
     assert scheme.otp(z, counter=V["counter"], question=q) == out["otp"]
 
+    # Section 17: transaction data, a tenant and data the user entered.
+    tx = _transaction_data()
+    tx_message = tx.encode(lambda body: V["tx_verification_signature"])
+    assert VerificationData.decode(tx_message)[0] == tx
+    out["tx_verification_body"] = tx.body()
+    out["tx_verification_text"] = textcode.encode(tx_message)
+    out["tx_digest"] = transaction.digest(tx.transaction)
+    out["tx_data"] = entered = transaction.user_data(V["tx_data_typed"], tx.user_data)
+    out["tx_question"] = tq = scheme.question(
+        verifier_id=tx.verifier_id, user=tx.user, method=method, credential_id=cid,
+        challenge=tx.challenge, context=tx.context, tenant=tx.tenant,
+        transaction=tx.transaction, data=entered,
+    )
+    out["tx_otp"] = scheme.otp(mac, counter=V["tx_counter"], question=tq)
+
     ephemeral = _key("fido2_ephemeral_scalar")
     agreement_public = ec.decode_point(out["verifier_agreement_key"])
     out["fido2_ephemeral_key"] = ec.encode_point(ephemeral.public_key())
@@ -264,6 +300,8 @@ def test_every_vector_is_an_input_or_checked() -> None:
         "offer_signature", "verification_signature",
         "file_root_secret", "device_ca_certificate", "device_certificate", "result_signature",
         "activation_code_typed", "activation_code_typo",
+        "tx_tenant", "tx_context", "tx_items", "tx_user_data", "tx_data_typed", "tx_counter",
+        "tx_verification_signature",
     }  # fmt: skip
     assert inputs == INPUTS
 
@@ -273,6 +311,7 @@ def test_the_signatures_verify() -> None:
     ec.verify(signing, V["offer_signature"], V["offer_body"])
     ec.verify(signing, V["verification_signature"], V["verification_body"])
     ec.verify(signing, V["result_signature"], V["enrollment_result_body"])
+    ec.verify(signing, V["tx_verification_signature"], V["tx_verification_body"])
 
 
 def test_the_device_certificate_is_what_the_authenticator_stores() -> None:
@@ -307,6 +346,16 @@ def test_the_version_and_the_qr_code() -> None:
     assert V["offer_body"][1] == VERSION == 3
     assert cbor2.loads(V["verification_body"])[:2] == [3, 3]
     assert qr.version_of(V["verification_text"]) == 9  # as section 4 says
+
+
+def test_the_qr_version_of_a_transaction() -> None:
+    """Section 4 and 17: a 60-character context, an amount and an IBAN (and a tenant and
+    8 characters of user data) need QR version 12 at level M, within the bound of 13."""
+    assert len(V["tx_context"]) == 60
+    assert [label for label, _ in V["tx_items"]] == ["Amount", "Payee"]
+    assert qr.version_of(V["tx_verification_text"]) == 12 <= 13
+    bare = dataclasses.replace(_transaction_data(), tenant=None, user_data=0)
+    assert qr.version_of(bare.to_text(lambda body: V["tx_verification_signature"])) == 12
 
 
 def test_the_vector_format_is_strict() -> None:

@@ -63,6 +63,7 @@ def _messages() -> dict[str, bytes]:
         verifier_signing_key=_POINT, verifier_agreement_key=_POINT,
         suite="OCRA-1:HOTP-SHA256-8:C-QH64",
         window=10, methods=(Method.DEVICE, Method.PIN), replace=False, expires=2**40,
+        tenant="retail",
     )
     response = protocol.EnrollmentResponse(
         verifier_id=_VID, offer_id=b"\x02" * 16, user="alice", method=Method.DEVICE,
@@ -71,7 +72,8 @@ def _messages() -> dict[str, bytes]:
     )
     data = protocol.VerificationData(
         verifier_id=_VID, user="alice", challenge=b"\x03" * 16, context="Log in",
-        methods=(Method.DEVICE,), expires=2**40,
+        methods=(Method.DEVICE,), expires=2**40, tenant="retail",
+        transaction=(("Amount", "1.00 EUR"), ("Payee", "DE89")), user_data=4,
     )
     sync = protocol.SyncMessage(
         verifier_id=_VID, user="alice", method=Method.PIN, atc=5, session_id=b"\x05" * 16,
@@ -84,7 +86,7 @@ def _messages() -> dict[str, bytes]:
     result = protocol.EnrollmentResult(
         verifier_id=_VID, user="alice", method=Method.DEVICE,
         credential_id=transcript.credential_id(_POINT), certificate=cert, ca_certificate=ca,
-        attestation="unattested",
+        attestation="unattested", offline_expires=2**40, pin_cache=60,
     )
     return {
         "offer": offer.encode(_sign), "response": response.encode(_sign),
