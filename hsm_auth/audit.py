@@ -45,6 +45,10 @@ class Event(enum.Enum):
     APPROVE = "approve"  # a challenge approved (signed in the token)
     REJECT = "reject"  # a challenge rejected (signed in the token)
     RENEW = "renew"  # a credential's offline expiry renewed online (detail: the new expiry)
+    #: An authenticator's offline log received (hsm_auth.offline_audit; detail: counts).
+    OFFLINE_LOG = "offline-log"
+    #: The offline log shows tampering or a use it lacks (detail: what, which entry).
+    OFFLINE_ALERT = "offline-alert"
 
 
 class Reason(enum.Enum):
@@ -125,12 +129,15 @@ class AuditRecord:
         )
 
 
+_WARNINGS = (Event.REFUSE, Event.LOCKOUT, Event.OFFER_BURNED, Event.OFFLINE_ALERT)
+
+
 def emit(records: Iterable[AuditRecord]) -> None:
     """Log committed records as JSON lines (INFO; refusals and lockouts at WARNING)."""
     for record in records:
         level = (
             logging.WARNING
-            if record.event in (Event.REFUSE, Event.LOCKOUT, Event.OFFER_BURNED)
+            if record.event in _WARNINGS
             else logging.INFO
         )
         if log.isEnabledFor(level):

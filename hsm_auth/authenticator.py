@@ -1068,6 +1068,12 @@ class Authenticator:
                         atc=e.atc,
                         limit=limit,
                     ) from None
+                # The offline log (docs/PROTOCOL.md §19): durable, its head signed in
+                # this authorization, before the OTP is released.
+                from .offline_log import record_use
+
+                record_use(self.directory, store, enrolled, request.data, atc, auth,
+                           now=int(self._clock()))
         return OfflineOtp(scheme.truncate(mac), method, atc)
 
     def sync(self, text: str, *, pin: str | None = None) -> SyncResult:

@@ -722,6 +722,8 @@ def cmd_verifier_show(ctx: Context) -> int:
 
 
 def cmd_verifier_audit(ctx: Context) -> int:
+    if ctx.args.offline:
+        return _verifier_audit_offline(ctx)
     v = ctx.verifier()
     try:
         records = v.store.audit_records(ctx.args.user, ctx.args.limit)
@@ -729,6 +731,100 @@ def cmd_verifier_audit(ctx: Context) -> int:
         v.close()
     for record in records:  # JSON lines, with or without --json
         print(record.to_json(), file=ctx.out)
+    return 0
+
+
+# --- the offline log (hsm_auth.offline_log / offline_audit, docs/PROTOCOL.md §19) ---
+
+
+def _verifier_audit_offline(ctx: Context) -> int:
+    """``verifier audit --offline [--user U]``: each credential's offline log, reconciled."""
+    from .offline_audit import OfflineAudit
+
+    v = ctx.verifier()
+    try:
+        audit = OfflineAudit(v.store, v.identity.verifier_id)
+        creds = v.store.credentials(ctx.args.user) if ctx.args.user else v.store.all_credentials()
+        reports = [audit.report(c) for c in creds]
+    finally:
+        v.close()
+    lines = []
+    for r in reports:
+        lines.append(
+            f"{r.user} {r.method} credential {r.credential_id.hex()}: {r.entries} offline uses "
+            f"logged, {len(r.submitted)} submitted, {len(r.not_submitted)} generated, not "
+            "submitted" + (f" (ATC {', '.join(map(str, r.not_submitted[:20]))}"
+                           f"{' ...' if len(r.not_submitted) > 20 else ''})"
+                           if r.not_submitted else "")
+        )
+        lines += [f"  ALERT {a.code}: {a.text}" for a in r.alerts]
+    ctx.emit("\n".join(lines) or "no credentials", {"offline": [r.to_json() for r in reports]})
+    return 0
+
+
+def cmd_log_show(ctx: Context) -> int:
+    """``hsm-auth log show``: this authenticator's offline logs."""
+    from .offline_log import OfflineLog
+
+    with ctx.authenticator() as a:
+        log = OfflineLog(a.directory)
+        by_id = {bytes.fromhex(m.credential_id): m for m in a.enrolled if m.credential_id}
+        wanted = Method.parse(ctx.args.method) if ctx.args.method else None
+        rows: list[dict[str, Any]] = []
+        for cid in log.credentials():
+            m = by_id.get(cid)
+            if wanted is not None and (m is None or m.method is not wanted):
+                continue
+            entries = log.entries(cid)
+            rows.append({
+                "credential_id": cid.hex(),
+                "user": m.user if m else None,
+                "method": m.method.value if m else None,
+                "verifier": a.verifier_name(m.verifier_id) if m else None,
+                "entries": [e.to_json() for e in entries],
+                "sent": log.sent(cid) + 1,
+            })
+    human = []
+    for row in rows:
+        entries = row["entries"]
+        last = f", last ATC {entries[-1]['atc']}" if entries else ""
+        owner = f"{row['user']} {row['method']} at {row['verifier']}" if row["user"] else \
+            "no longer enrolled"
+        human.append(f"{row['credential_id']} ({owner}): {len(entries)} offline uses{last}, "
+                     f"{len(entries) - min(row['sent'], len(entries))} not sent to the verifier")
+    ctx.emit("\n".join(human) or "no offline use logged", {"logs": rows})
+    return 0
+
+
+def cmd_log_submit(ctx: Context) -> int:
+    """``hsm-auth log submit --method M``: send the method's log to the online service."""
+    from .agent_online import URL_ENV, service_url
+    from .keystore import Authorization
+    from .online_client import OnlineClient
+
+    method = Method.parse(ctx.args.method)
+    config = ctx.config()
+    url = service_url(config)
+    if url is None:
+        raise errors.ConfigError(f"no [online] url in the config (nor {URL_ENV})")
+    pin = method_pin(ctx, method)
+    with ctx.authenticator() as a, pin_hint(method):
+        report = OnlineClient(a, url).submit_log(
+            method, auth=Authorization(pin=pin) if pin is not None else None
+        )
+    if report is None:
+        ctx.emit("nothing new to submit", {"report": None})
+        return 0
+    alerts = report.get("alerts") or []
+    not_submitted = report.get("not_submitted") or []
+    human = (
+        f"the verifier holds {report.get('entries')} offline uses of this {method.value} "
+        f"credential ({report.get('received')} new): {report.get('submitted')} submitted, "
+        f"{len(not_submitted)} generated, not submitted"
+    )
+    human += "".join(f"\nALERT {a.get('code')}: {a.get('text')}" for a in alerts[:50]
+                     if isinstance(a, dict))
+    ctx.emit(display.escape(human, keep="\n"), {"report": report})
     return 0
 
 
@@ -1828,6 +1924,11 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p = vadd("audit", cmd_verifier_audit, "print audit records as JSON lines (oldest first)")
     p.add_argument("--user", type=text_arg, help="only this user's")
     p.add_argument(
+        "--offline", action="store_true",
+        help="instead: each credential's offline log, reconciled with the OTPs accepted "
+        "(generated, not submitted; alerts)",
+    )
+    p.add_argument(
         "--limit",
         type=count_arg(1_000_000),
         default=100,
@@ -1862,6 +1963,14 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         cmd_token_udev_rules,
         "print the udev rules that give the seat's user access to tokens (see README)",
     )
+
+    op = group("log", "the offline log: each offline use, hash-chained and signed in the token")
+    osub = op.add_subparsers(dest="log_command", required=True, metavar="COMMAND")
+    p = add(osub, "show", cmd_log_show, "list the offline uses logged here")
+    p.add_argument("--method", type=text_arg, help="only this method's (default: all)")
+    p = add(osub, "submit", cmd_log_submit,
+            "send a method's offline log to the online service ([online] url)", [pin])
+    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
 
     lp = group("login", "workstation login (PAM)")
     lsub = lp.add_subparsers(dest="login_command", required=True, metavar="COMMAND")

@@ -280,6 +280,38 @@ class OnlineClient:
             }).encode(),
         )
 
+    def submit_log(
+        self, method: Method, *, auth: Authorization | None = None
+    ) -> dict[str, Any] | None:
+        """Submit the method's offline log (docs/PROTOCOL.md §19) since the last
+        submission, in signed requests of at most 100 entries (each signed in the token:
+        for FIDO2 this signature is the one over the entries' head); returns the
+        service's reconciliation (submitted, not submitted, alerts), None if nothing
+        was new."""
+        from .offline_log import OfflineLog
+
+        enrolled = self.authenticator.online_method(self._verifier(method), method)
+        log = OfflineLog(self.authenticator.directory)
+        credential_id = bytes.fromhex(enrolled.credential_id)
+        sent = log.sent(credential_id)
+        pending = [
+            e for e in log.raw_entries(credential_id)
+            if not (isinstance(e, dict) and type(e.get("seq")) is int and e["seq"] <= sent)
+        ]
+        report: dict[str, Any] | None = None
+        for start in range(0, len(pending), 100):
+            batch = pending[start:start + 100]
+            data = self._signed(
+                "POST", "/v1/device/offline-log", method, body={"entries": batch}, auth=auth
+            )
+            if not isinstance(data, dict) or not isinstance(data.get("report"), dict):
+                raise ServiceError("malformed offline log report")
+            report = data["report"]
+            seqs = [e["seq"] for e in batch if isinstance(e, dict) and type(e.get("seq")) is int]
+            if seqs:
+                log.mark_sent(credential_id, max(seqs))
+        return report
+
 
 def _with_verifier(client: OnlineClient, verifier_id: bytes) -> OnlineClient:
     other = object.__new__(OnlineClient)

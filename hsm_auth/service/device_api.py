@@ -17,7 +17,10 @@
 * ``POST /v1/device/challenges/{id}/answer`` ``{decision, credential, approval:
   {signature, authdata?}}`` -> the answered challenge. Authenticated by the approval
   itself (signed over the challenge id, its context hash and the decision): one PIN
-  or user verification per answer.
+  or user verification per answer;
+* ``POST /v1/device/offline-log`` ``{entries: [...]}`` (signed) -> ``{report}``: the
+  signer's offline log entries (docs/PROTOCOL.md §19, :mod:`hsm_auth.offline_audit`),
+  checked, kept and reconciled with the OTPs accepted.
 """
 
 from __future__ import annotations
@@ -203,3 +206,32 @@ async def answer(
     changes(request).notify()
     out: dict[str, Any] = done.to_json()
     return out
+
+
+# --- the offline log (docs/PROTOCOL.md §19) ------------------------------------------
+
+
+class OfflineLogIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: Entries as the authenticator's log holds them; each is checked strictly by
+    #: hsm_auth.offline_audit (a malformed one is an alert, not a refused request).
+    entries: list[Any] = Field(min_length=1, max_length=100)
+
+
+def _submit_log(verifier: OnlineVerifier, cred: CredentialRecord, entries: list[Any]) -> Any:
+    from ..offline_audit import OfflineAudit
+
+    audit = OfflineAudit(verifier.store, verifier.verifier_id)
+    return audit.submit(cred, entries, now=verifier.now()).to_json()
+
+
+@router.post(
+    "/v1/device/offline-log", openapi_extra=_SIGNED,
+    summary="Submit the signer's offline log entries; get the reconciliation",
+)
+async def offline_log(
+    body: OfflineLogIn,
+    ctx: ServiceContext = Depends(get_context),  # noqa: B008
+    cred: CredentialRecord = Depends(signer),  # noqa: B008
+) -> dict[str, Any]:
+    return {"report": await run(_submit_log, online(ctx), cred, body.entries)}

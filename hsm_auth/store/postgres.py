@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from ..audit import Reason
 from ..errors import InvalidInput, StateError
 from .base import MAX_ATC, Accept, Applied, Change, Failure, Note, Status
+from .offline_log import POSTGRES_MIGRATION as _V11  # version 11: the offline log
 from .sql import AUDIT_INSERT, Cursor, SqlStore, audit_args, lockout_record
 
 _REPLAY = Reason.REPLAY
@@ -165,7 +166,7 @@ class _PgCursor:
 class PostgresStore(SqlStore):
     engine = "postgresql"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11,
     )
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:

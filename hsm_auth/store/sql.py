@@ -44,6 +44,7 @@ from .base import (
     Status,
     VerifierStore,
 )
+from .offline_log import OfflineLogSql
 
 _CHUNK = 500  # ids per IN (...) list
 
@@ -173,7 +174,7 @@ def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield items[i : i + _CHUNK]
 
 
-class SqlStore(VerifierStore):
+class SqlStore(OfflineLogSql, VerifierStore):
     """Everything but connections: see :mod:`hsm_auth.store.sqlite` and
     :mod:`hsm_auth.store.postgres`."""
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import StateError
+from .offline_log import SQLITE_MIGRATION as _V11  # version 11 (issue 14): the offline log
 from .sql import Cursor, SqlStore
 
 # Version 1 is the schema of hsm-auth 0.1 (kept verbatim so old files upgrade).
@@ -127,7 +128,7 @@ class _SqliteCursor:
 class SqliteStore(SqlStore):
     engine = "sqlite"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11,
     )
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:

@@ -1,0 +1,265 @@
+"""The signed offline log (issue 14, docs/PROTOCOL.md §19) end to end: real SoftHSM
+tokens behind the Authenticator, a real ``hsm-auth serve`` (uvicorn subprocess on
+127.0.0.1) taking the log over signed requests, and the verifier's reconciliation
+with the OTPs it accepted.
+
+Must show: 20 offline uses of which 15 were submitted are reported as 5 "generated,
+not submitted"; a deleted, reordered or edited entry (and an entry changed after it
+was submitted, and a re-chained log) is an alert; the log never holds an OTP or PIN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _online import OFFLINE_PIN, make_authenticator, response_for, softhsm_methods
+
+from hsm_auth.authenticator import Authenticator, OfflineOtp
+from hsm_auth.config import MethodConfig, Paths
+from hsm_auth.files import atomic_write_json, read_json
+from hsm_auth.keystore import Authorization
+from hsm_auth.methods import Method
+from hsm_auth.offline_audit import OfflineAudit
+from hsm_auth.offline_log import LogEntry, OfflineLog
+from hsm_auth.online_client import OnlineClient
+from hsm_auth.testing.service import RunningService, running_service
+from hsm_auth.verifier import Verifier
+
+pytestmark = [pytest.mark.softhsm]
+
+
+@dataclass
+class World:
+    root: Path
+    service: RunningService
+    verifier: Verifier
+    methods: dict[Method, MethodConfig]
+
+
+@dataclass
+class User:
+    name: str
+    auth: Authenticator
+    client: OnlineClient
+    world: World
+
+    def use(
+        self, method: Method = Method.DEVICE, context: str = "Log in"
+    ) -> tuple[bytes, OfflineOtp]:
+        """One offline use: a session at the verifier, the OTP made here (not submitted)."""
+        session = self.world.verifier.start_session(self.name, context, methods=[method])
+        request = self.auth.start_offline_authentication(session.text)
+        pin = OFFLINE_PIN if method is Method.PIN else None
+        return session.session_id, self.auth.finish_offline_authentication(request, method, pin=pin)
+
+    def log_path(self, method: Method = Method.DEVICE) -> Path:
+        cid = bytes.fromhex(next(m.credential_id for m in self.auth.enrolled if m.method is method))
+        return OfflineLog(self.auth.directory).path(cid)
+
+    def submit(self, method: Method = Method.DEVICE) -> dict[str, Any]:
+        auth = Authorization(pin=OFFLINE_PIN) if method is Method.PIN else None
+        report = self.client.submit_log(method, auth=auth)
+        assert report is not None
+        return report
+
+
+@pytest.fixture(scope="module")
+def world(softhsm_env, tmp_path_factory) -> Iterator[World]:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("offline-log")
+    verifier_dir = Paths.from_env(root / "home").verifier_dir  # `hsm-auth verifier` finds it
+    Verifier.init(verifier_dir, "Example Bank").close()
+    identity = read_json(verifier_dir / "identity.json")
+    atomic_write_json(verifier_dir / "identity.json", {**identity, "window": 30})  # 20 uses
+    with contextlib.ExitStack() as stack:
+        verifier = Verifier.open(verifier_dir)
+        stack.callback(verifier.close)
+        service = stack.enter_context(running_service(verifier_dir))
+        yield World(root, service, verifier, softhsm_methods(root / "tokens"))
+        assert "Traceback" not in service.log()
+
+
+_users = iter(range(1000))
+
+
+def user(world: World, *methods: Method) -> User:
+    """A new user of the verifier with their own authenticator (keys in the shared
+    SoftHSM tokens), enrolled online with ``methods``."""
+    name = f"user{next(_users)}"
+    auth = make_authenticator(world.root / name, {m: world.methods[m] for m in methods})
+    client = OnlineClient(auth, world.service.url)
+    for method in methods or (Method.DEVICE,):
+        client.enroll(response_for(world.verifier, auth, name, method))
+    return User(name, auth, client, world)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+def _codes(report: dict[str, Any]) -> set[str]:
+    return {a["code"] for a in report["alerts"]}
+
+
+# --- the reconciliation ------------------------------------------------------------
+
+
+def test_20_offline_uses_15_submitted_are_reported_5_not_submitted(world) -> None:  # type: ignore[no-untyped-def]
+    alice = user(world, Method.DEVICE)
+    uses = [alice.use(context=f"Log in #{i}") for i in range(20)]
+    skipped = {3, 7, 8, 14, 19}  # never typed in anywhere
+    for i, (session_id, otp) in enumerate(uses):
+        if i not in skipped:
+            assert world.verifier.verify(session_id, otp.otp).atc == otp.atc
+    report = alice.submit()
+    assert report["entries"] == report["received"] == 20
+    assert report["submitted"] == 15
+    assert report["not_submitted"] == [uses[i][1].atc for i in sorted(skipped)]
+    assert report["alerts"] == []
+    # What the verifier shows later, reconciled again: the same.
+    cred = next(c for c in world.verifier.store.credentials(alice.name))
+    shown = OfflineAudit(world.verifier.store, world.verifier.identity.verifier_id).report(cred)
+    assert len(shown.not_submitted) == 5 and shown.alerts == ()
+    # Submitting again sends nothing new; one more use is one more entry.
+    assert alice.client.submit_log(Method.DEVICE) is None
+    alice.use()
+    again = alice.submit()
+    assert (again["entries"], again["received"], len(again["not_submitted"])) == (21, 1, 6)
+    # Nothing secret in the log: no OTP, the context only as a hash.
+    text = alice.log_path().read_text()
+    assert not any(otp.otp in text for _, otp in uses) and "Log in" not in text
+
+
+def test_the_pin_method_signs_the_head_with_the_same_pin(world) -> None:  # type: ignore[no-untyped-def]
+    bob = user(world, Method.PIN)
+    for _ in range(3):
+        bob.use(Method.PIN)
+    entries = [json.loads(x) for x in _lines(bob.log_path(Method.PIN))]
+    assert [e["seq"] for e in entries] == [0, 1, 2] and all(e["sig"] for e in entries)
+    report = bob.submit(Method.PIN)
+    assert report["alerts"] == [] and len(report["not_submitted"]) == 3
+    assert OFFLINE_PIN not in bob.log_path(Method.PIN).read_text()
+
+
+# --- tampering -----------------------------------------------------------------------
+
+
+def _tampered(
+    world: World, edit: Any, uses: int = 5, accept: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """``uses`` offline uses (those at the indexes ``accept`` submitted), then ``edit``
+    applied to the log's lines before it is submitted: the service's report."""
+    victim = user(world, Method.DEVICE)
+    made = [victim.use() for _ in range(uses)]
+    for i in accept:
+        world.verifier.verify(made[i][0], made[i][1].otp)
+    path = victim.log_path()
+    path.write_text("".join(edit(_lines(path))))
+    return victim.submit()
+
+
+def test_an_untouched_log_has_no_alert(world) -> None:  # type: ignore[no-untyped-def]
+    assert _tampered(world, lambda lines: lines)["alerts"] == []
+
+
+def test_a_deleted_entry_is_detected(world) -> None:  # type: ignore[no-untyped-def]
+    report = _tampered(world, lambda lines: lines[:2] + lines[3:])
+    assert {"missing", "gap"} <= _codes(report)
+    assert report["entries"] == 4
+
+
+def test_a_deleted_entry_of_a_submitted_otp_is_detected(world) -> None:  # type: ignore[no-untyped-def]
+    report = _tampered(world, lambda lines: lines[:2] + lines[3:], accept=(1, 2, 3))
+    assert {"missing", "not-logged"} <= _codes(report)
+
+
+def test_a_deleted_last_entry_shows_at_the_next_use(world) -> None:  # type: ignore[no-untyped-def]
+    victim = user(world, Method.DEVICE)
+    for _ in range(3):
+        victim.use()
+    path = victim.log_path()
+    path.write_text("".join(_lines(path)[:-1]))  # the tail: the chain itself is intact
+    victim.use()
+    assert "gap" in _codes(victim.submit())
+
+
+def test_reordered_entries_are_detected(world) -> None:  # type: ignore[no-untyped-def]
+    report = _tampered(world, lambda lines: [lines[0], lines[2], lines[1], *lines[3:]])
+    alerts = {(a["code"], a["seq"]) for a in report["alerts"]}
+    assert ("order", 1) in alerts  # entry 1 after entry 2: its seq and its ATC go back
+    assert report["entries"] == 5  # each entry itself is genuine (signed)
+
+
+def test_an_edited_entry_is_detected(world) -> None:  # type: ignore[no-untyped-def]
+    def edit(lines: list[str]) -> list[str]:
+        entry = json.loads(lines[2])
+        entry["data"] = "00" * 32  # another context
+        return [*lines[:2], json.dumps(entry) + "\n", *lines[3:]]
+
+    report = _tampered(world, edit)
+    alerts = {(a["code"], a["seq"]) for a in report["alerts"]}
+    assert ("bad-signature", 2) in alerts and ("broken-chain", 3) in alerts
+
+
+def test_a_rechained_log_fails_its_signatures(world) -> None:  # type: ignore[no-untyped-def]
+    """The attacker deletes entry 1 and recomputes every hash after it (no key
+    needed): the chain is whole again, but the heads no longer verify."""
+
+    def rechain(lines: list[str]) -> list[str]:
+        entries = [LogEntry.from_json(json.loads(x)) for x in lines]
+        kept = [entries[0]]
+        for e in entries[2:]:
+            kept.append(LogEntry(**{**e.__dict__, "seq": kept[-1].seq + 1,
+                                    "prev": kept[-1].entry_hash()}))
+        return [json.dumps(e.to_json()) + "\n" for e in kept]
+
+    report = _tampered(world, rechain)
+    assert {a["seq"] for a in report["alerts"] if a["code"] == "bad-signature"} == {1, 2, 3}
+    assert "gap" in _codes(report)
+
+
+def test_an_entry_changed_after_submission_is_detected(world) -> None:  # type: ignore[no-untyped-def]
+    victim = user(world, Method.DEVICE)
+    victim.use()
+    victim.use()
+    assert victim.submit()["alerts"] == []
+    path = victim.log_path()
+    lines = _lines(path)
+    entry = json.loads(lines[1])
+    entry["time"] += 3600
+    path.write_text(lines[0] + json.dumps(entry) + "\n")
+    OfflineLog(victim.auth.directory).mark_sent(
+        bytes.fromhex(entry["credential"]), -1)  # send everything again
+    report = victim.submit()
+    assert ("changed", 1) in {(a["code"], a["seq"]) for a in report["alerts"]}
+    assert report["received"] == 0  # the entry as first received is kept
+
+
+def test_alerts_are_audited_and_shown_by_verifier_audit(world, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    victim = user(world, Method.DEVICE)
+    for _ in range(3):
+        victim.use()
+    path = victim.log_path()
+    lines = _lines(path)
+    path.write_text(lines[0] + lines[2])
+    victim.submit()
+    events = [r for r in world.verifier.store.audit_records(victim.name, 50)
+              if r.event.value == "offline-alert"]
+    assert events and all(r.detail and "credential" in r.detail for r in events)
+    shown = subprocess.run(
+        [sys.executable, "-m", "hsm_auth", "--json", "verifier", "audit", "--offline",
+         "--user", victim.name],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "HSM_AUTH_HOME": str(world.root / "home")},
+    )
+    assert shown.returncode == 0, shown.stderr
+    [report] = json.loads(shown.stdout)["offline"]
+    assert report["entries"] == 2 and "missing" in {a["code"] for a in report["alerts"]}
