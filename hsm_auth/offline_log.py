@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import cbor2
 
 from .errors import DecodeError, StateError
-from .files import atomic_write, check_state, ensure_private_dir, read_state
+from .files import atomic_write, check_stat, check_state, ensure_private_dir, read_state
 from .methods import Method
 
 if TYPE_CHECKING:
@@ -280,9 +280,8 @@ class OfflineLog:
     ) -> LogEntry:
         """Chain a new entry to the credential's log, have ``sign`` sign its head (in
         the token), and write it durably. Returns the entry."""
-        ensure_private_dir(self.directory)
+        ensure_private_dir(self.directory)  # it, and every directory above it
         path = self.path(credential_id)
-        check_state(path, missing_ok=True)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_APPEND
         try:
             fd = os.open(path, flags, 0o600)
@@ -291,7 +290,9 @@ class OfflineLog:
                 raise StateError(f"{path} is a symbolic link; refusing to use it") from None
             raise StateError(f"cannot open {path}: {e.strerror}") from None
         try:
-            created = os.fstat(fd).st_size == 0
+            st = os.fstat(fd)
+            check_stat(st, path, directory=False)  # the file itself, as opened
+            created = st.st_size == 0
             seq, prev = self._tail(fd, path)
             entry = LogEntry(seq, time, verifier_id, tenant, user, method, credential_id, atc,
                              data, prev)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _online import OFFLINE_PIN, make_authenticator, response_for, softhsm_methods
+from _online import OFFLINE_PIN, fido2_method, make_authenticator, response_for, softhsm_methods
 
 from hsm_auth.authenticator import Authenticator, OfflineOtp
 from hsm_auth.config import MethodConfig, Paths
@@ -31,10 +31,12 @@ from hsm_auth.methods import Method
 from hsm_auth.offline_audit import OfflineAudit
 from hsm_auth.offline_log import LogEntry, OfflineLog
 from hsm_auth.online_client import OnlineClient
+from hsm_auth.testing.fido2 import authenticator_factory, write_soft_policy
 from hsm_auth.testing.service import RunningService, running_service
+from hsm_auth.tokens import update_config
 from hsm_auth.verifier import Verifier
 
-pytestmark = [pytest.mark.softhsm]
+pytestmark = [pytest.mark.softhsm, pytest.mark.fido2]
 
 
 @dataclass
@@ -79,11 +81,15 @@ def world(softhsm_env, tmp_path_factory) -> Iterator[World]:  # type: ignore[no-
     Verifier.init(verifier_dir, "Example Bank").close()
     identity = read_json(verifier_dir / "identity.json")
     atomic_write_json(verifier_dir / "identity.json", {**identity, "window": 30})  # 20 uses
+    device = authenticator_factory(root)()
+    write_soft_policy(verifier_dir, [device])
+    methods = {**softhsm_methods(root / "tokens"),
+               Method.BIOMETRIC: fido2_method(device.path, root / "fido2-state")}
     with contextlib.ExitStack() as stack:
         verifier = Verifier.open(verifier_dir)
         stack.callback(verifier.close)
         service = stack.enter_context(running_service(verifier_dir))
-        yield World(root, service, verifier, softhsm_methods(root / "tokens"))
+        yield World(root, service, verifier, methods)
         assert "Traceback" not in service.log()
 
 
@@ -263,3 +269,49 @@ def test_alerts_are_audited_and_shown_by_verifier_audit(world, tmp_path) -> None
     assert shown.returncode == 0, shown.stderr
     [report] = json.loads(shown.stdout)["offline"]
     assert report["entries"] == 2 and "missing" in {a["code"] for a in report["alerts"]}
+
+
+def test_a_fido2_log_is_signed_by_the_submission(world) -> None:  # type: ignore[no-untyped-def]
+    carol = user(world, Method.BIOMETRIC)
+    made = [carol.use(Method.BIOMETRIC) for _ in range(3)]
+    world.verifier.verify(made[1][0], made[1][1].otp)
+    entries = [json.loads(x) for x in _lines(carol.log_path(Method.BIOMETRIC))]
+    assert [e["sig"] for e in entries] == [None] * 3  # no second user verification per use
+    report = carol.submit(Method.BIOMETRIC)  # one assertion (UV) over the request and body
+    assert report["alerts"] == [] and report["submitted"] == 1
+    assert report["not_submitted"] == [made[0][1].atc, made[2][1].atc]
+
+
+def test_log_show_and_submit_on_the_command_line(world) -> None:  # type: ignore[no-untyped-def]
+    home = world.root / "cli-home"
+    paths = Paths.from_env(home)
+    update_config(paths.writable_config_file, {
+        "methods.device": {"backend": "pkcs11", **world.methods[Method.DEVICE].settings},
+        "online": {"url": world.service.url},
+    })
+    dave = User("dave", make_authenticator(paths.authenticator_dir, {
+        Method.DEVICE: world.methods[Method.DEVICE]}), None, world)  # type: ignore[arg-type]
+    dave.client = OnlineClient(dave.auth, world.service.url)
+    dave.client.enroll(response_for(world.verifier, dave.auth, "dave", Method.DEVICE))
+    for _ in range(2):
+        dave.use()
+    env = {**os.environ, "HSM_AUTH_HOME": str(home)}
+
+    def cli(*args: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-m", "hsm_auth", "--json", *args],
+                              capture_output=True, text=True, check=False, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        return dict(json.loads(done.stdout))
+
+    [shown] = cli("log", "show")["logs"]
+    assert (shown["user"], shown["method"], len(shown["entries"]), shown["sent"]) == (
+        "dave", "device", 2, 0)
+    report = cli("log", "submit", "--method", "device")["report"]
+    assert (report["entries"], len(report["not_submitted"]), report["alerts"]) == (2, 2, [])
+    assert cli("log", "show")["logs"][0]["sent"] == 2
+    assert cli("log", "submit", "--method", "device")["report"] is None
+    refused = subprocess.run([sys.executable, "-m", "hsm_auth", "log", "submit", "--method",
+                              "face"], capture_output=True, text=True, check=False, env=env)
+    assert refused.returncode != 0 and refused.stderr.startswith("hsm-auth: error: ")
+    assert len(refused.stderr.splitlines()) == 1

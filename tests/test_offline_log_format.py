@@ -1,0 +1,138 @@
+"""The offline log's format and the verifier's checks, without a token: the vector of
+docs/PROTOCOL.md §19.5, the strict entry parser, and check_entries on logs signed with
+a software key (the token paths are in test_offline_log.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec as pyec
+
+from hsm_auth import ec
+from hsm_auth.errors import DecodeError, StateError
+from hsm_auth.methods import Method
+from hsm_auth.offline_audit import check_entries
+from hsm_auth.offline_log import GENESIS, LogEntry, OfflineLog, data_hash
+from hsm_auth.store.base import CredentialRecord
+from hsm_auth.transcript import credential_id
+
+DOC = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+VID = bytes.fromhex("00112233445566778899aabbccddeeff")
+
+
+def _doc_hex(after: str, label: str) -> str:
+    """A hex value of §19.5, possibly wrapped over several lines."""
+    section = DOC[DOC.index("### 19.5 Vector"):]
+    section = section[section.index(after):]
+    found = re.search(label + r" +([0-9a-f]+(?:\n +[0-9a-f]+)*)", section)
+    assert found, label
+    return "".join(found.group(1).split())
+
+
+def test_the_vector_of_the_spec() -> None:
+    d = data_hash(
+        "Pay 120.00 EUR to DE89 3704 0044 0532 0130 00",
+        [["Amount", "120.00 EUR"], ["Payee", "DE89 3704 0044 0532 0130 00"]],
+    )
+    e0 = LogEntry(0, 1767225600, VID, "acme", "alice", Method.DEVICE, b"\x0f" * 16, 7, d,
+                  GENESIS)
+    assert d.hex() == _doc_hex("Entry 0", "data_hash")
+    assert e0.canonical().hex() == _doc_hex("Entry 0", "CBOR")
+    assert e0.entry_hash().hex() == _doc_hex("Entry 0", "entry_hash")
+    assert e0.head().hex() == _doc_hex("Entry 0", "head")
+    e1 = LogEntry(1, 1767225660, VID, "acme", "alice", Method.DEVICE, b"\x0f" * 16, 8,
+                  data_hash("Log in to Example Bank"), e0.entry_hash())
+    section = DOC[DOC.index("Entry 1: `seq` 1"):]
+    assert data_hash("Log in to Example Bank").hex() in section
+    assert e1.entry_hash().hex() in section
+    # The hash binds every field, the user data in its NFC form.
+    assert data_hash("x", None, "e\u0301") == data_hash("x", None, "\u00e9")
+    assert data_hash("x", None, "") != data_hash("x", None, None) != data_hash("x", [], None)
+
+
+GOOD = LogEntry(3, 1, VID, None, "alice", Method.PIN, b"\x01" * 16, 9, b"\x02" * 32,
+                b"\x03" * 32, b"\x04" * 64).to_json()
+
+
+@pytest.mark.parametrize("change", [
+    {"extra": 1}, {"v": 2}, {"v": True}, {"seq": -1}, {"seq": 2**63}, {"seq": 1.0},
+    {"atc": "9"}, {"method": "retina"}, {"credential": "01" * 15}, {"data": "AB" * 32},
+    {"prev": "0" * 63}, {"sig": "04" * 63}, {"user": ""}, {"user": "a\nb"},
+    {"tenant": "x" * 257}, {"verifier": ""},
+])
+def test_a_malformed_entry_is_refused(change: dict[str, object]) -> None:
+    assert LogEntry.from_json(GOOD) == LogEntry.from_json(json.loads(json.dumps(GOOD)))
+    with pytest.raises(DecodeError):
+        LogEntry.from_json({**GOOD, **change})
+    with pytest.raises(DecodeError):
+        LogEntry.from_json({k: v for k, v in GOOD.items() if k != "sig"})
+
+
+class Log:
+    """A log written by OfflineLog with a software P-256 key."""
+
+    def __init__(self, directory: Path, method: Method = Method.DEVICE) -> None:
+        self.key = pyec.generate_private_key(pyec.SECP256R1())
+        self.public = ec.encode_point(self.key.public_key())
+        self.cid = credential_id(self.public)
+        self.method = method
+        self.log = OfflineLog(directory)
+        self.cred = CredentialRecord("alice", method, "x", self.public, None, None, "s", 0, 0)
+
+    def sign(self, message: bytes) -> bytes:
+        return ec.der_to_raw(self.key.sign(message, pyec.ECDSA(hashes.SHA256())))
+
+    def append(self, atc: int) -> LogEntry:
+        signer = None if self.method.needs_user_verification else self.sign
+        return self.log.append(time=atc, verifier_id=VID, tenant=None, user="alice",
+                               method=self.method, credential_id=self.cid, atc=atc,
+                               data=data_hash(f"#{atc}"), sign=signer)
+
+    def check(self, raw: list[object] | None = None, stored=None) -> set[tuple[str, int | None]]:  # type: ignore[no-untyped-def]
+        raw = self.log.raw_entries(self.cid) if raw is None else raw
+        _, alerts = check_entries(self.cred, VID, raw, stored or {}, now=0)
+        return {(a.code, a.seq) for a in alerts}
+
+
+def test_check_entries_finds_each_kind_of_tampering(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    for atc in range(1, 6):
+        log.append(atc)
+    raw = log.log.raw_entries(log.cid)
+    assert log.check() == set()
+    assert log.check(raw[:2] + raw[3:]) == {("missing", 3)}
+    assert ("order", 1) in log.check([raw[0], raw[2], raw[1], *raw[3:]])
+    edited = {**raw[2], "atc": 30}
+    assert log.check([*raw[:2], edited, *raw[3:]]) >= {("bad-signature", 2), ("broken-chain", 3)}
+    unsigned = {**raw[4], "sig": None}
+    assert log.check([*raw[:4], unsigned]) == {("bad-signature", 4)}
+    other = Log(tmp_path / "other")
+    other.append(1)
+    foreign = other.log.raw_entries(other.cid)[0]
+    assert ("foreign", 0) in log.check([*raw, foreign])
+    assert ("malformed", None) in log.check([*raw, {"seq": 5}])
+
+
+def test_a_fido2_log_is_checked_by_its_chain(tmp_path: Path) -> None:
+    log = Log(tmp_path, Method.BIOMETRIC)
+    for atc in range(1, 4):
+        log.append(atc)
+    raw = log.log.raw_entries(log.cid)
+    assert all(e["sig"] is None for e in raw) and log.check() == set()
+    assert ("broken-chain", 2) in log.check([raw[0], raw[1], {**raw[2], "prev": "00" * 32}])
+
+
+def test_a_line_that_is_not_an_entry_is_a_state_error_locally(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    log.append(1)
+    path = log.log.path(log.cid)
+    path.write_text(path.read_text() + "not json\n")
+    with pytest.raises(StateError, match="line 2 is not a log entry"):
+        log.log.entries(log.cid)
+    assert log.log.raw_entries(log.cid)[1] is None  # submitted anyway: "malformed"
+    with pytest.raises(StateError, match="last line"):
+        log.append(2)  # nothing is chained to a line that is not an entry
