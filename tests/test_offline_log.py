@@ -45,6 +45,9 @@ class World:
     service: RunningService
     verifier: Verifier
     methods: dict[Method, MethodConfig]
+    #: closes the authenticators at the end (python-pkcs11 sees tokens made later, as
+    #: other tests' are, only once this process holds no session)
+    stack: contextlib.ExitStack
 
 
 @dataclass
@@ -89,7 +92,7 @@ def world(softhsm_env, tmp_path_factory) -> Iterator[World]:  # type: ignore[no-
         verifier = Verifier.open(verifier_dir)
         stack.callback(verifier.close)
         service = stack.enter_context(running_service(verifier_dir))
-        yield World(root, service, verifier, methods)
+        yield World(root, service, verifier, methods, stack)
         assert "Traceback" not in service.log()
 
 
@@ -100,7 +103,8 @@ def user(world: World, *methods: Method) -> User:
     """A new user of the verifier with their own authenticator (keys in the shared
     SoftHSM tokens), enrolled online with ``methods``."""
     name = f"user{next(_users)}"
-    auth = make_authenticator(world.root / name, {m: world.methods[m] for m in methods})
+    auth = world.stack.enter_context(
+        make_authenticator(world.root / name, {m: world.methods[m] for m in methods}))
     client = OnlineClient(auth, world.service.url)
     for method in methods or (Method.DEVICE,):
         client.enroll(response_for(world.verifier, auth, name, method))
@@ -289,8 +293,8 @@ def test_log_show_and_submit_on_the_command_line(world) -> None:  # type: ignore
         "methods.device": {"backend": "pkcs11", **world.methods[Method.DEVICE].settings},
         "online": {"url": world.service.url},
     })
-    dave = User("dave", make_authenticator(paths.authenticator_dir, {
-        Method.DEVICE: world.methods[Method.DEVICE]}), None, world)  # type: ignore[arg-type]
+    dave = User("dave", world.stack.enter_context(make_authenticator(paths.authenticator_dir, {
+        Method.DEVICE: world.methods[Method.DEVICE]})), None, world)  # type: ignore[arg-type]
     dave.client = OnlineClient(dave.auth, world.service.url)
     dave.client.enroll(response_for(world.verifier, dave.auth, "dave", Method.DEVICE))
     for _ in range(2):
