@@ -136,3 +136,54 @@ def test_a_line_that_is_not_an_entry_is_a_state_error_locally(tmp_path: Path) ->
     assert log.log.raw_entries(log.cid)[1] is None  # submitted anyway: "malformed"
     with pytest.raises(StateError, match="last line"):
         log.append(2)  # nothing is chained to a line that is not an entry
+
+
+ENGINES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=ENGINES)
+def store(request, tmp_path):  # type: ignore[no-untyped-def]
+    from hsm_auth.store import open_store
+
+    spec = str(tmp_path / "v.db") if request.param == "sqlite" else request.getfixturevalue(
+        "postgres_dsn")
+    s = open_store(spec)
+    yield s
+    s.close()
+
+
+def test_the_verifier_keeps_each_entry_once_and_reconciles_on_both_engines(store, tmp_path):  # type: ignore[no-untyped-def]
+    from hsm_auth.audit import AuditRecord, Event
+    from hsm_auth.offline_audit import OfflineAudit
+    from hsm_auth.store.base import Note
+
+    log = Log(tmp_path)
+    cred = store.save_credential(log.cred, replace=False)
+    for atc in range(1, 7):
+        log.append(atc)
+    raw = log.log.raw_entries(log.cid)
+    store.apply([Note(AuditRecord(cred.created, Event.ACCEPT, "alice", "device", atc=a))
+                 for a in (2, 4)])
+    audit = OfflineAudit(store, VID)
+    first = audit.submit(cred, raw[:4], now=10)
+    assert (first.entries, first.received, first.submitted, first.not_submitted) == (
+        4, 4, (2, 4), (1, 3))
+    assert first.alerts == ()
+    again = audit.submit(cred, raw, now=11)  # the first four again, and two new
+    assert (again.entries, again.received, again.not_submitted) == (6, 2, (1, 3, 5, 6))
+    assert [e.seq for e in store.offline_entries(log.cid)] == list(range(6))
+    assert store.offline_entries(log.cid)[0].received == 10
+    # A later acceptance of ATC 6 moves it to "submitted" when the log is shown again.
+    store.apply([Note(AuditRecord(cred.created, Event.ACCEPT, "alice", "device", atc=6))])
+    assert audit.report(cred).not_submitted == (1, 3, 5)
+    # An entry sent again changed, and an accepted ATC above that no entry holds.
+    store.apply([Note(AuditRecord(cred.created, Event.ACCEPT, "alice", "device", atc=8))])
+    log.append(9)
+    changed = {**raw[5], "time": 99}
+    report = audit.submit(cred, [changed, log.log.raw_entries(log.cid)[6]], now=12)
+    codes = {a.code for a in report.alerts}
+    assert {"changed", "not-logged", "gap", "bad-signature"} <= codes
+    shown = audit.report(cred)
+    assert {"changed", "not-logged", "gap"} <= {a.code for a in shown.alerts}
+    events = [r.event for r in store.audit_records("alice", 100)]
+    assert events.count(Event.OFFLINE_LOG) == 3 and Event.OFFLINE_ALERT in events
