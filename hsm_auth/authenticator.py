@@ -1073,7 +1073,7 @@ class Authenticator:
                 from .offline_log import record_use
 
                 record_use(self.directory, store, enrolled, request.data, atc, auth,
-                           now=int(self._clock()))
+                           now=int(self._clock()), user_data=entered)
         return OfflineOtp(scheme.truncate(mac), method, atc)
 
     def sync(self, text: str, *, pin: str | None = None) -> SyncResult:

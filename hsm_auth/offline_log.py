@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,14 +79,17 @@ HeadSigner = Callable[[bytes], bytes]
 
 
 def data_hash(
-    context: str, transaction: Sequence[Sequence[str]] | None = None, user_data: str | None = None
+    context: str, transaction: Sequence[Sequence[str]] | None = None, user_data: str = ""
 ) -> bytes:
-    """SHA-256 of what an OTP was bound to: the context the user saw, the transaction
-    data (``[label, value]`` pairs, or none) and the data the user entered (NFC, or
-    none), as canonical CBOR ``[context, transaction | null, user_data | null]``."""
-    pairs = None if transaction is None else [[str(a), str(b)] for a, b in transaction]
-    entered = None if user_data is None else unicodedata.normalize("NFC", user_data)
-    body = cbor2.dumps([context, pairs, entered], canonical=True)
+    """SHA-256 of what an OTP was bound to, as the question binds it (docs/PROTOCOL.md
+    §17): the context the user saw, the transaction's digest ``TH``
+    (:func:`hsm_auth.transaction.digest`, empty without one) and the data the user
+    entered (as :func:`hsm_auth.transaction.user_data` normalized it; "" for none), as
+    canonical CBOR ``[context, TH, user_data]``."""
+    from . import transaction as tx
+
+    pairs = None if transaction is None else tuple((str(a), str(b)) for a, b in transaction)
+    body = cbor2.dumps([context, tx.digest(pairs), user_data], canonical=True)
     return hashlib.sha256(_DATA_DOMAIN + body).digest()
 
 
@@ -362,7 +364,7 @@ def record_use(
     auth: Authorization,
     *,
     now: int,
-    user_data: str | None = None,
+    user_data: str = "",
 ) -> LogEntry:
     """The step of :meth:`Authenticator.finish_offline_authentication` between the
     counter and the OTP: log the use at ``atc``, its head signed by ``store`` with the
@@ -377,15 +379,14 @@ def record_use(
         def sign(message: bytes) -> bytes:
             return ec.der_to_raw(store.sign(enrolled.signing_key, message, auth))
 
-    transaction = getattr(data, "transaction", None)
     return OfflineLog(directory).append(
         time=now,
         verifier_id=enrolled.verifier_id,
-        tenant=getattr(data, "tenant", None) or None,
+        tenant=data.tenant or None,
         user=enrolled.user,
         method=enrolled.method,
         credential_id=bytes.fromhex(enrolled.credential_id),
         atc=atc,
-        data=data_hash(data.context, transaction, user_data),
+        data=data_hash(data.context, data.transaction, user_data),
         sign=sign,
     )

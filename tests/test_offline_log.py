@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ from hsm_auth.files import atomic_write_json, read_json
 from hsm_auth.keystore import Authorization
 from hsm_auth.methods import Method
 from hsm_auth.offline_audit import OfflineAudit
-from hsm_auth.offline_log import LogEntry, OfflineLog
+from hsm_auth.offline_log import LogEntry, OfflineLog, data_hash
 from hsm_auth.online_client import OnlineClient
+from hsm_auth.protocol import VerificationData
 from hsm_auth.testing.fido2 import authenticator_factory, write_soft_policy
 from hsm_auth.testing.service import RunningService, running_service
 from hsm_auth.tokens import update_config
@@ -157,6 +159,26 @@ def test_the_pin_method_signs_the_head_with_the_same_pin(world) -> None:  # type
     report = bob.submit(Method.PIN)
     assert report["alerts"] == [] and len(report["not_submitted"]) == 3
     assert OFFLINE_PIN not in bob.log_path(Method.PIN).read_text()
+
+
+def test_an_entry_binds_the_transaction_and_the_user_data_as_hashes(world) -> None:  # type: ignore[no-untyped-def]
+    erin = user(world, Method.DEVICE)
+    pay = (("Amount", "120.00 EUR"), ("Payee", "DE89 3704 0044 0532 0130 00"))
+    verifier = world.verifier
+    data = VerificationData(
+        verifier_id=verifier.identity.verifier_id, user=erin.name, challenge=os.urandom(16),
+        context="Pay ACME", methods=(Method.DEVICE,), expires=int(time.time()) + 60,
+        transaction=pay, user_data=8,
+    )
+    request = erin.auth.start_offline_authentication(data.to_text(verifier.keys.sign_raw))
+    otp = erin.auth.finish_offline_authentication(request, Method.DEVICE, data=" ref-XY ")
+    [entry] = OfflineLog(erin.auth.directory).entries(
+        bytes.fromhex(erin.auth.enrolled[0].credential_id))
+    assert entry.atc == otp.atc
+    assert entry.data == data_hash("Pay ACME", pay, "ref-XY")  # as the question binds it
+    assert entry.data not in (data_hash("Pay ACME", pay), data_hash("Pay ACME", None, "ref-XY"))
+    text = erin.log_path().read_text()
+    assert "ref-XY" not in text and "DE89" not in text and "ACME" not in text
 
 
 # --- tampering -----------------------------------------------------------------------
