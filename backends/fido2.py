@@ -782,8 +782,9 @@ class Fido2KeyStore(KeyStore):
         if code == _ERR_OPERATION_DENIED:
             return Cancelled(f"{what}: declined on the authenticator")
         if code == _ERR_UV_INVALID:
+            left = self._uv_retries()
             return UserVerificationFailed(
-                retry=RetryStatus(retries_left=self._uv_retries()), native_code=code
+                retry=RetryStatus(retries_left=left, locked=left == 0), native_code=code
             )
         if code == _ERR_UV_BLOCKED:
             return UserVerificationFailed(
@@ -791,8 +792,14 @@ class Fido2KeyStore(KeyStore):
                 retry=RetryStatus(retries_left=0, locked=True), native_code=code,
             )
         if code == _ERR_PIN_INVALID:
+            left = self._pin_retries()
+            if left == 0:
+                return PinLocked(
+                    "wrong authenticator PIN; it is now blocked (reset needed)",
+                    retry=RetryStatus(retries_left=0), native_code=code,
+                )
             return PinInvalid(
-                "wrong authenticator PIN", retry=RetryStatus(retries_left=self._pin_retries()),
+                "wrong authenticator PIN", retry=RetryStatus(retries_left=left),
                 native_code=code,
             )
         if code == _ERR_PIN_BLOCKED:
@@ -801,8 +808,9 @@ class Fido2KeyStore(KeyStore):
                 retry=RetryStatus(retries_left=0), native_code=code,
             )
         if code == _ERR_PIN_AUTH_BLOCKED:
-            return PinLocked(
-                "too many wrong PINs: unplug and replug the authenticator", native_code=code
+            return PinLocked(  # until a power cycle; the PIN's own count stands
+                "too many wrong PINs: unplug and replug the authenticator",
+                retry=RetryStatus(retries_left=self._pin_retries()), native_code=code,
             )
         if code == _ERR_PIN_NOT_SET:
             return AuthorizationError("the authenticator has no PIN set", native_code=code)

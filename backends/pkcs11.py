@@ -266,6 +266,17 @@ def convert_error(exc: BaseException, action: str, *, mechanism: str | None = No
     return BackendError(f"PKCS#11 {action} failed: {what}", native_code=code)
 
 
+def retry_status(flags: int) -> RetryStatus:
+    """What a token's ``CK_TOKEN_INFO`` flags say about further user-PIN tries, the
+    only count PKCS#11 gives: ``CKF_USER_PIN_LOCKED`` → none left, locked;
+    ``CKF_USER_PIN_FINAL_TRY`` → 1 left; else unknown (``CKF_USER_PIN_COUNT_LOW``
+    says some tries failed, not how many remain). The one reading of these flags:
+    every authorization error of this backend carries it, and :meth:`pin_status`."""
+    locked = bool(flags & _CKF_USER_PIN_LOCKED)
+    final = bool(flags & _CKF_USER_PIN_FINAL_TRY)
+    return RetryStatus(retries_left=0 if locked else (1 if final else None), locked=locked)
+
+
 class _RvError(Exception):
     """A raw CK_RV from a ctypes call, shaped like a python-pkcs11 exception."""
 
@@ -760,7 +771,7 @@ class Pkcs11KeyStore(KeyStore):
             if entry is not None:
                 # Logged in already in this process: the token will not check again.
                 if not _hmac.compare_digest(entry.pin_tag, tag):
-                    raise PinInvalid()
+                    raise PinInvalid(retry=retry_status(self._token_flags()))
                 entry.count += 1
             else:
                 rv = _native(self._cfg.module).login(self._session.handle, pin)
@@ -793,13 +804,16 @@ class Pkcs11KeyStore(KeyStore):
         return rv
 
     def _raise_login_error(self, rv: int) -> NoReturn:
-        flags = self._token_flags()
-        if rv == _CKR_PIN_LOCKED or flags & _CKF_USER_PIN_LOCKED:
-            raise PinLocked("the token's user PIN is locked", native_code=rv)
+        retry = retry_status(self._token_flags())
+        if rv == _CKR_PIN_LOCKED or retry.locked:
+            raise PinLocked("the token's user PIN is locked",
+                            retry=replace(retry, retries_left=0), native_code=rv)
         if rv in (_CKR_PIN_INCORRECT, _CKR_PIN_INVALID, _CKR_PIN_LEN_RANGE):
-            final = bool(flags & _CKF_USER_PIN_FINAL_TRY)  # the only count PKCS#11 gives
-            raise PinInvalid(retry=RetryStatus(retries_left=1 if final else None), native_code=rv)
-        raise convert_error(_RvError(rv), "C_Login")
+            raise PinInvalid(retry=retry, native_code=rv)
+        error = convert_error(_RvError(rv), "C_Login")
+        if isinstance(error, AuthorizationError):
+            error.retry = retry
+        raise error
 
     def _token_flags(self) -> int:
         try:
@@ -812,7 +826,7 @@ class Pkcs11KeyStore(KeyStore):
             raise StateError("this PKCS#11 key store is closed")
         if self._logged_in:
             if auth.pin is not None and not _hmac.compare_digest(_pin_tag(auth.pin), self._pin_tag):
-                raise PinInvalid()
+                raise PinInvalid(retry=retry_status(self._token_flags()))
             return
         if auth.pin is None:
             if not self._login_required:
@@ -834,6 +848,10 @@ class Pkcs11KeyStore(KeyStore):
                 error = convert_error(e, action, mechanism=mechanism)
                 if drop is not None and isinstance(error, KeyNotFound):
                     self._objects.pop(drop, None)
+                if isinstance(error, AuthorizationError) and not isinstance(error, PinRequired):
+                    error.retry = retry_status(self._token_flags())
+                    if isinstance(error, PinLocked):
+                        error.retry = replace(error.retry, retries_left=0, locked=True)
                 raise error from e
 
     def _require(self, mechanism: str) -> None:
@@ -915,14 +933,12 @@ class Pkcs11KeyStore(KeyStore):
         return frozenset(caps)
 
     def pin_status(self) -> PinStatus:
-        flags = self._token_flags()
-        final = bool(flags & _CKF_USER_PIN_FINAL_TRY)
-        locked = bool(flags & _CKF_USER_PIN_LOCKED)
+        retry = retry_status(self._token_flags())
         return PinStatus(
             enforced=self._enforced,
-            retries_left=0 if locked else (1 if final else None),
-            final_try=final,
-            locked=locked,
+            retries_left=retry.retries_left,
+            final_try=retry.final_try,
+            locked=retry.locked,
         )
 
     # --- keys ---------------------------------------------------------------
