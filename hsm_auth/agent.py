@@ -56,8 +56,19 @@ is closed. No request can stop the agent.
     Claims a QR challenge at the verifier its text names → ``challenge`` (with the
     context of the desktop that started it); it is then pending here until
     answered by the credential that claimed it.
+``otp`` ``{"request": TEXT, "method": NAME, "pin"?: TEXT}``
+    Computes the OTP for verification data (``hsm-auth finish`` through the agent)
+    with the agent's own :class:`~hsm_auth.authenticator.Authenticator`, under the
+    method's ``pin_cache`` policy (:mod:`hsm_auth.unlocked`: the token is held
+    unlocked for that long after the PIN was typed) → ``otp``, ``atc``, ``method``
+    and ``held`` (true: no PIN was typed, the held state answered). A method whose
+    PIN is asked at every use (``pin_cache = 0``, the default; or a method without
+    a PIN) → ``{"otp": null, "every_use": true}``: nothing was touched and the caller
+    computes the OTP itself. Nothing held and no ``pin``: a ``PinRequired`` reply. A
+    ``pin`` given always reaches the token (a wrong one counts there) and replaces
+    what was held. The reply carries the OTP: the socket is this user's alone.
 ``lock``
-    Wipes the PIN cache → ``wiped`` (how many PINs).
+    Wipes the PIN cache and the held unlocked state → ``wiped`` (how many).
 
 Where the service is
 ====================
@@ -93,7 +104,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import display, files
 from .agent_client import MAX_LINE, VERSION, error_to_json
@@ -109,6 +120,10 @@ from .errors import (
 from .keystore import Authorization, UserInteraction
 from .methods import Method
 from .pin_cache import PinCache, SleepDetector
+from .unlocked import EveryUse, Unlocked
+
+if TYPE_CHECKING:
+    from .authenticator import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +268,14 @@ class Agent:
         cache: PinCache | None = None,
         clock: Callable[[], float] = time.time,
         prompts: Mapping[Method, str] | None = None,
+        offline: Authenticator | None = None,
+        unlocked: Unlocked | None = None,
     ) -> None:
         self.cache = cache if cache is not None else PinCache()
+        #: The OTP side: the authenticator that computes OTPs here, and what it holds.
+        self.offline = offline
+        self.unlocked = unlocked if unlocked is not None else Unlocked()
+        self._offline_lock = threading.Lock()
         self._notify = notify
         self._clock = clock
         self._prompts = dict(prompts or {})
@@ -342,8 +363,10 @@ class Agent:
         self._notify.notify(summary, "\n".join(lines))
 
     def housekeeping(self, detector: SleepDetector | None = None) -> None:
-        """Once a second: expired PINs and challenges go; a sleep wipes the cache."""
+        """Once a second: expired PINs, held tokens and challenges go; a sleep wipes
+        the cache."""
         self.cache.expire()
+        self.unlocked.expire()
         if detector is not None and detector.slept():
             self.wipe("the machine slept")
         now = self._clock()
@@ -352,7 +375,7 @@ class Agent:
                 del self._pending[cid]
 
     def wipe(self, why: str) -> int:
-        n = self.cache.clear()
+        n = self.cache.clear() + self.unlocked.clear()
         if n:
             self._notify.line(f"PIN cache wiped ({why})")
         return n
@@ -380,7 +403,11 @@ class Agent:
                 {"credential": e.key, "seconds_left": round(e.seconds_left, 1)}
                 for e in self.cache.status()
             ],
-            "mlock": self.cache.locked_in_memory(),
+            "unlocked": [
+                {"credential": e.key, "seconds_left": round(e.seconds_left, 1)}
+                for e in self.unlocked.status()
+            ],
+            "mlock": self.cache.locked_in_memory() and self.unlocked.locked_in_memory(),
             "watching": self.watching(),
         }
 
@@ -451,6 +478,8 @@ class Agent:
             raise UnknownMethod(
                 f"the {method.value} method is not enrolled at {source.name} for {source.user}"
             )
+        if pin is not None:  # a typed PIN reaches the token: no login of ours is left
+            self.unlocked.close_sessions()
         cached = self.cache.lookup(policy.credential_id) if pin is None else None
         use = pin if pin is not None else (cached.pin if cached is not None else None)
         if method.needs_pin and use is None:
@@ -468,8 +497,25 @@ class Agent:
             self.cache.put(policy.credential_id, pin, policy.timeout)
         return result
 
+    def otp(self, text: str, method_name: str, pin: str | None) -> dict[str, Any]:
+        """``hsm-auth finish`` through the agent (the ``otp`` operation)."""
+        if self.offline is None:
+            raise StateError("this agent computes no OTPs (it was started without a home)")
+        method = Method.parse(method_name)
+        with self._offline_lock:
+            self.offline.reload()  # enrollments made since the agent started
+            request = self.offline.start_offline_authentication(text)
+            try:
+                result = self.offline.finish_offline_authentication(
+                    request, method, pin=pin, unlocked=self.unlocked
+                )
+            except EveryUse:
+                return {"otp": None, "every_use": True}
+        return {"otp": result.otp, "atc": result.atc, "method": result.method.value,
+                "held": pin is None}
+
     def lock(self) -> dict[str, Any]:
-        return {"wiped": self.cache.clear()}
+        return {"wiped": self.cache.clear() + self.unlocked.clear()}
 
     # --- the protocol --------------------------------------------------------------
 
@@ -505,6 +551,14 @@ class Agent:
             return self.answer(
                 cid, op == "approve", _opt_text(request, "method", 20), _pin(request)
             )
+        if op == "otp":
+            text = request.get("request")
+            if not isinstance(text, str) or not 0 < len(text) <= 16384:
+                raise InvalidInput("request is the verification data's text")
+            method = _opt_text(request, "method", 20)
+            if method is None:
+                raise InvalidInput("method names the method to authenticate with")
+            return self.otp(text.strip(), method, _pin(request))
         if op == "claim":
             claim = request.get("claim")
             if not isinstance(claim, str) or not 0 < len(claim) <= 4096:
@@ -758,6 +812,7 @@ def run(
     finally:
         stop.set()
         agent.cache.clear()
+        agent.unlocked.clear()
         server.close()
         if watch is not None:
             watch.stop()

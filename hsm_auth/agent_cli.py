@@ -148,6 +148,9 @@ def _status_lines(reply: dict[str, Any]) -> str:
     lines.append(f"  pending challenges: {reply.get('pending', 0)}")
     for c in reply.get("cache", []):
         lines.append(f"  PIN cached for credential {c['credential']}: {c['seconds_left']} s left")
+    for c in reply.get("unlocked", []):
+        lines.append(f"  token held unlocked for credential {c['credential']}: "
+                     f"{c['seconds_left']} s left")
     return "\n".join(lines)
 
 
@@ -216,8 +219,17 @@ def run_agent(ctx: Context) -> int:
         else:
             held.append(line)
 
-    sources = agent_online.sources(ctx.paths, ctx.config(), report=report)
-    the_agent = agent.Agent(sources, notify=notifier, prompts=PROMPTS)
+    config = ctx.config()
+    sources = agent_online.sources(ctx.paths, config, report=report)
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            report(line)
+
+    offline = agent_online.SerializedAuthenticator(ctx.paths.authenticator_dir, config, warn=once)
+    the_agent = agent.Agent(sources, notify=notifier, prompts=PROMPTS, offline=offline)
 
     def on_event(event: str) -> None:
         the_agent.wipe("screen locked" if event == session_watch.LOCK else "going to sleep")
@@ -236,3 +248,36 @@ def run_agent(ctx: Context) -> int:
         return agent.run(the_agent, path, ready=ready, watch=watch)
     except OSError as e:
         raise StateError(f"the agent failed: {e.strerror or e}") from None
+    finally:
+        offline.close()
+
+
+def finish_via_agent(ctx: Context, text: str, method_name: str) -> dict[str, Any] | None:
+    """``hsm-auth finish`` through a running agent, when the method's policy caches its
+    PIN (``pin_cache > 0``, :mod:`hsm_auth.unlocked`): the agent's reply (``otp``,
+    ``atc``, ``held``), or ``None`` when no agent answers or the policy asks at every
+    use (then the caller computes the OTP itself, asking for the PIN as always).
+
+    The first request carries no PIN: what the agent holds answers it. When it holds
+    nothing, the PIN is read (``--pin-file``, ``--pin-fd`` or the terminal, once) and
+    sent; it reaches the token there."""
+    from . import cli
+    from .agent_client import AgentClient, AgentNotRunning
+
+    try:
+        client = AgentClient(socket_path(ctx), timeout=120.0)
+    except (AgentNotRunning, StateError):
+        return None
+    with client:
+        try:
+            try:
+                reply = client.call("otp", request=text, method=method_name)
+            except PinRequired:
+                pin = cli.read_pin(ctx.args, ctx.err)
+                reply = client.call("otp", request=text, method=method_name, pin=pin)
+        except AgentNotRunning:  # it closed without answering (not ours, stopping)
+            return None
+    if reply.get("every_use") or not isinstance(reply.get("otp"), str):
+        return None
+    return reply
+

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .agent import ChallengeView, CredentialPolicy
-from .authenticator import Authenticator, OnlineSignature
+from .authenticator import Authenticator, OfflineOtp, OnlineSignature
 from .challenges import Challenge, Decision, parse_claim
 from .config import Config, Paths
 from .errors import ConfigError, InvalidInput
@@ -50,6 +50,10 @@ class SerializedAuthenticator(Authenticator):
     ) -> OnlineSignature:
         with self._token_lock:
             return super().sign_online(verifier_id, method, message, auth=auth)
+
+    def finish_offline_authentication(self, *args: Any, **kwargs: Any) -> OfflineOtp:
+        with self._token_lock:
+            return super().finish_offline_authentication(*args, **kwargs)
 
 
 def view_of(challenge: Challenge) -> ChallengeView:

@@ -34,6 +34,11 @@ verifier's directory (:meth:`VerifierPolicy.load`), a file others cannot write::
     [offline]                       # offline use (hsm_auth.expiry)
     validity_days = 90              # expiry after enrollment / renewal; 0: never (default)
 
+    [offline.pin]                   # offline OTPs of the pin method
+    pin_cache = 0                   # seconds the authenticator's agent may hold the
+                                    # token unlocked after the PIN was typed; 0: the
+                                    # PIN is asked at every use (see offline_pin_cache)
+
 An absent file, or an absent table, gives the defaults: ``required`` for the
 FIDO2 methods (biometric, face), ``if-available`` for the others. The software
 test authenticator's AAGUID (:data:`SOFT_AUTHENTICATOR_AAGUID`) is refused
@@ -156,6 +161,12 @@ class VerifierPolicy:
     #: How long a credential may be used offline after enrollment or renewal
     #: (``[offline] validity_days``, :mod:`hsm_auth.expiry`).
     offline_validity: OfflineValidity = field(default_factory=OfflineValidity)
+    #: Offline OTPs: seconds the authenticator may keep a method unlocked after its
+    #: PIN was typed (``[offline.<method>] pin_cache``; absent: 0, every use).
+    pin_cache: Mapping[Method, int] = field(default_factory=dict)
+
+    def pin_cache_for(self, method: Method) -> int:
+        return self.pin_cache.get(method, 0)
 
     def for_method(self, method: Method) -> MethodPolicy:
         return self.methods.get(method) or MethodPolicy.default(method)
@@ -199,6 +210,7 @@ class VerifierPolicy:
         return cls(
             methods, override, *_approval_policy(document.get("approval", {})),
             offline_validity=parse_validity(document.get("offline", {})),
+            pin_cache=offline_pin_cache(document.get("offline", {})),
         )
 
 
@@ -243,6 +255,50 @@ def _approval_policy(table: Any) -> tuple[dict[Method, ApprovalPolicy], bool, st
             raise ConfigError(f"{where}: the device method has no user authentication to reuse")
         policies[method] = ApprovalPolicy(nature, timeout)
     return policies, require, rp_id
+
+
+#: The longest time an authenticator may hold a method unlocked (the EnrollmentResult's
+#: ``pin_cache`` bound, docs/PROTOCOL.md).
+MAX_PIN_CACHE: Final = 3600
+
+
+def offline_pin_cache(table: Any) -> dict[Method, int]:
+    """``[offline.<method>] pin_cache`` (KOBIL's ``allowOfflinePinVerification``): how
+    long, in whole seconds 0..3600, the authenticator's agent may hold the method's
+    token unlocked after the user typed its PIN (:mod:`hsm_auth.unlocked`). Only the
+    ``pin`` method has a PIN to cache: ``device`` asks nothing, and the FIDO2 methods
+    verify the user in the authenticator at every use, so a ``pin_cache`` above 0 for
+    them is a configuration error. Keys of ``[offline]`` that are not tables belong to
+    other offline settings and are left to their parser."""
+    if not isinstance(table, dict):
+        raise ConfigError("[offline] must be a table")
+    if "pin_cache" in table:
+        raise ConfigError("[offline] pin_cache is per method: [offline.pin] pin_cache = N")
+    found: dict[Method, int] = {}
+    for name, sub in table.items():
+        if not isinstance(sub, dict):
+            continue  # [offline] scalars (validity_days, ...): not this parser's
+        where = f"[offline.{name}]"
+        try:
+            method = Method.parse(name)
+        except HsmAuthError:
+            raise ConfigError(f"[offline]: unknown table {name!r}") from None
+        unknown = set(sub) - {"pin_cache"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        if "pin_cache" not in sub:
+            continue
+        value = sub["pin_cache"]
+        if type(value) is not int or not 0 <= value <= MAX_PIN_CACHE:
+            raise ConfigError(f"{where}: pin_cache is whole seconds in [0, {MAX_PIN_CACHE}]")
+        if value and not method.needs_pin:
+            raise ConfigError(
+                f"{where}: pin_cache is for the pin method; the {method.value} method "
+                + ("asks for nothing" if method is Method.DEVICE else
+                   "verifies the user in the authenticator at every use (never cached)")
+            )
+        found[method] = value
+    return found
 
 
 def _method_policy(name: str, table: Any, directory: Path | None) -> MethodPolicy:

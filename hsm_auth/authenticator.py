@@ -34,6 +34,8 @@ from .errors import (
     InvalidInput,
     LoginRequired,
     MechanismNotSupported,
+    PinInvalid,
+    PinLocked,
     PinRequired,
     StateError,
     UnknownMethod,
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from .challenges import Challenge, Decision
     from .otp_scheme import OtpScheme
     from .request_signing import Signature
+    from .unlocked import Unlocked
 
 Clock = Callable[[], float]
 Warn = Callable[[str], None]
@@ -352,6 +355,11 @@ class Authenticator:
             },
         )
         self._verifiers, self._methods, self._pending = verifiers, methods, pending
+
+    def reload(self) -> None:
+        """Read ``credentials.json`` again (a long-lived holder, the agent, sees the
+        enrollments made since it started)."""
+        self._verifiers, self._methods = self._load()
 
     @property
     def enrolled(self) -> list[EnrolledMethod]:
@@ -1005,12 +1013,18 @@ class Authenticator:
         pin: str | None = None,
         data: str | None = None,
         prompt: str | None = None,
+        unlocked: Unlocked | None = None,
     ) -> OfflineOtp:
         """Authenticate with ``method`` and return the OTP bound to the request's context,
         tenant and transaction, and to ``data``: what the user entered, required when the
         session lets the user enter data (``request.user_data`` > 0), refused otherwise
         (docs/PROTOCOL.md §17). ``prompt`` is the text shown while the token waits for
-        the user's verification (else the method's own)."""
+        the user's verification (else the method's own).
+
+        ``unlocked``: the agent's held state (:mod:`hsm_auth.unlocked`); with it, a
+        method whose policy caches (``pin_cache > 0``) uses what is held, else the
+        ``pin`` (then holds the unlocked token); a method that caches nothing raises
+        :class:`~hsm_auth.unlocked.EveryUse` before the token is touched."""
         from . import display, transaction
 
         entered = transaction.user_data(data, request.data.user_data)
@@ -1044,10 +1058,7 @@ class Authenticator:
             transaction=request.data.transaction,
             data=entered,
         )
-        with self._store(
-            enrolled.backend, enrolled.settings, method, enrolled.backend_ref
-        ) as store:
-            auth = self._authorization(method, store, enrolled.settings, pin)
+        with self._otp_store(enrolled, method, pin, unlocked) as (store, auth):
             if prompt is not None:
                 auth = dataclasses.replace(auth, prompt=prompt)
             limit = enrolled.synced_atc + enrolled.window
@@ -1075,6 +1086,76 @@ class Authenticator:
                 record_use(self.directory, store, enrolled, request.data, atc, auth,
                            now=int(self._clock()), user_data=entered)
         return OfflineOtp(scheme.truncate(mac), method, atc)
+
+    @contextlib.contextmanager
+    def _otp_store(
+        self, enrolled: EnrolledMethod, method: Method, pin: str | None,
+        unlocked: Unlocked | None,
+    ) -> Iterator[tuple[KeyStore, Authorization]]:
+        """The store and the authorization for one OTP: as given (``unlocked`` is
+        ``None``), else through the agent's held state under the method's
+        ``pin_cache`` (the rules are in :mod:`hsm_auth.unlocked`)."""
+        if unlocked is None:
+            with self._store(
+                enrolled.backend, enrolled.settings, method, enrolled.backend_ref
+            ) as store:
+                yield store, self._authorization(method, store, enrolled.settings, pin)
+            return
+        from . import registry
+        from .unlocked import EveryUse
+
+        if not method.needs_pin or enrolled.pin_cache <= 0:
+            raise EveryUse(f"the {method.value} method's PIN is asked at every use")
+        key, token = enrolled.credential_id, _token_key(enrolled.backend, enrolled.settings)
+        cls = registry.load_backend(enrolled.backend, enrolled.backend_ref)
+        if pin is not None:
+            unlocked.forget(key)
+        if cls.pin_unlocks_session:  # PKCS#11: hold the logged-in session itself
+            held = unlocked.take_session(key) if pin is None else None
+            if held is not None:
+                auth = Authorization(prompt=None, interaction=self._interaction)
+                try:
+                    yield held.store, auth
+                except LoginRequired:
+                    unlocked.put_back(key, held)
+                    raise
+                except BaseException:  # the token closed it, was removed: never again
+                    unlocked.discard(held)
+                    raise
+                unlocked.put_back(key, held)
+                return
+            if pin is None:
+                raise PinRequired("the pin method needs the offline PIN")
+            unlocked.forget_token(token)  # no login left here: the token checks this PIN
+            store = cls.open(enrolled.settings)
+            try:
+                auth = self._authorization(method, store, enrolled.settings, pin)
+                yield store, auth
+            except LoginRequired:  # the PIN was right: hold the session all the same
+                unlocked.hold_session(key, token, store, enrolled.pin_cache)
+                raise
+            except BaseException:
+                store.close()
+                raise
+            unlocked.hold_session(key, token, store, enrolled.pin_cache)
+            return
+        cached = unlocked.pins.get(key) if pin is None else None  # TPM: the auth value
+        use = pin if pin is not None else cached
+        if use is None:
+            raise PinRequired("the pin method needs the offline PIN")
+        with self._store(enrolled.backend, enrolled.settings, method, enrolled.backend_ref) as s:
+            auth = self._authorization(method, s, enrolled.settings, use)
+            try:
+                yield s, auth
+            except (PinInvalid, PinLocked):
+                unlocked.forget(key)
+                raise
+            except LoginRequired:
+                if pin is not None:
+                    unlocked.pins.put(key, pin, enrolled.pin_cache)
+                raise
+        if pin is not None:
+            unlocked.pins.put(key, pin, enrolled.pin_cache)
 
     def sync(self, text: str, *, pin: str | None = None) -> SyncResult:
         """Answer a verifier's signed sync message (sent after an online login).

@@ -1115,8 +1115,19 @@ def cmd_finish(ctx: Context) -> int:
     method = Method.parse(ctx.args.method)
     refuse_unused_pin_options(ctx, method)  # before the request is shown: one error line
     with ctx.authenticator() as a:
-        request = a.start_offline_authentication(read_text_arg(ctx.args.data, sys.stdin))
+        text = read_text_arg(ctx.args.data, sys.stdin)
+        request = a.start_offline_authentication(text)
         _show_request(ctx, request)
+        if method.needs_pin and not ctx.args.no_agent:  # the agent, where the policy caches
+            from . import agent_cli
+
+            with pin_hint(method):
+                held = agent_cli.finish_via_agent(ctx, text, method.value)
+            if held is not None:
+                ctx.emit(held["otp"], {"otp": held["otp"], "method": method.value,
+                                       "atc": held["atc"], "agent": True,
+                                       "pin_asked": not held.get("held")})
+                return 0
         pin = method_pin(ctx, method)
         with pin_hint(method):
             result = a.finish_offline_authentication(request, method, pin=pin)
@@ -1758,6 +1769,16 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
 
     p = add(sub, "finish", cmd_finish, "authenticate and print the OTP", [pin])
+    p.add_argument(
+        "--no-agent", action="store_true",
+        help="do not use a running agent (by default the pin method goes through it when "
+        "the verifier's pin_cache policy lets the agent hold the token unlocked)",
+    )
+    p.add_argument(
+        "--socket", metavar="PATH",
+        help="the agent's socket (default: $HSM_AUTH_AGENT_SOCKET, else "
+        "$XDG_RUNTIME_DIR/hsm-auth/agent.sock)",
+    )
     p.add_argument(
         "--method",
         type=text_arg,
