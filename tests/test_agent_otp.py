@@ -265,13 +265,15 @@ def test_the_held_session_serves_only_its_request(pkcs11_world: World) -> None:
 # --- TPM 2.0: the auth value held in the agent ------------------------------------------
 
 
-def _da_counter(tcti: str) -> int:
+def _da_state(tcti: str) -> tuple[int, int]:
+    """The TPM's dictionary-attack (failures counted, failures allowed), read directly."""
     from tpm2_pytss import ESAPI
     from tpm2_pytss.constants import TPM2_CAP, TPM2_PT
 
     with ESAPI(tcti) as ectx:
-        _, data = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.LOCKOUT_COUNTER, 1)
-        return int(data.data.tpmProperties[0].value)
+        _, data = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.LOCKOUT_COUNTER, 2)
+        props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+    return props[TPM2_PT.LOCKOUT_COUNTER], props[TPM2_PT.MAX_AUTH_FAIL]
 
 
 @pytest.mark.swtpm
@@ -299,12 +301,13 @@ def test_tpm_auth_value_held_for_60_s_and_a_wrong_pin_counts_on_the_tpm(
             agent.otp(session.text, "pin", None)
         w.otp(PIN)
         offline.close()  # the TPM serves one client at a time: free it for the read
-        before = _da_counter(swtpm.tcti)
+        before, most = _da_state(swtpm.tcti)
         with pytest.raises(PinInvalid) as wrong:
             agent.otp(session.text, "pin", WRONG)
         offline.close()
-        assert _da_counter(swtpm.tcti) == before + 1  # the TPM counted it
-        assert wrong.value.retry.retries_left is not None  # and said how many are left
+        counted, _ = _da_state(swtpm.tcti)
+        assert counted == before + 1  # the TPM counted it
+        assert wrong.value.retry.retries_left == most - counted  # and said what is left
         with pytest.raises(PinRequired):  # the typed PIN replaced what was held
             agent.otp(session.text, "pin", None)
     finally:
@@ -406,7 +409,9 @@ def test_hsm_auth_finish_through_the_agent_and_the_screen_lock(
         assert after.returncode == 31, after.stderr  # asked again
         wrong = finish(pin=WRONG)
         assert wrong.returncode == 32, wrong.stderr
-        assert json.loads(wrong.stdout)["type"] == "PinInvalid"
+        assert json.loads(wrong.stdout) == {  # the token's retry data, through the agent
+            "error": "wrong PIN", "type": "PinInvalid", "retries_left": None,
+            "retry_after": None, "locked": False}  # SoftHSM counts no tries
         assert _token_flags(token) & _CKF_USER_PIN_COUNT_LOW  # counted on the token
         log = agent.log()
     assert "Traceback" not in log and PIN not in log
