@@ -1105,6 +1105,7 @@ class Authenticator:
         from .unlocked import EveryUse
 
         if not method.needs_pin or enrolled.pin_cache <= 0:
+            unlocked.forget(enrolled.credential_id)  # re-enrolled since: nothing stays held
             raise EveryUse(f"the {method.value} method's PIN is asked at every use")
         key, token = enrolled.credential_id, _token_key(enrolled.backend, enrolled.settings)
         cls = registry.load_backend(enrolled.backend, enrolled.backend_ref)

@@ -32,6 +32,12 @@ FIDO2 (biometric, face)
     means nothing is cached; ``pin_cache`` is stated for the ``pin`` method only
     (:mod:`hsm_auth.attestation`).
 
+What a held token means: for those N seconds, any process of this user that can
+reach the agent's socket (0600, peer uid checked: :mod:`hsm_auth.agent`) gets OTPs
+for verification data the verifier signed, without the PIN, as with ``ssh-agent``;
+each OTP still advances the token's counter and is bound to its session. That is
+what the verifier's policy allows when it sets ``pin_cache`` above 0.
+
 The time counts from the moment the PIN was typed and is never extended by use. It
 is read from an injectable clock, ``CLOCK_BOOTTIME`` by default (counts suspended
 time, :func:`hsm_auth.pin_cache.boot_clock`). Everything held goes at its timeout
