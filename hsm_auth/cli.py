@@ -2048,7 +2048,10 @@ def describe(error: HsmAuthError) -> str:
 
 
 def error_json(error: HsmAuthError) -> dict[str, Any]:
-    """The ``--json`` form of an error: its words, its type and its data."""
+    """The ``--json`` form of an error: its words, its type and its data. An
+    authorization error always has ``retries_left`` (KOBIL's ``retryCounter``; null
+    where the token does not say), ``retry_after`` (``retryDelay``, seconds; null
+    unless a lockout ends by itself) and ``locked``, from the token itself."""
     doc: dict[str, Any] = {"error": describe(error), "type": error.__class__.__name__}
     if isinstance(error, errors.AuthorizationError):
         doc.update(asdict(error.retry))
