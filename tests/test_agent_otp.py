@@ -37,6 +37,7 @@ from hsm_auth.errors import (
     UntrustedMessage,
 )
 from hsm_auth.methods import Method
+from hsm_auth.pin_cache import SleepDetector
 from hsm_auth.testing.agent import running_agent
 from hsm_auth.testing.softhsm import init_token, unique_label
 from hsm_auth.unlocked import Unlocked
@@ -202,7 +203,7 @@ def test_second_finish_within_60_s_asks_no_pin_and_after_60_s_asks_again(
 
 
 @pytest.mark.softhsm
-def test_screen_lock_and_agent_lock_drop_the_held_session(pkcs11_world: World) -> None:
+def test_screen_lock_agent_lock_and_suspend_drop_the_held_session(pkcs11_world: World) -> None:
     w = pkcs11_world
     w.otp(PIN)
     assert w.otp(None)["held"] is True
@@ -212,6 +213,15 @@ def test_screen_lock_and_agent_lock_drop_the_held_session(pkcs11_world: World) -
         w.agent.otp(session.text, "pin", None)
     w.otp(PIN)
     assert w.agent.lock() == {"wiped": 1}  # hsm-auth agent --lock
+    with pytest.raises(PinRequired):
+        w.agent.otp(session.text, "pin", None)
+    w.otp(PIN)
+    boot, mono = FakeClock(100.0), FakeClock(100.0)
+    detector = SleepDetector(boottime=boot, monotonic=mono)
+    w.agent.housekeeping(detector)
+    assert w.otp(None)["held"] is True  # awake: kept
+    boot.now += 600  # BOOTTIME counted a suspend that MONOTONIC did not
+    w.agent.housekeeping(detector)  # the agent's once-a-second pass
     with pytest.raises(PinRequired):
         w.agent.otp(session.text, "pin", None)
 
