@@ -56,11 +56,13 @@ is closed. No request can stop the agent.
     Claims a QR challenge at the verifier its text names → ``challenge`` (with the
     context of the desktop that started it); it is then pending here until
     answered by the credential that claimed it.
-``otp`` ``{"request": TEXT, "method": NAME, "pin"?: TEXT}``
+``otp`` ``{"request": TEXT, "method": NAME, "pin"?: TEXT, "data"?: TEXT, "prompt"?: TEXT}``
     Computes the OTP for verification data (``hsm-auth finish`` through the agent)
     with the agent's own :class:`~hsm_auth.authenticator.Authenticator`, under the
     method's ``pin_cache`` policy (:mod:`hsm_auth.unlocked`: the token is held
-    unlocked for that long after the PIN was typed) → ``otp``, ``atc``, ``method``
+    unlocked for that long after the PIN was typed; ``data`` is what the user entered
+    and ``prompt`` the text shown, as for :meth:`~hsm_auth.authenticator.Authenticator.
+    finish_offline_authentication`) → ``otp``, ``atc``, ``method``
     and ``held`` (true: no PIN was typed, the held state answered). A method whose
     PIN is asked at every use (``pin_cache = 0``, the default; or a method without
     a PIN) → ``{"otp": null, "every_use": true}``: nothing was touched and the caller
@@ -497,7 +499,10 @@ class Agent:
             self.cache.put(policy.credential_id, pin, policy.timeout)
         return result
 
-    def otp(self, text: str, method_name: str, pin: str | None) -> dict[str, Any]:
+    def otp(
+        self, text: str, method_name: str, pin: str | None, *,
+        data: str | None = None, prompt: str | None = None,
+    ) -> dict[str, Any]:
         """``hsm-auth finish`` through the agent (the ``otp`` operation)."""
         if self.offline is None:
             raise StateError("this agent computes no OTPs (it was started without a home)")
@@ -507,7 +512,7 @@ class Agent:
             request = self.offline.start_offline_authentication(text)
             try:
                 result = self.offline.finish_offline_authentication(
-                    request, method, pin=pin, unlocked=self.unlocked
+                    request, method, pin=pin, data=data, prompt=prompt, unlocked=self.unlocked
                 )
             except EveryUse:
                 return {"otp": None, "every_use": True}
@@ -558,7 +563,10 @@ class Agent:
             method = _opt_text(request, "method", 20)
             if method is None:
                 raise InvalidInput("method names the method to authenticate with")
-            return self.otp(text.strip(), method, _pin(request))
+            return self.otp(
+                text.strip(), method, _pin(request),
+                data=_opt_text(request, "data", 4096), prompt=_opt_text(request, "prompt", 1024),
+            )
         if op == "claim":
             claim = request.get("claim")
             if not isinstance(claim, str) or not 0 < len(claim) <= 4096:

@@ -252,7 +252,10 @@ def run_agent(ctx: Context) -> int:
         offline.close()
 
 
-def finish_via_agent(ctx: Context, text: str, method_name: str) -> dict[str, Any] | None:
+def finish_via_agent(
+    ctx: Context, text: str, method_name: str, *, data: str | None = None,
+    prompt: str | None = None,
+) -> dict[str, Any] | None:
     """``hsm-auth finish`` through a running agent, when the method's policy caches its
     PIN (``pin_cache > 0``, :mod:`hsm_auth.unlocked`): the agent's reply (``otp``,
     ``atc``, ``held``), or ``None`` when no agent answers or the policy asks at every
@@ -268,13 +271,18 @@ def finish_via_agent(ctx: Context, text: str, method_name: str) -> dict[str, Any
         client = AgentClient(socket_path(ctx), timeout=120.0)
     except (AgentNotRunning, StateError):
         return None
+    args: dict[str, Any] = {"request": text, "method": method_name}
+    if data is not None:  # what the user entered (docs/PROTOCOL.md §17)
+        args["data"] = data
+    if prompt is not None:
+        args["prompt"] = prompt
     with client:
         try:
             try:
-                reply = client.call("otp", request=text, method=method_name)
+                reply = client.call("otp", **args)
             except PinRequired:
                 pin = cli.read_pin(ctx.args, ctx.err)
-                reply = client.call("otp", request=text, method=method_name, pin=pin)
+                reply = client.call("otp", **args, pin=pin)
         except AgentNotRunning:  # it closed without answering (not ours, stopping)
             return None
     if reply.get("every_use") or not isinstance(reply.get("otp"), str):

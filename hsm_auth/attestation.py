@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from .enrollment_messages import MAX_PIN_CACHE  # the EnrollmentResult's bound (§5.6)
 from .errors import ConfigError, HsmAuthError, UntrustedMessage
 from .expiry import OfflineValidity, parse_validity
 from .methods import Method
@@ -255,11 +256,6 @@ def _approval_policy(table: Any) -> tuple[dict[Method, ApprovalPolicy], bool, st
             raise ConfigError(f"{where}: the device method has no user authentication to reuse")
         policies[method] = ApprovalPolicy(nature, timeout)
     return policies, require, rp_id
-
-
-#: The longest time an authenticator may hold a method unlocked (the EnrollmentResult's
-#: ``pin_cache`` bound, docs/PROTOCOL.md).
-MAX_PIN_CACHE: Final = 3600
 
 
 def offline_pin_cache(table: Any) -> dict[Method, int]:

@@ -539,7 +539,8 @@ class Verifier:
     def enrollment_result(self, credential: CredentialRecord) -> str:
         """The signed :class:`EnrollmentResult` text for the authenticator that enrolled
         ``credential`` (what :meth:`accept_enrollment` returned): its certificate, the CA
-        certificate and the attestation summary."""
+        certificate, the attestation summary and the policy's ``pin_cache`` for the
+        method (how long the authenticator may hold it unlocked, :mod:`hsm_auth.unlocked`)."""
         if credential.certificate is None:
             raise StateError(
                 f"{credential.user!r}'s {credential.method.value} method has no certificate "
@@ -563,6 +564,7 @@ class Verifier:
             certificate=credential.certificate,
             ca_certificate=self.ca_certificate.public_bytes(serialization.Encoding.DER),
             attestation=shown,
+            pin_cache=self.policy.pin_cache_for(credential.method),  # [offline.<m>] pin_cache
         ).to_text(self.keys.sign_raw)
 
     # --- renewal (hsm_auth.expiry, docs/PROTOCOL.md §20) -----------------------------
