@@ -306,6 +306,7 @@ class Authenticator:
         self._stores: dict[tuple[str, str], KeyStore] = {}
         self._state_file = directory / "credentials.json"
         self._pending: list[PendingKeys] = []  # set by _load
+        self._stamp = _stamp(self._state_file)  # what reload() compares (before the read)
         self._verifiers, self._methods = self._load()
 
     # --- state ----------------------------------------------------------------
@@ -357,9 +358,14 @@ class Authenticator:
         self._verifiers, self._methods, self._pending = verifiers, methods, pending
 
     def reload(self) -> None:
-        """Read ``credentials.json`` again (a long-lived holder, the agent, sees the
-        enrollments made since it started)."""
+        """Read ``credentials.json`` again if it changed since it was read (a long-lived
+        holder, the agent, sees the enrollments made since it started). Every write
+        is a rename of a new file, so (inode, mtime, size) tells a change."""
+        stamp = _stamp(self._state_file)
+        if stamp is not None and stamp == self._stamp:
+            return
         self._verifiers, self._methods = self._load()
+        self._stamp = stamp
 
     @property
     def enrolled(self) -> list[EnrolledMethod]:
@@ -1222,6 +1228,14 @@ def _is_hex(text: str, size: int) -> bool:
         return len(bytes.fromhex(text)) == size and text == text.lower()
     except ValueError:
         return False
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _token_key(backend: str, settings: Mapping[str, Any]) -> str:

@@ -426,3 +426,21 @@ def test_hsm_auth_finish_through_the_agent_and_the_screen_lock(
         log = agent.log()
     assert "Traceback" not in log and PIN not in log
     verifier.close()
+
+
+@pytest.mark.softhsm
+def test_the_agent_sees_an_enrollment_made_after_it_started(
+    softhsm_env: Any, tmp_path: Path
+) -> None:
+    token = init_token(unique_label("later"), so_pin="12345678", user_pin=PIN)
+    write_policy(tmp_path / "verifier", "[offline.pin]\npin_cache = 60\n")
+    verifier = Verifier.init(tmp_path / "verifier", "Example Bank")
+    config = _pkcs11_config(token)
+    with Authenticator(tmp_path / "auth", config) as offline:
+        agent = Agent([], notify=Quiet(), offline=offline, unlocked=Unlocked(FakeClock()))
+        with Authenticator(tmp_path / "auth", config) as a:  # `hsm-auth enroll` meanwhile
+            enroll(verifier, a)
+        w = World(verifier, agent, FakeClock(), tmp_path / "auth", config, token)
+        assert w.otp(PIN)["held"] is False and w.otp(None)["held"] is True
+        agent.wipe("test over")
+    verifier.close()
