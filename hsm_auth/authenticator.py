@@ -1165,14 +1165,18 @@ class Authenticator:
             unlocked.pins.put(key, pin, enrolled.pin_cache)
 
     def sync(self, text: str, *, pin: str | None = None) -> SyncResult:
-        """Answer a verifier's signed sync message (sent after an online login).
+        """Answer a verifier's signed sync message (sent after an online login): the
+        ATC report (docs/PROTOCOL.md §10, §18).
 
         The token advances its counter and MACs a :class:`SyncReport` for the new
         value with the OTP key (so the pin method needs the PIN, biometric and
-        face a verification, as for an OTP); offline uses then count from that
-        value. Give the report to the verifier (:meth:`Verifier.apply_sync`), which
-        moves its ATC there: OTPs made here and never submitted stop mattering."""
-        with self._exclusive():  # the counter and credentials.json, as one step
+        face a verification, as for an OTP). Give the report to the verifier
+        (:meth:`Verifier.apply_sync`), which moves its ATC there and answers with a
+        signed acknowledgement; :meth:`apply_sync_ack` takes that. Nothing is
+        written here: the offline-use count stays until the acknowledgement
+        arrives, so a report lost on the way (or a kill -9 before the answer)
+        loses nothing."""
+        with self._exclusive():  # the counter, read and advanced by the token
             self._verifiers, self._methods = self._load()
             return self._sync(text, pin)
 
@@ -1186,14 +1190,17 @@ class Authenticator:
         ec.verify(ec.decode_point(pinned.signing_key), signed.signature, signed.body)
         if message.expires < self._clock():
             raise ExpiredMessage("the sync message has expired; ask the verifier for a new one")
-        enrolled = self._find(message.verifier_id, message.method)
-        if enrolled is None or enrolled.user != message.user:
-            raise UnknownMethod(f"the {message.method.value} method is not enrolled here")
+        enrolled = self._synced_method(
+            message.verifier_id, message.user, message.method, message.credential_id
+        )
         scheme = _scheme(enrolled.suite)
         question = scheme.sync_question(
-            session_id=message.session_id, user=message.user, method=message.method
+            session_id=message.session_id, user=message.user, method=message.method,
+            credential_id=message.credential_id,
         )
-        with self._store(enrolled.backend, enrolled.settings, message.method) as store:
+        with self._store(
+            enrolled.backend, enrolled.settings, message.method, enrolled.backend_ref
+        ) as store:
             auth = self._authorization(message.method, store, enrolled.settings, pin)
             atc, mac = store.counted_hmac(  # no limit: this is how offline use resumes
                 enrolled.otp_key,
@@ -1207,20 +1214,70 @@ class Authenticator:
             user=message.user,
             method=message.method,
             atc=atc,
+            credential_id=message.credential_id,
         ).to_text(lambda body: mac)
-        updated = dataclasses.replace(enrolled, synced_atc=atc)
-        self._save(self._verifiers, [updated if m is enrolled else m for m in self._methods])
-        return SyncResult(updated, report, unsubmitted=max(0, atc - 1 - message.atc))
+        return SyncResult(enrolled, report, unsubmitted=max(0, atc - 1 - message.atc), atc=atc)
+
+    def apply_sync_ack(self, text: str) -> EnrolledMethod:
+        """Take the verifier's signed acknowledgement of an ATC report
+        (:class:`~hsm_auth.sync_messages.AtcAck`): offline uses count from its ATC
+        from now on. Only forward: an acknowledgement of an ATC counted from already
+        (an old one, replayed) changes nothing. Refused unless signed by the pinned
+        verifier and naming a credential enrolled here. Returns the method."""
+        from .errors import DecodeError
+        from .sync_messages import AtcAck
+
+        with self._exclusive():
+            self._verifiers, self._methods = self._load()
+            try:
+                ack, signed = AtcAck.from_text(text)
+            except DecodeError as e:
+                raise InvalidInput(f"not the verifier's acknowledgement of a sync report ({e})"
+                                   ) from None
+            pinned = self._verifiers.get(ack.verifier_id)
+            if pinned is None:
+                raise UntrustedMessage("acknowledgement from an unknown verifier")
+            try:
+                ec.verify(ec.decode_point(pinned.signing_key), signed.signature, signed.body)
+            except UntrustedMessage:
+                raise UntrustedMessage(
+                    f"the acknowledgement is not signed by {pinned.name!r}"
+                ) from None
+            enrolled = self._synced_method(ack.verifier_id, ack.user, ack.method,
+                                           ack.credential_id)
+            if ack.atc <= enrolled.synced_atc:
+                return enrolled
+            updated = dataclasses.replace(enrolled, synced_atc=ack.atc)
+            self._save(self._verifiers, [updated if m is enrolled else m for m in self._methods])
+            return updated
+
+    def _synced_method(
+        self, verifier_id: bytes, user: str, method: Method, credential_id: bytes
+    ) -> EnrolledMethod:
+        """The enrolled method that a sync message or acknowledgement names (by its
+        credential id: a user may hold several credentials of one method)."""
+        for m in self._methods:
+            if (
+                m.verifier_id == verifier_id
+                and m.user == user
+                and m.method is method
+                and m.credential_id
+                and hmac.compare_digest(bytes.fromhex(m.credential_id), credential_id)
+            ):
+                return m
+        raise UnknownMethod(f"the {method.value} credential it names is not enrolled here")
 
 
 @dataclass(frozen=True)
 class SyncResult:
-    """What :meth:`Authenticator.sync` did: the updated method, the report for the
-    verifier, and how many OTPs the verifier had not seen (made, never submitted)."""
+    """What :meth:`Authenticator.sync` did: the method (unchanged until the
+    acknowledgement), the report for the verifier, the ATC it reports, and how many
+    OTPs the verifier had not seen (made, never submitted)."""
 
     method: EnrolledMethod
     report: str
     unsubmitted: int
+    atc: int
 
 
 def _is_hex(text: str, size: int) -> bool:

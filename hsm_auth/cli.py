@@ -614,7 +614,17 @@ def cmd_verifier_sync_report(ctx: Context) -> int:
         ok = v.apply_sync(read_text_arg(ctx.args.report, sys.stdin))
     finally:
         v.close()
-    return _emit_acceptance(ctx, "synced", ok)
+    print(
+        f"synced: {ok.user} with {ok.method.value} (ATC {ok.atc}); give this acknowledgement "
+        "to the authenticator (hsm-auth sync):",
+        file=ctx.err,
+    )
+    ctx.emit(
+        ok.ack,
+        {"accepted": True, "user": ok.user, "method": ok.method.value, "atc": ok.atc,
+         "ack": ok.ack},
+    )
+    return 0
 
 
 def cmd_verifier_purge(ctx: Context) -> int:
@@ -1136,7 +1146,19 @@ def cmd_finish(ctx: Context) -> int:
 
 
 def cmd_sync(ctx: Context) -> int:
+    """The ATC resync (docs/PROTOCOL.md §10): answer a sync message with the
+    token's report, or take the verifier's acknowledgement."""
     text = read_text_arg(ctx.args.data, sys.stdin)
+    from .protocol import MessageType, message_kind
+
+    if message_kind(textcode.decode(text)) is MessageType.ATC_ACK:
+        with ctx.authenticator() as a:
+            updated = a.apply_sync_ack(text)
+        ctx.emit(
+            f"synced {updated.method.value}: offline use counts from ATC {updated.synced_atc}",
+            {"method": updated.method.value, "synced_atc": updated.synced_atc},
+        )
+        return 0
     from .sync_messages import SyncMessage
 
     method = SyncMessage.from_text(text)[0].method  # signature checked by sync()
@@ -1144,15 +1166,17 @@ def cmd_sync(ctx: Context) -> int:
     with ctx.authenticator() as a, pin_hint(method):
         result = a.sync(text, pin=pin)
     print(
-        f"synced {method.value}: offline use counts from ATC {result.method.synced_atc} "
+        f"{method.value}: the token reports ATC {result.atc} "
         f"({result.unsubmitted} OTPs were never submitted); give this report to the verifier "
-        "(hsm-auth verifier sync-report):",
+        "(hsm-auth verifier sync-report) and its acknowledgement to hsm-auth sync: offline "
+        "use counts from the old ATC until then",
         file=ctx.err,
     )
     ctx.emit(
         result.report,
         {
             "method": method.value,
+            "atc": result.atc,
             "synced_atc": result.method.synced_atc,
             "unsubmitted": result.unsubmitted,
             "report": result.report,
@@ -1792,10 +1816,12 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         sub,
         "sync",
         cmd_sync,
-        "answer a verifier's sync message after an online login (prints the report)",
+        "resync the ATC after an online login: answer a sync message (prints the report) "
+        "or take the verifier's acknowledgement",
         [pin],
     )
-    p.add_argument("data", nargs="?", help="sync message, @FILE, or - for stdin")
+    p.add_argument("data", nargs="?",
+                   help="sync message or acknowledgement, @FILE, or - for stdin")
 
     vopt = _Parser(add_help=False)
     vopt.add_argument(
@@ -1903,7 +1929,8 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p = vadd(
         "sync-report",
         cmd_verifier_sync_report,
-        "apply the authenticator's sync report: the ATC moves to the token's",
+        "apply the authenticator's sync report: the ATC moves to the token's (prints the "
+        "acknowledgement for hsm-auth sync)",
     )
     p.add_argument("report", nargs="?", help="the report text, @FILE, or - for stdin (default)")
     p = vadd(

@@ -37,7 +37,7 @@ MIN_DIGITS: Final = 6
 MAX_DIGITS: Final = 10
 
 _OTP_DOMAIN: Final = b"hsm-auth/otp-question/v3"
-_SYNC_DOMAIN: Final = b"hsm-auth/sync-question/v1"
+_SYNC_DOMAIN: Final = b"hsm-auth/sync-question/v2"  # v2: binds the credential id
 
 
 def _question(domain: bytes, fields: tuple[bytes, ...]) -> str:
@@ -122,12 +122,20 @@ class OtpScheme:
             ),
         )
 
-    def sync_question(self, *, session_id: bytes, user: str, method: Method) -> str:
-        """The question of a sync report's MAC. Its own domain tag keeps it apart from
-        every :meth:`question`, so a sync MAC never doubles as a session's OTP."""
+    def sync_question(
+        self, *, session_id: bytes, user: str, method: Method, credential_id: bytes
+    ) -> str:
+        """The question of a sync report's MAC (docs/PROTOCOL.md §10). Its own domain
+        tag keeps it apart from every :meth:`question`, so a sync MAC never doubles as
+        a session's OTP."""
         return _question(
             _SYNC_DOMAIN,
-            (_short(session_id), _short(user.encode("utf-8")), struct.pack(">B", method.code)),
+            (
+                _short(session_id),
+                _short(user.encode("utf-8")),
+                struct.pack(">B", method.code),
+                _short(credential_id),
+            ),
         )
 
     # --- the MAC and the OTP ---------------------------------------------------

@@ -62,6 +62,7 @@ class MessageType(enum.IntEnum):
     SYNC = 4
     SYNC_REPORT = 5
     ENROLLMENT_RESULT = 6
+    ATC_ACK = 7  # docs/PROTOCOL.md §18 (hsm_auth.sync_messages)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ from .store.base import (
     Status,
     VerifierStore,
 )
-from .sync_messages import SyncMessage, SyncReport
+from .sync_messages import AtcAck, SyncMessage, SyncReport
 from .verifier_keys import FileVerifierKeys, VerifierKeys, create_keys, load_keys
 
 if TYPE_CHECKING:
@@ -187,6 +187,16 @@ class Renewal:
 
     credential: CredentialRecord
     result: str
+
+
+@dataclass(frozen=True)
+class SyncAcceptance(Acceptance):
+    """An applied ATC report (:meth:`Verifier.apply_sync`): the credential's new ATC
+    and the signed acknowledgement (:class:`~hsm_auth.sync_messages.AtcAck`, text
+    form) to give the authenticator."""
+
+    credential_id: bytes
+    ack: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -1031,38 +1041,54 @@ class Verifier:
 
     def sync_message(self, user: str, method: Method) -> str:
         """After an online login: a signed sync message for the authenticator, and
-        the single-use sync session (``offer_ttl`` long) that its report answers.
+        the single-use sync session (``offer_ttl`` long) that its report answers
+        (:meth:`sync_message_for` the user's credential of ``method``)."""
+        return self.sync_message_for(self.credential(user, method))
 
-        The authenticator answers with a :class:`SyncReport` in which the token
-        states its current ATC, authenticated with the method's OTP key;
-        :meth:`apply_sync` then moves the stored ATC there, so the next OTP is in
-        the window again however many OTPs were made and never submitted."""
-        cred = self.credential(user, method)
+    def sync_message_for(self, cred: CredentialRecord) -> str:
+        """A signed sync message for the credential ``cred`` and its sync session.
+
+        The authenticator answers with a :class:`SyncReport` (the ATC report,
+        docs/PROTOCOL.md §10, §18) in which the token states its current ATC,
+        authenticated with the credential's OTP key; :meth:`apply_sync` then moves
+        the stored ATC there, so the next OTP is in the window again however many
+        OTPs were made and never submitted. The sync session is bound to ``cred``:
+        its record keeps the credential id where an OTP session keeps its challenge."""
         expiry.check(cred.method, cred.expires, self._now())
+        credential_id = transcript.credential_id(cred.signing_key)
         session_id = os.urandom(SESSION_ID_BYTES)
         expires = self._now() + self.identity.offer_ttl
         message = SyncMessage(
             verifier_id=self.identity.verifier_id,
-            user=user,
-            method=method,
+            user=cred.user,
+            method=cred.method,
             atc=cred.atc,
             session_id=session_id,
             expires=expires,
+            credential_id=credential_id,
         )
         text = message.to_text(self.keys.sign_raw)
-        record = AuditRecord(self._now(), Event.SYNC, user, method.value, session_id.hex())
+        record = AuditRecord(self._now(), Event.SYNC, cred.user, cred.method.value,
+                             session_id.hex())
         self.store.put_session(
-            SessionRecord(session_id, user, session_id, SYNC_CONTEXT, (method,), expires), record
+            SessionRecord(session_id, cred.user, credential_id, SYNC_CONTEXT, (cred.method,),
+                          expires),
+            record,
         )
         audit.emit([record])
         return text
 
-    def apply_sync(self, text: str) -> Acceptance:
+    def apply_sync(self, text: str) -> SyncAcceptance:
         """Apply an authenticator's sync report: the stored ATC moves forward to the
         ATC the token reports, burning the sync session (compare-and-swap, one
-        transaction). Raises :class:`InvalidToken` for a bad MAC, a used, expired or
-        unknown sync session, a locked credential or a report that would not move
-        the ATC forward; the reason goes to the audit trail."""
+        transaction), and the answer carries the signed acknowledgement
+        (:class:`AtcAck`) that resets the authenticator's offline-use count.
+
+        Raises :class:`InvalidToken` for a bad MAC (counted toward lockout, as a
+        wrong OTP), a used, expired or unknown sync session, one opened for another
+        credential, a locked credential or a report that would not move the ATC
+        forward (a lower or equal ATC: nothing changes, nothing counts); the reason
+        goes to the audit trail."""
         report, signed = SyncReport.from_text(text)
         if not hmac.compare_digest(report.verifier_id, self.identity.verifier_id):
             raise InvalidInput("this sync report is for another verifier")
@@ -1077,7 +1103,7 @@ class Verifier:
             if outcome.status is Status.STALE:
                 continue  # the ATC moved under us (an OTP was accepted): check again
             if outcome.status is Status.DONE and isinstance(change, Accept):
-                return Acceptance(report.user, report.method, report.atc)
+                return self._acknowledge(report)
             if isinstance(change, _Expired):
                 raise change.error()
             raise InvalidToken()
@@ -1092,6 +1118,22 @@ class Verifier:
         self.store.apply([Note(refused)])
         audit.emit([refused])
         raise InvalidToken()
+
+    def _acknowledge(self, report: SyncReport) -> SyncAcceptance:
+        """The signed acknowledgement of an applied report: the credential's ATC is
+        now the report's."""
+        ack = AtcAck(
+            verifier_id=self.identity.verifier_id,
+            user=report.user,
+            method=report.method,
+            credential_id=report.credential_id,
+            session_id=report.session_id,
+            atc=report.atc,
+        )
+        return SyncAcceptance(
+            report.user, report.method, report.atc, report.credential_id,
+            ack.to_text(self.keys.sign_raw),
+        )
 
     def _decide_sync(
         self,
@@ -1109,6 +1151,7 @@ class Verifier:
             session.context != SYNC_CONTEXT
             or session.user != report.user
             or (report.method not in session.methods)
+            or not hmac.compare_digest(session.challenge, report.credential_id)
         ):
             return Note(base.refused(Reason.NOT_SYNC))
         if session.used:
@@ -1116,7 +1159,15 @@ class Verifier:
         if session.expires < now:
             return Note(base.refused(Reason.SESSION_EXPIRED))
         cred = next(
-            (c for c in creds_by_user.get(session.user, []) if c.method is report.method), None
+            (
+                c
+                for c in creds_by_user.get(session.user, [])
+                if c.method is report.method
+                and hmac.compare_digest(
+                    transcript.credential_id(c.signing_key), report.credential_id
+                )
+            ),
+            None,
         )
         if cred is None:
             return Note(base.refused(Reason.CREDENTIAL_GONE))
@@ -1130,7 +1181,8 @@ class Verifier:
             return Note(base.refused(Reason.SYNC_STALE))
         scheme = OtpScheme.for_suite(cred.suite)
         question = scheme.sync_question(
-            session_id=report.session_id, user=report.user, method=report.method
+            session_id=report.session_id, user=report.user, method=report.method,
+            credential_id=report.credential_id,
         )
         with self.keys.otp_macs(cred) as mac_of:
             good = scheme.verify_mac(mac_of, mac, counter=report.atc, question=question)

@@ -262,7 +262,7 @@ def test_tpm_stays_usable_after_ten_kills_in_a_row(swtpm, tmp_path, config, veri
                 result = a.finish_offline_authentication(request, method, pin=pin)
                 assert verifier.verify(session.session_id, result.otp).atc == result.atc
                 synced = a.sync(verifier.sync_message("alice", method), pin=pin)
-                verifier.apply_sync(synced.report)
+                a.apply_sync_ack(verifier.apply_sync(synced.report).ack)
 
 
 def test_cli_lockout_names_its_cause_and_device_still_works(swtpm, tmp_path):

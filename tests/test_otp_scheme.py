@@ -83,15 +83,19 @@ def test_question_with_tenant_transaction_and_data() -> None:
 def test_sync_question_is_todays_formula() -> None:
     sid = b"\x22" * 16
     expected = hashlib.sha256(
-        b"hsm-auth/sync-question/v1"
+        b"hsm-auth/sync-question/v2"
         + struct.pack(">H", 16)
         + sid
         + struct.pack(">H", 5)
         + b"alice"
         + bytes([Method.PIN.code])
+        + struct.pack(">H", 16)
+        + CID
     ).hexdigest()
-    q = OtpScheme.default().sync_question(session_id=sid, user="alice", method=Method.PIN)
-    assert q == expected == "51497b0a7eeeff160745b52f99021ffb30bdf48abf33ec81fa0f99c82aab9dc3"
+    q = OtpScheme.default().sync_question(
+        session_id=sid, user="alice", method=Method.PIN, credential_id=CID
+    )
+    assert q == expected == "f934a08f076c0b1d97b660a11ac97ccb675d2eda45c0b1a5cae177c657092425"
 
 
 def test_otps_and_sync_mac_are_pinned() -> None:
@@ -110,9 +114,11 @@ def test_otps_and_sync_mac_are_pinned() -> None:
         "405210",
         "873153",
     ]
-    sq = scheme.sync_question(session_id=b"\x22" * 16, user="alice", method=Method.PIN)
+    sq = scheme.sync_question(
+        session_id=b"\x22" * 16, user="alice", method=Method.PIN, credential_id=CID
+    )
     mac = hmac.new(KEY, scheme.message(7, sq), hashlib.sha256).digest()
-    assert mac.hex() == "5df24824ee04cd58f98641c4a1481f3d52ac2726f93d3211670e50926267a627"
+    assert mac.hex() == "00b743c6a39c90ab26a6aa5fcd20346fc3a503a7d6559a085f5699294b2adaaf"
 
     def mac_fn(data: bytes) -> bytes:
         return hmac.new(KEY, data, hashlib.sha256).digest()
@@ -140,7 +146,12 @@ def test_question_binds_challenge_and_context_and_sync_has_its_own_domain() -> N
     # Every identity is bound: another verifier, user, method or credential, another OTP.
     assert len({q(), q(verifier_id=b"\x0b" * 8), q(user="mallory"), q(method=Method.DEVICE),
                 q(credential_id=b"\x0d" * 16), q(user="alic", credential_id=b"e" + CID)}) == 6
-    assert s.sync_question(session_id=c, user="alice", method=Method.PIN) != q(context="alice")
+    sync = s.sync_question(session_id=c, user="alice", method=Method.PIN, credential_id=CID)
+    assert sync != q(context="alice")
+    # The sync question binds the credential: another credential, another question.
+    assert sync != s.sync_question(
+        session_id=c, user="alice", method=Method.PIN, credential_id=b"\x0d" * 16
+    )
     # The tenant, each pair of a transaction (and their order) and the user's data.
     pay = (("Amount", "120.00 EUR"), ("Payee", "DE89 3704"))
     swapped = (("Amount", "DE89 3704"), ("Payee", "120.00 EUR"))

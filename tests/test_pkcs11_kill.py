@@ -131,7 +131,8 @@ def test_sigkill_during_otp_never_loses_the_counter(softhsm_env, tmp_path):  # t
             otp = auth.finish_offline_authentication(request, Method.DEVICE)
             accepted = verifier.verify(session.session_id, otp.otp)
             assert accepted.atc == otp.atc
-            auth.sync(verifier.sync_message("alice", Method.DEVICE))
+            synced = auth.sync(verifier.sync_message("alice", Method.DEVICE))
+            auth.apply_sync_ack(verifier.apply_sync(synced.report).ack)
         return otp.atc
 
     zygote = Zygote(directory, uri)

@@ -23,6 +23,7 @@ from hsm_auth.protocol import (
     VerificationData,
     message_kind,
 )
+from hsm_auth.sync_messages import AtcAck
 
 KEY = cec.generate_private_key(cec.SECP256R1())
 OTHER = cec.generate_private_key(cec.SECP256R1())
@@ -93,9 +94,9 @@ def test_wrong_version_is_refused():
 
 
 def test_wrong_message_type_is_refused():
-    offer_like = SyncMessage(os.urandom(8), "alice", Method.PIN, 5, os.urandom(16), 1).encode(
-        signer(KEY)
-    )
+    offer_like = SyncMessage(
+        os.urandom(8), "alice", Method.PIN, 5, os.urandom(16), 1, os.urandom(16)
+    ).encode(signer(KEY))
     assert message_kind(offer_like).name == "SYNC"
     with pytest.raises(DecodeError, match="expected verification data"):
         VerificationData.decode(offer_like)
@@ -131,13 +132,27 @@ def test_all_messages_round_trip():
         b"c" * 32,
     )
     assert EnrollmentResponse.decode(response.encode(None))[0] == response
-    sync = SyncMessage(offer.verifier_id, "alice", Method.PIN, 42, os.urandom(16), 99)
+    cid = os.urandom(16)
+    sync = SyncMessage(offer.verifier_id, "alice", Method.PIN, 42, os.urandom(16), 99, cid)
     assert SyncMessage.decode(sync.encode(signer(KEY)))[0] == sync
-    report = SyncReport(offer.verifier_id, sync.session_id, "alice", Method.PIN, 43)
+    report = SyncReport(offer.verifier_id, sync.session_id, "alice", Method.PIN, 43, cid)
     decoded, signed = SyncReport.decode(report.encode(lambda body: b"m" * 32))
     assert decoded == report and signed.signature == b"m" * 32
     with pytest.raises(DecodeError):  # the MAC is a full HMAC-SHA256
         SyncReport.decode(report.encode(lambda body: b"m" * 8))
+    ack = AtcAck(offer.verifier_id, "alice", Method.PIN, cid, sync.session_id, 43)
+    assert AtcAck.decode(ack.encode(signer(KEY)))[0] == ack
+    for bad in (
+        SyncMessage(offer.verifier_id, "alice", Method.PIN, 42, sync.session_id, 99, cid[:8]),
+        SyncReport(offer.verifier_id, sync.session_id, "alice", Method.PIN, 43, cid + b"x"),
+        AtcAck(offer.verifier_id, "alice", Method.PIN, cid, sync.session_id, 0),  # no ATC 0
+        AtcAck(offer.verifier_id, "alice", Method.PIN, None, sync.session_id, 43),  # type: ignore[arg-type]
+    ):
+        mac = b"m" * (32 if isinstance(bad, SyncReport) else 64)
+        with pytest.raises(DecodeError):  # the credential id is exactly 16 bytes
+            type(bad).decode(bad.encode(lambda body, mac=mac: mac))
+    with pytest.raises(DecodeError, match="expected atc ack"):
+        AtcAck.decode(sync.encode(signer(KEY)))
 
 
 def test_a_wrapped_otp_key_is_exactly_the_key_transport_size():

@@ -40,7 +40,7 @@ CURVE = ec.SECP256R1()
 
 VERSION = 3
 METHOD_CODES = {"device": 1, "pin": 2, "biometric": 3, "face": 4}
-OFFER, RESPONSE, VERIFICATION, SYNC, SYNC_REPORT, ENROLLMENT_RESULT = 1, 2, 3, 4, 5, 6
+OFFER, RESPONSE, VERIFICATION, SYNC, SYNC_REPORT, ENROLLMENT_RESULT, ATC_ACK = 1, 2, 3, 4, 5, 6, 7
 
 
 def lp16(data: bytes) -> bytes:
@@ -249,9 +249,10 @@ def question(
     ).hexdigest()
 
 
-def sync_question(session_id: bytes, user: str, method: str) -> str:
+def sync_question(session_id: bytes, user: str, method: str, cid: bytes) -> str:
     return hashlib.sha256(
-        b"hsm-auth/sync-question/v1" + lp16(session_id) + lp16(utf8(user)) + u8(method)
+        b"hsm-auth/sync-question/v2" + lp16(session_id) + lp16(utf8(user)) + u8(method)
+        + lp16(cid)
     ).hexdigest()
 
 
@@ -367,13 +368,19 @@ def compute(v: dict[str, Any]) -> dict[str, Any]:
         v["offer_id"], v["user"], v["fido2_method"], out["fido2_ephemeral_key"]
     )
 
-    out["sync_question"] = sq = sync_question(v["sync_session_id"], v["user"], v["method"])
+    out["sync_question"] = sq = sync_question(
+        v["sync_session_id"], v["user"], v["method"], cid
+    )
     out["sync_data_input"] = data_input(v["suite"], v["sync_atc"], sq)
     out["sync_mac"] = mac = hmac.digest(z, out["sync_data_input"], "sha256")
     out["sync_report"] = envelope(
         body(SYNC_REPORT, v["verifier_id"], v["sync_session_id"], v["user"],
-             METHOD_CODES[v["method"]], v["sync_atc"]),
+             METHOD_CODES[v["method"]], v["sync_atc"], cid),
         mac,
+    )
+    out["atc_ack_body"] = body(
+        ATC_ACK, v["verifier_id"], v["user"], METHOD_CODES[v["method"]], cid,
+        v["sync_session_id"], v["sync_atc"],
     )
 
     # Section 13.1: the key file's device CA key; section 5.6: the enrollment result.
@@ -411,6 +418,7 @@ def check_vectors(document: Path) -> int:
     assert verify_signature(
         v["verifier_signing_key"], v["result_signature"], v["enrollment_result_body"]
     )
+    assert verify_signature(v["verifier_signing_key"], v["atc_ack_signature"], v["atc_ack_body"])
     check_device_certificate(v)
     return len(computed)
 

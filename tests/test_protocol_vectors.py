@@ -39,6 +39,7 @@ from hsm_auth.protocol import (
     VerificationData,
 )
 from hsm_auth.store.base import CredentialRecord
+from hsm_auth.sync_messages import AtcAck
 from hsm_auth.verifier_keys import FileVerifierKeys
 from hsm_auth.webauthn_proof import client_data_hash, enrollment_binding
 
@@ -241,7 +242,7 @@ def _computed() -> dict[str, Any]:
     )
 
     out["sync_question"] = sq = scheme.sync_question(
-        session_id=V["sync_session_id"], user=V["user"], method=method
+        session_id=V["sync_session_id"], user=V["user"], method=method, credential_id=cid
     )
     out["sync_data_input"] = scheme.message(V["sync_atc"], sq)
     out["sync_mac"] = sync_mac = mac(out["sync_data_input"])
@@ -251,10 +252,21 @@ def _computed() -> dict[str, Any]:
         user=V["user"],
         method=method,
         atc=V["sync_atc"],
+        credential_id=cid,
     )
     out["sync_report"] = report.encode(lambda body: sync_mac)
     assert SyncReport.decode(out["sync_report"])[0] == report
     assert scheme.verify_mac(mac, sync_mac, counter=V["sync_atc"], question=sq)
+    ack = AtcAck(
+        verifier_id=V["verifier_id"],
+        user=V["user"],
+        method=method,
+        credential_id=cid,
+        session_id=V["sync_session_id"],
+        atc=V["sync_atc"],
+    )
+    out["atc_ack_body"] = ack.body()
+    assert AtcAck.decode(ack.encode(lambda body: V["atc_ack_signature"]))[0] == ack
 
     # The device CA of a key file with the vectors' root secret, and the result message.
     ca_keys = FileVerifierKeys(_key("verifier_signing_scalar"), _key("file_root_secret"))
@@ -299,6 +311,7 @@ def test_every_vector_is_an_input_or_checked() -> None:
         "rfc6287_suite", "rfc6287_key", "rfc6287_counter", "rfc6287_question",
         "offer_signature", "verification_signature",
         "file_root_secret", "device_ca_certificate", "device_certificate", "result_signature",
+        "atc_ack_signature",
         "activation_code_typed", "activation_code_typo",
         "tx_tenant", "tx_context", "tx_items", "tx_user_data", "tx_data_typed", "tx_counter",
         "tx_verification_signature",
@@ -312,6 +325,7 @@ def test_the_signatures_verify() -> None:
     ec.verify(signing, V["verification_signature"], V["verification_body"])
     ec.verify(signing, V["result_signature"], V["enrollment_result_body"])
     ec.verify(signing, V["tx_verification_signature"], V["tx_verification_body"])
+    ec.verify(signing, V["atc_ack_signature"], V["atc_ack_body"])
 
 
 def test_the_device_certificate_is_what_the_authenticator_stores() -> None:

@@ -113,5 +113,6 @@ def test_the_offline_flow_runs_as_written(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "synced: alice with device (ATC 2)", result.stdout
+    assert lines[0] == "synced device: offline use counts from ATC 2", result.stdout
+    assert "synced: alice with device (ATC 2)" in result.stderr
     assert lines[-1] == "accepted: alice with device (ATC 3)", result.stdout

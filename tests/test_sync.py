@@ -77,10 +77,14 @@ def test_unsubmitted_otps_then_sync_then_the_next_otp_is_accepted(verifier, auth
     assert verifier.credential("alice", Method.DEVICE).atc == 0  # it saw none of them
     result = auth.sync(verifier.sync_message("alice", Method.DEVICE))
     assert result.unsubmitted == window
-    assert result.method.synced_atc == window + 1  # the report itself used one ATC
+    assert result.atc == window + 1  # the report itself used one ATC
+    assert result.method.synced_atc == 0  # counted from there only once acknowledged
     accepted = verifier.apply_sync(result.report)
     assert accepted.atc == window + 1
     assert verifier.credential("alice", Method.DEVICE).atc == window + 1
+    with pytest.raises(LoginRequired):  # the report alone resets nothing here
+        _otp(verifier, auth)
+    assert auth.apply_sync_ack(accepted.ack).synced_atc == window + 1
     session, otp = _otp(verifier, auth)
     assert verifier.verify(session.session_id, otp.otp).atc == window + 2
     for _ in range(window - 1):  # a whole window of offline use again
@@ -92,21 +96,20 @@ def test_without_the_report_the_verifier_stays_behind(verifier, auth):
     """Why the report matters: the token's OTPs are beyond the verifier's window."""
     window = _exhaust(verifier, auth)
     auth.sync(verifier.sync_message("alice", Method.DEVICE))  # report never delivered
-    session, otp = _otp(verifier, auth)
-    assert otp.atc == window + 2
-    with pytest.raises(InvalidToken):
-        verifier.verify(session.session_id, otp.otp)
+    with pytest.raises(LoginRequired):  # and so never acknowledged: the count stays
+        _otp(verifier, auth)
+    assert verifier.credential("alice", Method.DEVICE).atc == 0  # still behind
     # a later sync still gets out of it: the report carries wherever the token is
     result = auth.sync(verifier.sync_message("alice", Method.DEVICE))
-    verifier.apply_sync(result.report)
+    auth.apply_sync_ack(verifier.apply_sync(result.report).ack)
     session, otp = _otp(verifier, auth)
-    assert verifier.verify(session.session_id, otp.otp).atc == window + 4
+    assert verifier.verify(session.session_id, otp.otp).atc == window + 3
 
 
 def _altered(report: str, **fields) -> str:
     outer = cbor2.loads(textcode.decode(report))
     body = cbor2.loads(outer[0])
-    order = ["verifier_id", "session_id", "user", "method", "atc"]
+    order = ["verifier_id", "session_id", "user", "method", "atc", "credential_id"]
     for name, value in fields.items():
         body[2 + order.index(name)] = value
     return textcode.encode(cbor2.dumps([cbor2.dumps(body), outer[1]]))
@@ -124,7 +127,7 @@ def test_a_report_is_good_once_and_only_as_the_token_made_it(verifier, auth, clo
     before = verifier.credential("alice", Method.DEVICE)
     for bad in (
         _forged_mac(report),
-        _altered(report, atc=result.method.synced_atc + 50),  # push the ATC further
+        _altered(report, atc=result.atc + 50),  # push the ATC further
         _altered(report, user="bob"),
     ):
         with pytest.raises(InvalidToken):
@@ -163,7 +166,7 @@ def test_an_old_report_never_moves_the_atc_back(verifier, auth):
     verifier.apply_sync(second.report)
     with pytest.raises(InvalidToken):
         verifier.apply_sync(first.report)
-    assert verifier.credential("alice", Method.DEVICE).atc == second.method.synced_atc
+    assert verifier.credential("alice", Method.DEVICE).atc == second.atc
 
 
 # --- the same sequence through the CLI, as a user runs it ----------------------
@@ -197,9 +200,12 @@ def test_cli_login_required_then_sync_then_accepted(tmp_path):
     report = run_cli(home, "sync", sync)
     assert report.returncode == 0, report.stderr
     assert "10 OTPs were never submitted" in report.stderr
-    assert "synced: alice with device (ATC 11)" in cli_ok(
-        home, "verifier", "sync-report", stdin=report.stdout
-    )
+    assert run_cli(home, "finish", "--method", "device", session()[1]).returncode == 36
+    applied = run_cli(home, "verifier", "sync-report", stdin=report.stdout)
+    assert applied.returncode == 0, applied.stderr
+    assert "synced: alice with device (ATC 11)" in applied.stderr
+    assert run_cli(home, "finish", "--method", "device", session()[1]).returncode == 36
+    assert "offline use counts from ATC 11" in cli_ok(home, "sync", stdin=applied.stdout)
     sid, data = session()
     otp = cli_ok(home, "finish", "--method", "device", data)
     assert "accepted: alice with device (ATC 12)" in cli_ok(

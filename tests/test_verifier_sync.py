@@ -39,9 +39,13 @@ def report_from(device: PythonDevice, message_text: str, *, atc: int | None = No
     if atc is None:
         device.atc += 1
         atc = device.atc
-    report = SyncReport(message.verifier_id, message.session_id, message.user, message.method, atc)
+    report = SyncReport(
+        message.verifier_id, message.session_id, message.user, message.method, atc,
+        message.credential_id,
+    )
     q = device.scheme.sync_question(
-        session_id=message.session_id, user=message.user, method=message.method
+        session_id=message.session_id, user=message.user, method=message.method,
+        credential_id=message.credential_id,
     )
     data = device.scheme.message(atc, q)
     mac = hmac.digest(device.otp_key, data, hashlib.sha256)
@@ -73,9 +77,9 @@ def test_a_report_with_a_wrong_atc_is_refused_and_counted(verifier):
     good = report_from(device, message)
     _, signed = SyncReport.from_text(good)
     bad = SyncReport.from_text(good)[0]
-    forged = SyncReport(bad.verifier_id, bad.session_id, bad.user, bad.method, 500).to_text(
-        lambda body: signed.signature
-    )
+    forged = SyncReport(
+        bad.verifier_id, bad.session_id, bad.user, bad.method, 500, bad.credential_id
+    ).to_text(lambda body: signed.signature)
     with pytest.raises(InvalidToken):
         verifier.apply_sync(forged)
     cred = verifier.credential("alice", Method.DEVICE)

@@ -29,6 +29,7 @@ from hsm_auth import cbor, config, ocra, protocol, qr, textcode, transcript, uri
 from hsm_auth import ec as ecutil
 from hsm_auth.errors import HsmAuthError, StateError
 from hsm_auth.methods import Method
+from hsm_auth.sync_messages import AtcAck
 from hsm_auth.webauthn_proof import encode_enrollment_attestation, verify_enrollment_attestation
 
 Target = Callable[[bytes], object]
@@ -77,10 +78,15 @@ def _messages() -> dict[str, bytes]:
     )
     sync = protocol.SyncMessage(
         verifier_id=_VID, user="alice", method=Method.PIN, atc=5, session_id=b"\x05" * 16,
-        expires=2**40,
+        expires=2**40, credential_id=b"\x08" * 16,
     )
     report = protocol.SyncReport(
-        verifier_id=_VID, session_id=b"\x05" * 16, user="alice", method=Method.PIN, atc=6
+        verifier_id=_VID, session_id=b"\x05" * 16, user="alice", method=Method.PIN, atc=6,
+        credential_id=b"\x08" * 16,
+    )
+    ack = AtcAck(
+        verifier_id=_VID, user="alice", method=Method.PIN, credential_id=b"\x08" * 16,
+        session_id=b"\x05" * 16, atc=6,
     )
     cert, ca = _certificates()
     result = protocol.EnrollmentResult(
@@ -92,6 +98,7 @@ def _messages() -> dict[str, bytes]:
         "offer": offer.encode(_sign), "response": response.encode(_sign),
         "data": data.encode(_sign), "sync": sync.encode(_sign),
         "report": report.encode(lambda body: b"\x06" * 32), "result": result.encode(_sign),
+        "ack": ack.encode(_sign),
     }
 
 
@@ -267,7 +274,7 @@ def _tpm2_record(data: bytes) -> None:
 def _decode_all(data: bytes) -> None:
     for kind in (protocol.EnrollmentOffer, protocol.EnrollmentResponse,
                  protocol.VerificationData, protocol.SyncMessage, protocol.SyncReport,
-                 protocol.EnrollmentResult):
+                 protocol.EnrollmentResult, AtcAck):
         with contextlib.suppress(HsmAuthError):
             kind.decode(data)
     protocol.message_kind(data)
