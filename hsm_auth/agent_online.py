@@ -128,6 +128,28 @@ def service_url(config: Config) -> str | None:
     return str(url) if url else None
 
 
+def online_verifier(authenticator: Authenticator, config: Config) -> bytes | None:
+    """The verifier at the [online] url: the one whose methods are enrolled here, or
+    the one ``[online] verifier`` names (its name or id in hex); None if no method is
+    enrolled. ConfigError when several are and none is named."""
+    enrolled = [m for m in authenticator.enrolled if m.credential_id]
+    wanted = config.raw.get("online", {}).get("verifier")
+    ids = {m.verifier_id for m in enrolled}
+    if wanted:
+        ids = {
+            vid for vid in ids
+            if vid.hex() == str(wanted).lower() or authenticator.verifier_name(vid) == wanted
+        }
+        if not ids:
+            raise ConfigError(f"[online] verifier {str(wanted)[:64]!r} is not enrolled here")
+    if len(ids) > 1:
+        raise ConfigError(
+            "methods are enrolled with several verifiers: name the one at the [online] url "
+            "with [online] verifier"
+        )
+    return ids.pop() if ids else None
+
+
 def sources(
     paths: Paths, config: Config, *, report: Callable[[str], None]
 ) -> list[OnlineSource]:
@@ -145,26 +167,12 @@ def sources(
             report(line)
 
     authenticator = SerializedAuthenticator(paths.authenticator_dir, config, warn=once)
-    enrolled = [m for m in authenticator.enrolled if m.credential_id]
-    wanted = config.raw.get("online", {}).get("verifier")
-    ids = {m.verifier_id for m in enrolled}
-    if wanted:
-        ids = {
-            vid for vid in ids
-            if vid.hex() == str(wanted).lower() or authenticator.verifier_name(vid) == wanted
-        }
-        if not ids:
-            raise ConfigError(f"[online] verifier {str(wanted)[:64]!r} is not enrolled here")
-    if len(ids) > 1:
-        raise ConfigError(
-            "methods are enrolled with several verifiers: name the one at the [online] url "
-            "with [online] verifier"
-        )
-    if not ids:
+    verifier_id = online_verifier(authenticator, config)
+    if verifier_id is None:
         report("no method is enrolled here: nothing to poll")
         return []
-    verifier_id = ids.pop()
     client = OnlineClient(authenticator, url, verifier_id=verifier_id)
     name = authenticator.verifier_name(verifier_id)
+    enrolled = [m for m in authenticator.enrolled if m.credential_id]
     users = sorted({m.user for m in enrolled if m.verifier_id == verifier_id})
     return [OnlineSource(client, authenticator, verifier_id, name, user, url) for user in users]

@@ -1146,8 +1146,13 @@ def cmd_finish(ctx: Context) -> int:
 
 
 def cmd_sync(ctx: Context) -> int:
-    """The ATC resync (docs/PROTOCOL.md §10): answer a sync message with the
-    token's report, or take the verifier's acknowledgement."""
+    """The ATC resync (docs/PROTOCOL.md §10, §18): answer a sync message with the
+    token's report, take the verifier's acknowledgement, or (``--online``) both
+    through the online service."""
+    if ctx.args.online:
+        return _sync_online(ctx)
+    if ctx.args.method is not None:
+        raise InvalidInput("--method goes with --online (a sync message names its method)")
     text = read_text_arg(ctx.args.data, sys.stdin)
     from .protocol import MessageType, message_kind
 
@@ -1182,6 +1187,49 @@ def cmd_sync(ctx: Context) -> int:
             "report": result.report,
         },
     )
+    return 0
+
+
+def _sync_online(ctx: Context) -> int:
+    """``sync --online``: each method (or ``--method``) through the service at the
+    [online] url, with signed requests; the acknowledgement resets the offline count."""
+    from .agent_online import URL_ENV, online_verifier, service_url
+    from .errors import ConfigError, UnknownMethod
+    from .keystore import Authorization
+    from .online_client import OnlineClient
+
+    if ctx.args.data is not None:
+        raise InvalidInput("sync --online takes no message: the service sends it")
+    config = ctx.config()
+    url = service_url(config)
+    if url is None:
+        raise ConfigError(f"no [online] url in the config (nor {URL_ENV}): where is the service?")
+    lines: list[str] = []
+    done: list[dict[str, Any]] = []
+    with ctx.authenticator() as a:
+        verifier_id = online_verifier(a, config)
+        enrolled = [m.method for m in a.enrolled
+                    if m.verifier_id == verifier_id and m.credential_id]
+        if verifier_id is None or not enrolled:
+            raise UnknownMethod("no method is enrolled here for the online verifier")
+        methods = [Method.parse(ctx.args.method)] if ctx.args.method else [
+            m for m in Method if m in enrolled
+        ]
+        client = OnlineClient(a, url, verifier_id=verifier_id)
+        for method in methods:
+            pin = method_pin(ctx, method)
+            with pin_hint(method):
+                synced = client.sync(
+                    method, auth=None if pin is None else Authorization(pin=pin)
+                )
+            lines.append(
+                f"synced {method.value}: the token reported ATC {synced.atc} "
+                f"({synced.unsubmitted} OTPs were never submitted); offline use counts "
+                f"from ATC {synced.synced_atc}"
+            )
+            done.append({"method": method.value, "atc": synced.atc,
+                         "unsubmitted": synced.unsubmitted, "synced_atc": synced.synced_atc})
+    ctx.emit("\n".join(lines), {"synced": done})
     return 0
 
 
@@ -1816,12 +1864,17 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         sub,
         "sync",
         cmd_sync,
-        "resync the ATC after an online login: answer a sync message (prints the report) "
-        "or take the verifier's acknowledgement",
+        "resync the ATC after an online login: answer a sync message (prints the report), "
+        "take the verifier's acknowledgement, or --online both through the service",
         [pin],
     )
     p.add_argument("data", nargs="?",
                    help="sync message or acknowledgement, @FILE, or - for stdin")
+    p.add_argument("--online", action="store_true",
+                   help="through the service at [online] url (or HSM_AUTH_ONLINE_URL): "
+                   "signed requests, the report, the acknowledgement")
+    p.add_argument("--method", type=text_arg, help="with --online: only this method "
+                   "(default: every method enrolled with that verifier)")
 
     vopt = _Parser(add_help=False)
     vopt.add_argument(
@@ -2126,8 +2179,8 @@ def main(
     for name, default in (("home", None), ("json", False), ("debug", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
-    if args.debug or args.func not in _LOAD_NOTHING_THAT_LOGS:
-        _configure_logging(args.debug, err)
+    if args.debug or args.func not in _LOAD_NOTHING_THAT_LOGS or getattr(args, "online", False):
+        _configure_logging(args.debug, err)  # sync --online talks to the service
     ctx = Context(args, out, err)
     try:
         code: int = args.func(ctx)

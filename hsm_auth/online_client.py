@@ -22,6 +22,7 @@ import json
 import ssl
 import urllib.parse
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from . import display
@@ -41,7 +42,7 @@ from .keystore import Authorization
 from .methods import Method
 from .request_signing import HEADER, format_header, request_message, unb64u
 
-__all__ = ["OnlineClient", "ServiceError"]
+__all__ = ["OnlineClient", "OnlineSync", "ServiceError"]
 
 _MAX_RESPONSE = 1 << 20
 MAX_WAIT = 30
@@ -311,6 +312,53 @@ class OnlineClient:
             if seqs:
                 log.mark_sent(credential_id, max(seqs))
         return report
+
+
+    # --- the ATC resync at online login (docs/PROTOCOL.md §18) ------------------------
+
+    def sync(self, method: Method, *, auth: Authorization | None = None) -> OnlineSync:
+        """Bring the verifier and this authenticator back in step: a signed request
+        opens a sync session for the method's credential, the token answers with its
+        ATC report, the service applies it and acknowledges; the acknowledgement
+        (signed by the verifier) resets the offline-use count. OTPs made offline and
+        never submitted stop mattering. ``auth``: the pin method's PIN (the request's
+        signature and the report each use it, as a login and an OTP would)."""
+        message = self.sync_message(method, auth=auth)
+        made = self.authenticator.sync(message, pin=None if auth is None else auth.pin)
+        ack = self.submit_sync_report(made.report)
+        updated = self.authenticator.apply_sync_ack(ack)
+        return OnlineSync(updated.method, made.atc, made.unsubmitted, updated.synced_atc)
+
+    def sync_message(self, method: Method, *, auth: Authorization | None = None) -> str:
+        """Open a sync session for the method's credential (a signed request): the
+        verifier's signed sync message (:meth:`Authenticator.sync` answers it)."""
+        data = self._signed("POST", "/v1/device/sync", method, auth=auth)
+        if not isinstance(data, dict) or not isinstance(data.get("sync"), str):
+            raise ServiceError("the service's sync answer has no sync message")
+        return str(data["sync"])
+
+    def submit_sync_report(self, report: str) -> str:
+        """Give the token's ATC report to the service; returns the verifier's signed
+        acknowledgement (:meth:`Authenticator.apply_sync_ack` takes it). A refused
+        report (bad MAC, old session, an ATC not ahead) is InvalidToken."""
+        data = self._call(
+            "POST", self._target("/v1/device/sync/report"),
+            json.dumps({"report": report}).encode(),
+        )
+        if not isinstance(data, dict) or not isinstance(data.get("ack"), str):
+            raise ServiceError("the service's answer to the sync report has no acknowledgement")
+        return str(data["ack"])
+
+
+@dataclass(frozen=True)
+class OnlineSync:
+    """What :meth:`OnlineClient.sync` did: the ATC the token reported, how many OTPs
+    the verifier had never seen, and the ATC offline use counts from now."""
+
+    method: Method
+    atc: int
+    unsubmitted: int
+    synced_atc: int
 
 
 def _with_verifier(client: OnlineClient, verifier_id: bytes) -> OnlineClient:

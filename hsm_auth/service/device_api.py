@@ -20,7 +20,15 @@
   or user verification per answer;
 * ``POST /v1/device/offline-log`` ``{entries: [...]}`` (signed) -> ``{report}``: the
   signer's offline log entries (docs/PROTOCOL.md §19, :mod:`hsm_auth.offline_audit`),
-  checked, kept and reconciled with the OTPs accepted.
+  checked, kept and reconciled with the OTPs accepted;
+* ``POST /v1/device/sync`` (signed) -> ``{sync, atc}``: a sync message for the
+  signer's credential and its sync session (the online login's ATC resync,
+  docs/PROTOCOL.md §18);
+* ``POST /v1/device/sync/report`` ``{report}`` -> ``{ack, atc, user, method,
+  credential_id}``: apply the token's ATC report (authenticated by its MAC under the
+  credential's OTP key, for a sync session that a request signed by that credential
+  opened); ``ack`` is the verifier's signed acknowledgement that resets the
+  authenticator's offline-use count.
 """
 
 from __future__ import annotations
@@ -187,6 +195,40 @@ async def claim(
     changes(request).notify()
     out: dict[str, Any] = claimed.to_json()
     return out
+
+
+class SyncReportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    report: str = Field(min_length=1, max_length=1024)
+
+
+@router.post(
+    "/v1/device/sync", openapi_extra=_SIGNED,
+    summary="Open a sync session for the signer's credential: its signed sync message",
+)
+async def sync_start(
+    ctx: ServiceContext = Depends(get_context),  # noqa: B008
+    cred: CredentialRecord = Depends(signer),  # noqa: B008
+) -> dict[str, Any]:
+    text: str = await run(online(ctx).verifier.sync_message_for, cred)
+    return {"sync": text, "atc": cred.atc}
+
+
+@router.post(
+    "/v1/device/sync/report",
+    summary="Apply the token's ATC report; the verifier's signed acknowledgement",
+)
+async def sync_report(
+    body: SyncReportIn, ctx: ServiceContext = Depends(get_context)  # noqa: B008
+) -> dict[str, Any]:
+    done = await run(online(ctx).verifier.apply_sync, body.report)
+    return {
+        "ack": done.ack,
+        "atc": done.atc,
+        "user": done.user,
+        "method": done.method.value,
+        "credential_id": done.credential_id.hex(),
+    }
 
 
 @router.post(
