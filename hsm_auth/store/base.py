@@ -118,6 +118,11 @@ class SessionRecord:
     methods: tuple[Method, ...]
     expires: int
     used: bool = False
+    #: What else the session's OTP question binds (docs/PROTOCOL.md §17): the tenant,
+    #: the transaction's (label, value) pairs and how many characters the user enters.
+    tenant: str | None = None
+    transaction: tuple[tuple[str, str], ...] | None = None
+    user_data: int = 0
 
 
 class Consumed(enum.Enum):

@@ -104,6 +104,13 @@ _V9 = (
 # Version 10 (issue 14): each credential's offline expiry (Unix time; 0: never;
 # hsm_auth.expiry), set at enrollment and at each renewal.
 _V10 = ("ALTER TABLE credentials ADD COLUMN expires BIGINT NOT NULL DEFAULT 0",)
+# Version 11 (issue 14, docs/PROTOCOL.md §17): a session's tenant, transaction data
+# (JSON [[label, value], ...]) and how many characters the user enters (0: none).
+_V11 = (
+    "ALTER TABLE sessions ADD COLUMN tenant TEXT",
+    "ALTER TABLE sessions ADD COLUMN transaction_items TEXT",
+    "ALTER TABLE sessions ADD COLUMN user_data INTEGER NOT NULL DEFAULT 0",
+)
 
 _PLACEHOLDER = re.compile(r"\?")
 

@@ -18,6 +18,7 @@ workers presenting the same OTP exactly one sees its UPDATEs match.
 from __future__ import annotations
 
 import dataclasses
+import json
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -81,7 +82,10 @@ _CHALLENGE_COLS = (
     "challenge_id, kind, user_name, message, context, state, created, expires, claimed_by, "
     "method, credential_id, answered"
 )
-_SESSION_COLS = "session_id, user_name, challenge, context, methods, expires, used"
+_SESSION_COLS = (
+    "session_id, user_name, challenge, context, methods, expires, used, tenant, "
+    "transaction_items, user_data"
+)
 AUDIT_INSERT = (
     "INSERT INTO audit (at, event, user_name, method, session, reason, atc, detail) "
     "VALUES (?,?,?,?,?,?,?,?)"
@@ -142,7 +146,23 @@ def _session(row: Sequence[Any]) -> SessionRecord:
         methods_parse(row[4]),
         int(row[5]),
         bool(row[6]),
+        row[7],
+        _transaction_parse(row[8]),
+        int(row[9]),
     )
+
+
+def _transaction_text(items: tuple[tuple[str, str], ...] | None) -> str | None:
+    return None if items is None else json.dumps([list(p) for p in items], ensure_ascii=False)
+
+
+def _transaction_parse(text: str | None) -> tuple[tuple[str, str], ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple((str(label), str(value)) for label, value in json.loads(text))
+    except (ValueError, TypeError):
+        raise StateError("the database holds a malformed session transaction") from None
 
 
 def audit_args(r: AuditRecord) -> tuple[Any, ...]:
@@ -471,7 +491,7 @@ class SqlStore(OfflineLogSql, VerifierStore):
         with self._tx() as db:
             db.many(
                 "INSERT INTO sessions (session_id, user_name, challenge, context, methods, "
-                "expires) VALUES (?,?,?,?,?,?)",
+                "expires, tenant, transaction_items, user_data) VALUES (?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         s.session_id,
@@ -480,6 +500,9 @@ class SqlStore(OfflineLogSql, VerifierStore):
                         s.context,
                         methods_text(s.methods),
                         s.expires,
+                        s.tenant,
+                        _transaction_text(s.transaction),
+                        s.user_data,
                     )
                     for s in sessions
                 ],

@@ -104,6 +104,15 @@ _V9 = (
 # hsm_auth.expiry), set at enrollment and at each renewal.
 _V10 = ("ALTER TABLE credentials ADD COLUMN expires INTEGER NOT NULL DEFAULT 0",)
 
+# Version 11 (issue 14, docs/PROTOCOL.md §17): what a session's OTP question binds
+# besides the context: the tenant, the transaction data (JSON [[label, value], ...])
+# and how many characters the user enters (0: none). Rows from before have none.
+_V11 = (
+    "ALTER TABLE sessions ADD COLUMN tenant TEXT",
+    "ALTER TABLE sessions ADD COLUMN transaction_items TEXT",
+    "ALTER TABLE sessions ADD COLUMN user_data INTEGER NOT NULL DEFAULT 0",
+)
+
 
 class _SqliteCursor:
     def __init__(self, db: sqlite3.Connection) -> None:
