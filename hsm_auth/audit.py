@@ -70,6 +70,9 @@ class Reason(enum.Enum):
     ATTESTATION = "attestation"  # an enrollment whose attestation the policy refuses
     ACTIVATION = "activation"  # an enrollment whose activation MAC was wrong or missing
     EXPIRED = "expired"  # the credential's offline use expired (hsm_auth.expiry; detail: when)
+    #: the data submitted with an OTP does not fit the session's user_data (missing,
+    #: unexpected, too long; docs/PROTOCOL.md §17): malformed input, not a failed attempt
+    MALFORMED_DATA = "malformed-data"
 
 
 @dataclass(frozen=True)

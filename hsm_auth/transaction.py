@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from . import display
@@ -65,11 +65,12 @@ def problem(items: Any) -> str | None:
     return None
 
 
-def check(items: Sequence[Sequence[str]] | None) -> Transaction | None:
-    """``items`` as a :data:`Transaction` (``None`` stays ``None``), or InvalidInput."""
+def check(items: Sequence[Sequence[str]] | Mapping[str, str] | None) -> Transaction | None:
+    """``items`` as a :data:`Transaction` (``None`` stays ``None``), or InvalidInput. A
+    mapping gives its pairs in its order (label -> value)."""
     if items is None:
         return None
-    if isinstance(items, dict):  # a mapping keeps its order: label -> value
+    if isinstance(items, Mapping):
         items = list(items.items())
     why = problem(items)
     if why is not None:

@@ -29,12 +29,13 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import activation, attestation, audit, display, ec, expiry, ocra, transcript
+from . import transaction as transaction_data
 from .attestation import VerifierPolicy
 from .audit import AuditRecord, Event, Reason
 from .enrollment_messages import EnrollmentOffer, EnrollmentResponse, EnrollmentResult
@@ -213,6 +214,19 @@ class _Request:
     index: int
     session_id: bytes
     otps: tuple[str, ...]  # one OTP, or two consecutive ones for a resync
+    data: str | None = None  # what the user entered (docs/PROTOCOL.md §17), as submitted
+
+
+@dataclass(frozen=True)
+class _BadData(Note):
+    """Data that does not fit the session's ``user_data``: only an audit record, and the
+    caller is told InvalidInput (malformed input, not a failed attempt). The message
+    names the problem, never the data."""
+
+    message: str = ""
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(self.message)
 
 
 @dataclass(frozen=True)
@@ -754,11 +768,33 @@ class Verifier:
     # --- sessions -----------------------------------------------------------
 
     def start_session(
-        self, user: str, context: str, *, methods: Sequence[Method] | None = None
+        self,
+        user: str,
+        context: str,
+        *,
+        tenant: str | None = None,
+        transaction: Sequence[Sequence[str]] | Mapping[str, str] | None = None,
+        user_data: int = 0,
+        methods: Sequence[Method] | None = None,
     ) -> Session:
-        """Start an offline session: random challenge + context, signed, single use."""
+        """Start an offline session: random challenge + context, signed, single use.
+
+        ``transaction`` (label, value) pairs (or a mapping, in its order) are shown
+        with the context and bound by the OTP; ``user_data`` N > 0 has the user enter
+        1..N characters on the authenticator, which :meth:`verify` then needs as
+        ``data``; ``tenant`` names the user's tenant (docs/PROTOCOL.md §17)."""
         _check_user(user)
         display.check(context, "the context", max_len=MAX_CONTEXT)
+        tenant = transaction_data.check_tenant(tenant)
+        items = transaction_data.check(transaction)
+        if (
+            not isinstance(user_data, int)
+            or isinstance(user_data, bool)
+            or not 0 <= user_data <= transaction_data.MAX_USER_DATA
+        ):
+            raise InvalidInput(
+                f"the user data length is 0 (none) to {transaction_data.MAX_USER_DATA} characters"
+            )
         credentials = self.store.credentials(user)
         current = [c for c in credentials if _current(c)]
         enrolled = {c.method for c in current}
@@ -788,6 +824,9 @@ class Verifier:
             context=context,
             methods=allowed,
             expires=self._now() + self.identity.session_ttl,
+            tenant=tenant,
+            transaction=items,
+            user_data=user_data,
         )
         text = data.to_text(self.keys.sign_raw)
         record = AuditRecord(
@@ -798,7 +837,10 @@ class Verifier:
             session_id.hex(),
         )
         self.store.put_session(
-            SessionRecord(session_id, user, data.challenge, context, allowed, data.expires),
+            SessionRecord(
+                session_id, user, data.challenge, context, allowed, data.expires,
+                tenant=tenant, transaction=items, user_data=user_data,
+            ),
             record,
         )
         audit.emit([record])
@@ -817,23 +859,37 @@ class Verifier:
             raise InvalidInput(f"an OTP is {MIN_DIGITS}..{MAX_DIGITS} digits")
         return otp
 
-    def verify(self, session_id: bytes, otp: str) -> Acceptance:
+    def verify(self, session_id: bytes, otp: str, *, data: str | None = None) -> Acceptance:
         """Accept ``otp`` for the session or raise :class:`InvalidToken` (InvalidInput
-        for an OTP that is not ``digits`` decimal digits, StateError when the
-        database fails: then nothing was changed)."""
-        return _unwrap(self.verify_many([(session_id, otp)])[0])
+        for an OTP that is not ``digits`` decimal digits, or ``data`` that does not fit
+        the session, StateError when the database fails: then nothing was changed).
 
-    def verify_many(self, requests: Sequence[tuple[bytes, str]]) -> list[Result]:
-        """Check many (session id, OTP) pairs with one durable commit (group commit).
+        The OTP is checked against exactly what the session binds: its own tenant,
+        context and transaction as stored, and ``data``, what the user entered on the
+        authenticator (required iff the session's ``user_data`` > 0; docs/PROTOCOL.md §17)."""
+        return _unwrap(self.verify_many([(session_id, otp, data)])[0])
+
+    def verify_many(
+        self, requests: Sequence[tuple[bytes, str] | tuple[bytes, str, str | None]]
+    ) -> list[Result]:
+        """Check many (session id, OTP[, data]) requests with one durable commit
+        (group commit).
 
         Returns, in order, an :class:`Acceptance` or the error (InvalidToken,
-        InvalidInput) for each pair. Raises StateError, with nothing committed,
+        InvalidInput) for each. Raises StateError, with nothing committed,
         if the database fails."""
-        return self._run([_Request(i, sid, (otp,)) for i, (sid, otp) in enumerate(requests)])
+        return self._run(
+            [
+                _Request(i, r[0], (r[1],), r[2] if len(r) > 2 else None)
+                for i, r in enumerate(requests)
+            ]
+        )
 
-    def resync(self, session_id: bytes, first_otp: str, second_otp: str) -> Acceptance:
+    def resync(
+        self, session_id: bytes, first_otp: str, second_otp: str, *, data: str | None = None
+    ) -> Acceptance:
         """Accept two consecutive OTPs for one session beyond the window (RFC 4226 §7.4)."""
-        return _unwrap(self._run([_Request(0, session_id, (first_otp, second_otp))])[0])
+        return _unwrap(self._run([_Request(0, session_id, (first_otp, second_otp), data)])[0])
 
     def _run(self, requests: Sequence[_Request]) -> list[Result]:
         results: dict[int, Result] = {}
@@ -843,7 +899,7 @@ class Verifier:
         for req in requests:
             try:
                 pending.append(
-                    _Request(req.index, req.session_id, tuple(map(self._check_format, req.otps)))
+                    dataclasses.replace(req, otps=tuple(map(self._check_format, req.otps)))
                 )
             except InvalidInput as e:
                 results[req.index] = e
@@ -864,7 +920,7 @@ class Verifier:
                     pending.append(req)  # the ATC moved under us: read and check again
                 elif req.index in results:
                     continue
-                elif isinstance(change, _Expired):
+                elif isinstance(change, _Expired | _BadData):
                     results[req.index] = change.error()
                 elif isinstance(change, Note) and change.record.reason is Reason.MALFORMED_OTP:
                     results[req.index] = InvalidInput(f"an OTP is {change.record.detail} digits")
@@ -912,6 +968,10 @@ class Verifier:
             return Note(base.refused(Reason.SESSION_EXPIRED))
         if session.context == SYNC_CONTEXT:  # answered by a sync report, never by an OTP
             return Note(base.refused(Reason.NOT_SYNC))
+        try:  # what the user entered, normalized as the authenticator did
+            entered = transaction_data.user_data(req.data, session.user_data)
+        except InvalidInput as e:
+            return _BadData(base.refused(Reason.MALFORMED_DATA), str(e))
         creds = [c for c in creds_by_user.get(session.user, []) if c.method in session.methods]
         usable = [c for c in creds if not c.locked and _current(c)]
         live = [c for c in usable if not expiry.expired(c.expires, now)]
@@ -930,7 +990,7 @@ class Verifier:
             return Note(dataclasses.replace(base.refused(Reason.MALFORMED_OTP), detail=shown))
         resync = len(req.otps) == 2
         for cred, scheme in zip(usable, schemes, strict=True):
-            atc = self._match(cred, scheme, session, req.otps)
+            atc = self._match(cred, scheme, session, req.otps, entered)
             if atc is not None:
                 record = AuditRecord(
                     now,
@@ -955,10 +1015,13 @@ class Verifier:
         scheme: OtpScheme,
         session: SessionRecord,
         otps: tuple[str, ...],
+        entered: str,
     ) -> int | None:
         """The ATC the OTP(s) were made with, searched after the stored ATC; or None.
         For a resync (two OTPs) the ATC of the second one. ``scheme`` is the
-        credential's own (its enrolled suite): it makes the question and checks each OTP."""
+        credential's own (its enrolled suite): it makes the question and checks each OTP.
+        The question binds the session's stored tenant and transaction and ``entered``,
+        the user's data normalized (docs/PROTOCOL.md §17)."""
         if any(len(otp) != scheme.digits for otp in otps):
             return None  # another credential of the session's may have this length
         question = scheme.question(
@@ -968,6 +1031,9 @@ class Verifier:
             credential_id=transcript.credential_id(cred.signing_key),
             challenge=session.challenge,
             context=session.context,
+            tenant=session.tenant,
+            transaction=session.transaction,
+            data=entered,
         )
         window = self.identity.resync_window if len(otps) == 2 else self.identity.window
         last = min(cred.atc + window, MAX_ATC - 1)
