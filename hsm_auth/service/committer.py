@@ -72,6 +72,8 @@ class _Item:
     future: asyncio.Future[Result] | concurrent.futures.Future[Result]
     #: The caller's API key text, authenticated in the batch (None: the caller did).
     api_key: str | None = field(default=None, repr=False)
+    #: What the user entered on the authenticator (docs/PROTOCOL.md §17), or None.
+    data: str | None = field(default=None, repr=False)
 
 
 _STOP = object()
@@ -154,7 +156,7 @@ class Committer:
             self._queue.put(item)
 
     async def verify(
-        self, session_id: bytes, otp: str, *, api_key: str | None = None
+        self, session_id: bytes, otp: str, *, api_key: str | None = None, data: str | None = None
     ) -> Acceptance:
         """Verify on the running event loop: returns after the commit that decided it.
         Raises InvalidToken, InvalidInput or StateError like :meth:`Verifier.verify`;
@@ -162,15 +164,15 @@ class Committer:
         (checked in the batch, see :meth:`_authenticate`)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._admit(_Item(session_id, otp, loop, future, api_key))
+        self._admit(_Item(session_id, otp, loop, future, api_key, data))
         return _unwrap(await future)
 
     def verify_blocking(
-        self, session_id: bytes, otp: str, *, api_key: str | None = None
+        self, session_id: bytes, otp: str, *, api_key: str | None = None, data: str | None = None
     ) -> Acceptance:
         """Verify from a thread that is not an event loop's (blocks until committed)."""
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
-        self._admit(_Item(session_id, otp, None, future, api_key))
+        self._admit(_Item(session_id, otp, None, future, api_key, data))
         return _unwrap(future.result())
 
     # --- the committer thread ----------------------------------------------
@@ -228,7 +230,9 @@ class Committer:
         try:
             refused = self._authenticate(batch)
             allowed = [i for i in batch if i.api_key not in refused]
-            verified = iter(self.verifier.verify_many([(i.session_id, i.otp) for i in allowed]))
+            verified = iter(
+                self.verifier.verify_many([(i.session_id, i.otp, i.data) for i in allowed])
+            )
             results = [
                 _copy(refused[i.api_key]) if i.api_key in refused else next(verified)
                 for i in batch

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from .. import audit, qr, transcript
+from .. import transaction as transaction_data
 from ..audit import AuditRecord, Event
 from ..errors import ExpiredMessage
 from ..methods import Method
@@ -114,6 +115,20 @@ class SessionRequest(_Request):
         min_length=1, max_length=MAX_CONTEXT, description="what the user approves"
     )
     methods: list[MethodName] | None = Field(default=None, min_length=1, max_length=len(Method))
+    tenant: str | None = Field(
+        default=None, min_length=1, max_length=transaction_data.MAX_TENANT,
+        description="the user's tenant (docs/PROTOCOL.md §17)",
+    )
+    transaction: list[list[str]] | None = Field(
+        default=None, min_length=1, max_length=transaction_data.MAX_ITEMS,
+        description="transaction data shown with the context and bound by the OTP: "
+        "[label, value] pairs in the order shown (docs/PROTOCOL.md §17)",
+    )
+    user_data: int = Field(
+        default=0, ge=0, le=transaction_data.MAX_USER_DATA,
+        description="0: the user enters nothing; N: the user enters 1..N characters on the "
+        "authenticator, which POST /v1/verify then needs as data",
+    )
 
 
 class SessionCreated(BaseModel):
@@ -122,6 +137,9 @@ class SessionCreated(BaseModel):
     user: str
     methods: list[Method]
     expires: int
+    tenant: str | None = None
+    transaction: list[list[str]] | None = None
+    user_data: int = 0
 
 
 class Credential(BaseModel):
@@ -235,15 +253,20 @@ async def create_offer(body: OfferRequest, ctx: Context, key: Enroll) -> OfferCr
 async def create_session(body: SessionRequest, ctx: Context, key: Verify) -> SessionCreated:
     ctx.limits.check_user(body.user)
     session = await blocking(
-        ctx.verifier.start_session, body.user, body.context, methods=_methods(body.methods)
+        ctx.verifier.start_session, body.user, body.context, methods=_methods(body.methods),
+        tenant=body.tenant, transaction=body.transaction, user_data=body.user_data,
     )
     _texts.put(session.session_id, session.text)
+    items = session.data.transaction
     return SessionCreated(
         session_id=session.session_id.hex(),
         data=session.text,
         user=session.data.user,
         methods=list(session.data.methods),
         expires=session.data.expires,
+        tenant=session.data.tenant,
+        transaction=None if items is None else [list(p) for p in items],
+        user_data=session.data.user_data,
     )
 
 
@@ -265,6 +288,9 @@ def _session_text(ctx: ServiceContext, session_id: bytes) -> str:
         context=session.context,
         methods=session.methods,
         expires=session.expires,
+        tenant=session.tenant,
+        transaction=session.transaction,
+        user_data=session.user_data,
     )
     return data.to_text(ctx.verifier.keys.sign_raw)
 

@@ -1,6 +1,6 @@
 """``POST /v1/verify``: check an OTP for an offline session (API key, scope ``verify``).
 
-    {"session_id": "<32 lowercase hex digits>", "otp": "<6..10 digits>"}
+    {"session_id": "<32 lowercase hex digits>", "otp": "<6..10 digits>", "data": "<text>"?}
     -> 200 {"user", "method", "atc"}
     -> 403 otp-refused (one body for every refusal: unknown, used or expired session,
        replay, wrong OTP, locked or revoked credential; the audit trail keeps which)
@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .. import api_keys
 from ..otp_scheme import MAX_DIGITS, MIN_DIGITS
+from ..transaction import MAX_USER_DATA
 from ..verifier import SESSION_ID_BYTES
 from .auth import _bearer  # the API-key scheme of every provider route (OpenAPI)
 from .committer import Committer
@@ -108,6 +109,14 @@ class VerifyRequest(BaseModel):
         str, Field(pattern=_SESSION_ID, description="The session's id (POST /v1/sessions)")
     ]
     otp: Annotated[str, Field(pattern=_OTP, description="The OTP the user typed")]
+    data: Annotated[
+        str | None,
+        Field(
+            default=None, min_length=1, max_length=4 * MAX_USER_DATA,
+            description="What the user entered on the authenticator, for a session with "
+            "user_data > 0 (docs/PROTOCOL.md §17); required there, refused otherwise",
+        ),
+    ] = None
 
 
 class VerifyResponse(BaseModel):
@@ -145,7 +154,7 @@ async def verify(
 ) -> Response:
     assert isinstance(key, str)  # _VerifyRoute hands the key text it checked
     accepted = await committer_of(ctx).verify(
-        bytes.fromhex(body.session_id), body.otp, api_key=key
+        bytes.fromhex(body.session_id), body.otp, api_key=key, data=body.data
     )
     # VerifyResponse's JSON, written directly (not validated and serialised again).
     return Response(
