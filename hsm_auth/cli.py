@@ -538,8 +538,15 @@ def cmd_verifier_session(ctx: Context) -> int:
         qr.image_target(target)  # a bad target fails before a session is made
     v = ctx.verifier()
     try:
+        from . import transaction
+
         session = v.start_session(
-            ctx.args.user, ctx.args.context, methods=parse_methods(ctx.args.methods)
+            ctx.args.user,
+            ctx.args.context,
+            methods=parse_methods(ctx.args.methods),
+            tenant=ctx.args.tenant,
+            transaction=[transaction.parse_item(t) for t in ctx.args.transaction] or None,
+            user_data=ctx.args.user_data,
         )
     finally:
         v.close()
@@ -567,6 +574,10 @@ def cmd_verifier_session(ctx: Context) -> int:
             "data": session.text,
             "expires": session.data.expires,
             "methods": [m.value for m in session.data.methods],
+            **({"transaction": [list(p) for p in session.data.transaction]}
+               if session.data.transaction else {}),
+            **({"user_data": session.data.user_data} if session.data.user_data else {}),
+            **({"tenant": session.data.tenant} if session.data.tenant else {}),
         },
     )
     return 0
@@ -575,7 +586,9 @@ def cmd_verifier_session(ctx: Context) -> int:
 def cmd_verifier_verify(ctx: Context) -> int:
     v = ctx.verifier()
     try:
-        ok = v.verify(parse_session_id(ctx.args.session), read_otp(ctx))
+        ok = v.verify(
+            parse_session_id(ctx.args.session), read_otp(ctx), data=_user_data_arg(ctx.args.data)
+        )
     finally:
         v.close()
     return _emit_acceptance(ctx, "accepted", ok)
@@ -1097,27 +1110,54 @@ def cmd_enroll(ctx: Context) -> int:
     return 0
 
 
+def _request_lines(request: OfflineRequest) -> list[str]:
+    """What the user approves: verifier, user (and tenant), context, then the
+    transaction's ``label: value`` lines and whether data is to be entered (§17)."""
+    from . import transaction
+
+    tenant = f" (tenant {request.tenant})" if request.tenant else ""
+    lines = [
+        f"Verifier: {request.verifier_name}",
+        f"User:     {request.user}{tenant}",
+        f"Context:  {request.context}",
+    ]
+    lines += [f"          {line}" for line in transaction.lines(request.transaction)]
+    if request.user_data:
+        lines.append(f"Data:     enter up to {request.user_data} characters (finish --data)")
+    return lines
+
+
 def _show_request(ctx: Context, request: OfflineRequest) -> None:
-    print(f"Verifier: {request.verifier_name}", file=ctx.err)
-    print(f"User:     {request.user}", file=ctx.err)
-    print(f"Context:  {request.context}", file=ctx.err)
+    for line in _request_lines(request):
+        print(line, file=ctx.err)
+
+
+def _user_data_arg(value: str | None) -> str | None:
+    """``--data``: the text itself, or ``@FILE`` (its content; surrounding white space
+    is not part of the data, docs/PROTOCOL.md §17)."""
+    if value is None or not value.startswith("@"):
+        return value
+    return _read_text_file(value[1:])
 
 
 def cmd_start(ctx: Context) -> int:
     with ctx.authenticator() as a:
         request = a.start_offline_authentication(read_text_arg(ctx.args.data, sys.stdin))
-    ctx.emit(
-        f"Verifier: {request.verifier_name}\nUser:     {request.user}\n"
-        f"Context:  {request.context}\n"
-        f"Methods:  {', '.join(m.value for m in request.methods)}",
-        {
-            "verifier": request.verifier_name,
-            "user": request.user,
-            "context": request.context,
-            "methods": [m.value for m in request.methods],
-            "expires": request.expires,
-        },
-    )
+    machine: dict[str, Any] = {
+        "verifier": request.verifier_name,
+        "user": request.user,
+        "context": request.context,
+        "methods": [m.value for m in request.methods],
+        "expires": request.expires,
+    }
+    if request.tenant is not None:
+        machine["tenant"] = request.tenant
+    if request.transaction is not None:
+        machine["transaction"] = [list(pair) for pair in request.transaction]
+    if request.user_data:
+        machine["user_data"] = request.user_data
+    lines = [*_request_lines(request), f"Methods:  {', '.join(m.value for m in request.methods)}"]
+    ctx.emit("\n".join(lines), machine)
     return 0
 
 
@@ -1140,7 +1180,10 @@ def cmd_finish(ctx: Context) -> int:
                 return 0
         pin = method_pin(ctx, method)
         with pin_hint(method):
-            result = a.finish_offline_authentication(request, method, pin=pin)
+            result = a.finish_offline_authentication(
+                request, method, pin=pin, data=_user_data_arg(ctx.args.user_data),
+                prompt=ctx.args.prompt,
+            )
     ctx.emit(result.otp, {"otp": result.otp, "method": method.value, "atc": result.atc})
     return 0
 
@@ -1858,6 +1901,20 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         help=f"{METHOD_HELP}: an enrolled one that the verification data allows "
         "(`start` lists them)",
     )
+    p.add_argument(
+        "--data",
+        dest="user_data",
+        metavar="TEXT|@FILE",
+        type=text_arg,
+        help="the data the verifier asks you to enter (`start` says how many characters); "
+        "the OTP binds it",
+    )
+    p.add_argument(
+        "--prompt",
+        type=text_arg,
+        help="the text shown while the token waits for your verification (default: the "
+        "method's own)",
+    )
     p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
 
     p = add(
@@ -1947,6 +2004,23 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p.add_argument(
         "--methods", type=text_arg, help="comma-separated allowed methods (default: all enrolled)"
     )
+    p.add_argument(
+        "--transaction",
+        action="append",
+        default=[],
+        metavar="LABEL=VALUE",
+        type=text_arg,
+        help="transaction data shown with the context and bound by the OTP (repeat: up to 8, "
+        "in the order shown)",
+    )
+    p.add_argument(
+        "--user-data",
+        type=int,
+        default=0,
+        metavar="N",
+        help="have the user enter 1..N characters on the authenticator (verify --data)",
+    )
+    p.add_argument("--tenant", type=text_arg, help="the user's tenant")
     p.add_argument("--qr", help="terminal, png:PATH or svg:PATH")
     p.add_argument(
         "--id-file",
@@ -1956,6 +2030,12 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     p = vadd("verify", cmd_verifier_verify, "check an OTP for a session")
     p.add_argument("--session", type=text_arg, required=True, help=SESSION_HELP)
+    p.add_argument(
+        "--data",
+        metavar="TEXT|@FILE",
+        type=text_arg,
+        help="what the user entered on the authenticator (a session with --user-data)",
+    )
     p.add_argument(
         "--otp",
         default="-",
