@@ -8,6 +8,10 @@ For each backend it prints, per OTP:
   advanced before an OTP is released, so nothing can be faster);
 * ``py-hmac``  — Python's hmac over the same data input, for scale.
 
+For PKCS#11 it also measures an OTP of a session with transaction data
+(docs/PROTOCOL.md §17: a 60-character context, amount and IBAN, 8 characters of
+user data), against the same floor in the same run.
+
 And, per backend, the ``pin`` method with the PIN cached on request (issue 14,
 :mod:`hsm_auth.unlocked`): ``uncached`` (the PIN given for every OTP, as without
 the agent: PKCS#11 logs in and out each time) against ``cached`` (the same library
@@ -188,6 +192,20 @@ def flow(tmp: Path, config: Config, method: Method, pin: str | None = None):  # 
     return auth, request
 
 
+#: docs/PROTOCOL.md §17.1's session: a 60-character context, an amount and an IBAN.
+TX_CONTEXT = "Confirm the transfer from your account 4711 at Example Bank."
+TX_ITEMS = (("Amount", "120.00 EUR"), ("Payee", "DE89 3704 0044 0532 0130 00"))
+
+
+def transaction_request(tmp: Path, auth: Authenticator, method: Method):  # type: ignore[no-untyped-def]
+    """A started request of a session with transaction data and 8 characters of user data."""
+    with Verifier.open(tmp / "verifier") as verifier:
+        session = verifier.start_session(
+            "bench", TX_CONTEXT, transaction=TX_ITEMS, user_data=8, methods=[method]
+        )
+    return auth.start_offline_authentication(session.text)
+
+
 def bench_pkcs11(n: int, baseline: float) -> None:
     """SoftHSM: the library vs the backend's own counter scheme through python-pkcs11
     (two ATC objects written alternately: read the label of the one to write, write
@@ -272,12 +290,19 @@ def bench_pkcs11(n: int, baseline: float) -> None:
             pin_auth, text, pin_request = pin_flow(tmp / "pin-method", pin_config, "4321")
             cache_figures = measure_cache(pin_auth, text, pin_request, "4321", raw, n)
             pin_auth.close()
+            tx = transaction_request(tmp, auth, Method.DEVICE)
+            with_tx, tx_floor = per_op_pair(
+                lambda: auth.finish_offline_authentication(tx, Method.DEVICE, data="Müller 7"),
+                raw,
+                n,
+            )
             for obj in slots:
                 obj.destroy()
             key.destroy()
         auth.close()
     report("pkcs11/SoftHSM", library, floor, baseline)
     report_cache("pkcs11/SoftHSM pin", *cache_figures)
+    report("pkcs11/SoftHSM, transaction data", with_tx, tx_floor, baseline)
 
 
 def bench_tpm2(n: int, baseline: float) -> None:
