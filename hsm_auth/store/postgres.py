@@ -104,9 +104,9 @@ _V9 = (
 # Version 10 (issue 14): each credential's offline expiry (Unix time; 0: never;
 # hsm_auth.expiry), set at enrollment and at each renewal.
 _V10 = ("ALTER TABLE credentials ADD COLUMN expires BIGINT NOT NULL DEFAULT 0",)
-# Version 11 (issue 14, docs/PROTOCOL.md §17): a session's tenant, transaction data
+# Version 12 (issue 14, docs/PROTOCOL.md §17): a session's tenant, transaction data
 # (JSON [[label, value], ...]) and how many characters the user enters (0: none).
-_V11 = (
+_V12 = (
     "ALTER TABLE sessions ADD COLUMN tenant TEXT",
     "ALTER TABLE sessions ADD COLUMN transaction_items TEXT",
     "ALTER TABLE sessions ADD COLUMN user_data INTEGER NOT NULL DEFAULT 0",
@@ -173,7 +173,7 @@ class _PgCursor:
 class PostgresStore(SqlStore):
     engine = "postgresql"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11, _V12,
     )
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:

@@ -104,10 +104,10 @@ _V9 = (
 # hsm_auth.expiry), set at enrollment and at each renewal.
 _V10 = ("ALTER TABLE credentials ADD COLUMN expires INTEGER NOT NULL DEFAULT 0",)
 
-# Version 11 (issue 14, docs/PROTOCOL.md §17): what a session's OTP question binds
+# Version 12 (issue 14, docs/PROTOCOL.md §17): what a session's OTP question binds
 # besides the context: the tenant, the transaction data (JSON [[label, value], ...])
 # and how many characters the user enters (0: none). Rows from before have none.
-_V11 = (
+_V12 = (
     "ALTER TABLE sessions ADD COLUMN tenant TEXT",
     "ALTER TABLE sessions ADD COLUMN transaction_items TEXT",
     "ALTER TABLE sessions ADD COLUMN user_data INTEGER NOT NULL DEFAULT 0",
@@ -137,7 +137,7 @@ class _SqliteCursor:
 class SqliteStore(SqlStore):
     engine = "sqlite"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11, _V12,
     )
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
