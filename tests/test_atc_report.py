@@ -139,15 +139,19 @@ def test_25_unsubmitted_otps_then_an_online_sync_then_the_next_otp_is_accepted(w
         world.offline_otp()
 
 
-def test_without_the_sync_the_next_otp_is_login_required_and_beyond_the_window(world) -> None:  # type: ignore[no-untyped-def]
-    """The control: why the sync matters at all with this window."""
+def test_without_the_acknowledgement_the_next_otp_is_login_required(world) -> None:  # type: ignore[no-untyped-def]
+    """The control: with this window the 26th offline OTP is refused, and a report
+    that never reaches the verifier (so is never acknowledged) changes nothing."""
     world.unsubmitted(WINDOW)
     with pytest.raises(LoginRequired, match=f"{WINDOW} offline uses"):
         world.offline_otp()
-    # Even an OTP made elsewhere at ATC 26 (the token is there now) is beyond the window.
     message = world.client.sync_message(Method.DEVICE)
     world.alice.sync(message)  # the token advances to 26; the report is never submitted
     assert world.enrolled.synced_atc == 0  # no acknowledgement: the count stays
+    with pytest.raises(LoginRequired):
+        world.offline_otp()
+    cred = world.credential()
+    assert (cred["atc"], cred["failures"]) == (0, 0)
 
 
 def test_a_report_with_a_lower_atc_changes_nothing(world) -> None:  # type: ignore[no-untyped-def]
