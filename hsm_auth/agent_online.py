@@ -22,6 +22,7 @@ user approves in another).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -31,12 +32,13 @@ from .agent import ChallengeView, CredentialPolicy
 from .authenticator import Authenticator, OfflineOtp, OnlineSignature
 from .challenges import Challenge, Decision, parse_claim
 from .config import Config, Paths
-from .errors import ConfigError, InvalidInput
+from .errors import ConfigError, HsmAuthError, InvalidInput
 from .keystore import Authorization
 from .methods import Method
 from .online_client import OnlineClient
 
 URL_ENV = "HSM_AUTH_ONLINE_URL"
+log = logging.getLogger("hsm_auth.agent")
 
 
 class SerializedAuthenticator(Authenticator):
@@ -97,8 +99,18 @@ class OnlineSource:
     def pending(
         self, method: Method, wait: float, auth: Authorization, known: Sequence[str]
     ) -> list[ChallengeView]:
+        self._submit_logs(method, auth)
         found = self._client.pending(method, wait=wait, auth=auth, known=known)
         return [view_of(c) for c in found if c.user in (None, self.user)]
+
+    def _submit_logs(self, method: Method, auth: Authorization) -> None:
+        """The offline logs at this online contact (docs/PROTOCOL.md §19.3): what the
+        service has not taken yet, signed by the polling method (no prompt of its own);
+        a failure is logged and never stops the poll."""
+        try:
+            self._client.submit_logs(method, auth=auth)
+        except HsmAuthError as e:
+            log.info("offline log not submitted to %s: %s", self.name, e.__class__.__name__)
 
     def owns_claim(self, claim: str) -> bool:
         try:

@@ -48,7 +48,7 @@ from .store.base import CredentialRecord, VerifierStore
 from .store.offline_log import OfflineLogSql, StoredEntry
 from .transcript import credential_id as credential_id_of
 
-__all__ = ["MAX_ENTRIES", "Alert", "LogReport", "OfflineAudit", "check_entries"]
+__all__ = ["MAX_ENTRIES", "Alert", "LogReport", "OfflineAudit", "check_entries", "log_owner"]
 
 #: Entries per submission (the client sends a longer log in several).
 MAX_ENTRIES = 100
@@ -175,6 +175,28 @@ def _link(
         out.append(Alert("order", f"its ATC {entry.atc} does not follow {before_atc} "
                          "(reordered?)", entry.seq))
     return out
+
+
+def log_owner(
+    store: VerifierStore, signer: CredentialRecord, credential_id: bytes | None
+) -> CredentialRecord:
+    """Whose log a submission signed by ``signer`` carries: the signer's own, or
+    (``credential_id``) another credential of the same user whose entries are signed
+    by that credential itself (ECDSA: PKCS#11, TPM), so that the agent can submit
+    the pin method's log without the PIN. A FIDO2 credential's log is signed only by
+    its own submission: refused from another signer (UntrustedMessage)."""
+    if credential_id is None or hmac.compare_digest(
+        credential_id, credential_id_of(signer.signing_key)
+    ):
+        return signer
+    owner = store.credential_by_id(credential_id)
+    if owner is None or owner.user != signer.user:
+        raise UntrustedMessage("not a credential of the signer's user")
+    if signature_format(owner.method) == FIDO2_ASSERTION:
+        raise UntrustedMessage(
+            "a FIDO2 credential's offline log is submitted in its own signed request"
+        )
+    return owner
 
 
 class OfflineAudit:

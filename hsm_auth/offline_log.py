@@ -253,6 +253,27 @@ class OfflineLog:
         except ValueError:
             return -1  # unreadable: send everything again (the verifier keeps each once)
 
+    def last_seq(self, credential_id: bytes) -> int:
+        """The seq of the log's last complete entry (-1: none), from its end only."""
+        path = self.path(credential_id)
+        check_state(path, missing_ok=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return -1
+        except OSError as e:
+            raise StateError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            last, _, _ = _last_line(fd, path)
+        finally:
+            os.close(fd)
+        if last is None:
+            return -1
+        try:
+            return LogEntry.from_json(json.loads(last)).seq
+        except (ValueError, DecodeError):
+            return -1  # not an entry: left to an explicit submission (hsm-auth log submit)
+
     def mark_sent(self, credential_id: bytes, seq: int) -> None:
         atomic_write(self._sent_path(credential_id), f"{seq}\n".encode())
 
@@ -316,28 +337,37 @@ class OfflineLog:
         if size > MAX_LOG_BYTES:
             raise StateError(f"{path} is larger than {MAX_LOG_BYTES} bytes: submit it (hsm-auth "
                              "log submit) and move it away")
-        window = _TAIL_WINDOW
-        while True:  # back to the newline before the last complete line, or the start
-            start = max(0, size - window)
-            data = os.pread(fd, size - start, start)
-            end = data.rfind(b"\n")
-            if start == 0 or (end > 0 and data.rfind(b"\n", 0, end) >= 0):
-                break
-            window *= 2
-        complete, newline, torn = data.rpartition(b"\n")
+        last, end, torn = _last_line(fd, path)
         if torn:  # a write that a crash interrupted: its OTP was never released
-            os.ftruncate(fd, start + len(complete) + len(newline))
+            os.ftruncate(fd, end)
             os.fsync(fd)
-        if not newline:
-            if start:
-                raise StateError(f"the end of {path} is not a log entry")
+        if last is None:
             return 0, GENESIS
-        last = complete.rpartition(b"\n")[2]
         try:
             entry = LogEntry.from_json(json.loads(last))
         except (ValueError, DecodeError) as e:
             raise StateError(f"the last line of {path} is not a log entry ({e})") from None
         return entry.seq + 1, entry.entry_hash()
+
+
+def _last_line(fd: int, path: Path) -> tuple[bytes | None, int, bool]:
+    """The last complete line (None: none), the offset where it ends (after its
+    newline) and whether a torn line follows it; reads only the end of the file."""
+    size = os.fstat(fd).st_size
+    window = _TAIL_WINDOW
+    while True:  # back to the newline before the last complete line, or the start
+        start = max(0, size - window)
+        data = os.pread(fd, size - start, start)
+        end = data.rfind(b"\n")
+        if start == 0 or (end > 0 and data.rfind(b"\n", 0, end) >= 0):
+            break
+        window *= 2
+    complete, newline, torn = data.rpartition(b"\n")
+    if not newline:
+        if start:
+            raise StateError(f"the end of {path} is not a log entry")
+        return None, 0, bool(torn)
+    return complete.rpartition(b"\n")[2], start + len(complete) + 1, bool(torn)
 
 
 def _write_all(fd: int, data: bytes) -> None:

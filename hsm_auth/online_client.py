@@ -282,18 +282,27 @@ class OnlineClient:
         )
 
     def submit_log(
-        self, method: Method, *, auth: Authorization | None = None
+        self, method: Method, *, auth: Authorization | None = None,
+        signer: Method | None = None,
     ) -> dict[str, Any] | None:
         """Submit the method's offline log (docs/PROTOCOL.md §19) since the last
         submission, in signed requests of at most 100 entries (each signed in the token:
         for FIDO2 this signature is the one over the entries' head); returns the
         service's reconciliation (submitted, not submitted, alerts), None if nothing
-        was new."""
+        was new. ``signer``: another method of the same user signs the requests (``auth``
+        is its authorization); only for a log whose entries are signed themselves
+        (PKCS#11, TPM: the service refuses a FIDO2 log signed by another credential)."""
         from .offline_log import OfflineLog
 
-        enrolled = self.authenticator.online_method(self._verifier(method), method)
-        log = OfflineLog(self.authenticator.directory)
+        signer = signer or method
+        verifier_id = self._verifier(method)
+        enrolled = self.authenticator.online_method(verifier_id, method)
         credential_id = bytes.fromhex(enrolled.credential_id)
+        if signer is not method and (
+            self.authenticator.online_method(verifier_id, signer).user != enrolled.user
+        ):
+            raise UnknownMethod(f"the {signer.value} method is another user's here")
+        log = OfflineLog(self.authenticator.directory)
         sent = log.sent(credential_id)
         pending = [
             e for e in log.raw_entries(credential_id)
@@ -302,9 +311,10 @@ class OnlineClient:
         report: dict[str, Any] | None = None
         for start in range(0, len(pending), 100):
             batch = pending[start:start + 100]
-            data = self._signed(
-                "POST", "/v1/device/offline-log", method, body={"entries": batch}, auth=auth
-            )
+            body: dict[str, Any] = {"entries": batch}
+            if signer is not method:
+                body["credential"] = enrolled.credential_id
+            data = self._signed("POST", "/v1/device/offline-log", signer, body=body, auth=auth)
             if not isinstance(data, dict) or not isinstance(data.get("report"), dict):
                 raise ServiceError("malformed offline log report")
             report = data["report"]
@@ -312,6 +322,34 @@ class OnlineClient:
             if seqs:
                 log.mark_sent(credential_id, max(seqs))
         return report
+
+    def submit_logs(
+        self, signer: Method, *, auth: Authorization | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """At an online contact (the agent's poll): submit every offline log of the
+        signer's user here that has entries the service has not taken and that
+        another credential may carry (ECDSA methods; the signer's own log always),
+        signed by ``signer`` with ``auth``, so without a prompt for a ``device``
+        signer. Returns the reports by method."""
+        from .offline_log import OfflineLog
+        from .request_signing import FIDO2_ASSERTION, signature_format
+
+        verifier_id = self._verifier(signer)
+        user = self.authenticator.online_method(verifier_id, signer).user
+        log = OfflineLog(self.authenticator.directory)
+        reports: dict[str, dict[str, Any]] = {}
+        for m in self.authenticator.enrolled:
+            if m.verifier_id != verifier_id or m.user != user or not m.credential_id or (
+                m.method is not signer and signature_format(m.method) == FIDO2_ASSERTION
+            ):
+                continue
+            cid = bytes.fromhex(m.credential_id)
+            if log.last_seq(cid) <= log.sent(cid):
+                continue  # nothing new: no request
+            report = self.submit_log(m.method, auth=auth, signer=signer)
+            if report is not None:
+                reports[m.method.value] = report
+        return reports
 
 
     # --- the ATC resync at online login (docs/PROTOCOL.md §18) ------------------------

@@ -26,6 +26,7 @@ from _online import OFFLINE_PIN, fido2_method, make_authenticator, response_for,
 
 from hsm_auth.authenticator import Authenticator, OfflineOtp
 from hsm_auth.config import MethodConfig, Paths
+from hsm_auth.errors import InvalidToken
 from hsm_auth.files import atomic_write_json, read_json
 from hsm_auth.keystore import Authorization
 from hsm_auth.methods import Method
@@ -33,6 +34,7 @@ from hsm_auth.offline_audit import OfflineAudit
 from hsm_auth.offline_log import LogEntry, OfflineLog, data_hash
 from hsm_auth.online_client import OnlineClient
 from hsm_auth.protocol import VerificationData
+from hsm_auth.testing.agent import running_agent
 from hsm_auth.testing.fido2 import authenticator_factory, write_soft_policy
 from hsm_auth.testing.service import RunningService, running_service
 from hsm_auth.tokens import update_config
@@ -341,3 +343,57 @@ def test_log_show_and_submit_on_the_command_line(world) -> None:  # type: ignore
                               "face"], capture_output=True, text=True, check=False, env=env)
     assert refused.returncode != 0 and refused.stderr.startswith("hsm-auth: error: ")
     assert len(refused.stderr.splitlines()) == 1
+
+
+def test_another_credential_of_the_user_carries_a_self_signed_log(world) -> None:  # type: ignore[no-untyped-def]
+    gina = user(world, Method.DEVICE, Method.PIN, Method.BIOMETRIC)
+    gina.use(Method.PIN)
+    gina.use(Method.BIOMETRIC)
+    # The pin log (each head signed by the pin key) in a request signed by the device key:
+    # no PIN needed.
+    report = gina.client.submit_log(Method.PIN, signer=Method.DEVICE)
+    assert report is not None and report["entries"] == 1 and report["alerts"] == []
+    pin_cid = next(m.credential_id for m in gina.auth.enrolled if m.method is Method.PIN)
+    assert report["credential_id"] == pin_cid
+    # A FIDO2 log is signed only by its own submission.
+    with pytest.raises(InvalidToken):
+        gina.client.submit_log(Method.BIOMETRIC, signer=Method.DEVICE)
+    # Nor may a credential carry another user's log.
+    other = user(world, Method.DEVICE)
+    other.use()
+    cid = next(m.credential_id for m in other.auth.enrolled)
+    with pytest.raises(InvalidToken):
+        gina.client._signed("POST", "/v1/device/offline-log", Method.DEVICE, body={
+            "credential": cid,
+            "entries": OfflineLog(other.auth.directory).raw_entries(bytes.fromhex(cid))})
+
+
+def test_the_agent_submits_the_logs_at_its_online_contact(world) -> None:  # type: ignore[no-untyped-def]
+    home = world.root / "agent-home"
+    paths = Paths.from_env(home)
+    update_config(paths.writable_config_file, {
+        "methods.device": {"backend": "pkcs11", **world.methods[Method.DEVICE].settings},
+        "methods.pin": {"backend": "pkcs11", **world.methods[Method.PIN].settings},
+    })
+    auth = world.stack.enter_context(make_authenticator(paths.authenticator_dir, {
+        m: world.methods[m] for m in (Method.DEVICE, Method.PIN)}))
+    hank = User("hank", auth, OnlineClient(auth, world.service.url), world)
+    for method in (Method.DEVICE, Method.PIN):
+        hank.client.enroll(response_for(world.verifier, auth, "hank", method))
+    made = [hank.use(Method.DEVICE), hank.use(Method.PIN), hank.use(Method.PIN)]
+    world.verifier.verify(made[1][0], made[1][1].otp)
+    store = world.verifier.store
+    cids = {m.method: bytes.fromhex(m.credential_id) for m in auth.enrolled}
+    with running_agent(home, world.root / "run" / "agent.sock",
+                       online_url=world.service.url) as agent:
+        deadline = time.monotonic() + 60
+        while (len(store.offline_entries(cids[Method.DEVICE])),
+               len(store.offline_entries(cids[Method.PIN]))) != (1, 2):
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.2)
+        assert "Traceback" not in agent.log() and OFFLINE_PIN not in agent.log()
+    audit = OfflineAudit(store, world.verifier.identity.verifier_id)
+    [pin_cred] = [c for c in store.credentials("hank") if c.method is Method.PIN]
+    shown = audit.report(pin_cred)
+    assert (shown.submitted, shown.not_submitted, shown.alerts) == (
+        (made[1][1].atc,), (made[2][1].atc,), ())

@@ -18,9 +18,11 @@
   {signature, authdata?}}`` -> the answered challenge. Authenticated by the approval
   itself (signed over the challenge id, its context hash and the decision): one PIN
   or user verification per answer;
-* ``POST /v1/device/offline-log`` ``{entries: [...]}`` (signed) -> ``{report}``: the
-  signer's offline log entries (docs/PROTOCOL.md §19, :mod:`hsm_auth.offline_audit`),
-  checked, kept and reconciled with the OTPs accepted;
+* ``POST /v1/device/offline-log`` ``{entries: [...], credential?}`` (signed) ->
+  ``{report}``: offline log entries (docs/PROTOCOL.md §19, :mod:`hsm_auth.offline_audit`)
+  of the signer, or of ``credential``, another credential of the signer's user whose
+  entries are signed by itself (ECDSA), checked, kept and reconciled with the OTPs
+  accepted;
 * ``POST /v1/device/sync`` (signed) -> ``{sync, atc}``: a sync message for the
   signer's credential and its sync session (the online login's ATC resync,
   docs/PROTOCOL.md §18);
@@ -258,13 +260,18 @@ class OfflineLogIn(BaseModel):
     #: Entries as the authenticator's log holds them; each is checked strictly by
     #: hsm_auth.offline_audit (a malformed one is an alert, not a refused request).
     entries: list[Any] = Field(min_length=1, max_length=100)
+    #: Whose log (default: the signer's): another credential of the signer's user.
+    credential: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
 
 
-def _submit_log(verifier: OnlineVerifier, cred: CredentialRecord, entries: list[Any]) -> Any:
-    from ..offline_audit import OfflineAudit
+def _submit_log(
+    verifier: OnlineVerifier, signer: CredentialRecord, entries: list[Any], whose: str | None
+) -> Any:
+    from ..offline_audit import OfflineAudit, log_owner
 
+    owner = log_owner(verifier.store, signer, None if whose is None else bytes.fromhex(whose))
     audit = OfflineAudit(verifier.store, verifier.verifier_id)
-    return audit.submit(cred, entries, now=verifier.now()).to_json()
+    return audit.submit(owner, entries, now=verifier.now()).to_json()
 
 
 @router.post(
@@ -276,4 +283,5 @@ async def offline_log(
     ctx: ServiceContext = Depends(get_context),  # noqa: B008
     cred: CredentialRecord = Depends(signer),  # noqa: B008
 ) -> dict[str, Any]:
-    return {"report": await run(_submit_log, online(ctx), cred, body.entries)}
+    report = await run(_submit_log, online(ctx), cred, body.entries, body.credential)
+    return {"report": report}
