@@ -838,17 +838,21 @@ def cmd_log_submit(ctx: Context) -> int:
     if report is None:
         ctx.emit("nothing new to submit", {"report": None})
         return 0
+    ctx.emit(display.escape(_log_line(method.value, report), keep="\n"), {"report": report})
+    return 0
+
+
+def _log_line(method: str, report: dict[str, Any]) -> str:
+    """A service's offline log report (docs/PROTOCOL.md §19.3) for people."""
     alerts = report.get("alerts") or []
     not_submitted = report.get("not_submitted") or []
     human = (
-        f"the verifier holds {report.get('entries')} offline uses of this {method.value} "
-        f"credential ({report.get('received')} new): {report.get('submitted')} submitted, "
+        f"offline log of {method}: the verifier holds {report.get('entries')} offline uses "
+        f"({report.get('received')} new): {report.get('submitted')} submitted, "
         f"{len(not_submitted)} generated, not submitted"
     )
-    human += "".join(f"\nALERT {a.get('code')}: {a.get('text')}" for a in alerts[:50]
-                     if isinstance(a, dict))
-    ctx.emit(display.escape(human, keep="\n"), {"report": report})
-    return 0
+    return human + "".join(f"\nALERT {a.get('code')}: {a.get('text')}" for a in alerts[:50]
+                           if isinstance(a, dict))
 
 
 # --- the online service (hsm_auth.service; imported only by these commands) ---
@@ -1265,14 +1269,20 @@ def _sync_online(ctx: Context) -> int:
                 synced = client.sync(
                     method, auth=None if pin is None else Authorization(pin=pin)
                 )
+                # The offline logs at this online contact (docs/PROTOCOL.md §19.3).
+                logs = client.submit_logs(
+                    method, auth=None if pin is None else Authorization(pin=pin)
+                )
             lines.append(
                 f"synced {method.value}: the token reported ATC {synced.atc} "
                 f"({synced.unsubmitted} OTPs were never submitted); offline use counts "
                 f"from ATC {synced.synced_atc}"
             )
+            lines += [_log_line(m, r) for m, r in logs.items()]
             done.append({"method": method.value, "atc": synced.atc,
-                         "unsubmitted": synced.unsubmitted, "synced_atc": synced.synced_atc})
-    ctx.emit("\n".join(lines), {"synced": done})
+                         "unsubmitted": synced.unsubmitted, "synced_atc": synced.synced_atc,
+                         "offline_logs": logs})
+    ctx.emit(display.escape("\n".join(lines), keep="\n"), {"synced": done})
     return 0
 
 

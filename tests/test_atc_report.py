@@ -329,11 +329,14 @@ def test_cli_sync_online(tmp_path) -> None:  # type: ignore[no-untyped-def]
         env = {**cli_env(), "HSM_AUTH_ONLINE_URL": service.url}
         out = cli_ok(home, "sync", "--online", env=env)
         assert out == ("synced device: the token reported ATC 4 (3 OTPs were never "
-                       "submitted); offline use counts from ATC 4")
+                       "submitted); offline use counts from ATC 4\n"
+                       # the offline log goes at this online contact (PROTOCOL.md §19.3)
+                       "offline log of device: the verifier holds 3 offline uses (3 new): "
+                       "0 submitted, 3 generated, not submitted")
         machine = json.loads(cli_ok(home, "--json", "sync", "--online", "--method", "device",
                                     env=env))
         assert machine == {"synced": [{"method": "device", "atc": 5, "unsubmitted": 0,
-                                       "synced_atc": 5}]}
+                                       "synced_atc": 5, "offline_logs": {}}]}
         assert "Traceback" not in service.log()
     methods = json.loads(cli_ok(home, "--json", "methods"))
     assert [m["synced_atc"] for m in methods["methods"]] == [5]

@@ -186,5 +186,9 @@ def test_the_verifier_keeps_each_entry_once_and_reconciles_on_both_engines(store
     assert {"changed", "not-logged", "gap", "bad-signature"} <= codes
     shown = audit.report(cred)
     assert {"changed", "not-logged", "gap"} <= {a.code for a in shown.alerts}
+    # A sync (the token's ATC report) that the verifier applied at ATC 7 explains it.
+    store.apply([Note(AuditRecord(cred.created, Event.SYNCED, "alice", "device", atc=7))])
+    codes = [a.code for a in audit.report(cred).alerts]
+    assert "gap" not in codes and "not-logged" in codes
     events = [r.event for r in store.audit_records("alice", 100)]
     assert events.count(Event.OFFLINE_LOG) == 3 and Event.OFFLINE_ALERT in events
