@@ -391,7 +391,10 @@ def test_hsm_auth_finish_through_the_agent_and_the_screen_lock(
             if r.returncode == 0:
                 doc = json.loads(r.stdout)
                 assert verifier.verify(session.session_id, doc["otp"]).atc == doc["atc"]
+                otps.append(doc["otp"])
             return r
+
+        otps: list[str] = []
 
         no_pin = finish()  # nothing held, no terminal to ask on
         assert no_pin.returncode == 31 and "PIN" in no_pin.stderr
@@ -425,6 +428,7 @@ def test_hsm_auth_finish_through_the_agent_and_the_screen_lock(
         assert _token_flags(token) & _CKF_USER_PIN_COUNT_LOW  # counted on the token
         log = agent.log()
     assert "Traceback" not in log and PIN not in log
+    assert otps and not any(otp in log for otp in otps)  # nor an OTP it made
     verifier.close()
 
 
@@ -444,3 +448,68 @@ def test_the_agent_sees_an_enrollment_made_after_it_started(
         assert w.otp(PIN)["held"] is False and w.otp(None)["held"] is True
         agent.wipe("test over")
     verifier.close()
+
+
+class _TokenApprovals:
+    """An online source whose approvals are signed in the pin token itself (the
+    online service is not part of this test): what the agent's approve runs."""
+
+    name = "Example Bank"
+    verifier_id = b"\x01" * 8
+    user = "alice"
+    url = "http://127.0.0.1:1"
+
+    def __init__(self, uri: str, key: str) -> None:
+        self._uri, self._key = uri, key
+
+    def methods(self) -> Any:
+        from hsm_auth.agent import CredentialPolicy
+
+        return {Method.PIN: CredentialPolicy("c-approval", timeout=0)}
+
+    def pending(self, *args: Any) -> list[Any]:
+        return []
+
+    def owns_claim(self, claim: str) -> bool:
+        return False
+
+    def claim(self, *args: Any) -> Any:
+        raise AssertionError("no claims here")
+
+    def answer(self, challenge: Any, approve: bool, method: Method, auth: Any,
+               authorized_at: float | None) -> None:
+        from hsm_auth_backends.pkcs11 import Pkcs11KeyStore
+
+        with Pkcs11KeyStore.open({"uri": self._uri, "allow_unenforced_pin": True}) as store:
+            store.sign(self._key, challenge.challenge_id.encode(), auth)
+
+
+@pytest.mark.softhsm
+def test_a_pin_typed_for_an_approval_reaches_the_token_while_an_otp_session_is_held(
+    pkcs11_world: World,
+) -> None:
+    """PKCS#11 login is per process: while the agent holds a logged-in session, a
+    store it opens on that token would compare a PIN with the one logged in, on the
+    host. A PIN typed for an approval closes the held sessions first, so the token
+    judges it (a wrong one is counted there) and nothing stays unlocked."""
+    from hsm_auth.agent import ChallengeView
+    from hsm_auth.keystore import Authorization, KeyKind
+    from hsm_auth_backends.pkcs11 import Pkcs11KeyStore
+
+    w = pkcs11_world
+    settings = {"uri": w.token.uri, "allow_unenforced_pin": True}
+    with Pkcs11KeyStore.open(settings) as store:
+        key = store.generate_key("approval/sign", KeyKind.SIGNING, Authorization(pin=PIN))
+    agent = Agent([_TokenApprovals(w.token.uri, key)], notify=Quiet(), offline=w.agent.offline,
+                  unlocked=w.agent.unlocked)
+    w.agent = agent
+    w.otp(PIN)
+    assert len(agent.unlocked.status()) == 1
+    challenge = ChallengeView("00112233445566778899aabbccddeeff", "push", "pending",
+                              2_000_000_000, "alice", "Sign in")
+    agent._merge(agent._sources[0], [challenge])
+    with pytest.raises(PinInvalid):
+        agent.answer(challenge.challenge_id, True, "pin", WRONG)
+    assert _token_flags(w.token) & _CKF_USER_PIN_COUNT_LOW  # the token judged it
+    assert agent.unlocked.status() == []
+    assert agent.answer(challenge.challenge_id, True, "pin", PIN)["state"] == "approved"
