@@ -492,9 +492,10 @@ def test_a_pin_typed_for_an_approval_reaches_the_token_while_an_otp_session_is_h
     store it opens on that token would compare a PIN with the one logged in, on the
     host. A PIN typed for an approval closes the held sessions first, so the token
     judges it (a wrong one is counted there) and nothing stays unlocked."""
+    from hsm_auth_backends.pkcs11 import Pkcs11KeyStore
+
     from hsm_auth.agent import ChallengeView
     from hsm_auth.keystore import Authorization, KeyKind
-    from hsm_auth_backends.pkcs11 import Pkcs11KeyStore
 
     w = pkcs11_world
     settings = {"uri": w.token.uri, "allow_unenforced_pin": True}
