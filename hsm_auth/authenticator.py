@@ -1113,7 +1113,7 @@ class Authenticator:
         if not method.needs_pin or enrolled.pin_cache <= 0:
             unlocked.forget(enrolled.credential_id)  # re-enrolled since: nothing stays held
             raise EveryUse(f"the {method.value} method's PIN is asked at every use")
-        key, token = enrolled.credential_id, _token_key(enrolled.backend, enrolled.settings)
+        key = enrolled.credential_id
         cls = registry.load_backend(enrolled.backend, enrolled.backend_ref)
         if pin is not None:
             unlocked.forget(key)
@@ -1133,18 +1133,20 @@ class Authenticator:
                 return
             if pin is None:
                 raise PinRequired("the pin method needs the offline PIN")
-            unlocked.forget_token(token)  # no login left here: the token checks this PIN
+            # No login of this process left on any token (two settings may name one
+            # token): the token itself checks this PIN, and counts a wrong one.
+            unlocked.close_sessions()
             store = cls.open(enrolled.settings)
             try:
                 auth = self._authorization(method, store, enrolled.settings, pin)
                 yield store, auth
             except LoginRequired:  # the PIN was right: hold the session all the same
-                unlocked.hold_session(key, token, store, enrolled.pin_cache)
+                unlocked.hold_session(key, store, enrolled.pin_cache)
                 raise
             except BaseException:
                 store.close()
                 raise
-            unlocked.hold_session(key, token, store, enrolled.pin_cache)
+            unlocked.hold_session(key, store, enrolled.pin_cache)
             return
         cached = unlocked.pins.get(key) if pin is None else None  # TPM: the auth value
         use = pin if pin is not None else cached

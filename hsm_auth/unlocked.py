@@ -14,11 +14,15 @@ PKCS#11
     logged in (``C_Login`` once, ``C_Logout`` and ``C_CloseSession`` when it goes).
     The PIN is not kept at all. The token's retry counter still counts every PIN
     typed: a PIN that reaches the agent is never compared with anything on the
-    host; every held session on that token is closed first (so that no login of
-    the agent's process remains and the token is asked afresh) and the PIN goes
-    to ``C_Login``, where a wrong one counts as on any other login
-    (``CKF_USER_PIN_COUNT_LOW`` / ``FINAL_TRY`` / ``LOCKED``). A held session asks
-    the user nothing, so it counts nothing: no PIN was typed.
+    host; every held session is closed first (PKCS#11 login state is per process
+    and token, so no login of the agent's process may remain, and two settings may
+    name one token) and the PIN goes to ``C_Login``, where a wrong one counts as on
+    any other login (``CKF_USER_PIN_COUNT_LOW`` / ``FINAL_TRY`` / ``LOCKED``). A
+    held session asks the user nothing, so it counts nothing: no PIN was typed. The
+    limit: a store the agent keeps open for *another* method on the same token (a
+    ``device`` method whose ``pin-source`` logs it in) keeps that login, and then
+    the backend compares a typed PIN on the host; keep the pin method on a token of
+    its own, as the backends' docs advise.
 TPM 2.0
     the auth value (the PIN) in an ``mlock``-ed buffer of a
     :class:`~hsm_auth.pin_cache.PinCache`, given to the TPM's salted HMAC session for
@@ -69,7 +73,6 @@ class EveryUse(HsmAuthError):
 @dataclass
 class _Session:
     store: KeyStore
-    token: Hashable  # the token it is logged in to
     expires: float
     generation: int
 
@@ -99,13 +102,13 @@ class Unlocked:
         with self._lock:
             return self._sessions.pop(key, None)
 
-    def hold_session(self, key: Hashable, token: Hashable, store: KeyStore, timeout: float) -> None:
+    def hold_session(self, key: Hashable, store: KeyStore, timeout: float) -> None:
         """Keep ``store`` (logged in by a PIN typed just now) for ``timeout`` seconds."""
         if not timeout > 0:
             store.close()
             return
         with self._lock:
-            entry = _Session(store, token, self._clock() + timeout, self._generation)
+            entry = _Session(store, self._clock() + timeout, self._generation)
             old = self._sessions.pop(key, None)
             self._sessions[key] = entry
         if old is not None:
@@ -126,16 +129,6 @@ class Unlocked:
     @staticmethod
     def discard(session: _Session) -> None:
         session.store.close()
-
-    def forget_token(self, token: Hashable) -> int:
-        """Close every held session on ``token`` (before a typed PIN goes to it, so that
-        the token itself checks it); returns how many."""
-        with self._lock:
-            gone = [k for k, s in self._sessions.items() if s.token == token]
-            sessions = [self._sessions.pop(k) for k in gone]
-        for s in sessions:
-            s.store.close()
-        return len(sessions)
 
     def close_sessions(self) -> int:
         """Close every held session (a PIN typed for another operation of the agent
