@@ -22,7 +22,7 @@ PKCS#11
     limit: a store the agent keeps open for *another* method on the same token (a
     ``device`` method whose ``pin-source`` logs it in) keeps that login, and then
     the backend compares a typed PIN on the host; keep the pin method on a token of
-    its own, as the backends' docs advise.
+    its own.
 TPM 2.0
     the auth value (the PIN) in an ``mlock``-ed buffer of a
     :class:`~hsm_auth.pin_cache.PinCache`, given to the TPM's salted HMAC session for
