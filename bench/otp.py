@@ -5,7 +5,12 @@ For each backend it prints, per OTP:
   durably in the token, OCRA HMAC in the token, truncation);
 * ``floor``    — the same token operations called directly through the native
   binding (the durable counter update plus the HMAC: the counter must be
-  advanced before an OTP is released, so nothing can be faster);
+  advanced before an OTP is released, so nothing can be faster); for PKCS#11 and
+  TPM also what the offline log must do before an OTP is released (docs/PROTOCOL.md
+  §19.2): the head's ECDSA signature in the token (PKCS#11: SHA-256 on the host,
+  ``CKM_ECDSA``; TPM: the backend's ``sign``, which loads the key for TPM2_Sign) and
+  one line written and fsync-ed (bench/offline_log.py measures the log itself; FIDO2
+  signs no head per use);
 * ``py-hmac``  — Python's hmac over the same data input, for scale.
 
 For PKCS#11 it also measures an OTP of a session with transaction data
@@ -41,6 +46,7 @@ from pathlib import Path
 from hsm_auth import ocra
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Config, MethodConfig
+from hsm_auth.keystore import Authorization
 from hsm_auth.methods import Method
 from hsm_auth.verifier import Verifier
 
@@ -77,7 +83,8 @@ def report(name: str, library: float, floor: float, baseline: float, target: flo
     ratio = library / floor
     verdict = "OK" if ratio <= target else "OVER TARGET"
     print(f"[{name}] library  {library * 1e6:9.1f} us/OTP")
-    print(f"[{name}] floor    {floor * 1e6:9.1f} us/OTP (counter update + HMAC, direct)")
+    extra = " + log signature + fsync" if name.startswith(("pkcs11", "tpm2")) else ""
+    print(f"[{name}] floor    {floor * 1e6:9.1f} us/OTP (counter update + HMAC{extra}, direct)")
     print(f"[{name}] py-hmac  {baseline * 1e6:9.1f} us/OTP")
     print(f"[{name}] library/floor = {ratio:.2f}x (target <= {target:.0f}x): {verdict}")
 
@@ -92,7 +99,8 @@ def report_cache(
     print(f"[{name}] cached   {cached * 1e6:9.1f} us/OTP (pin_cache: the held state, library)")
     print(f"[{name}] agent    {agent * 1e6:9.1f} us/OTP (Agent.otp: + the data's signature "
           "checked, credentials stat'ed; no socket)")
-    print(f"[{name}] floor    {floor * 1e6:9.1f} us/OTP (counter update + HMAC, direct, "
+    extra = " + log signature + fsync" if name.startswith(("pkcs11", "tpm2")) else ""
+    print(f"[{name}] floor    {floor * 1e6:9.1f} us/OTP (counter update + HMAC{extra}, direct, "
           "in the same rounds)")
     print(f"[{name}] uncached/cached = {uncached / cached:.2f}x")
     print(f"[{name}] cached/floor = {ratio:.2f}x (target <= {target:.0f}x): {verdict}")
@@ -270,6 +278,15 @@ def bench_pkcs11(n: int, baseline: float) -> None:
                 for slot in (0, 1)
             ]
             values = [0, 0]
+            # The offline log's part of the floor: a P-256 signing key, a log line.
+            from pkcs11.util.ec import encode_named_curve_parameters
+
+            _, signer = session.create_domain_parameters(
+                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                local=True,
+            ).generate_keypair(store=False)
+            log_fd = os.open(tmp / "floor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            line = b"x" * 420 + b"\n"  # an entry is about this long
 
             def raw() -> bytes:
                 current = max(values)
@@ -278,7 +295,11 @@ def bench_pkcs11(n: int, baseline: float) -> None:
                     raise RuntimeError("bench counter changed underneath")
                 slots[target][Attribute.LABEL] = _atc_label(ident, target, current + 1)
                 values[target] = current + 1
-                return bytes(key.sign(DATA, mechanism=Mechanism.SHA256_HMAC))
+                mac = bytes(key.sign(DATA, mechanism=Mechanism.SHA256_HMAC))
+                signer.sign(hashlib.sha256(line).digest(), mechanism=Mechanism.ECDSA)
+                os.write(log_fd, line)
+                os.fsync(log_fd)
+                return mac
 
             library, floor = per_op_pair(
                 lambda: auth.finish_offline_authentication(request, Method.DEVICE), raw, n
@@ -299,6 +320,7 @@ def bench_pkcs11(n: int, baseline: float) -> None:
             for obj in slots:
                 obj.destroy()
             key.destroy()
+            os.close(log_fd)
         auth.close()
     report("pkcs11/SoftHSM", library, floor, baseline)
     report_cache("pkcs11/SoftHSM pin", *cache_figures)
@@ -341,7 +363,21 @@ def bench_tpm2(n: int, baseline: float) -> None:
                 ]
             enrolled = auth.enrolled[0]
             auth.close()  # reopened on first use, after the raw context took its slot
-            raw, cleanup = _raw_tpm(tpm.tcti, settings["state_dir"], enrolled, secret)
+            raw_otp, cleanup = _raw_tpm(tpm.tcti, settings["state_dir"], enrolled, secret)
+            log_fd = os.open(work / "floor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+            def raw(raw_otp=raw_otp, enrolled=enrolled, auth=auth, secret=secret,  # type: ignore[no-untyped-def]
+                    log_fd=log_fd, method=method, head=b"h" * 77) -> bytes:
+                mac = raw_otp()
+                # + what the offline log must do: the head signed in the TPM (TPM2_Sign,
+                # through the backend: loading the key is part of it) and one fsync'd line
+                with auth._store(enrolled.backend, enrolled.settings, method,
+                                 enrolled.backend_ref) as store:
+                    store.sign(enrolled.signing_key, head, Authorization(pin=secret))
+                os.write(log_fd, b"x" * 420 + b"\n")
+                os.fsync(log_fd)
+                return bytes(mac)
+
             try:
                 library, floor = per_op_pair(
                     functools.partial(
@@ -356,6 +392,7 @@ def bench_tpm2(n: int, baseline: float) -> None:
             finally:
                 cleanup()
                 auth.close()
+                os.close(log_fd)
             report(f"tpm2/swtpm {method.value}", library, floor, baseline)
             if method is Method.PIN:
                 report_cache("tpm2/swtpm pin", *cache_figures)
