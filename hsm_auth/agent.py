@@ -565,7 +565,7 @@ class Agent:
                 raise InvalidInput("method names the method to authenticate with")
             return self.otp(
                 text.strip(), method, _pin(request),
-                data=_opt_text(request, "data", 4096), prompt=_opt_text(request, "prompt", 1024),
+                data=_opt_data(request), prompt=_opt_text(request, "prompt", 1024),
             )
         if op == "claim":
             claim = request.get("claim")
@@ -590,6 +590,17 @@ def _opt_text(request: Mapping[str, Any], key: str, most: int) -> str | None:
         return None
     if not isinstance(value, str) or not 0 < len(value) <= most:
         raise InvalidInput(f"{key} must be a short string")
+    return value
+
+
+def _opt_data(request: Mapping[str, Any]) -> str | None:
+    """``data``: what the user entered, judged by the authenticator (§17); only bounded
+    here."""
+    value = request.get("data")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 4096:
+        raise InvalidInput("data must be a string (what the user entered)")
     return value
 
 

@@ -1172,11 +1172,14 @@ def cmd_finish(ctx: Context) -> int:
         text = read_text_arg(ctx.args.data, sys.stdin)
         request = a.start_offline_authentication(text)
         _show_request(ctx, request)
+        entered = _user_data_arg(ctx.args.user_data)  # read once: the agent's or ours
         if method.needs_pin and not ctx.args.no_agent:  # the agent, where the policy caches
             from . import agent_cli
 
             with pin_hint(method):
-                held = agent_cli.finish_via_agent(ctx, text, method.value)
+                held = agent_cli.finish_via_agent(
+                    ctx, text, method.value, data=entered, prompt=ctx.args.prompt
+                )
             if held is not None:
                 ctx.emit(held["otp"], {"otp": held["otp"], "method": method.value,
                                        "atc": held["atc"], "agent": True,
@@ -1185,8 +1188,7 @@ def cmd_finish(ctx: Context) -> int:
         pin = method_pin(ctx, method)
         with pin_hint(method):
             result = a.finish_offline_authentication(
-                request, method, pin=pin, data=_user_data_arg(ctx.args.user_data),
-                prompt=ctx.args.prompt,
+                request, method, pin=pin, data=entered, prompt=ctx.args.prompt,
             )
     ctx.emit(result.otp, {"otp": result.otp, "method": method.value, "atc": result.atc})
     return 0

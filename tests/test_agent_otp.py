@@ -407,6 +407,18 @@ def test_hsm_auth_finish_through_the_agent_and_the_screen_lock(
             "otp": "x", "method": "pin", "atc": json.loads(first.stdout)["atc"] + 1,
             "agent": True, "pin_asked": False}
         assert finish("--no-agent").returncode == 31  # without the agent: asked, as always
+        # Transaction data and what the user enters reach the agent's OTP (§17).
+        paying = verifier.start_session(
+            "alice", "Pay", methods=[Method.PIN],
+            transaction=[("Amount", "120.00 EUR"), ("To", "DE89 3704 0044 0532 0130 00")],
+            user_data=8)
+        r = agent.cli("--json", "finish", "--method", "pin", "--data", "4711", paying.text)
+        assert r.returncode == 0, r.stderr
+        paid = json.loads(r.stdout)
+        assert paid["agent"] is True and paid["pin_asked"] is False
+        with pytest.raises(InvalidToken):
+            verifier.verify(paying.session_id, paid["otp"], data="4712")
+        assert verifier.verify(paying.session_id, paid["otp"], data="4711").atc == paid["atc"]
         status = agent.status()
         assert [round(u["seconds_left"]) <= 60 for u in status["unlocked"]] == [True]
         deadline = time.monotonic() + 20
