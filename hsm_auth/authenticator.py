@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ec, textcode
+from . import ec, enrollments, textcode
 from .config import Config
 from .errors import (
     AlreadyEnrolled,
@@ -38,6 +38,7 @@ from .errors import (
     PinLocked,
     PinRequired,
     StateError,
+    TokenNotFound,
     UnknownMethod,
     UntrustedMessage,
 )
@@ -125,6 +126,10 @@ class EnrolledMethod:
     #: may keep it unlocked after a use (0: every use asks).
     offline_expires: int = 0
     pin_cache: int = 0
+    #: The name the user gave this token at enrollment (``hsm-auth enroll --token``):
+    #: several tokens of one method (a backup key) are told apart by it ("" if none
+    #: was given; :mod:`hsm_auth.enrollments`).
+    token_label: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -139,7 +144,7 @@ class EnrolledMethod:
         cid = d.get("credential_id", "")
         if not isinstance(cid, str) or (cid and not _is_hex(cid, 16)):
             raise StateError(f"{where}: a malformed credential_id")
-        for text in ("certificate", "ca_certificate", "tenant"):
+        for text in ("certificate", "ca_certificate", "tenant", "token_label"):
             if not isinstance(d.get(text, ""), str):
                 raise StateError(f"{where}: a malformed {text}")
         return cls(
@@ -284,6 +289,8 @@ class OfflineOtp:
     otp: str = field(repr=False)
     method: Method
     atc: int
+    #: The token that made it (its label, or its credential id's first digits).
+    token: str = ""
 
 
 class Authenticator:
@@ -376,11 +383,74 @@ class Authenticator:
         pinned = self._verifiers.get(verifier_id)
         return pinned.name if pinned is not None else verifier_id.hex()
 
-    def _find(self, verifier_id: bytes, method: Method) -> EnrolledMethod | None:
-        for m in self._methods:
-            if m.verifier_id == verifier_id and m.method is method:
+    def _find(
+        self, verifier_id: bytes, method: Method, *, user: str | None = None
+    ) -> EnrolledMethod | None:
+        """The first enrollment of ``method`` at ``verifier_id`` (of ``user``, any tenant)."""
+        for m in enrollments.matching(self._methods, verifier_id, method=method):
+            if user is None or m.user == user:
                 return m
         return None
+
+    def _by_credential(self, verifier_id: bytes, credential_id: bytes) -> EnrolledMethod | None:
+        """The enrollment whose credential id is ``credential_id``."""
+        for m in enrollments.matching(self._methods, verifier_id):
+            if m.credential_id and hmac.compare_digest(
+                bytes.fromhex(m.credential_id), credential_id
+            ):
+                return m
+        return None
+
+    def _candidates(
+        self, verifier_id: bytes, tenant: str, user: str, method: Method, token: str | None
+    ) -> list[EnrolledMethod]:
+        """The enrollments that may answer for (verifier, tenant, user, method): all of
+        them in enrollment order, or those of the token named ``token``."""
+        found = enrollments.matching(
+            self._methods, verifier_id, tenant=tenant, user=user, method=method
+        )
+        if not found:
+            raise UnknownMethod(f"the {method.value} method is not enrolled here")
+        if token is None:
+            return found
+        named = enrollments.select_enrollments(found, token)
+        if not named:
+            known = ", ".join(enrollments.shown(m) for m in found)
+            raise UnknownMethod(
+                f"no {method.value} token named {token!r} is enrolled here (enrolled: {known})"
+            )
+        return named
+
+    def _choose_present(self, candidates: list[EnrolledMethod]) -> EnrolledMethod:
+        """The first of ``candidates`` whose token is present (its store opens); the
+        error of the first absent one when none is (TokenNotFound). One candidate is
+        not probed: its use says whether its token is there."""
+        if len(candidates) == 1:
+            return candidates[0]
+        with self._present(candidates, candidates[0].method) as (enrolled, _):
+            return enrolled
+
+    @contextlib.contextmanager
+    def _present(
+        self, candidates: list[EnrolledMethod], method: Method
+    ) -> Iterator[tuple[EnrolledMethod, KeyStore]]:
+        """The first of ``candidates`` whose token is present, with its open store; the
+        error of the first absent one when none is (TokenNotFound)."""
+        absent: TokenNotFound | None = None
+        for enrolled in candidates:
+            stack = contextlib.ExitStack()
+            try:
+                store = stack.enter_context(
+                    self._store(enrolled.backend, enrolled.settings, method, enrolled.backend_ref)
+                )
+            except TokenNotFound as e:
+                absent = absent or e
+                continue
+            with stack:
+                yield enrolled, store
+            return
+        assert absent is not None  # candidates is never empty
+        raise absent
 
     # --- backends -------------------------------------------------------------
 
@@ -449,8 +519,13 @@ class Authenticator:
         activation_code: str,
         pin: str | None = None,
         replace: bool = False,
+        token: str | None = None,
     ) -> str:
         """Enroll ``method`` from a verifier's offer; return the enrollment response text.
+
+        ``token`` names the token (a backup key: "yubikey-backup"): one user may enroll
+        several tokens of one method, each under its own name; ``replace`` replaces the
+        enrollment of that name (none given: the unnamed one).
 
         ``activation_code`` is the offer's one-time code, which the user received over
         the verifier's own channel: a typo in it (:class:`~hsm_auth.activation.
@@ -459,12 +534,16 @@ class Authenticator:
         from . import activation
 
         code = activation.normalize(activation_code)  # a typo: told before any key is made
+        token_label = "" if token is None else enrollments.check_label(token)
         with self._exclusive():
             self._verifiers, self._methods = self._load()  # another process may have written
-            return self._add_or_update(method, offer_text, code=code, pin=pin, replace=replace)
+            return self._add_or_update(
+                method, offer_text, code=code, pin=pin, replace=replace, token=token_label
+            )
 
     def _add_or_update(
-        self, method: Method, offer_text: str, *, code: str, pin: str | None, replace: bool
+        self, method: Method, offer_text: str, *, code: str, pin: str | None, replace: bool,
+        token: str,
     ) -> str:
         from . import registry
         from .enrollment_messages import EnrollmentOffer, EnrollmentResponse
@@ -484,11 +563,24 @@ class Authenticator:
         if method not in offer.methods:
             raise UnknownMethod(f"the verifier does not offer the {method.value} method")
         _scheme(offer.suite)  # refuse a suite the product cannot feed, before making keys
-        existing = self._find(offer.verifier_id, method)
+        tenant = enrollments.offer_tenant(offer)
+        existing = next(
+            (
+                m
+                for m in enrollments.matching(
+                    self._methods, offer.verifier_id, tenant=tenant, user=offer.user,
+                    method=method,
+                )
+                if m.token_label == token
+            ),
+            None,
+        )
         if existing is not None and not replace:
+            named = f" on the token {token!r}" if token else ""
             raise AlreadyEnrolled(
-                f"the {method.value} method is enrolled already for {offer.verifier_name!r}; "
-                "replacing it needs --replace"
+                f"the {method.value} method is enrolled already{named} for "
+                f"{offer.user!r} at {offer.verifier_name!r}; replacing it needs --replace "
+                "(another token of the method: --token NAME)"
             )
         if existing is not None and not offer.replace:
             raise AlreadyEnrolled(
@@ -595,6 +687,7 @@ class Authenticator:
                     label=label,
                     credential_id=transcript.credential_id(signing_key).hex(),
                     tenant=offer.tenant or "",
+                    token_label=token,
                 )
                 verifiers = dict(self._verifiers)
                 verifiers[offer.verifier_id] = PinnedVerifier(
@@ -639,13 +732,16 @@ class Authenticator:
                 raise UntrustedMessage("enrollment result from a verifier this authenticator "
                                        "is not enrolled with")
             ec.verify(ec.decode_point(pinned.signing_key), signed.signature, signed.body)
-            enrolled = self._find(result.verifier_id, result.method)
-            if enrolled is None or enrolled.user != result.user:
+            if self._find(result.verifier_id, result.method, user=result.user) is None:
                 raise UnknownMethod(
                     f"the {result.method.value} method of {result.user!r} is not enrolled here"
                 )
-            if not enrolled.credential_id or not hmac.compare_digest(
-                bytes.fromhex(enrolled.credential_id), result.credential_id
+            # Several tokens of the method may be enrolled: the result names its credential.
+            enrolled = self._by_credential(result.verifier_id, result.credential_id)
+            if (
+                enrolled is None
+                or enrolled.user != result.user
+                or enrolled.method is not result.method
             ):
                 raise UntrustedMessage(
                     f"the enrollment result is for another {result.method.value} credential "
@@ -698,9 +794,18 @@ class Authenticator:
 
     # --- the online service (hsm_auth.online_client, docs/PROTOCOL.md §13) -----------
 
-    def online_method(self, verifier_id: bytes, method: Method) -> EnrolledMethod:
-        """The method enrolled here for ``verifier_id`` that signs online requests."""
-        enrolled = self._find(verifier_id, method)
+    def online_method(
+        self, verifier_id: bytes, method: Method, *, user: str | None = None,
+        credential_id: str | None = None,
+    ) -> EnrolledMethod:
+        """The method enrolled here for ``verifier_id`` that signs online requests: the
+        first of ``user`` (None: of any user), or the one of ``credential_id`` (hex)."""
+        if credential_id is not None:
+            enrolled = self._by_credential(verifier_id, bytes.fromhex(credential_id))
+            if enrolled is not None and enrolled.method is not method:
+                enrolled = None
+        else:
+            enrolled = self._find(verifier_id, method, user=user)
         if enrolled is None:
             raise UnknownMethod(f"the {method.value} method is not enrolled for that verifier")
         if not enrolled.credential_id:
@@ -776,24 +881,35 @@ class Authenticator:
         )
         return self.sign_online(verifier_id, method, message, auth=auth)
 
-    def set_approval_policy(self, verifier_id: bytes, method: Method, timeout: int) -> None:
+    def set_approval_policy(
+        self, verifier_id: bytes, method: Method, timeout: int, *,
+        credential_id: str | None = None,
+    ) -> None:
         """Keep what the verifier stated for the method's approvals (seconds a PIN may
-        be reused; 0: each approval)."""
+        be reused; 0: each approval) with the enrollment of ``credential_id`` (hex;
+        None: the method's first)."""
         if type(timeout) is not int or not 0 <= timeout <= 3600:
             raise InvalidInput("an approval timeout is whole seconds in [0, 3600]")
         with self._exclusive():
             self._verifiers, self._methods = self._load()
-            enrolled = self.online_method(verifier_id, method)
+            enrolled = self.online_method(verifier_id, method, credential_id=credential_id)
             updated = dataclasses.replace(enrolled, approval_timeout=timeout)
             self._save(self._verifiers, [updated if m is enrolled else m for m in self._methods])
 
-    def remove(self, verifier_id: bytes, method: Method, *, pin: str | None = None) -> None:
-        """Forget the enrolled method and delete its keys from the token. The record
+    def remove(
+        self, verifier_id: bytes, method: Method, *, pin: str | None = None,
+        credential_id: str | None = None,
+    ) -> None:
+        """Forget the enrolled method (the enrollment of ``credential_id``, hex; None: the
+        method's first) and delete its keys from the token. The record
         goes first, its keys recorded as pending, so that a kill in between leaves
         them to :meth:`prune_orphans`; a key that fails to delete stays recorded."""
         with self._exclusive():
             self._verifiers, self._methods = self._load()
-            enrolled = self._find(verifier_id, method)
+            enrolled = (
+                self._find(verifier_id, method) if credential_id is None
+                else self._by_credential(verifier_id, bytes.fromhex(credential_id))
+            )
             if enrolled is None:
                 raise UnknownMethod(f"the {method.value} method is not enrolled for that verifier")
             doomed = PendingKeys(
@@ -987,23 +1103,19 @@ class Authenticator:
         ec.verify(ec.decode_point(pinned.signing_key), signed.signature, signed.body)
         if data.expires < self._clock():
             raise ExpiredMessage("the verification data has expired; ask for a new code")
-        tenant = data.tenant or ""  # a method enrolled without a tenant has ""
-        mine = [
-            m for m in self._methods if m.verifier_id == data.verifier_id and m.tenant == tenant
-        ]
-        if not any(m.user == data.user for m in mine):
+        # The data names the tenant and the user: their enrollments only (several users
+        # of one verifier, several tokens of a method: hsm_auth.enrollments).
+        tenant = enrollments.offer_tenant(data)
+        mine = enrollments.matching(
+            self._methods, data.verifier_id, tenant=tenant, user=data.user
+        )
+        if not mine:
             raise UnknownMethod(
                 f"this authenticator holds no enrollment of {data.user!r}"
                 + (f" (tenant {tenant!r})" if tenant else "")
                 + f" at {pinned.name!r}"
             )
-        methods = tuple(
-            m
-            for m in data.methods
-            if (found := self._find(data.verifier_id, m)) is not None
-            and found.user == data.user
-            and found.tenant == tenant
-        )
+        methods = tuple(m for m in data.methods if any(e.method is m for e in mine))
         if not methods:
             allowed = ", ".join(m.value for m in data.methods)
             raise UnknownMethod(
@@ -1017,6 +1129,7 @@ class Authenticator:
         method: Method,
         *,
         pin: str | None = None,
+        token: str | None = None,
         data: str | None = None,
         prompt: str | None = None,
         unlocked: Unlocked | None = None,
@@ -1030,7 +1143,11 @@ class Authenticator:
         ``unlocked``: the agent's held state (:mod:`hsm_auth.unlocked`); with it, a
         method whose policy caches (``pin_cache > 0``) uses what is held, else the
         ``pin`` (then holds the unlocked token); a method that caches nothing raises
-        :class:`~hsm_auth.unlocked.EveryUse` before the token is touched."""
+        :class:`~hsm_auth.unlocked.EveryUse` before the token is touched.
+
+        Several tokens of the method enrolled for the request's user: ``token`` names
+        the one to use (its label or credential id, :mod:`hsm_auth.enrollments`);
+        without it, the first one whose token is present (plugged in) answers."""
         from . import display, transaction
 
         entered = transaction.user_data(data, request.data.user_data)
@@ -1040,18 +1157,16 @@ class Authenticator:
             raise UnknownMethod(f"the {method.value} method is not allowed here or not enrolled")
         if request.expires < self._clock():
             raise ExpiredMessage("the verification data has expired; ask for a new code")
-        enrolled = self._find(request.data.verifier_id, method)
-        if (
-            enrolled is None
-            or enrolled.user != request.data.user
-            or enrolled.tenant != (request.data.tenant or "")
-        ):
-            raise UnknownMethod(f"the {method.value} method is not enrolled here")
-        if not enrolled.credential_id:
+        candidates = self._candidates(
+            request.data.verifier_id, enrollments.offer_tenant(request.data),
+            request.data.user, method, token,
+        )
+        if not all(m.credential_id for m in candidates):
             raise StateError(
                 f"the {method.value} method was enrolled with an older protocol; enroll it "
                 "again (hsm-auth enroll --replace, with a new offer)"
             )
+        enrolled = self._choose_present(candidates)
         scheme = _scheme(enrolled.suite)
         question = scheme.question(
             verifier_id=enrolled.verifier_id,
@@ -1091,7 +1206,7 @@ class Authenticator:
 
                 record_use(self.directory, store, enrolled, request.data, atc, auth,
                            now=int(self._clock()), user_data=entered)
-        return OfflineOtp(scheme.truncate(mac), method, atc)
+        return OfflineOtp(scheme.truncate(mac), method, atc, enrollments.shown(enrolled))
 
     @contextlib.contextmanager
     def _otp_store(

@@ -86,6 +86,10 @@ DEMO_HELP = (
 
 METHOD_HELP = "device, pin, biometric or face"
 USER_HELP = "the user's name at the verifier"
+TENANT_HELP = "the user's tenant (default: none)"
+CREDENTIAL_HELP = (
+    "one of the user's credentials: its label or credential id (a prefix of 8+ hex digits)"
+)
 EMULATOR_INIT_HELP = """\
 Create a SoftHSM token or start a swtpm for a method, and write the method's
 [methods.X] table into the config file (every other table, key and comment
@@ -451,7 +455,10 @@ def cmd_verifier_offer(ctx: Context) -> int:
     v = ctx.verifier()
     try:
         methods = parse_methods(ctx.args.methods) or list(Method)
-        issued = v.create_offer(ctx.args.user, methods=methods, replace=ctx.args.replace)
+        issued = v.create_offer(
+            ctx.args.user, methods=methods, replace=ctx.args.replace, tenant=ctx.args.tenant,
+            label=ctx.args.label,
+        )
     finally:
         v.close()
     offer = issued.offer
@@ -511,7 +518,7 @@ def cmd_verifier_tpm_challenge(ctx: Context) -> int:
 def cmd_verifier_result(ctx: Context) -> int:
     v = ctx.verifier()
     try:
-        result = v.enrollment_result(v.credential(ctx.args.user, Method.parse(ctx.args.method)))
+        result = v.enrollment_result(_one_credential(ctx, v))
     finally:
         v.close()
     ctx.emit(result, {"result": result})
@@ -604,17 +611,32 @@ def cmd_verifier_resync(ctx: Context) -> int:
 
 
 def _emit_acceptance(ctx: Context, verb: str, ok: Acceptance) -> int:
+    named = f" {ok.label!r}" if ok.label and ok.label != ok.method.value else ""
     ctx.emit(
-        f"{verb}: {ok.user} with {ok.method.value} (ATC {ok.atc})",
-        {"accepted": True, "user": ok.user, "method": ok.method.value, "atc": ok.atc},
+        f"{verb}: {ok.user} with {ok.method.value}{named} (ATC {ok.atc})",
+        {"accepted": True, "user": ok.user, "method": ok.method.value, "atc": ok.atc,
+         "label": ok.label, "credential_id": ok.credential_id.hex()},
     )
     return 0
+
+
+def _one_credential(ctx: Context, v: Verifier) -> Any:
+    """The credential that --user, --tenant, --method and --credential name."""
+    method = Method.parse(ctx.args.method) if ctx.args.method else None
+    if method is None and ctx.args.credential is None:
+        raise InvalidInput("name the credential: --method METHOD and/or --credential ID|LABEL")
+    return v.credential(
+        ctx.args.user, method, tenant=ctx.args.tenant, credential=ctx.args.credential
+    )
 
 
 def cmd_verifier_sync(ctx: Context) -> int:
     v = ctx.verifier()
     try:
-        text = v.sync_message(ctx.args.user, Method.parse(ctx.args.method))
+        text = v.sync_message(
+            ctx.args.user, Method.parse(ctx.args.method), tenant=ctx.args.tenant,
+            credential=ctx.args.credential,
+        )
     finally:
         v.close()
     ctx.emit(text, {"sync": text})
@@ -656,11 +678,25 @@ def cmd_verifier_purge(ctx: Context) -> int:
 def cmd_verifier_unlock(ctx: Context) -> int:
     v = ctx.verifier()
     try:
-        v.unlock(ctx.args.user, Method.parse(ctx.args.method))
+        cred = v.unlock(ctx.args.user, **_credential_args(ctx))
     finally:
         v.close()
-    ctx.emit(f"unlocked {ctx.args.method} for {ctx.args.user}", {"unlocked": True})
+    ctx.emit(
+        f"unlocked {cred.method.value} {cred.label!r} for {cred.user}",
+        {"unlocked": True, **_credential_rows([cred])[0]},
+    )
     return 0
+
+
+def _credential_args(ctx: Context) -> dict[str, Any]:
+    """unlock / revoke: the credential that --method and/or --credential name."""
+    if ctx.args.method is None and ctx.args.credential is None:
+        raise InvalidInput("name the credential: --method METHOD and/or --credential ID|LABEL")
+    return {
+        "method": Method.parse(ctx.args.method) if ctx.args.method else None,
+        "tenant": ctx.args.tenant,
+        "credential": ctx.args.credential,
+    }
 
 
 def _attestation_text(stored: str | None) -> str:
@@ -673,10 +709,15 @@ def _attestation_text(stored: str | None) -> str:
 
 
 def _credential_rows(creds: Sequence[Any]) -> list[dict[str, Any]]:
+    from . import transcript
+
     return [
         {
             "user": c.user,
+            "tenant": c.tenant or None,
             "method": c.method.value,
+            "label": c.label,
+            "credential_id": transcript.credential_id(c.signing_key).hex(),
             "backend": c.backend,
             "attestation": _attestation_text(c.attestation),
             "atc": c.atc,
@@ -698,7 +739,8 @@ def _sha256_hex(data: bytes | None) -> str | None:
 
 def _credential_lines(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
-        f"{r['user']:16} {r['method']:10} {r['attestation']:12} atc={r['atc']} "
+        f"{(r['tenant'] + '/' if r['tenant'] else '') + r['user']:16} {r['method']:10} "
+        f"{r['label']:16} {r['credential_id'][:16]} {r['attestation']:12} atc={r['atc']} "
         f"failures={r['failures']} (claimed backend {r['backend']})"
         + (" LOCKED" if r["locked"] else "")
         for r in rows
@@ -706,9 +748,17 @@ def _credential_lines(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_verifier_credentials(ctx: Context) -> int:
+    user = ctx.args.user or ctx.args.user_name
+    if ctx.args.user and ctx.args.user_name and ctx.args.user != ctx.args.user_name:
+        raise InvalidInput("give the user once (USER or --user)")
     v = ctx.verifier()
     try:
-        creds = v.store.credentials(ctx.args.user) if ctx.args.user else v.store.all_credentials()
+        if user:
+            creds = v.credentials(user, tenant=ctx.args.tenant)
+        else:
+            creds = v.store.all_credentials()
+            if ctx.args.tenant is not None:
+                creds = [c for c in creds if c.tenant == ctx.args.tenant]
     finally:
         v.close()
     rows = _credential_rows(creds)
@@ -719,10 +769,13 @@ def cmd_verifier_credentials(ctx: Context) -> int:
 def cmd_verifier_revoke(ctx: Context) -> int:
     v = ctx.verifier()
     try:
-        v.revoke(ctx.args.user, Method.parse(ctx.args.method))
+        cred = v.revoke(ctx.args.user, **_credential_args(ctx))
     finally:
         v.close()
-    ctx.emit(f"revoked {ctx.args.method} for {ctx.args.user}", {"revoked": True})
+    ctx.emit(
+        f"revoked {cred.method.value} {cred.label!r} for {cred.user}",
+        {"revoked": True, **_credential_rows([cred])[0]},
+    )
     return 0
 
 
@@ -1107,7 +1160,8 @@ def cmd_enroll(ctx: Context) -> int:
     )
     with ctx.authenticator() as a, pin_hint(method):
         text = a.add_or_update(
-            method, offer, activation_code=code, pin=pin, replace=ctx.args.replace
+            method, offer, activation_code=code, pin=pin, replace=ctx.args.replace,
+            token=ctx.args.token,
         )
     print(f"enrolled the {method.value} method; give this response to the verifier:", file=ctx.err)
     ctx.emit(text, {"response": text, "method": method.value})
@@ -1171,9 +1225,12 @@ def cmd_finish(ctx: Context) -> int:
     with ctx.authenticator() as a:
         text = read_text_arg(ctx.args.data, sys.stdin)
         request = a.start_offline_authentication(text)
+        _check_account(request, ctx.args.user)
         _show_request(ctx, request)
         entered = _user_data_arg(ctx.args.user_data)  # read once: the agent's or ours
-        if method.needs_pin and not ctx.args.no_agent:  # the agent, where the policy caches
+        # The agent, where the policy caches (it picks the first present token: a token
+        # named with --token is used here).
+        if method.needs_pin and not ctx.args.no_agent and ctx.args.token is None:
             from . import agent_cli
 
             with pin_hint(method):
@@ -1188,10 +1245,27 @@ def cmd_finish(ctx: Context) -> int:
         pin = method_pin(ctx, method)
         with pin_hint(method):
             result = a.finish_offline_authentication(
-                request, method, pin=pin, data=entered, prompt=ctx.args.prompt,
+                request, method, pin=pin, token=ctx.args.token, data=entered,
+                prompt=ctx.args.prompt,
             )
-    ctx.emit(result.otp, {"otp": result.otp, "method": method.value, "atc": result.atc})
+    ctx.emit(
+        result.otp,
+        {"otp": result.otp, "method": method.value, "atc": result.atc, "token": result.token},
+    )
     return 0
+
+
+def _check_account(request: OfflineRequest, account: str | None) -> None:
+    """finish --user: the code must be for that user (``USER`` or ``TENANT/USER``)."""
+    if account is None:
+        return
+    from . import enrollments
+
+    tenant = enrollments.offer_tenant(request.data)
+    if account not in (request.user, enrollments.account(tenant, request.user)):
+        raise errors.UnknownMethod(
+            f"this code is for {enrollments.account(tenant, request.user)!r}, not {account!r}"
+        )
 
 
 def cmd_sync(ctx: Context) -> int:
@@ -1309,6 +1383,10 @@ def _utc_text(timestamp: int) -> str:
 
 def _method_lines(row: dict[str, Any]) -> str:
     line = f"{row['user']:16} {row['method']:10} {row['backend']}"
+    if row["token"]:
+        line += f"  token {row['token']!r}"
+    if row["credential_id"]:
+        line += f"  credential {row['credential_id'][:16]}"
     cert = row["certificate"]
     if cert is None:
         return line + "  (no certificate: hsm-auth certificate RESULT stores it)"
@@ -1319,13 +1397,16 @@ def _method_lines(row: dict[str, Any]) -> str:
     )
 
 
+def _method_row(m: Any) -> dict[str, Any]:
+    """What ``methods`` and ``certificate`` show of an enrolled method."""
+    return {"user": m.user, "method": m.method.value, "backend": m.backend,
+            "synced_atc": m.synced_atc, "token": m.token_label, "credential_id": m.credential_id,
+            "certificate": _certificate_summary(m.certificate)}
+
+
 def cmd_methods(ctx: Context) -> int:
     a = ctx.authenticator()
-    rows = [
-        {"user": m.user, "method": m.method.value, "backend": m.backend, "synced_atc": m.synced_atc,
-         "certificate": _certificate_summary(m.certificate)}
-        for m in a.enrolled
-    ]
+    rows = [_method_row(m) for m in a.enrolled]
     ctx.emit("\n".join(map(_method_lines, rows)) or "nothing enrolled", {"methods": rows})
     return 0
 
@@ -1353,9 +1434,7 @@ def cmd_tpm_activate(ctx: Context) -> int:
 def cmd_certificate(ctx: Context) -> int:
     with ctx.authenticator() as a:
         updated = a.store_result(read_text_arg(ctx.args.result, sys.stdin))
-    row = {"user": updated.user, "method": updated.method.value, "backend": updated.backend,
-           "synced_atc": updated.synced_atc,
-           "certificate": _certificate_summary(updated.certificate)}
+    row = _method_row(updated)
     print(f"stored the verifier's certificate for the {updated.method.value} method", file=ctx.err)
     ctx.emit(_method_lines(row), row)
     return 0
@@ -1887,6 +1966,11 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     p.add_argument("--offer", help="the offer text, @FILE, or - for stdin (default)")
     p.add_argument("--replace", action="store_true", help="replace an enrolled method")
     p.add_argument(
+        "--token", type=text_arg, metavar="NAME",
+        help="name this token (another token of an enrolled method, e.g. a backup key, "
+        "needs its own name; finish --token picks it)",
+    )
+    p.add_argument(
         "--activation-code-file",
         metavar="PATH",
         help="a private file holding the offer's activation code (default: ask on the terminal)",
@@ -1926,6 +2010,16 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         type=text_arg,
         help="the text shown while the token waits for your verification (default: the "
         "method's own)",
+    )
+    p.add_argument(
+        "--token", type=text_arg, metavar="NAME",
+        help="the token to use when several of the method are enrolled (its name from "
+        "enroll --token, or its credential id; default: the first one present)",
+    )
+    p.add_argument(
+        "--user", type=text_arg, metavar="USER",
+        help="refuse a code that is not for USER (or TENANT/USER): on a workstation "
+        "shared by several users",
     )
     p.add_argument("data", nargs="?", help="verification data, @FILE, or - for stdin")
 
@@ -1974,6 +2068,12 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     p = vadd("offer", cmd_verifier_offer, "print an enrollment offer for a user")
     p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
+    p.add_argument("--tenant", type=text_arg, help=TENANT_HELP)
+    p.add_argument(
+        "--label", type=text_arg,
+        help="name the credential it makes (unique per user, e.g. yubikey-backup): a new "
+        "name adds another token of an enrolled method (default: the method's name)",
+    )
     p.add_argument(
         "--methods", type=text_arg, help="comma-separated methods the offer allows (default: all)"
     )
@@ -2071,6 +2171,8 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
     )
     p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
     p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
+    p.add_argument("--tenant", type=text_arg, help=TENANT_HELP)
+    p.add_argument("--credential", type=text_arg, metavar="ID|LABEL", help=CREDENTIAL_HELP)
     p = vadd(
         "sync-report",
         cmd_verifier_sync_report,
@@ -2091,18 +2193,31 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
         metavar="SECONDS",
         help="keep what expired less than this long ago (default 3600)",
     )
+    def name_credential(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
+        p.add_argument(
+            "--method", type=text_arg,
+            help=f"{METHOD_HELP}: its only credential (several: give --credential)",
+        )
+        p.add_argument(
+            "--credential", type=text_arg, metavar="ID|LABEL",
+            help=f"{CREDENTIAL_HELP}: {what} that one only",
+        )
+        p.add_argument("--tenant", type=text_arg, help=TENANT_HELP)
+
     p = vadd("unlock", cmd_verifier_unlock, "unlock a locked credential")
-    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
-    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
+    name_credential(p, "unlock")
     p = vadd(
         "credentials",
         cmd_verifier_credentials,
-        "list credentials, counters and lockout state",
+        "list credentials (label, credential id, ATC, failures, locked)",
     )
+    p.add_argument("user_name", nargs="?", metavar="USER", help="only this user's")
     p.add_argument("--user", type=text_arg, help="only this user's")
-    p = vadd("revoke", cmd_verifier_revoke, "revoke (delete) a user's method")
-    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
-    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
+    p.add_argument("--tenant", type=text_arg, help="only this tenant's")
+    p = vadd("revoke", cmd_verifier_revoke,
+             "revoke (delete) one of a user's credentials; the others keep working")
+    name_credential(p, "revoke")
     p = vadd("show", cmd_verifier_show, "show a user's counters, lockout state and recent events")
     p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
     p.add_argument(
@@ -2112,8 +2227,7 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
          "issues the enrolled signing keys' certificates")
     p = vadd("result", cmd_verifier_result, "print the enrollment result of an enrolled method "
              "again (its certificate, for `hsm-auth certificate`)")
-    p.add_argument("--user", type=text_arg, required=True, help=USER_HELP)
-    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
+    name_credential(p, "the result of")
     p = vadd("audit", cmd_verifier_audit, "print audit records as JSON lines (oldest first)")
     p.add_argument("--user", type=text_arg, help="only this user's")
     p.add_argument(

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import activation, attestation, audit, display, ec, expiry, ocra, transcript
+from . import activation, attestation, audit, display, ec, enrollments, expiry, ocra, transcript
 from . import transaction as transaction_data
 from .attestation import VerifierPolicy
 from .audit import AuditRecord, Event, Reason
@@ -179,6 +179,9 @@ class Acceptance:
     user: str
     method: Method
     atc: int
+    #: The credential that answered: its label and protocol credential id.
+    label: str = ""
+    credential_id: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -194,10 +197,10 @@ class Renewal:
 class SyncAcceptance(Acceptance):
     """An applied ATC report (:meth:`Verifier.apply_sync`): the credential's new ATC
     and the signed acknowledgement (:class:`~hsm_auth.sync_messages.AtcAck`, text
-    form) to give the authenticator."""
+    form) to give the authenticator; ``credential_id`` (and ``label``) name the
+    credential (:class:`Acceptance`)."""
 
-    credential_id: bytes
-    ack: str = field(repr=False)
+    ack: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -383,11 +386,23 @@ class Verifier:
         *,
         methods: Sequence[Method] = tuple(Method),
         replace: bool = False,
+        tenant: str | None = None,
+        label: str | None = None,
     ) -> IssuedOffer:
-        """A signed, short-lived enrollment offer for ``user``: the offer, its text form
-        and its one-time activation code (docs/PROTOCOL.md, "Activation"). An offer that
-        may replace an enrolled method needs the policy's ``allow_override``."""
+        """A signed, short-lived enrollment offer for ``user`` (of ``tenant``): the offer,
+        its text form and its one-time activation code (docs/PROTOCOL.md, "Activation").
+        An offer that may replace an enrolled method needs the policy's ``allow_override``.
+
+        ``label`` names the credential it makes ("yubikey-backup"), unique per (tenant,
+        user): an offer with a new label adds a credential (another token for a method
+        enrolled already, each with its own ATC and lockout); with ``replace`` it
+        replaces the credential of that label. Without a label the offer is for the
+        method's first credential (labelled with the method's name), or replaces its
+        only one (:meth:`VerifierStore.save_credential`)."""
         _check_user(user)
+        tenant_name = enrollments.check_tenant(tenant)
+        if label is not None:
+            enrollments.check_label(label)
         if not methods:
             raise InvalidInput("an offer needs at least one method")
         if replace and not self.policy.allow_override:
@@ -401,7 +416,7 @@ class Verifier:
         OtpScheme.for_suite(self.identity.suite)  # identity.json's suite: one tokens can feed
         # What accept_enrollment will refuse without replace: the authenticator
         # refuses it before creating keys that would be left over.
-        enrolled = tuple(c.method for c in self.store.credentials(user))
+        enrolled = self._enrolled_for_offer(user, tenant_name, label, replace, methods)
         offer_id, expires = os.urandom(16), self._now() + self.identity.offer_ttl
         # A fresh agreement key for this offer only (verifier_keys: one job each).
         agreement = self.keys.offer_key(offer_id, expires)
@@ -419,6 +434,7 @@ class Verifier:
                 replace=replace,
                 expires=expires,
                 enrolled=enrolled,
+                tenant=tenant_name or None,
             )
             text = offer.to_text(self.keys.sign_raw)
             code = self.keys.activation_code(offer_id)
@@ -438,6 +454,8 @@ class Verifier:
                     offer.expires,
                     offer.suite,
                     transcript.offer_hash(offer.body()),
+                    tenant=tenant_name,
+                    label=label,
                 ),
                 record,
             )
@@ -447,6 +465,26 @@ class Verifier:
         audit.emit([record])
         self._purge_now_and_then()
         return IssuedOffer(offer, text, code)
+
+    def _enrolled_for_offer(
+        self, user: str, tenant: str, label: str | None, replace: bool, methods: Sequence[Method]
+    ) -> tuple[Method, ...]:
+        """The offer's ``enrolled`` field: the methods whose enrollment the verifier would
+        refuse without ``replace`` (the authenticator refuses them before making keys).
+        A label in use is refused here already (unless the offer replaces it)."""
+        creds = [c for c in self.store.credentials(user) if c.tenant == tenant]
+        if label is None:
+            return tuple(dict.fromkeys(c.method for c in creds))
+        named = next((c for c in creds if c.label == label), None)
+        if named is None:
+            return ()
+        if not replace:
+            raise AlreadyEnrolled(f"{user!r} has a credential labelled {label!r} already")
+        if named.method not in methods:
+            raise InvalidInput(
+                f"the label {label!r} names {user!r}'s {named.method.value} credential"
+            )
+        return ()
 
     def accept_enrollment(self, text: str) -> CredentialRecord:
         """Check an enrollment response and record the credential."""
@@ -512,7 +550,8 @@ class Verifier:
             record.user,
             record.method.value,
             atc=record.atc,
-            detail=record.backend[:40],
+            detail=record.backend[:40] if offer.label is None else
+            f"{offer.label} ({record.backend[:40]})",
         )
         try:
             # One transaction: the offer is burned exactly when the credential is saved.
@@ -782,8 +821,10 @@ class Verifier:
         ``transaction`` (label, value) pairs (or a mapping, in its order) are shown
         with the context and bound by the OTP; ``user_data`` N > 0 has the user enter
         1..N characters on the authenticator, which :meth:`verify` then needs as
-        ``data``; ``tenant`` names the user's tenant (docs/PROTOCOL.md §17)."""
+        ``data``; ``tenant`` names the user's tenant (docs/PROTOCOL.md §17): only
+        that tenant's credentials of ``user`` answer."""
         _check_user(user)
+        tenant_name = enrollments.check_tenant(tenant)
         display.check(context, "the context", max_len=MAX_CONTEXT)
         tenant = transaction_data.check_tenant(tenant)
         items = transaction_data.check(transaction)
@@ -795,7 +836,7 @@ class Verifier:
             raise InvalidInput(
                 f"the user data length is 0 (none) to {transaction_data.MAX_USER_DATA} characters"
             )
-        credentials = self.store.credentials(user)
+        credentials = [c for c in self.store.credentials(user) if c.tenant == tenant_name]
         current = [c for c in credentials if _current(c)]
         enrolled = {c.method for c in current}
         if not enrolled:
@@ -896,6 +937,7 @@ class Verifier:
         now = self._now()
         notes: list[tuple[_Request, Change]] = []
         pending: list[_Request] = []
+        seen: dict[int, CredentialRecord] = {}  # row id -> the credential as read
         for req in requests:
             try:
                 pending.append(
@@ -910,7 +952,7 @@ class Verifier:
         for _ in range(MAX_ROUNDS):
             if not pending and not notes:
                 break
-            decided = notes + self._decide_all(pending, now)
+            decided = notes + self._decide_all(pending, now, seen)
             notes = []
             applied = self.store.apply([change for _, change in decided])  # the durable commit
             pending = []
@@ -925,9 +967,7 @@ class Verifier:
                 elif isinstance(change, Note) and change.record.reason is Reason.MALFORMED_OTP:
                     results[req.index] = InvalidInput(f"an OTP is {change.record.detail} digits")
                 elif outcome.status is Status.DONE and isinstance(change, Accept):
-                    r = change.record
-                    assert r.user is not None and r.method is not None and r.atc is not None
-                    results[req.index] = Acceptance(r.user, Method(r.method), r.atc)
+                    results[req.index] = _accepted(change, seen[change.credential_id])
                 else:
                     results[req.index] = InvalidToken()
         if pending:
@@ -943,10 +983,13 @@ class Verifier:
                 results[req.index] = InvalidToken()
         return [results[req.index] for req in requests]
 
-    def _decide_all(self, pending: Sequence[_Request], now: int) -> list[tuple[_Request, Change]]:
+    def _decide_all(
+        self, pending: Sequence[_Request], now: int, seen: dict[int, CredentialRecord]
+    ) -> list[tuple[_Request, Change]]:
         if not pending:
             return []
         sessions, creds = self.store.snapshot(r.session_id for r in pending)
+        seen.update((c.id, c) for found in creds.values() for c in found)
         return [
             (req, self._decide(req, sessions.get(req.session_id), creds, now)) for req in pending
         ]
@@ -972,7 +1015,10 @@ class Verifier:
             entered = transaction_data.user_data(req.data, session.user_data)
         except InvalidInput as e:
             return _BadData(base.refused(Reason.MALFORMED_DATA), str(e))
-        creds = [c for c in creds_by_user.get(session.user, []) if c.method in session.methods]
+        creds = [
+            c for c in creds_by_user.get(session.user, [])
+            if c.method in session.methods and c.tenant == (session.tenant or "")
+        ]
         usable = [c for c in creds if not c.locked and _current(c)]
         live = [c for c in usable if not expiry.expired(c.expires, now)]
         if usable and not live:  # every credential that could answer has expired
@@ -1002,9 +1048,18 @@ class Verifier:
                 )
                 return Accept(session.session_id, cred.id, cred.atc, atc, now, record)
         why = Reason.RESYNC_NO_PAIR if resync else Reason.NO_MATCH
-        method = usable[0].method.value if len(usable) == 1 else None
+        # An OTP does not say which token made it: the failure counts against every
+        # credential it was checked against (those whose OTPs have its length), since
+        # a guess is a guess at each of them; an acceptance resets them all (the user
+        # proved a token of theirs). docs/PROTOCOL.md §11.2.
+        tried = [
+            c for c, s in zip(usable, schemes, strict=True)
+            if all(len(otp) == s.digits for otp in req.otps)
+        ]
+        methods = {c.method for c in tried}
+        method = next(iter(methods)).value if len(methods) == 1 else None
         return Failure(
-            tuple(c.id for c in usable),
+            tuple(c.id for c in tried),
             self.identity.lockout_threshold,
             AuditRecord(now, Event.REFUSE, session.user, method, sid, why),
         )
@@ -1079,23 +1134,79 @@ class Verifier:
         except HsmAuthError as e:  # the write it follows succeeded: do not fail it
             log.warning("purging expired sessions and offers failed: %s", e)
 
-    def credential(self, user: str, method: Method) -> CredentialRecord:
-        for cred in self.store.credentials(user):
-            if cred.method is method:
-                return cred
-        raise UnknownMethod(f"{user!r} has no {method.value} method enrolled")
+    def credentials(self, user: str, *, tenant: str | None = None) -> list[CredentialRecord]:
+        """The credentials of ``user`` (of ``tenant``), by method, then in enrollment order."""
+        _check_user(user)
+        tenant_name = enrollments.check_tenant(tenant)
+        return [c for c in self.store.credentials(user) if c.tenant == tenant_name]
 
-    def unlock(self, user: str, method: Method) -> None:
-        record = AuditRecord(self._now(), Event.UNLOCK, user, method.value)
-        self.store.unlock(self.credential(user, method).id, record)
-        audit.emit([record])
+    def credential(
+        self,
+        user: str | bytes,
+        method: Method | None = None,
+        *,
+        tenant: str | None = None,
+        credential: str | None = None,
+    ) -> CredentialRecord:
+        """One credential: by its protocol credential id (``user`` given as 16 bytes), or
+        of ``user`` (of ``tenant``) by ``credential`` (its label or its credential id in
+        hex, a prefix of at least 8 digits will do) and/or ``method``, which must name
+        exactly one. UnknownMethod when none does, InvalidInput when several do."""
+        if isinstance(user, bytes):
+            found = self.store.credential_by_id(user)
+            if found is None:
+                raise UnknownMethod("no credential has this credential id")
+            return found
+        creds = self.credentials(user, tenant=tenant)
+        if method is not None:
+            creds = [c for c in creds if c.method is method]
+        what = f"{user!r}" + (f" of tenant {tenant!r}" if tenant else "")
+        if credential is not None:
+            creds = enrollments.select_credentials(creds, credential)
+            if not creds:
+                raise UnknownMethod(f"{what} has no credential {credential!r}")
+        if not creds:
+            if method is None:
+                raise UnknownMethod(f"{what} has no enrolled method")
+            raise UnknownMethod(f"{what} has no {method.value} method enrolled")
+        if len(creds) > 1:
+            labels = ", ".join(c.label for c in creds)
+            raise InvalidInput(f"{what} has {len(creds)} such credentials ({labels}): name one")
+        return creds[0]
 
-    def revoke(self, user: str, method: Method) -> None:
-        """Delete the credential of (user, method): its sessions are refused from now on."""
-        record = AuditRecord(self._now(), Event.REVOKE, user, method.value)
-        if not self.store.revoke(self.credential(user, method).id, record):
-            raise UnknownMethod(f"{user!r} has no {method.value} method enrolled")
+    def unlock(
+        self,
+        user: str,
+        method: Method | None = None,
+        *,
+        tenant: str | None = None,
+        credential: str | None = None,
+    ) -> CredentialRecord:
+        """Unlock one credential (:meth:`credential` says which)."""
+        cred = self.credential(user, method, tenant=tenant, credential=credential)
+        record = AuditRecord(self._now(), Event.UNLOCK, cred.user, cred.method.value,
+                             detail=_named(cred))
+        self.store.unlock(cred.id, record)
         audit.emit([record])
+        return cred
+
+    def revoke(
+        self,
+        user: str,
+        method: Method | None = None,
+        *,
+        tenant: str | None = None,
+        credential: str | None = None,
+    ) -> CredentialRecord:
+        """Delete one credential (:meth:`credential` says which): its OTPs are refused
+        from now on; the user's other credentials, of this method too, keep working."""
+        cred = self.credential(user, method, tenant=tenant, credential=credential)
+        record = AuditRecord(self._now(), Event.REVOKE, cred.user, cred.method.value,
+                             detail=_named(cred))
+        if not self.store.revoke(cred.id, record):
+            raise UnknownMethod(f"{cred.user!r}'s credential {cred.label!r} is gone already")
+        audit.emit([record])
+        return cred
 
     def show(self, user: str, *, recent: int = 20) -> UserState:
         """Counters, failures and lockout of each method of ``user``, with recent audit."""
@@ -1105,11 +1216,20 @@ class Verifier:
             raise UnknownMethod(f"{user!r} has no enrolled method")
         return UserState(user, tuple(creds), tuple(self.store.audit_records(user, recent)))
 
-    def sync_message(self, user: str, method: Method) -> str:
+    def sync_message(
+        self,
+        user: str,
+        method: Method,
+        *,
+        tenant: str | None = None,
+        credential: str | None = None,
+    ) -> str:
         """After an online login: a signed sync message for the authenticator, and
         the single-use sync session (``offer_ttl`` long) that its report answers
         (:meth:`sync_message_for` the user's credential of ``method``)."""
-        return self.sync_message_for(self.credential(user, method))
+        return self.sync_message_for(
+            self.credential(user, method, tenant=tenant, credential=credential)
+        )
 
     def sync_message_for(self, cred: CredentialRecord) -> str:
         """A signed sync message for the credential ``cred`` and its sync session.
@@ -1138,7 +1258,8 @@ class Verifier:
                              session_id.hex())
         self.store.put_session(
             SessionRecord(session_id, cred.user, credential_id, SYNC_CONTEXT, (cred.method,),
-                          expires),
+                          expires,
+                          tenant=cred.tenant or None),
             record,
         )
         audit.emit([record])
@@ -1169,7 +1290,11 @@ class Verifier:
             if outcome.status is Status.STALE:
                 continue  # the ATC moved under us (an OTP was accepted): check again
             if outcome.status is Status.DONE and isinstance(change, Accept):
-                return self._acknowledge(report)
+                label = next(
+                    (c.label for c in creds.get(report.user, []) if c.id == change.credential_id),
+                    "",
+                )
+                return self._acknowledge(report, label)
             if isinstance(change, _Expired):
                 raise change.error()
             raise InvalidToken()
@@ -1185,7 +1310,7 @@ class Verifier:
         audit.emit([refused])
         raise InvalidToken()
 
-    def _acknowledge(self, report: SyncReport) -> SyncAcceptance:
+    def _acknowledge(self, report: SyncReport, label: str) -> SyncAcceptance:
         """The signed acknowledgement of an applied report: the credential's ATC is
         now the report's."""
         ack = AtcAck(
@@ -1197,8 +1322,8 @@ class Verifier:
             atc=report.atc,
         )
         return SyncAcceptance(
-            report.user, report.method, report.atc, report.credential_id,
-            ack.to_text(self.keys.sign_raw),
+            report.user, report.method, report.atc, label=label,
+            credential_id=report.credential_id, ack=ack.to_text(self.keys.sign_raw),
         )
 
     def _decide_sync(
@@ -1229,6 +1354,7 @@ class Verifier:
                 c
                 for c in creds_by_user.get(session.user, [])
                 if c.method is report.method
+                and c.tenant == (session.tenant or "")
                 and hmac.compare_digest(
                     transcript.credential_id(c.signing_key), report.credential_id
                 )
@@ -1258,6 +1384,18 @@ class Verifier:
             )
         record = AuditRecord(now, Event.SYNCED, cred.user, cred.method.value, sid, atc=report.atc)
         return Accept(session.session_id, cred.id, cred.atc, report.atc, now, record)
+
+
+def _accepted(change: Accept, cred: CredentialRecord) -> Acceptance:
+    return Acceptance(
+        cred.user, cred.method, change.new_atc, cred.label,
+        transcript.credential_id(cred.signing_key),
+    )
+
+
+def _named(cred: CredentialRecord) -> str:
+    """The audit detail naming one credential: its label and credential id."""
+    return f"{cred.label} {transcript.credential_id(cred.signing_key).hex()}"
 
 
 def _unwrap(result: Result) -> Acceptance:

@@ -96,6 +96,12 @@ class OfferRequest(_Request):
         default=False,
         description="may replace an enrolled method (needs the policy's allow_override)",
     )
+    tenant: str | None = Field(default=None, description="the user's tenant (default: none)")
+    label: str | None = Field(
+        default=None,
+        description="names the credential (unique per tenant and user): a new label adds "
+        "another token of an enrolled method (default: the method's name)",
+    )
 
 
 class OfferCreated(BaseModel):
@@ -157,6 +163,8 @@ class Credential(BaseModel):
     last_used: int | None
     protocol: int
     certificate: str | None = Field(description="the issued certificate (PEM)")
+    tenant: str | None = Field(default=None, description="the user's tenant (None: none)")
+    label: str = Field(default="", description="the credential's label (unique per user)")
 
 
 class Credentials(BaseModel):
@@ -227,6 +235,8 @@ def credential_json(c: CredentialRecord) -> Credential:
         last_used=c.last_used,
         protocol=c.protocol,
         certificate=pem,
+        tenant=c.tenant or None,
+        label=c.label,
     )
 
 
@@ -236,7 +246,8 @@ async def create_offer(body: OfferRequest, ctx: Context, key: Enroll) -> OfferCr
     ctx.limits.check_user(body.user)
     methods = _methods(body.methods) or tuple(Method)
     issued = await blocking(
-        ctx.verifier.create_offer, body.user, methods=methods, replace=body.replace
+        ctx.verifier.create_offer, body.user, methods=methods, replace=body.replace,
+        tenant=body.tenant, label=body.label,
     )
     return OfferCreated(
         offer_id=issued.offer.offer_id.hex(),
@@ -321,17 +332,20 @@ async def session_qr_png(session_id: SessionId, ctx: Context, key: Verify) -> Re
     return await _qr(ctx, session_id, "png")
 
 
-def _user_credentials(ctx: ServiceContext, user: str) -> list[CredentialRecord]:
+def _user_credentials(
+    ctx: ServiceContext, user: str, tenant: str | None
+) -> list[CredentialRecord]:
     _check_user(user)
-    return ctx.verifier.store.credentials(user)
+    return ctx.verifier.credentials(user, tenant=tenant)
 
 
 @router.get("/v1/users/{user}/credentials", response_model=Credentials,
             summary="A user's credentials (none: an empty list)")
 async def user_credentials(
-    user: Annotated[str, Path(min_length=1, max_length=MAX_USER)], ctx: Context, key: Admin
+    user: Annotated[str, Path(min_length=1, max_length=MAX_USER)], ctx: Context, key: Admin,
+    tenant: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
 ) -> Credentials:
-    creds = await blocking(_user_credentials, ctx, user)
+    creds = await blocking(_user_credentials, ctx, user, tenant)
     return Credentials(user=user, credentials=[credential_json(c) for c in creds])
 
 

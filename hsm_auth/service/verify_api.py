@@ -123,6 +123,8 @@ class VerifyResponse(BaseModel):
     user: str
     method: str
     atc: int = Field(description="The counter value the OTP was made with (now stored)")
+    label: str = Field(description="The label of the credential (token) that made it")
+    credential_id: str = Field(description="Its protocol credential id (hex)")
 
 
 def committer_of(ctx: ServiceContext) -> Committer:
@@ -159,7 +161,8 @@ async def verify(
     # VerifyResponse's JSON, written directly (not validated and serialised again).
     return Response(
         json.dumps(
-            {"user": accepted.user, "method": accepted.method.value, "atc": accepted.atc},
+            {"user": accepted.user, "method": accepted.method.value, "atc": accepted.atc,
+             "label": accepted.label, "credential_id": accepted.credential_id.hex()},
             separators=(",", ":"),
         ),
         media_type="application/json",

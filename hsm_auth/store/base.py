@@ -47,6 +47,11 @@ class OfferRecord:
     offer_hash: bytes | None = None
     #: Enrollment responses refused for a wrong activation code so far (schema 6).
     failed_activations: int = 0
+    #: The tenant the offer is for ("" = none) and the label it gives the credential
+    #: redeemed from it (None: the method's name, or the label of the credential it
+    #: replaces; schema 10).
+    tenant: str = ""
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,11 @@ class CredentialRecord:
     #: Until when the credential may be used offline (Unix time, inclusive; 0: never;
     #: :mod:`hsm_auth.expiry`, schema 10), set at enrollment and renewal.
     expires: int = 0
+    #: The tenant ("" = none) and the credential's label, unique per (tenant, user): a
+    #: user may hold several credentials of one method (a backup token), each with its
+    #: own ATC and lockout (schema 13; rows from before are labelled with their method).
+    tenant: str = ""
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -240,8 +250,13 @@ class VerifierStore(ABC):
     def save_credential(
         self, record: CredentialRecord, *, replace: bool, audit: AuditRecord | None = None
     ) -> CredentialRecord:
-        """Insert (or, with ``replace``, overwrite) the credential of (user, method).
-        Raises AlreadyEnrolled when it exists and ``replace`` is false."""
+        """Insert a credential of (tenant, user, method), or, with ``replace``, overwrite
+        one. ``record.label`` names it (unique per tenant and user): a label in use is
+        AlreadyEnrolled without ``replace`` (and InvalidInput if it names another
+        method's credential). No label: the method's only credential is replaced (with
+        ``replace``; several: InvalidInput, name one) or, when it has none, the new one
+        is labelled with the method's name (``pin``; ``pin-2`` if taken); a method
+        enrolled already is AlreadyEnrolled without ``replace``, as before labels."""
 
     @abstractmethod
     def credentials(self, user: str) -> list[CredentialRecord]: ...

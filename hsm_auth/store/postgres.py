@@ -111,6 +111,22 @@ _V12 = (
     "ALTER TABLE sessions ADD COLUMN transaction_items TEXT",
     "ALTER TABLE sessions ADD COLUMN user_data INTEGER NOT NULL DEFAULT 0",
 )
+# Version 13 (issue 14): several credentials per (tenant, user, method), each with a
+# label unique per (tenant, user) (rows from before are labelled with their method);
+# offers name the tenant and the label of the credential they make (a session's
+# tenant is version 12's).
+_V13 = (
+    "ALTER TABLE credentials ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE credentials ADD COLUMN label TEXT",
+    "UPDATE credentials SET label=method",
+    "ALTER TABLE credentials ALTER COLUMN label SET NOT NULL",
+    "ALTER TABLE credentials DROP CONSTRAINT IF EXISTS credentials_user_name_method_key",
+    "ALTER TABLE credentials ADD CONSTRAINT credentials_tenant_user_label"
+    " UNIQUE (tenant, user_name, label)",
+    "CREATE INDEX credentials_user ON credentials (user_name, method)",
+    "ALTER TABLE offers ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE offers ADD COLUMN label TEXT",
+)
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -123,6 +139,10 @@ _ACCEPT = (
     "RETURNING 1), "
     "c AS (UPDATE credentials SET atc=%s, failures=0, last_used=%s "
     "WHERE id=%s AND atc=%s AND locked=0 AND EXISTS (SELECT 1 FROM s) RETURNING 1), "
+    # The user's other credentials' failures (hsm_auth.store.sql._RESET_SIBLINGS).
+    "r AS (UPDATE credentials SET failures=0 WHERE id<>%s AND failures>0 AND locked=0 "
+    "AND (tenant, user_name) = (SELECT tenant, user_name FROM credentials WHERE id=%s) "
+    "AND EXISTS (SELECT 1 FROM c) RETURNING 1), "
     "a AS (INSERT INTO audit (at, event, user_name, method, session, reason, atc, detail) "
     "SELECT %s, %s, %s, %s, %s, %s, %s, %s WHERE EXISTS (SELECT 1 FROM c) RETURNING 1) "
     "SELECT EXISTS (SELECT 1 FROM s), EXISTS (SELECT 1 FROM c)"
@@ -173,7 +193,7 @@ class _PgCursor:
 class PostgresStore(SqlStore):
     engine = "postgresql"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11, _V12,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11, _V12, _V13,
     )
 
     def __init__(self, dsn: str, *, connect_timeout: int = 10, migrate: bool = True) -> None:
@@ -282,6 +302,8 @@ class PostgresStore(SqlStore):
                             change.now,
                             change.credential_id,
                             change.old_atc,
+                            change.credential_id,
+                            change.credential_id,
                             *audit_args(change.record),
                         ),
                     )

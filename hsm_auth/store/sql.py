@@ -48,6 +48,15 @@ from .base import (
 from .offline_log import OfflineLogSql
 
 _CHUNK = 500  # ids per IN (...) list
+#: After an acceptance: the consecutive failures of the user's other unlocked
+#: credentials (same tenant) are reset too. A wrong OTP counts against every
+#: credential it was checked against (it cannot say which token made it), so a typo
+#: on the main token must not add up to locking the backup token (one user, one count
+#: of consecutive failures, as with one token); a locked credential stays locked.
+_RESET_SIBLINGS = (
+    "UPDATE credentials SET failures=0 WHERE id<>? AND failures>0 AND locked=0 "
+    "AND (tenant, user_name) = (SELECT tenant, user_name FROM credentials WHERE id=?)"
+)
 
 
 class Cursor(Protocol):
@@ -76,7 +85,7 @@ def methods_parse(text: str) -> tuple[Method, ...]:
 _CRED_COLS = (
     "id, user_name, method, backend, signing_key, agreement_key, wrapped_otp_key, suite, atc, "
     "failures, locked, created, last_used, protocol, sealed_otp_key, attestation, certificate, "
-    "sign_count, expires"
+    "sign_count, expires, tenant, label"
 )
 _CHALLENGE_COLS = (
     "challenge_id, kind, user_name, message, context, state, created, expires, claimed_by, "
@@ -113,6 +122,8 @@ def _cred(row: Sequence[Any]) -> CredentialRecord:
         certificate=None if row[16] is None else bytes(row[16]),
         sign_count=int(row[17]),
         expires=int(row[18]),
+        tenant=str(row[19]),
+        label=str(row[20]),
     )
 
 
@@ -192,6 +203,49 @@ def lockout_record(c: Failure, user: str, method: str) -> AuditRecord:
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), _CHUNK):
         yield items[i : i + _CHUNK]
+
+
+def _replaced(db: Cursor, record: CredentialRecord, replace: bool) -> tuple[int | None, str]:
+    """The row id a new credential replaces (None: it is added) and its label
+    (:meth:`VerifierStore.save_credential` says which)."""
+    who, method = (record.tenant, record.user), record.method.value
+    if record.label:
+        row = db.one(
+            "SELECT id, method FROM credentials WHERE tenant=? AND user_name=? AND label=?",
+            (*who, record.label),
+        )
+        if row is None:
+            return None, record.label
+        if not replace:
+            raise AlreadyEnrolled(
+                f"{record.user!r} has a credential labelled {record.label!r} already"
+            )
+        if row[1] != method:
+            raise InvalidInput(
+                f"the label {record.label!r} names {record.user!r}'s {row[1]} credential, "
+                f"not a {method} one"
+            )
+        return int(row[0]), record.label
+    rows = db.rows(
+        "SELECT id, label FROM credentials WHERE tenant=? AND user_name=? AND method=?",
+        (*who, method),
+    )
+    if rows and not replace:
+        raise AlreadyEnrolled(f"{record.user!r} has the {method} method enrolled already")
+    if len(rows) > 1:
+        raise InvalidInput(
+            f"{record.user!r} has {len(rows)} {method} credentials: name the one to replace "
+            "(its label)"
+        )
+    if rows:
+        return int(rows[0][0]), str(rows[0][1])
+    taken = {str(r[0]) for r in db.rows(
+        "SELECT label FROM credentials WHERE tenant=? AND user_name=?", who
+    )}
+    return None, next(
+        label for n in range(1, len(taken) + 2)
+        if (label := method if n == 1 else f"{method}-{n}") not in taken
+    )
 
 
 class SqlStore(OfflineLogSql, VerifierStore):
@@ -277,7 +331,7 @@ class SqlStore(OfflineLogSql, VerifierStore):
         with self._tx() as db:
             db.count(
                 "INSERT INTO offers (offer_id, user_name, methods, allow_replace, expires, suite,"
-                " offer_hash) VALUES (?,?,?,?,?,?,?)",
+                " offer_hash, tenant, label) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     offer.offer_id,
                     offer.user,
@@ -286,6 +340,8 @@ class SqlStore(OfflineLogSql, VerifierStore):
                     offer.expires,
                     offer.suite,
                     offer.offer_hash,
+                    offer.tenant,
+                    offer.label,
                 ),
             )
             self._audit(db, audit)
@@ -294,7 +350,7 @@ class SqlStore(OfflineLogSql, VerifierStore):
         with self._read() as db:
             row = db.one(
                 "SELECT user_name, methods, allow_replace, expires, suite, offer_hash, "
-                "failed_activations FROM offers WHERE offer_id=? AND used=0",
+                "failed_activations, tenant, label FROM offers WHERE offer_id=? AND used=0",
                 (offer_id,),
             )
         if row is None:
@@ -308,6 +364,8 @@ class SqlStore(OfflineLogSql, VerifierStore):
             None if row[4] is None else str(row[4]),
             None if row[5] is None else bytes(row[5]),
             int(row[6]),
+            str(row[7]),
+            None if row[8] is None else str(row[8]),
         )
 
     def fail_activation(
@@ -364,7 +422,7 @@ class SqlStore(OfflineLogSql, VerifierStore):
             # Any refusal below raises, and the transaction undoes the burn.
             row = db.one(
                 "UPDATE offers SET used=1 WHERE offer_id=? AND used=0 "
-                "RETURNING user_name, methods, allow_replace, expires, suite",
+                "RETURNING user_name, methods, allow_replace, expires, suite, tenant, label",
                 (offer_id,),
             )
             if row is None:
@@ -377,6 +435,8 @@ class SqlStore(OfflineLogSql, VerifierStore):
                 raise UnknownMethod(f"the offer does not allow the {record.method.value} method")
             if row[4] is not None:  # the suite the authenticator enrolled with
                 record = dataclasses.replace(record, suite=str(row[4]))
+            # The offer names the tenant and the label (the response carries neither).
+            record = dataclasses.replace(record, tenant=str(row[5]), label=str(row[6] or ""))
             return self._save_credential(db, record, replace=bool(row[2]), audit=audit)
 
     # --- credentials --------------------------------------------------------
@@ -391,20 +451,15 @@ class SqlStore(OfflineLogSql, VerifierStore):
     ) -> CredentialRecord:
         if not 0 <= record.atc <= MAX_ATC:
             raise InvalidInput("the initial ATC is out of range")
-        exists = db.one(
-            "SELECT id FROM credentials WHERE user_name=? AND method=?",
-            (record.user, record.method.value),
-        )
-        if exists and not replace:
-            raise AlreadyEnrolled(
-                f"{record.user!r} has the {record.method.value} method enrolled already"
-            )
-        if exists:
-            db.count("DELETE FROM credentials WHERE id=?", (exists[0],))
+        target, label = _replaced(db, record, replace)
+        if target is not None:
+            db.count("DELETE FROM credentials WHERE id=?", (target,))
+        record = dataclasses.replace(record, label=label)
         row = db.one(
             "INSERT INTO credentials (user_name, method, backend, signing_key, agreement_key, "
             "wrapped_otp_key, suite, atc, created, protocol, sealed_otp_key, attestation, "
-            "certificate, credential_id, expires) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "certificate, credential_id, expires, tenant, label) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "RETURNING id",
             (
                 record.user,
@@ -422,6 +477,8 @@ class SqlStore(OfflineLogSql, VerifierStore):
                 record.certificate,
                 transcript.credential_id(record.signing_key),
                 record.expires,
+                record.tenant,
+                record.label,
             ),
         )
         self._audit(db, audit)
@@ -446,7 +503,7 @@ class SqlStore(OfflineLogSql, VerifierStore):
             marks = ",".join("?" * len(chunk))
             for row in db.rows(
                 f"SELECT {_CRED_COLS} FROM credentials "  # noqa: S608 - fixed columns
-                f"WHERE user_name IN ({marks}) ORDER BY method",
+                f"WHERE user_name IN ({marks}) ORDER BY method, id",
                 tuple(chunk),
             ):
                 found[row[1]].append(_cred(row))
@@ -477,7 +534,8 @@ class SqlStore(OfflineLogSql, VerifierStore):
     def all_credentials(self) -> list[CredentialRecord]:
         with self._read() as db:
             rows = db.rows(
-                f"SELECT {_CRED_COLS} FROM credentials ORDER BY user_name, method"  # noqa: S608
+                f"SELECT {_CRED_COLS} FROM credentials "  # noqa: S608
+                "ORDER BY tenant, user_name, method, id"
             )
         return [_cred(r) for r in rows]
 
@@ -576,6 +634,7 @@ class SqlStore(OfflineLogSql, VerifierStore):
             (c.new_atc, c.now, c.credential_id, c.old_atc),
         )
         if moved:
+            db.count(_RESET_SIBLINGS, (c.credential_id, c.credential_id))
             self._audit(db, c.record)
             return Applied(Status.DONE, (c.record,))
         return self._cas_lost(db, c)

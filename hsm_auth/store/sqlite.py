@@ -113,6 +113,39 @@ _V12 = (
     "ALTER TABLE sessions ADD COLUMN user_data INTEGER NOT NULL DEFAULT 0",
 )
 
+# Version 13 (issue 14): several credentials per (tenant, user, method), each with a
+# label unique per (tenant, user): SQLite cannot drop the UNIQUE (user, method) of
+# version 1, so the table is rebuilt with every column it has (rows keep their id;
+# they are labelled with their method), and AUTOINCREMENT: a row id is never reused,
+# so a change decided for a revoked credential never lands on one enrolled after it
+# (PostgreSQL's identity column never reuses either). Offers name the tenant and the
+# label of the credential they make.
+_CREDENTIAL_COLUMNS_V12 = (
+    "id, user_name, method, backend, signing_key, agreement_key, wrapped_otp_key, suite, atc,"
+    " failures, locked, created, last_used, protocol, sealed_otp_key, attestation, certificate,"
+    " credential_id, sign_count, expires"
+)
+_V13 = (
+    "CREATE TABLE credentials_v13 ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, user_name TEXT NOT NULL, method TEXT NOT NULL,"
+    " backend TEXT NOT NULL, signing_key BLOB NOT NULL, agreement_key BLOB,"
+    " wrapped_otp_key BLOB, suite TEXT NOT NULL, atc INTEGER NOT NULL,"
+    " failures INTEGER NOT NULL DEFAULT 0, locked INTEGER NOT NULL DEFAULT 0,"
+    " created INTEGER NOT NULL, last_used INTEGER, protocol INTEGER NOT NULL DEFAULT 2,"
+    " sealed_otp_key BLOB, attestation TEXT, certificate BLOB, credential_id BLOB,"
+    " sign_count INTEGER NOT NULL DEFAULT 0, expires INTEGER NOT NULL DEFAULT 0,"
+    " tenant TEXT NOT NULL DEFAULT '',"
+    " label TEXT NOT NULL, UNIQUE (tenant, user_name, label))",
+    f"INSERT INTO credentials_v13 ({_CREDENTIAL_COLUMNS_V12}, tenant, label)"  # noqa: S608
+    f" SELECT {_CREDENTIAL_COLUMNS_V12}, '', method FROM credentials",
+    "DROP TABLE credentials",
+    "ALTER TABLE credentials_v13 RENAME TO credentials",
+    "CREATE INDEX credentials_credential_id ON credentials (credential_id)",
+    "CREATE INDEX credentials_user ON credentials (user_name, method)",
+    "ALTER TABLE offers ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE offers ADD COLUMN label TEXT",
+)
+
 
 class _SqliteCursor:
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -137,7 +170,7 @@ class _SqliteCursor:
 class SqliteStore(SqlStore):
     engine = "sqlite"
     MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]] = (
-        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11, _V12,
+        _V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9, _V10, _V11, _V12, _V13,
     )
 
     def __init__(self, path: Path, *, timeout: float = 30.0, migrate: bool = True) -> None:
