@@ -917,7 +917,7 @@ def _rate_arg(text: str) -> tuple[float, int]:
     try:
         rate = float(rate_text)
         burst = int(burst_text) if burst_text else max(1, int(rate * 2))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a rate of 1e400 (inf)
         raise argparse.ArgumentTypeError("takes RATE[/BURST], e.g. 5/20 (0: no limit)") from None
     if not (0 <= rate <= 1e6 and 1 <= burst <= 10**7):
         raise argparse.ArgumentTypeError("RATE is 0..10^6 per second, BURST 1..10^7")
