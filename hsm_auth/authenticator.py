@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ec, enrollments, textcode
+from . import ec, enrollments, expiry, textcode
 from .config import Config
 from .errors import (
     AlreadyEnrolled,
@@ -66,6 +66,8 @@ from .protocol import VerificationData
 # verification data, so the backends machinery (registry) and the enrollment and sync
 # messages are imported where they are used.
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from .challenges import Challenge, Decision
     from .otp_scheme import OtpScheme
     from .request_signing import Signature
@@ -758,6 +760,7 @@ class Authenticator:
                 method=enrolled.method,
                 credential_id=result.credential_id,
             )
+            _check_renewal(enrolled, result.offline_expires, cert)
             pem = serialization.Encoding.PEM
             updated = dataclasses.replace(
                 enrolled,
@@ -1121,6 +1124,11 @@ class Authenticator:
             raise UnknownMethod(
                 f"none of the methods the verifier allows ({allowed}) is enrolled here"
             )
+        # Expiry (hsm_auth.expiry): all of them expired is the advice to renew; an expired
+        # one among live ones is refused (with the same advice) if it is chosen.
+        usable = [m for m in mine if m.user == data.user and m.method in methods]
+        if usable and all(expiry.expired(m.offline_expires, self._clock()) for m in usable):
+            expiry.check(usable[0].method, usable[0].offline_expires, self._clock())
         return OfflineRequest(pinned.name, data.user, data.context, methods, data.expires, data)
 
     def finish_offline_authentication(
@@ -1167,6 +1175,7 @@ class Authenticator:
                 "again (hsm-auth enroll --replace, with a new offer)"
             )
         enrolled = self._choose_present(candidates)
+        expiry.check(method, enrolled.offline_expires, self._clock())  # before the token
         scheme = _scheme(enrolled.suite)
         question = scheme.question(
             verifier_id=enrolled.verifier_id,
@@ -1310,6 +1319,7 @@ class Authenticator:
         enrolled = self._synced_method(
             message.verifier_id, message.user, message.method, message.credential_id
         )
+        expiry.check(message.method, enrolled.offline_expires, self._clock())
         scheme = _scheme(enrolled.suite)
         question = scheme.sync_question(
             session_id=message.session_id, user=message.user, method=message.method,
@@ -1395,6 +1405,30 @@ class SyncResult:
     report: str
     unsubmitted: int
     atc: int
+
+
+def _check_renewal(enrolled: EnrolledMethod, expires: int, cert: x509.Certificate) -> None:
+    """What a stored result (at enrollment or renewal, docs/PROTOCOL.md §20) must also
+    be: its certificate's notAfter is the expiry it states (when it states one), and
+    it is not older than the certificate stored already (a replayed old result would
+    bring back an earlier expiry)."""
+    not_after = int(cert.not_valid_after_utc.timestamp())
+    if expires and not_after != expires:
+        raise UntrustedMessage(
+            "the enrollment result's offline expiry is not its certificate's notAfter"
+        )
+    if enrolled.certificate:
+        from cryptography.x509 import load_pem_x509_certificate
+
+        try:
+            stored = load_pem_x509_certificate(enrolled.certificate.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise StateError("credentials.json holds a malformed certificate") from None
+        if cert.not_valid_before_utc < stored.not_valid_before_utc:
+            raise UntrustedMessage(
+                "the enrollment result is older than the one stored for the "
+                f"{enrolled.method.value} method (replayed?)"
+            )
 
 
 def _is_hex(text: str, size: int) -> bool:

@@ -627,6 +627,7 @@ class Verifier:
             certificate=credential.certificate,
             ca_certificate=self.ca_certificate.public_bytes(serialization.Encoding.DER),
             attestation=shown,
+            offline_expires=credential.expires,  # hsm_auth.expiry: 0 = never
             pin_cache=self.policy.pin_cache_for(credential.method),  # [offline.<m>] pin_cache
         ).to_text(self.keys.sign_raw)
 
