@@ -1362,6 +1362,29 @@ def _sync_online(ctx: Context) -> int:
     return 0
 
 
+def cmd_renew(ctx: Context) -> int:
+    """Renew a method's offline expiry at the online service (docs/PROTOCOL.md §20)."""
+    from .agent_online import URL_ENV, service_url
+    from .keystore import Authorization
+    from .online_client import OnlineClient
+
+    method = Method.parse(ctx.args.method)
+    pin = method_pin(ctx, method, "Offline PIN (to sign the renewal in the token): ")
+    url = ctx.args.url or service_url(ctx.config())
+    if not url:
+        raise errors.ConfigError(
+            f"no online service to renew at: give --url, or set [online] url in config.toml "
+            f"or {URL_ENV}"
+        )
+    with ctx.authenticator() as a, pin_hint(method):
+        auth = Authorization(pin=pin, interaction=ctx.interaction)
+        updated = OnlineClient(a, url).renew(method, auth=auth)
+    row = _method_row(updated)
+    print(f"renewed the {method.value} method: {_expiry_text(row)}", file=ctx.err)
+    ctx.emit(_method_lines(row), row)
+    return 0
+
+
 def _certificate_summary(pem: str) -> dict[str, Any] | None:
     """What ``methods`` shows of a stored device certificate (None: none stored)."""
     if not pem:
@@ -1381,12 +1404,23 @@ def _utc_text(timestamp: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp))
 
 
+def _expiry_text(row: dict[str, Any]) -> str:
+    """How long the method may be used offline, in words (``methods``, ``renew``)."""
+    expires = row["offline_expires"]
+    if not expires:
+        return "offline use never expires"
+    if row["expired"]:
+        return f"offline use expired on {_utc_text(expires)} (hsm-auth renew)"
+    return f"offline use until {_utc_text(expires)}"
+
+
 def _method_lines(row: dict[str, Any]) -> str:
     line = f"{row['user']:16} {row['method']:10} {row['backend']}"
     if row["token"]:
         line += f"  token {row['token']!r}"
     if row["credential_id"]:
         line += f"  credential {row['credential_id'][:16]}"
+    line += f"\n  {_expiry_text(row)}"
     cert = row["certificate"]
     if cert is None:
         return line + "  (no certificate: hsm-auth certificate RESULT stores it)"
@@ -1398,9 +1432,13 @@ def _method_lines(row: dict[str, Any]) -> str:
 
 
 def _method_row(m: Any) -> dict[str, Any]:
-    """What ``methods`` and ``certificate`` show of an enrolled method."""
+    """What ``methods``, ``certificate`` and ``renew`` show of an enrolled method."""
+    from . import expiry
+
     return {"user": m.user, "method": m.method.value, "backend": m.backend,
             "synced_atc": m.synced_atc, "token": m.token_label, "credential_id": m.credential_id,
+            "offline_expires": m.offline_expires,
+            "expired": expiry.expired(m.offline_expires, time.time()),
             "certificate": _certificate_summary(m.certificate)}
 
 
@@ -2038,6 +2076,22 @@ def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser
                    "signed requests, the report, the acknowledgement")
     p.add_argument("--method", type=text_arg, help="with --online: only this method "
                    "(default: every method enrolled with that verifier)")
+
+    p = add(
+        sub,
+        "renew",
+        cmd_renew,
+        "renew a method's offline use at the online service (a request signed in the "
+        "token): stores the verifier's new expiry and certificate",
+        [pin],
+    )
+    p.add_argument("--method", type=text_arg, required=True, help=METHOD_HELP)
+    p.add_argument(
+        "--url",
+        type=text_arg,
+        help="the online service (default: HSM_AUTH_ONLINE_URL, else [online] url in "
+        "config.toml)",
+    )
 
     vopt = _Parser(add_help=False)
     vopt.add_argument(

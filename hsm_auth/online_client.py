@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import display
-from .authenticator import Authenticator
+from .authenticator import Authenticator, EnrolledMethod
 from .challenges import Challenge, Decision, parse_claim
 from .errors import (
     ConfigError,
@@ -350,6 +350,16 @@ class OnlineClient:
             if report is not None:
                 reports[m.method.value] = report
         return reports
+
+    def renew(self, method: Method, *, auth: Authorization | None = None) -> EnrolledMethod:
+        """Renew the method's offline expiry (docs/PROTOCOL.md §20): a request signed by
+        its credential (the pin method needs its PIN, FIDO2 a user verification); the
+        verifier's new EnrollmentResult (new expiry, new certificate) is stored with
+        the method (:meth:`Authenticator.store_result`). Returns the updated method."""
+        data = self._signed("POST", "/v1/device/renewal", method, auth=auth)
+        if not isinstance(data, dict) or not isinstance(data.get("result"), str):
+            raise ServiceError("the service's renewal answer has no result")
+        return self.authenticator.store_result(str(data["result"]))
 
 
     # --- the ATC resync at online login (docs/PROTOCOL.md §18) ------------------------

@@ -30,7 +30,11 @@
   credential_id}``: apply the token's ATC report (authenticated by its MAC under the
   credential's OTP key, for a sync session that a request signed by that credential
   opened); ``ack`` is the verifier's signed acknowledgement that resets the
-  authenticator's offline-use count.
+  authenticator's offline-use count;
+* ``POST /v1/device/renewal`` (signed, empty body) -> ``{result, credential_id, method,
+  offline_expires}``: the signer's credential renewed (docs/PROTOCOL.md §20): a new
+  offline expiry from now and a new device certificate, in a new EnrollmentResult
+  (an expired credential may renew: this is how it comes back; a locked one may not).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from ..approvals import LISTED_KINDS, OnlineVerifier, changed
 from ..challenges import Decision
 from ..request_signing import HEADER, NONCE_TTL, Signature, b64u
 from ..store.base import CredentialRecord
+from ..verifier import Renewal
 from .challenge_api import MAX_WAIT, POLL, changes, online, run
 from .context import ServiceContext, get_context
 
@@ -285,3 +290,24 @@ async def offline_log(
 ) -> dict[str, Any]:
     report = await run(_submit_log, online(ctx), cred, body.entries, body.credential)
     return {"report": report}
+
+
+# --- renewal (docs/PROTOCOL.md §20) ---------------------------------------------------
+
+
+@router.post(
+    "/v1/device/renewal", openapi_extra=_SIGNED,
+    summary="Renew the signing credential's offline expiry: a new EnrollmentResult",
+)
+async def renew(
+    ctx: ServiceContext = Depends(get_context),  # noqa: B008
+    cred: CredentialRecord = Depends(signer),  # noqa: B008
+) -> dict[str, Any]:
+    verifier = online(ctx)
+    done: Renewal = await run(verifier.verifier.renew, cred)
+    return {
+        "result": done.result,
+        "credential_id": verifier.describe(done.credential)["credential_id"],
+        "method": done.credential.method.value,
+        "offline_expires": done.credential.expires,
+    }
