@@ -726,6 +726,7 @@ def _credential_rows(creds: Sequence[Any]) -> list[dict[str, Any]]:
             "created": c.created,
             "last_used": c.last_used,
             "certificate_sha256": _sha256_hex(c.certificate),
+            "expires": c.expires,  # offline use (hsm_auth.expiry): 0 = never
         }
         for c in creds
     ]
@@ -743,8 +744,19 @@ def _credential_lines(rows: list[dict[str, Any]]) -> str:
         f"{r['label']:16} {r['credential_id'][:16]} {r['attestation']:12} atc={r['atc']} "
         f"failures={r['failures']} (claimed backend {r['backend']})"
         + (" LOCKED" if r["locked"] else "")
+        + _expires_note(r["expires"])
         for r in rows
     )
+
+
+def _expires_note(expires: int) -> str:
+    from . import expiry
+
+    if not expires:
+        return ""
+    if expiry.expired(expires, time.time()):
+        return f" EXPIRED {_utc_text(expires)}"
+    return f" expires {_utc_text(expires)}"
 
 
 def cmd_verifier_credentials(ctx: Context) -> int:

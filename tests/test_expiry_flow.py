@@ -180,6 +180,7 @@ def test_the_cli_says_the_same_line_on_both_sides_and_renews_over_http(softhsm_e
     on_session = error_line(run_cli(home, "verifier", "session", "--user", "alice",
                                     "--context", "Log in", env=env), 38)
     assert on_authenticator == on_verifier == on_session == advice
+    assert " EXPIRED " in cli_ok(home, "verifier", "credentials", env=env)
 
     with running_service(paths.verifier_dir) as service:
         # Unsigned, or signed by nobody: refused, nothing renewed.
@@ -195,6 +196,8 @@ def test_the_cli_says_the_same_line_on_both_sides_and_renews_over_http(softhsm_e
     [row] = json.loads(cli_ok(home, "--json", "methods", env=env))["methods"]
     assert (row["offline_expires"], row["expired"]) == (new, False)
     assert row["certificate"]["not_after"] == new
+    [cred] = json.loads(cli_ok(home, "--json", "verifier", "credentials", env=env))["credentials"]
+    assert cred["expires"] == new
 
     out = json.loads(cli_ok(home, "--json", "verifier", "session", "--user", "alice",
                             "--context", "Log in to ws-8", env=env))
