@@ -21,6 +21,7 @@ from _online import OFFLINE_PIN, softhsm_methods
 from _verifier_device import START, Clock
 from cryptography import x509
 
+from hsm_auth import api_keys
 from hsm_auth.attestation import POLICY_FILE
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Config, Paths
@@ -182,7 +183,14 @@ def test_the_cli_says_the_same_line_on_both_sides_and_renews_over_http(softhsm_e
     assert on_authenticator == on_verifier == on_session == advice
     assert " EXPIRED " in cli_ok(home, "verifier", "credentials", env=env)
 
+    with Verifier.open(paths.verifier_dir) as v:
+        key = api_keys.create(v.store, "tests", ["verify"], now=int(time.time())).key
     with running_service(paths.verifier_dir) as service:
+        # The provider's session for alice: the same line, as a problem document.
+        r = httpx.post(service.url + "/v1/sessions", json={"user": "alice", "context": "x"},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert r.status_code == 410 and r.json()["detail"] == advice, r.text
+        assert r.headers["content-type"] == "application/problem+json"
         # Unsigned, or signed by nobody: refused, nothing renewed.
         r = httpx.post(service.url + "/v1/device/renewal", timeout=30)
         assert r.status_code in (401, 403) and "Traceback" not in r.text, r.text
