@@ -13,6 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ from cryptography import x509
 
 from hsm_auth import api_keys
 from hsm_auth.attestation import POLICY_FILE
+from hsm_auth.audit import Event
 from hsm_auth.authenticator import Authenticator
 from hsm_auth.config import Config, Paths
 from hsm_auth.enrollment_messages import EnrollmentResult
@@ -30,6 +32,8 @@ from hsm_auth.errors import CREDENTIAL_EXPIRED, CredentialExpired, UntrustedMess
 from hsm_auth.expiry import DAY
 from hsm_auth.files import atomic_write, ensure_private_dir
 from hsm_auth.methods import Method
+from hsm_auth.online_client import OnlineClient
+from hsm_auth.request_signing import HEADER
 from hsm_auth.testing.service import running_service
 from hsm_auth.verifier import Verifier
 
@@ -130,6 +134,20 @@ def test_an_expired_credential_is_refused_on_both_sides_with_the_same_advice(
         assert a.enrolled[0].offline_expires == renewal.credential.expires  # unchanged
 
 
+class _Recording(OnlineClient):
+    """The real client, keeping the signature header of each signed request it sends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.signed: list[tuple[str, str]] = []
+
+    def _call(self, method: str, target: str, body: bytes = b"", *,
+              signature: str | None = None, timeout: float | None = None) -> Any:
+        if signature is not None:
+            self.signed.append((target, signature))
+        return super()._call(method, target, body, signature=signature, timeout=timeout)
+
+
 def _write_config(home: Path, config: Config) -> None:
     lines = []
     for method, mc in config.methods.items():
@@ -182,6 +200,8 @@ def test_the_cli_says_the_same_line_on_both_sides_and_renews_over_http(softhsm_e
                                     "--context", "Log in", env=env), 38)
     assert on_authenticator == on_verifier == on_session == advice
     assert " EXPIRED " in cli_ok(home, "verifier", "credentials", env=env)
+    nowhere = error_line(run_cli(home, "renew", "--method", "device", env=env), 8)
+    assert nowhere.startswith("no online service to renew at")
 
     with Verifier.open(paths.verifier_dir) as v:
         key = api_keys.create(v.store, "tests", ["verify"], now=int(time.time())).key
@@ -197,9 +217,18 @@ def test_the_cli_says_the_same_line_on_both_sides_and_renews_over_http(softhsm_e
         renewed = run_cli(home, "renew", "--method", "device", "--url", service.url, env=env)
         assert renewed.returncode == 0, renewed.stderr
         assert "renewed the device method: offline use until" in renewed.stderr
+        # A signed renewal replayed (its nonce is used up): refused, nothing renewed.
+        with Authenticator(paths.authenticator_dir, config) as a:
+            client = _Recording(a, service.url)
+            client.renew(Method.DEVICE)
+        [(target, header)] = client.signed
+        replayed = httpx.post(service.url + target, headers={HEADER: header}, timeout=30)
+        assert replayed.status_code in (401, 403), replayed.text
         assert "Traceback" not in service.log()
     with Verifier.open(paths.verifier_dir) as v:
         new = v.credential("alice", Method.DEVICE).expires
+        renewals = [r for r in v.store.audit_records("alice") if r.event is Event.RENEW]
+    assert len(renewals) == 2  # the CLI's and the client's; not the replay
     assert before + VALIDITY * DAY <= new <= time.time() + VALIDITY * DAY
     [row] = json.loads(cli_ok(home, "--json", "methods", env=env))["methods"]
     assert (row["offline_expires"], row["expired"]) == (new, False)
