@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from _timing import fsynced_line_writer, medians_per_op
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec as pyec
 
@@ -42,22 +42,6 @@ APPEND_TARGET = 2.0
 FINISH_TARGET = 1.5
 
 
-def per_op(fns: list[Callable[[], object]], n: int, rounds: int = 10) -> list[float]:
-    """Seconds per call of each of ``fns``, in alternating rounds (fsync noise hits all
-    alike); medians over the rounds."""
-    for fn in fns:
-        fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    per_round = max(1, n // rounds)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            samples[i].append((time.perf_counter() - start) / per_round)
-    return [statistics.median(s) for s in samples]
-
-
 def verdict(name: str, cost: float, floor: float, what: str, floor_is: str,
             target: float) -> None:
     ratio = cost / floor
@@ -65,18 +49,6 @@ def verdict(name: str, cost: float, floor: float, what: str, floor_is: str,
     print(f"[{name}] floor    {floor * 1e6:9.1f} us/OTP ({floor_is})")
     print(f"[{name}] {what}/floor = {ratio:.2f}x (target <= {target:.1f}x): "
           f"{'OK' if ratio <= target else 'OVER TARGET'}")
-
-
-def raw_writer(directory: Path, size: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    """The floor's durable write: one line of ``size`` bytes appended and fsync-ed."""
-    fd = os.open(directory / "floor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    line = b"x" * (size - 1) + b"\n"
-
-    def write() -> None:
-        os.write(fd, line)
-        os.fsync(fd)
-
-    return write, lambda: os.close(fd)
 
 
 def bench_append(n: int) -> None:
@@ -96,9 +68,9 @@ def bench_append(n: int) -> None:
                        atc=next(atc), data=data_hash("benchmark context"), sign=sign)
 
         append()
-        write, close = raw_writer(Path(d), len(log.path(cid).read_bytes()))
+        write, close = fsynced_line_writer(Path(d) / "floor.log", len(log.path(cid).read_bytes()))
         try:
-            library, floor = per_op(
+            library, floor = medians_per_op(
                 [append, lambda: (sign(b"h" * 77), write())], n
             )
         finally:
@@ -146,9 +118,9 @@ def bench_finish(name: str, config: Config, tmp: Path, n: int) -> None:
             log = OfflineLog(tmp / "auth")
             auth.finish_offline_authentication(request, Method.DEVICE)
             size = len(log.path(bytes.fromhex(method.credential_id)).read_bytes())
-            write, close = raw_writer(tmp, size)
+            write, close = fsynced_line_writer(tmp / "floor.log", size)
             try:
-                with_log, bare, floor = per_op([
+                with_log, bare, floor = medians_per_op([
                     lambda: auth.finish_offline_authentication(request, Method.DEVICE),
                     without_log,
                     lambda: (without_log(), signature(), write()),

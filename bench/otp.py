@@ -36,12 +36,12 @@ import functools
 import hashlib
 import hmac
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+from _timing import fsynced_line_writer, medians_per_op
 
 from hsm_auth import ocra
 from hsm_auth.authenticator import Authenticator
@@ -62,20 +62,8 @@ def per_op(fn: Callable[[], object], n: int, rounds: int = 5) -> float:
 def per_op_pair(
     a: Callable[[], object], b: Callable[[], object] | None, n: int, rounds: int = 10
 ) -> tuple[float, float]:
-    """Seconds per call of ``a`` and ``b``, measured in alternating rounds so that
-    disk and machine noise (fsync!) hits both alike; medians over the rounds."""
-    fns = [a] if b is None else [a, b]
-    for fn in fns:
-        fn()  # warm-up
-    samples: list[list[float]] = [[] for _ in fns]
-    per_round = max(1, n // rounds)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            samples[i].append((time.perf_counter() - start) / per_round)
-    medians = [statistics.median(s) for s in samples]
+    """Seconds per call of ``a`` and ``b``, in alternating rounds (bench/_timing.py)."""
+    medians = medians_per_op([a] if b is None else [a, b], n, rounds)
     return medians[0], medians[-1]
 
 
@@ -285,8 +273,8 @@ def bench_pkcs11(n: int, baseline: float) -> None:
                 KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
                 local=True,
             ).generate_keypair(store=False)
-            log_fd = os.open(tmp / "floor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             line = b"x" * 420 + b"\n"  # an entry is about this long
+            write_line, close_log = fsynced_line_writer(tmp / "floor.log", len(line))
 
             def raw() -> bytes:
                 current = max(values)
@@ -297,8 +285,7 @@ def bench_pkcs11(n: int, baseline: float) -> None:
                 values[target] = current + 1
                 mac = bytes(key.sign(DATA, mechanism=Mechanism.SHA256_HMAC))
                 signer.sign(hashlib.sha256(line).digest(), mechanism=Mechanism.ECDSA)
-                os.write(log_fd, line)
-                os.fsync(log_fd)
+                write_line()
                 return mac
 
             library, floor = per_op_pair(
@@ -320,7 +307,7 @@ def bench_pkcs11(n: int, baseline: float) -> None:
             for obj in slots:
                 obj.destroy()
             key.destroy()
-            os.close(log_fd)
+            close_log()
         auth.close()
     report("pkcs11/SoftHSM", library, floor, baseline)
     report_cache("pkcs11/SoftHSM pin", *cache_figures)
@@ -364,18 +351,17 @@ def bench_tpm2(n: int, baseline: float) -> None:
             enrolled = auth.enrolled[0]
             auth.close()  # reopened on first use, after the raw context took its slot
             raw_otp, cleanup = _raw_tpm(tpm.tcti, settings["state_dir"], enrolled, secret)
-            log_fd = os.open(work / "floor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            write_line, close_log = fsynced_line_writer(work / "floor.log", 421)
 
             def raw(raw_otp=raw_otp, enrolled=enrolled, auth=auth, secret=secret,  # type: ignore[no-untyped-def]
-                    log_fd=log_fd, method=method, head=b"h" * 77) -> bytes:
+                    write_line=write_line, method=method, head=b"h" * 77) -> bytes:
                 mac = raw_otp()
                 # + what the offline log must do: the head signed in the TPM (TPM2_Sign,
                 # through the backend: loading the key is part of it) and one fsync'd line
                 with auth._store(enrolled.backend, enrolled.settings, method,
                                  enrolled.backend_ref) as store:
                     store.sign(enrolled.signing_key, head, Authorization(pin=secret))
-                os.write(log_fd, b"x" * 420 + b"\n")
-                os.fsync(log_fd)
+                write_line()
                 return bytes(mac)
 
             try:
@@ -392,7 +378,7 @@ def bench_tpm2(n: int, baseline: float) -> None:
             finally:
                 cleanup()
                 auth.close()
-                os.close(log_fd)
+                close_log()
             report(f"tpm2/swtpm {method.value}", library, floor, baseline)
             if method is Method.PIN:
                 report_cache("tpm2/swtpm pin", *cache_figures)
